@@ -1,0 +1,54 @@
+//! The crate's one error type. Every fallible path returns [`Error`]; the Python layer maps each
+//! variant to the exception a transformers user would expect (see `python/errors.rs`).
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong, with enough context to tell the user what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder the caller named is not there.
+    #[error("{path}: not found. {hint}")]
+    NotFound { path: PathBuf, hint: String },
+
+    /// Reading a file failed for another reason (permissions, a folder where a file should be ...).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A config.json (or another JSON settings file) that cannot be parsed or describes an impossible model.
+    #[error("invalid configuration in {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    /// The weights do not fit the config: a missing tensor, a wrong shape, a truncated or corrupt file.
+    #[error("weights {path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+
+    /// A bad argument from the caller (wrong shape, unknown task, out of range value ...).
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// The tokenizer could not be loaded or failed on the given text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// An image could not be decoded or converted.
+    #[error("image: {0}")]
+    Image(String),
+
+    /// An error from the tensor library: a bug here, or an unsupported device/dtype combination.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+}

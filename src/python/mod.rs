@@ -1,0 +1,12 @@
+//! PyO3 bindings: thin wrappers only, one file per exposed class. Model logic lives in the crate.
+
+use pyo3::prelude::*;
+
+mod errors;
+
+/// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    Ok(())
+}
