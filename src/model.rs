@@ -72,6 +72,21 @@ impl Florence2ForConditionalGeneration {
         Self::new(config, checkpoint, dtype, device)
     }
 
+    /// transformers' `dtype="auto"`: the config's `dtype`/`torch_dtype`, else the stored weights' dtype.
+    pub fn auto_dtype(dir: &Path) -> Result<DType> {
+        let config = Florence2Config::from_file(&dir.join("config.json"))?;
+        let from_config = match config.dtype.as_deref() {
+            Some("float16") => Some(DType::F16),
+            Some("bfloat16") => Some(DType::BF16),
+            Some("float32") => Some(DType::F32),
+            _ => None,
+        };
+        match from_config {
+            Some(dtype) => Ok(dtype),
+            None => Ok(Checkpoint::open(dir)?.stored_dtype().unwrap_or(DType::F32)),
+        }
+    }
+
     /// Builds the model from a parsed config and opened weights.
     pub fn new(config: Florence2Config, checkpoint: Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let source = checkpoint.source().to_path_buf();

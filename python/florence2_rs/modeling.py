@@ -1,0 +1,237 @@
+"""`Florence2ForConditionalGeneration` and friends: transformers' API over the Rust model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, torch_module, wrap
+from .configuration import Florence2Config, GenerationConfig
+from .hub import resolve_checkpoint
+from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, GenerateOutput
+
+# from_pretrained keywords transformers users pass that change nothing here (documented in the README).
+_ACCEPTED_NO_EFFECT = {
+    "attn_implementation", "trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "offload_folder",
+    "offload_state_dict", "max_memory", "output_loading_info", "use_flash_attention_2", "variant",
+    "ignore_mismatched_sizes", "_fast_init", "tp_plan", "key_mapping",
+}
+# Keywords that select where the files come from (passed to the Hub resolver).
+_HUB_KWARGS = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder",
+               "use_auth_token", "resume_download"}
+
+
+class Florence2PreTrainedModel:
+    """Shared loading, device and dtype handling of the Florence-2 model classes."""
+
+    def __init__(self, native: Any, folder: Path, config: Florence2Config, device: str) -> None:
+        self._native = native
+        self._folder = folder
+        self._device = device
+        self.config = config
+        self.generation_config = GenerationConfig.from_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any):
+        """Loads a checkpoint folder or Hub id, in either released layout (HF-native or Microsoft's original).
+
+        Args:
+            pretrained_model_name_or_path: a folder with config.json and model.safetensors, or a Hub id.
+            dtype / torch_dtype: a torch dtype, "auto" (the default, as in transformers 5: the checkpoint's
+                config dtype, else its weights' dtype), or a name ("float32", "float16", "bfloat16").
+            device_map / device: "cpu", "auto" (the CPU in a CPU build), "cuda[:N]" or an int.
+            quantization_config: accepted; see the README for what is applied.
+            revision, token, cache_dir, local_files_only, force_download: where the files come from.
+
+        Returns:
+            The model, ready for inference (like transformers' after `.eval()`).
+        """
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path")
+        dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if dtype is None:
+            dtype = torch_dtype if torch_dtype is not None else "auto"
+        device = kwargs.pop("device", None)
+        device_map = kwargs.pop("device_map", None)
+        if isinstance(device_map, dict):
+            devices = set(device_map.values())
+            if len(devices) != 1:
+                raise ValueError("device_map must place the whole model on one device")
+            device_map = devices.pop()
+        quantization = kwargs.pop("quantization_config", None)
+        if quantization is not None:
+            warnings.warn(
+                "quantization_config is accepted but not applied yet: the model runs unquantized in the chosen dtype",
+                stacklevel=2,
+            )
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        for key in list(kwargs):
+            if key in _ACCEPTED_NO_EFFECT:
+                kwargs.pop(key)
+        config_overrides = kwargs.pop("config", None)
+        if config_overrides is not None and not isinstance(config_overrides, Florence2Config):
+            raise TypeError("config must be a Florence2Config")
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
+
+        folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json",),
+                                    optional_files=("generation_config.json",), **hub_kwargs)
+        device = device_name(device if device is not None else device_map)
+        native = _native.NativeModel.load(folder, dtype_name(dtype), device)
+        return cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
+
+    # -- torch-like surface -------------------------------------------------------------------------------
+    @property
+    def device(self):
+        """torch.device when torch is installed, else the device name."""
+        torch = torch_module()
+        return torch.device(self._device) if torch is not None else self._device
+
+    @property
+    def dtype(self):
+        """torch dtype when torch is installed, else the dtype name."""
+        torch = torch_module()
+        return getattr(torch, self._native.dtype) if torch is not None else self._native.dtype
+
+    def to(self, *args: Any, **kwargs: Any):
+        """Moves/casts like `torch.nn.Module.to(device, dtype)`; a new dtype reloads the weights in it."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected keyword arguments: {sorted(kwargs)}")
+        for arg in args:
+            if is_dtype_like(arg):
+                dtype = arg
+            else:
+                device = arg
+        new_device = device_name(device) if device is not None else self._device
+        new_dtype = dtype_name(dtype, allow_auto=False) if dtype is not None else self._native.dtype
+        if new_device != self._device or new_dtype != self._native.dtype:
+            self._native = _native.NativeModel.load(self._folder, new_dtype, new_device)
+            self._device = new_device
+        return self
+
+    def eval(self):
+        """No-op (the model is always in inference mode); returns self like torch."""
+        return self
+
+    def float(self):
+        return self.to("float32")
+
+    def half(self):
+        return self.to("float16")
+
+    def bfloat16(self):
+        return self.to("bfloat16")
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, device: int | None = None):
+        return self.to("cuda" if device is None else f"cuda:{device}")
+
+
+class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
+    """transformers' `Florence2ForConditionalGeneration`, running in Rust."""
+
+    main_input_name = "input_ids"
+
+    def get_image_features(self, pixel_values: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """The vision tower's output (`last_hidden_state`) and the projected image tokens (`pooler_output`)."""
+        as_torch = any_torch(pixel_values)
+        pixels = as_numpy(pixel_values, np.float32, "pixel_values")
+        vision = self._native.vision_features(pixels)
+        pooled = self._native.get_image_features(pixels)
+        dtype = self._native.dtype
+        return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
+                                          pooler_output=wrap(pooled, as_torch, dtype))
+
+    def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
+                decoder_input_ids: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
+        """One forward pass. Without decoder_input_ids the decoder gets the start token, as transformers does.
+
+        Returns:
+            Florence2Seq2SeqLMOutput with logits [B, T, vocab], encoder_last_hidden_state and
+            image_hidden_states.
+        """
+        kwargs.pop("return_dict", None)
+        kwargs.pop("use_cache", None)
+        image_features = kwargs.pop("image_features", None)
+        if kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments: {sorted(kwargs)}")
+        if input_ids is None:
+            raise ValueError("input_ids is required (build it with the processor)")
+        as_torch = any_torch(input_ids, pixel_values, attention_mask, decoder_input_ids)
+        ids = as_numpy(input_ids, np.int64, "input_ids")
+        if decoder_input_ids is None:
+            decoder_input_ids = np.full((ids.shape[0], 1), self.config.text_config.decoder_start_token_id, np.int64)
+        out = self._native.forward(
+            ids,
+            as_numpy(decoder_input_ids, np.int64, "decoder_input_ids"),
+            None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
+            None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
+            None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
+        )
+        dtype = self._native.dtype
+        return Florence2Seq2SeqLMOutput(
+            logits=wrap(out["logits"], as_torch, dtype),
+            encoder_last_hidden_state=wrap(out["encoder_last_hidden_state"], as_torch, dtype),
+            image_hidden_states=wrap(out["image_hidden_states"], as_torch, dtype),
+        )
+
+    __call__ = forward
+
+    def generate(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
+                 generation_config: GenerationConfig | None = None, **kwargs: Any):
+        """Generates token ids like transformers' `generate` (greedy, beam search, sampling).
+
+        Args:
+            input_ids, attention_mask, pixel_values: as the processor returns them.
+            image_features: projected image tokens from `get_image_features(...).pooler_output`, to reuse one
+                encoded image for several prompts (instead of pixel_values).
+            generation_config: a GenerationConfig to use instead of the checkpoint's.
+            **kwargs: generation settings (max_new_tokens, num_beams, do_sample, ...), which override the
+                generation config as in transformers.
+
+        Returns:
+            ids [batch * num_return_sequences, length] (numpy, or torch when the inputs were torch), or a
+            GenerateOutput with sequences/sequences_scores/scores when return_dict_in_generate=True.
+        """
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (build them with the processor)")
+        image_features = kwargs.pop("image_features", None)
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("You cannot pass both: raw pixels and pre-computed embeddings for input images")
+        as_torch = any_torch(input_ids, pixel_values, attention_mask)
+        settings = dict(generation_config.to_dict()) if generation_config is not None else {}
+        settings.update(kwargs)
+        result = self._native.generate(
+            as_numpy(input_ids, np.int64, "input_ids"),
+            None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
+            None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
+            None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
+            json.dumps(settings, default=_json_default),
+            str(self._folder),
+        )
+        sequences = wrap(result["sequences"], as_torch)
+        if not settings.get("return_dict_in_generate", False):
+            return sequences
+        return GenerateOutput(
+            sequences=sequences,
+            sequences_scores=wrap(result.get("sequences_scores"), as_torch),
+            scores=None if result.get("scores") is None else tuple(wrap(s, as_torch) for s in result["scores"]),
+        )
+
+
+def _json_default(value: Any) -> Any:
+    """Lets generate() kwargs given as numpy/torch scalars or tuples pass through JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"generate() got a value of type {type(value).__name__} that is not a setting: {value!r}")

@@ -1,0 +1,179 @@
+//! `NativeModel`: the Rust model behind `florence2_rs.Florence2ForConditionalGeneration`. Every heavy call
+//! copies its inputs, releases the GIL, and runs; the model is immutable, so threads may share it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::arrays::{HostArray, HostOutput};
+use crate::model::Florence2ForConditionalGeneration;
+use crate::{Error, Result};
+
+/// Parses a dtype name as the Python layer normalizes them ("float32", "float16", "bfloat16").
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "float16" => Ok(DType::F16),
+        "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::invalid(format!("dtype {other:?} is not supported: use float32, float16 or bfloat16"))),
+    }
+}
+
+/// Parses "cpu", "cuda" or "cuda:N".
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = cuda.strip_prefix("cuda:").map_or(Ok(0), |n| {
+                n.parse::<usize>().map_err(|_| Error::invalid(format!("bad device {name:?}")))
+            })?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::invalid(format!(
+                    "device {name:?} needs a CUDA build of florence2-rs (cargo feature `cuda`); this build runs on \
+                     the CPU only: use device=\"cpu\""
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(Error::invalid(format!("device {other:?} is not supported: use \"cpu\" or \"cuda[:N]\""))),
+    }
+}
+
+/// The loaded model.
+#[pyclass(name = "NativeModel", module = "florence2_rs._native", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Arc<Florence2ForConditionalGeneration>,
+}
+
+impl PyModel {
+    /// Runs `f` on the model with the GIL released.
+    pub(crate) fn detached<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Florence2ForConditionalGeneration) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        let model = Arc::clone(&self.inner);
+        Ok(py.detach(move || f(&model))?)
+    }
+}
+
+fn pixels(array: &PyReadonlyArrayDyn<'_, f32>) -> Result<HostArray<f32>> {
+    HostArray::copy(array, "pixel_values", 4)
+}
+
+fn ids(array: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<HostArray<i64>> {
+    HostArray::copy(array, name, 2)
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a checkpoint folder (config.json + model.safetensors, either layout). `dtype` "auto" follows
+    /// transformers: the config's dtype, else the stored weights'.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf, dtype: &str, device: &str) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let dtype = if dtype == "auto" { None } else { Some(parse_dtype(dtype)?) };
+        let model = py.detach(move || {
+            let dtype = match dtype {
+                Some(dtype) => dtype,
+                None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
+            };
+            Florence2ForConditionalGeneration::from_dir(&path, dtype, &device)
+        })?;
+        Ok(Self { inner: Arc::new(model) })
+    }
+
+    /// "hf" or "original": the checkpoint layout.
+    #[getter]
+    fn layout(&self) -> &'static str {
+        match self.inner.config().layout {
+            crate::config::Layout::HfNative => "hf",
+            crate::config::Layout::Original => "original",
+        }
+    }
+
+    /// The dtype the model computes in ("float32", "float16", "bfloat16").
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match self.inner.dtype() {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        }
+    }
+
+    /// The vision tower's last hidden state for `pixel_values` [B, 3, H, W].
+    fn vision_features<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let pixels = pixels(&pixel_values)?;
+        let out = self.detached(py, move |m| HostOutput::from_tensor(&m.vision_features(&pixels.to_tensor()?)?))?;
+        out.into_numpy(py)
+    }
+
+    /// The projected image tokens [B, 1 + H'W', d_model].
+    fn get_image_features<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let pixels = pixels(&pixel_values)?;
+        let out = self.detached(py, move |m| HostOutput::from_tensor(&m.get_image_features(&pixels.to_tensor()?)?))?;
+        out.into_numpy(py)
+    }
+
+    /// One forward pass as transformers' `forward`: returns a dict with `logits`,
+    /// `encoder_last_hidden_state` and `image_hidden_states` (None without pixels).
+    #[pyo3(signature = (input_ids, decoder_input_ids, attention_mask=None, pixel_values=None, image_features=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        decoder_input_ids: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let input_ids = ids(&input_ids, "input_ids")?;
+        let decoder_input_ids = ids(&decoder_input_ids, "decoder_input_ids")?;
+        let attention_mask = attention_mask.map(|m| ids(&m, "attention_mask")).transpose()?;
+        let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
+        let image_features = image_features.map(|f| HostArray::copy(&f, "image_features", 3)).transpose()?;
+        let (logits, encoder, image) = self.detached(py, move |m| {
+            let features = features_tensor(m, pixel_values, image_features)?;
+            let mask = attention_mask.map(|a| a.to_u32_tensor("attention_mask")).transpose()?;
+            let encoder = m.encode(&input_ids.to_u32_tensor("input_ids")?, mask.as_ref(), features.as_ref())?;
+            let logits = m.decoder_logits(&decoder_input_ids.to_u32_tensor("decoder_input_ids")?, &encoder)?;
+            Ok((
+                HostOutput::from_tensor(&logits)?,
+                HostOutput::from_tensor(&encoder.hidden_states)?,
+                features.as_ref().map(HostOutput::from_tensor).transpose()?,
+            ))
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("logits", logits.into_numpy(py)?)?;
+        out.set_item("encoder_last_hidden_state", encoder.into_numpy(py)?)?;
+        out.set_item("image_hidden_states", image.map(|i| i.into_numpy(py)).transpose()?)?;
+        Ok(out)
+    }
+}
+
+/// The image tokens to merge: given features win over pixels (transformers refuses both; the Python layer
+/// checks that), none without either.
+pub(crate) fn features_tensor(
+    model: &Florence2ForConditionalGeneration,
+    pixel_values: Option<HostArray<f32>>,
+    image_features: Option<HostArray<f32>>,
+) -> Result<Option<Tensor>> {
+    Ok(match (image_features, pixel_values) {
+        (Some(f), _) => Some(f.to_tensor()?),
+        (None, Some(p)) => Some(model.get_image_features(&p.to_tensor()?)?),
+        (None, None) => None,
+    })
+}

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: random-weight checkpoints built live with transformers (the reference)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE_FILES = ROOT.parent / "shared" / "florence2-release-files"
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+
+
+def _reference_available() -> str | None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = _reference_available()
+    if missing and os.environ.get("CI") == "true":
+        raise pytest.UsageError(f"CI=true but the transformers reference cannot run: {missing}")
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny and tiny_uneven checkpoints in both layouts (<root>/<spec>/{hf,original}), made by transformers."""
+    if _reference_available():
+        pytest.skip("transformers/torch not installed")
+    import make_fixtures
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    for spec in ("tiny", "tiny_uneven"):
+        make_fixtures.make(spec, root)
+    return root

@@ -1,0 +1,99 @@
+"""The model through the Python API against transformers, live, on freshly built random checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import florence2_rs
+from transformers import Florence2ForConditionalGeneration as HFModel
+
+SPECS = ["tiny", "tiny_uneven"]
+
+
+def max_rel_error(ours, theirs) -> float:
+    ours = np.asarray(ours, dtype=np.float32)
+    theirs = np.asarray(theirs, dtype=np.float32)
+    assert ours.shape == theirs.shape
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def case(request, reference_checkpoints):
+    spec = request.param
+    folder = reference_checkpoints / spec
+    reference = load_file(str(folder / "reference.safetensors"))
+    return spec, folder, reference
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_forward_matches_transformers(case, layout):
+    spec, folder, ref = case
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / layout)
+    n = int(ref["n_image_tokens"][0])
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    if layout == "original":
+        ids, mask = ids[:, n:], mask[:, n:]
+    out = model(input_ids=ids.numpy(), pixel_values=ref["pixel_values"].numpy(), attention_mask=mask.numpy(),
+                decoder_input_ids=ref["decoder_input_ids"].numpy())
+    vocab = out.logits.shape[-1]
+    assert max_rel_error(out.logits, ref["logits"][..., :vocab]) <= 1e-4
+    assert max_rel_error(out.encoder_last_hidden_state, ref["encoder_out"]) <= 1e-4
+    assert max_rel_error(out.image_hidden_states, ref["image_features"]) <= 1e-4
+    feats = model.get_image_features(ref["pixel_values"].numpy())
+    assert max_rel_error(feats.last_hidden_state, ref["vision_out"]) <= 1e-4
+    assert max_rel_error(feats.pooler_output, ref["image_features"]) <= 1e-4
+
+
+def test_torch_in_torch_out_and_default_decoder_start(case):
+    spec, folder, ref = case
+    hf = HFModel.from_pretrained(folder / "hf").eval()
+    ours = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
+    inputs = dict(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], attention_mask=ref["attention_mask"])
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+    got = ours(**inputs).logits
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    assert max_rel_error(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2), ("bfloat16", 6e-2)])
+def test_half_precision_within_stated_bounds(case, dtype, bound):
+    spec, folder, ref = case
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype=dtype)
+    assert str(model.dtype).endswith(str(dtype).replace("torch.", ""))
+    out = model(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], attention_mask=ref["attention_mask"],
+                decoder_input_ids=ref["decoder_input_ids"])
+    assert out.logits.dtype == getattr(torch, str(dtype).replace("torch.", ""))  # torch in, model dtype out
+    assert max_rel_error(out.logits.float(), ref["logits"]) <= bound
+
+
+def test_dtype_auto_follows_the_config(case, tmp_path):
+    spec, folder, _ = case
+    import json
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder / "original", copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (copy / "config.json").write_text(json.dumps(config))
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(copy)
+    assert model.dtype == torch.bfloat16
+    assert florence2_rs.Florence2ForConditionalGeneration.from_pretrained(copy, dtype="float32").dtype == torch.float32
+    model.to(torch.float16)
+    assert model.dtype == torch.float16
+
+
+def test_cuda_in_a_cpu_build_is_a_clear_error(case):
+    _, folder, _ = case
+    with pytest.raises(ValueError, match="CUDA build"):
+        florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf", device_map="cuda")
+
+
+def test_unknown_from_pretrained_kwarg_is_a_type_error(case):
+    _, folder, _ = case
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf", colour="blue")
