@@ -71,20 +71,31 @@ impl ConvEmbed {
     }
 }
 
-/// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding).
+/// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding). On the CPU it
+/// runs the direct kernel of [`crate::depthwise`]; elsewhere candle's grouped convolution.
 struct DepthwiseConv {
-    conv: Conv,
+    weight: Tensor,
+    bias: Tensor,
+    grouped: Conv2d,
 }
 
 impl DepthwiseConv {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((dim, 1, 3, 3), "weight")?;
+        let bias = vb.get(dim, "bias")?;
         let cfg = Conv2dConfig { padding: 1, groups: dim, ..Default::default() };
-        Ok(Self { conv: Conv::new(dim, dim, 3, cfg, vb)? })
+        let grouped = Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
+        Ok(Self { weight, bias, grouped })
     }
 
     /// `conv(x) + x` on an NCHW tensor.
     fn forward_residual(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.conv)? + xs
+        let conv = if xs.device().is_cpu() {
+            crate::depthwise::depthwise_conv3x3(xs, &self.weight, &self.bias)?
+        } else {
+            xs.apply(&self.grouped)?
+        };
+        conv + xs
     }
 }
 
