@@ -283,6 +283,50 @@ mod tests {
         assert_eq!(argmax(&[0.0, 5.0, 5.0, 1.0]), 1);
     }
 
+    /// transformers' processors on fixed scores (tests/fixtures/generation/make_reference.py).
+    #[test]
+    fn processors_match_transformers() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation/reference.json");
+        let data: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let f32s = |v: &serde_json::Value| -> Vec<f32> {
+            let a = v.as_array().expect("array");
+            a.iter().map(|x| x.as_f64().map_or(f32::NEG_INFINITY, |f| f as f32)).collect()
+        };
+        let cases = data["processors"].as_array().expect("cases");
+        for case in cases {
+            let name = case["name"].as_str().expect("name");
+            let ids: Vec<Vec<u32>> = case["input_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|r| r.as_array().expect("row").iter().map(|x| x.as_u64().expect("id") as u32).collect())
+                .collect();
+            let bad = |row: usize, col: usize| ids[row][col];
+            let p = match name {
+                "repetition_penalty_1.5" => Processor::RepetitionPenalty(1.5),
+                "repetition_penalty_0.7" => Processor::RepetitionPenalty(0.7),
+                "no_repeat_ngram_2" => Processor::NoRepeatNGram(2),
+                "no_repeat_ngram_3" => Processor::NoRepeatNGram(3),
+                "temperature_0.7" => Processor::Temperature(0.7),
+                "top_k_5" => Processor::TopK(5),
+                "top_k_1_keep_2" => Processor::TopK(2),
+                "top_p_0.8" => Processor::TopP(0.8, 1),
+                "top_p_0.3" => Processor::TopP(0.3, 1),
+                "top_p_0.0_keep_2" => Processor::TopP(0.0, 2),
+                "bad_words" => Processor::BadWords(vec![vec![bad(0, 5)], vec![bad(1, 5), 9], vec![3, 4, 5]]),
+                other => panic!("unknown processor case {other}"),
+            };
+            let scores = case["scores"].as_array().expect("scores");
+            let expected = case["expected"].as_array().expect("expected");
+            for (row, (s, e)) in scores.iter().zip(expected).enumerate() {
+                let mut got = f32s(s);
+                p.apply(&ids[row], &mut got).expect("apply");
+                assert_eq!(got, f32s(e), "{name} row {row}");
+            }
+        }
+    }
+
     #[test]
     fn log_softmax_of_forced_row() {
         let mut r = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
