@@ -255,7 +255,7 @@ impl GenerationConfig {
             "max_new_tokens" => self.max_new_tokens = opt(v, |v| positive(key, v))?,
             "min_length" => self.min_length = opt(v, |v| count(key, v))?,
             "min_new_tokens" => self.min_new_tokens = opt(v, |v| count(key, v))?,
-            "early_stopping" => self.early_stopping = opt(v, |v| early_stopping(v))?,
+            "early_stopping" => self.early_stopping = opt(v, early_stopping)?,
             "do_sample" => self.do_sample = opt(v, |v| boolean(key, v))?,
             "num_beams" => self.num_beams = opt(v, |v| positive(key, v))?,
             "temperature" => {
