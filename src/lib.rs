@@ -15,6 +15,7 @@ pub mod error;
 pub mod generation;
 pub mod language;
 pub mod model;
+mod nn;
 pub mod processor;
 pub mod projector;
 pub mod vision;

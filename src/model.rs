@@ -1,1 +1,300 @@
-//! model
+//! `Florence2ForConditionalGeneration`: the vision tower, the projector and BART put together, and the
+//! merge of image tokens with text tokens that differs between the two checkpoint layouts.
+//!
+//! - HF-native: `input_ids` hold `<image>` placeholders (image_token_id) where the image tokens go; their
+//!   embeddings are replaced, in order, by the projected image features (transformers' `masked_scatter`).
+//! - Original: `input_ids` hold only text; the image features are prepended to the text embeddings and the
+//!   attention mask is extended with ones (Microsoft's `_merge_input_ids_with_image_features`).
+//!
+//! Both give the encoder the same sequence. Microsoft's LM head adds `final_logits_bias`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::{Florence2Config, Layout};
+use crate::generation::DecoderSession;
+use crate::language::{BartModel, DecoderCache};
+use crate::projector::Florence2MultiModalProjector;
+use crate::vision::Florence2VisionBackbone;
+use crate::weights::{Checkpoint, FINAL_LOGITS_BIAS};
+use crate::{Error, Result};
+
+/// The encoder's output and the attention mask that goes with it (image tokens included).
+#[derive(Clone)]
+pub struct EncoderOutput {
+    /// `[B, S, d_model]`, the encoder's last hidden state.
+    pub hidden_states: Tensor,
+    /// `[B, S]`, 1 where a position may be attended to.
+    pub attention_mask: Tensor,
+}
+
+impl EncoderOutput {
+    /// Repeats each row `times` times consecutively (transformers' `_expand_inputs_for_generation`).
+    pub fn expand(&self, times: usize) -> Result<Self> {
+        if times == 1 {
+            return Ok(self.clone());
+        }
+        let rows = self.hidden_states.dim(0)?;
+        let order: Vec<u32> = (0..rows as u32).flat_map(|r| std::iter::repeat_n(r, times)).collect();
+        let order = Tensor::new(order.as_slice(), self.hidden_states.device())?;
+        Ok(Self {
+            hidden_states: self.hidden_states.index_select(&order, 0)?,
+            attention_mask: self.attention_mask.index_select(&order, 0)?,
+        })
+    }
+}
+
+/// transformers' `Florence2ForConditionalGeneration`, for inference.
+pub struct Florence2ForConditionalGeneration {
+    config: Florence2Config,
+    vision_tower: Florence2VisionBackbone,
+    projector: Florence2MultiModalProjector,
+    language: BartModel,
+    lm_head: Linear,
+    final_logits_bias: Option<Tensor>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Florence2ForConditionalGeneration {
+    /// Loads `config.json` and the safetensors weights from a checkpoint folder of either layout.
+    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                hint: "Pass the folder of a Florence-2 checkpoint (config.json + model.safetensors).".into(),
+            });
+        }
+        let config = Florence2Config::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::new(config, checkpoint, dtype, device)
+    }
+
+    /// Builds the model from a parsed config and opened weights.
+    pub fn new(config: Florence2Config, checkpoint: Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let source = checkpoint.source().to_path_buf();
+        if checkpoint.layout() != config.layout {
+            return Err(Error::Weights {
+                path: source,
+                msg: format!(
+                    "the weights are in the {:?} layout but config.json describes the {:?} layout; use the \
+                     config.json that came with these weights",
+                    checkpoint.layout(),
+                    config.layout
+                ),
+            });
+        }
+        let vb = checkpoint.var_builder(dtype, device);
+        Self::load(config, vb, dtype, device).map_err(|e| Error::Weights { path: source, msg: e.to_string() })
+    }
+
+    fn load(config: Florence2Config, vb: VarBuilder, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let text = &config.text;
+        let vision_tower = Florence2VisionBackbone::new(&config.vision, vb.pp("model.vision_tower"))?;
+        let projector = Florence2MultiModalProjector::new(&config.vision, vb.pp("model.multi_modal_projector"))?;
+        let language = BartModel::new(text, vb.pp("model.language_model"))?;
+        let lm_head = Linear::new(vb.get((text.vocab_size, text.d_model), "lm_head.weight")?, None);
+        let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
+            // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
+            Some(vb.get_unchecked(FINAL_LOGITS_BIAS)?.flatten_all()?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+        if let Some(bias) = &final_logits_bias {
+            if bias.dim(0)? != text.vocab_size {
+                candle_core::bail!("final_logits_bias has {} entries, the vocabulary {}", bias.dim(0)?, text.vocab_size);
+            }
+        }
+        Ok(Self { config, vision_tower, projector, language, lm_head, final_logits_bias, dtype, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &Florence2Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The vision tower's last hidden state `[B, C, H', W']` for `pixel_values` `[B, 3, H, W]` (any float dtype).
+    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (_, channels, _, _) = pixel_values.dims4().map_err(|_| {
+            Error::invalid(format!("pixel_values must have shape [batch, 3, height, width], got {:?}", pixel_values.dims()))
+        })?;
+        if channels != self.config.vision.in_channels {
+            return Err(Error::invalid(format!(
+                "pixel_values has {channels} channels, the model expects {}",
+                self.config.vision.in_channels
+            )));
+        }
+        let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(self.vision_tower.forward(&pixels)?)
+    }
+
+    /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).
+    pub fn get_image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self.projector.forward(&self.vision_features(pixel_values)?)?)
+    }
+
+    /// Runs the encoder on `input_ids` `[B, L]` with `attention_mask` `[B, L]` (all ones when `None`), the
+    /// image features (from [`Self::get_image_features`]) merged in as the layout prescribes.
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        image_features: Option<&Tensor>,
+    ) -> Result<EncoderOutput> {
+        let (batch, len) = input_ids
+            .dims2()
+            .map_err(|_| Error::invalid(format!("input_ids must have shape [batch, length], got {:?}", input_ids.dims())))?;
+        let ids = input_ids.to_device(&self.device)?.to_dtype(DType::U32)?;
+        self.check_token_ids(&ids)?;
+        let mask = match attention_mask {
+            Some(mask) => {
+                if mask.dims() != [batch, len] {
+                    return Err(Error::invalid(format!(
+                        "attention_mask has shape {:?}, input_ids {:?}; they must match",
+                        mask.dims(),
+                        input_ids.dims()
+                    )));
+                }
+                mask.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            None => Tensor::ones((batch, len), DType::F32, &self.device)?,
+        };
+        let text_embeds = self.language.embed_tokens(&ids)?;
+        let (embeds, mask) = match image_features {
+            None => (text_embeds, mask),
+            Some(features) => {
+                let features = features.to_device(&self.device)?.to_dtype(self.dtype)?;
+                let (f_batch, _, f_dim) = features.dims3()?;
+                if f_batch != batch || f_dim != self.config.text.d_model {
+                    return Err(Error::invalid(format!(
+                        "image features have shape {:?}; expected [{batch}, tokens, {}] for {batch} texts",
+                        features.dims(),
+                        self.config.text.d_model
+                    )));
+                }
+                match self.config.layout {
+                    Layout::HfNative => (self.scatter_image_features(&ids, &text_embeds, &features)?, mask),
+                    Layout::Original => {
+                        let image_mask = Tensor::ones((batch, features.dim(1)?), DType::F32, &self.device)?;
+                        (Tensor::cat(&[&features, &text_embeds], 1)?, Tensor::cat(&[&image_mask, &mask], 1)?)
+                    }
+                }
+            }
+        };
+        let hidden_states = self.language.encoder.forward(&embeds, &mask)?;
+        Ok(EncoderOutput { hidden_states, attention_mask: mask })
+    }
+
+    /// Every id must index the embedding; a bad id would otherwise surface as an opaque index error.
+    fn check_token_ids(&self, ids: &Tensor) -> Result<()> {
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.config.text.vocab_size {
+            return Err(Error::invalid(format!(
+                "input id {max} is outside the vocabulary of {} tokens; was the text tokenized with this \
+                 checkpoint's processor?",
+                self.config.text.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// transformers' `inputs_embeds.masked_scatter(ids == image_token_id, features)`: the placeholders, in
+    /// row-major order, take the feature rows in order.
+    fn scatter_image_features(&self, ids: &Tensor, text_embeds: &Tensor, features: &Tensor) -> Result<Tensor> {
+        let image_token = self.config.image_token_id.unwrap_or(u32::MAX);
+        let (batch, len, dim) = text_embeds.dims3()?;
+        let flat_ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let n_features = features.dim(0)? * features.dim(1)?;
+        let n_placeholders = flat_ids.iter().filter(|&&id| id == image_token).count();
+        if n_placeholders != n_features {
+            return Err(Error::invalid(format!(
+                "Image features and image tokens do not match, tokens: {n_placeholders}, features: {n_features}. \
+                 Build the inputs with this checkpoint's processor (it puts image_seq_length <image> tokens \
+                 before each text)."
+            )));
+        }
+        // Gather from [text rows ; feature rows]: position p takes row p, or the next feature row.
+        let mut next_feature = (batch * len) as u32;
+        let index: Vec<u32> = flat_ids
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| {
+                if id == image_token {
+                    next_feature += 1;
+                    next_feature - 1
+                } else {
+                    p as u32
+                }
+            })
+            .collect();
+        let source = Tensor::cat(&[text_embeds.reshape((batch * len, dim))?, features.reshape((n_features, dim))?], 0)?;
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        Ok(source.index_select(&index, 0)?.reshape((batch, len, dim))?)
+    }
+
+    /// Starts decoding from `encoder` (already expanded to the decoding rows).
+    pub fn start_decoding(&self, encoder: &EncoderOutput) -> Result<DecoderState<'_>> {
+        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask)?;
+        Ok(DecoderState { model: self, cache })
+    }
+
+    /// Logits `[B, T, vocab]` for `decoder_input_ids` `[B, T]` given the encoder output (a full forward pass
+    /// without reusing a cache, like transformers' `forward`).
+    pub fn decoder_logits(&self, decoder_input_ids: &Tensor, encoder: &EncoderOutput) -> Result<Tensor> {
+        let mut state = self.start_decoding(encoder)?;
+        state.step(decoder_input_ids)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
+        Ok(match &self.final_logits_bias {
+            Some(bias) => logits.broadcast_add(bias)?,
+            None => logits,
+        })
+    }
+}
+
+/// A decoder run over fixed encoder states: the KV cache plus the model it belongs to.
+pub struct DecoderState<'m> {
+    model: &'m Florence2ForConditionalGeneration,
+    cache: DecoderCache,
+}
+
+impl DecoderState<'_> {
+    /// Feeds `ids` `[rows, T]` and returns their logits `[rows, T, vocab]` in the model's dtype.
+    pub fn step(&mut self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.to_device(&self.model.device)?.to_dtype(DType::U32)?;
+        self.model.check_token_ids(&ids)?;
+        let embeds = self.model.language.embed_tokens(&ids)?;
+        let hidden = self.model.language.decoder.forward(&embeds, &mut self.cache)?;
+        self.model.logits(&hidden)
+    }
+}
+
+impl DecoderSession for DecoderState<'_> {
+    fn rows(&self) -> usize {
+        self.cache.rows().unwrap_or(0)
+    }
+
+    fn next_logits(&mut self, last_tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let rows = last_tokens.len();
+        let ids = Tensor::from_slice(last_tokens, (rows, 1), &self.model.device)?;
+        let logits = self.step(&ids)?.squeeze(1)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    fn reorder(&mut self, order: &[usize]) -> Result<()> {
+        let order: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+        let order = Tensor::new(order.as_slice(), &self.model.device)?;
+        Ok(self.cache.reorder(&order)?)
+    }
+}

@@ -1,1 +1,304 @@
-//! vision
+//! The DaViT vision tower ("DaViT: Dual Attention Vision Transformers", Ding et al., 2022,
+//! arXiv:2204.03645) as Florence-2 uses it; reference: transformers' `Florence2VisionBackbone`
+//! (models/florence2/modeling_florence2.py).
+//!
+//! Each stage is a strided convolutional patch embedding followed by blocks of a spatial block (window
+//! self-attention over `window_size`² patches) and a channel block (attention between channel groups over all
+//! tokens), each block wrapped in depthwise 3×3 convolutions used as conditional position encodings.
+//! Drop-path is identity at inference and has no weights, so it does not appear here.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+
+use crate::config::VisionConfig;
+use crate::nn::{attention, layer_norm_nchw, nchw_to_tokens, tokens_to_nchw};
+
+const LN_EPS: f64 = 1e-5;
+
+/// A convolution that computes in f32 when the model is bf16: candle's CPU convolution has no bf16 kernel.
+struct Conv {
+    conv: Conv2d,
+    dtype: DType,
+}
+
+impl Conv {
+    fn new(in_c: usize, out_c: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let dtype = vb.dtype();
+        let vb = if dtype == DType::BF16 { vb.set_dtype(DType::F32) } else { vb };
+        Ok(Self { conv: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?, dtype })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.dtype == DType::BF16 {
+            xs.to_dtype(DType::F32)?.apply(&self.conv)?.to_dtype(DType::BF16)
+        } else {
+            xs.apply(&self.conv)
+        }
+    }
+}
+
+/// Patch embedding: a strided convolution with a LayerNorm before (stages > 0) or after (stage 0) it.
+struct ConvEmbed {
+    conv: Conv,
+    norm: LayerNorm,
+    pre_norm: bool,
+}
+
+impl ConvEmbed {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
+        let in_channels = if stage == 0 { cfg.in_channels } else { cfg.embed_dim[stage - 1] };
+        let out_channels = cfg.embed_dim[stage];
+        let conv_cfg = Conv2dConfig {
+            padding: cfg.patch_padding[stage],
+            stride: cfg.patch_stride[stage],
+            ..Default::default()
+        };
+        let conv = Conv::new(in_channels, out_channels, cfg.patch_size[stage], conv_cfg, vb.pp("conv"))?;
+        let pre_norm = cfg.patch_prenorm[stage];
+        let norm_dim = if pre_norm { in_channels } else { out_channels };
+        let norm = candle_nn::layer_norm(norm_dim, LN_EPS, vb.pp("norm"))?;
+        Ok(Self { conv, norm, pre_norm })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.pre_norm {
+            layer_norm_nchw(xs, &self.norm)?.apply(&self.conv)
+        } else {
+            layer_norm_nchw(&xs.apply(&self.conv)?, &self.norm)
+        }
+    }
+}
+
+/// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding).
+struct DepthwiseConv {
+    conv: Conv,
+}
+
+impl DepthwiseConv {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig { padding: 1, groups: dim, ..Default::default() };
+        Ok(Self { conv: Conv::new(dim, dim, 3, cfg, vb)? })
+    }
+
+    /// `conv(x) + x` on an NCHW tensor.
+    fn forward_residual(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply(&self.conv)? + xs
+    }
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(cfg: &VisionConfig, dim: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+        // transformers truncates: int(dim * mlp_ratio).
+        let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
+        Ok(Self {
+            fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?,
+            act,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)
+    }
+}
+
+/// Multi-head self-attention inside non-overlapping `window_size`² windows; the feature map is padded on the
+/// right and bottom to whole windows and cropped back afterwards.
+struct WindowAttention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    window: usize,
+    scale: f64,
+}
+
+impl WindowAttention {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.embed_dim[stage];
+        let num_heads = cfg.num_heads[stage];
+        Ok(Self {
+            qkv: candle_nn::linear_b(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"))?,
+            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            num_heads,
+            window: cfg.window_size,
+            scale: ((dim / num_heads) as f64).powf(-0.5),
+        })
+    }
+
+    /// `xs`: `[B, H, W, C]` → `[B, H*W, C]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = xs.dims4()?;
+        let ws = self.window;
+        let pad_w = (ws - w % ws) % ws;
+        let pad_h = (ws - h % ws) % ws;
+        let xs = xs.pad_with_zeros(2, 0, pad_w)?.pad_with_zeros(1, 0, pad_h)?;
+        let (hp, wp) = (h + pad_h, w + pad_w);
+        let (nh, nw) = (hp / ws, wp / ws);
+        let windows = xs
+            .reshape((b, nh, ws, nw, ws, c))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b * nh * nw, ws * ws, c))?;
+
+        let n_win = b * nh * nw;
+        let tokens = ws * ws;
+        let head_dim = c / self.num_heads;
+        let qkv = windows
+            .apply(&self.qkv)?
+            .reshape((n_win, tokens, 3, self.num_heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let out = attention(&q, &k, &v, self.scale, None)?
+            .transpose(1, 2)?
+            .reshape((n_win, tokens, c))?
+            .apply(&self.proj)?;
+
+        out.reshape((b, nh, nw, ws, ws, c))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .reshape((b, hp, wp, c))?
+            .narrow(1, 0, h)?
+            .narrow(2, 0, w)?
+            .contiguous()?
+            .reshape((b, h * w, c))
+    }
+}
+
+/// Attention between the channels of each group, over all spatial tokens (scale: tokens^-1/2).
+struct ChannelAttention {
+    qkv: Linear,
+    proj: Linear,
+    groups: usize,
+}
+
+impl ChannelAttention {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.embed_dim[stage];
+        Ok(Self {
+            qkv: candle_nn::linear_b(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"))?,
+            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            groups: cfg.num_groups[stage],
+        })
+    }
+}
+
+impl Module for ChannelAttention {
+    /// `xs`: `[B, N, C]` → `[B, N, C]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let group_dim = c / self.groups;
+        // [3, B, groups, group_dim, N]: each channel is a "token" attending to the channels of its group.
+        let qkv = xs.apply(&self.qkv)?.reshape((b, n, 3, self.groups, group_dim))?.permute((2, 0, 3, 4, 1))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let out = attention(&q, &k, &v, (n as f64).powf(-0.5), None)?; // [B, groups, group_dim, N]
+        out.permute((0, 3, 1, 2))?.reshape((b, n, c))?.apply(&self.proj)
+    }
+}
+
+/// Which attention a [`DualBlock`] half uses.
+enum Mixer {
+    Window(WindowAttention),
+    Channel(ChannelAttention),
+}
+
+/// One half of a DaViT block: `conv1` + attention (pre-norm, residual), `conv2` + MLP (pre-norm, residual).
+/// The spatial and channel halves differ only in their attention.
+struct DualBlock {
+    conv1: DepthwiseConv,
+    norm1: LayerNorm,
+    mixer: Mixer,
+    conv2: DepthwiseConv,
+    norm2: LayerNorm,
+    ffn: Mlp,
+}
+
+impl DualBlock {
+    fn new(cfg: &VisionConfig, stage: usize, spatial: bool, act: Activation, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.embed_dim[stage];
+        let mixer = if spatial {
+            Mixer::Window(WindowAttention::new(cfg, stage, vb.pp("window_attn"))?)
+        } else {
+            Mixer::Channel(ChannelAttention::new(cfg, stage, vb.pp("channel_attn"))?)
+        };
+        Ok(Self {
+            conv1: DepthwiseConv::new(dim, vb.pp("conv1"))?,
+            norm1: candle_nn::layer_norm(dim, LN_EPS, vb.pp("norm1"))?,
+            mixer,
+            conv2: DepthwiseConv::new(dim, vb.pp("conv2"))?,
+            norm2: candle_nn::layer_norm(dim, LN_EPS, vb.pp("norm2"))?,
+            ffn: Mlp::new(cfg, dim, act, vb.pp("ffn"))?,
+        })
+    }
+
+    /// `xs`: `[B, C, H, W]` → `[B, C, H, W]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = nchw_to_tokens(&self.conv1.forward_residual(xs)?)?;
+        let normed = residual.apply(&self.norm1)?;
+        let mixed = match &self.mixer {
+            Mixer::Window(attn) => attn.forward(&normed.reshape((b, h, w, c))?)?,
+            Mixer::Channel(attn) => normed.apply(attn)?,
+        };
+        let xs = tokens_to_nchw(&(residual + mixed)?, h, w)?;
+
+        let residual = nchw_to_tokens(&self.conv2.forward_residual(&xs)?)?;
+        let out = (residual.apply(&self.norm2)?.apply(&self.ffn)? + residual)?;
+        tokens_to_nchw(&out, h, w)
+    }
+}
+
+/// transformers' `Florence2VisionBackbone`: pixel values `[B, 3, H, W]` → features `[B, C_last, H/32, W/32]`
+/// (for the released strides).
+pub struct Florence2VisionBackbone {
+    convs: Vec<ConvEmbed>,
+    blocks: Vec<Vec<(DualBlock, DualBlock)>>,
+}
+
+impl Florence2VisionBackbone {
+    /// Loads from `vb` at `model.vision_tower`.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
+        let mut convs = Vec::with_capacity(cfg.embed_dim.len());
+        let mut blocks = Vec::with_capacity(cfg.embed_dim.len());
+        for stage in 0..cfg.embed_dim.len() {
+            convs.push(ConvEmbed::new(cfg, stage, vb.pp(format!("convs.{stage}")))?);
+            let stage_vb = vb.pp(format!("blocks.{stage}"));
+            let stage_blocks = (0..cfg.depths[stage])
+                .map(|i| {
+                    let block_vb = stage_vb.pp(i.to_string());
+                    Ok((
+                        DualBlock::new(cfg, stage, true, act, block_vb.pp("spatial_block"))?,
+                        DualBlock::new(cfg, stage, false, act, block_vb.pp("channel_block"))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            blocks.push(stage_blocks);
+        }
+        Ok(Self { convs, blocks })
+    }
+
+    /// Runs the tower; `pixel_values` must already be in the model's dtype.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut xs = pixel_values.clone();
+        for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
+            xs = conv.forward(&xs)?;
+            for (spatial, channel) in stage_blocks {
+                xs = channel.forward(&spatial.forward(&xs)?)?;
+            }
+        }
+        Ok(xs)
+    }
+}
