@@ -28,7 +28,10 @@ fn assert_florence_defaults(cfg: &GenerationConfig) {
     assert_eq!(cfg.decoder_start_token_id, Some(2));
     assert_eq!((cfg.bos_token_id, cfg.pad_token_id), (Some(0), Some(1)));
     assert_eq!(cfg.eos_token_id, Some(vec![2]));
-    assert_eq!(cfg.max_length, None, "no max_length: transformers' default of 20 new tokens applies");
+    assert_eq!(
+        cfg.max_length, None,
+        "no max_length: transformers' default of 20 new tokens applies"
+    );
     assert_eq!(cfg.expand_factor(), 3);
 }
 
@@ -41,7 +44,8 @@ fn model_config_text_config_fallback() {
 #[test]
 fn released_config_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/florence2-release-files");
-    let read = |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let read =
+        |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let large = root.join("microsoft_Florence-2-large/config.json");
     if !large.exists() {
         eprintln!("skipped: {} is absent", large.display());
@@ -51,8 +55,11 @@ fn released_config_files() {
     assert_florence_defaults(&cfg);
     // large-ft carries a generation_config.json, which replaces the model config's settings entirely.
     let ft = root.join("microsoft_Florence-2-large-ft");
-    let cfg = GenerationConfig::from_checkpoint(Some(&read(&ft.join("generation_config.json"))), &read(&ft.join("config.json")))
-        .unwrap();
+    let cfg = GenerationConfig::from_checkpoint(
+        Some(&read(&ft.join("generation_config.json"))),
+        &read(&ft.join("config.json")),
+    )
+    .unwrap();
     assert_eq!(cfg.num_beams, Some(3));
     assert_eq!(cfg.early_stopping, Some(EarlyStopping::False));
     assert_eq!(cfg.no_repeat_ngram_size, None);
@@ -100,7 +107,11 @@ fn bad_kwargs_are_rejected() {
     assert!(invalid(cfg.set("do_sample", json!(1))).contains("boolean"));
     assert!(invalid(cfg.set("typical_p", json!(0.5))).contains("not supported"));
     cfg.set("typical_p", json!(1.0)).unwrap();
-    assert_eq!(cfg, GenerationConfig::default(), "failed sets leave the config unchanged");
+    assert_eq!(
+        cfg,
+        GenerationConfig::default(),
+        "failed sets leave the config unchanged"
+    );
 }
 
 #[test]
@@ -133,7 +144,10 @@ impl DecoderSession for Constant {
             self.first = last.to_vec();
         }
         self.calls += 1;
-        Ok(last.iter().map(|_| (0..10).map(|t| if t == 5 { 1.0 } else { 0.0 }).collect()).collect())
+        Ok(last
+            .iter()
+            .map(|_| (0..10).map(|t| if t == 5 { 1.0 } else { 0.0 }).collect())
+            .collect())
     }
     fn reorder(&mut self, _: &[usize]) -> Result<()> {
         Ok(())
@@ -148,32 +162,67 @@ fn lengths_follow_transformers() {
         for (k, v) in kwargs.as_object().unwrap() {
             cfg.set(k, v.clone()).unwrap();
         }
-        let mut s = Constant { rows: 1, calls: 0, first: vec![] };
+        let mut s = Constant {
+            rows: 1,
+            calls: 0,
+            first: vec![],
+        };
         let out = generate(&mut s, &cfg, 1).unwrap();
-        assert_eq!(s.first, vec![2], "the first call feeds decoder_start_token_id");
+        assert_eq!(
+            s.first,
+            vec![2],
+            "the first call feeds decoder_start_token_id"
+        );
         (out.sequences[0].len(), s.calls)
     };
-    assert_eq!(run(json!({})), (21, 20), "default: max_length 20 + the decoder prompt");
+    assert_eq!(
+        run(json!({})),
+        (21, 20),
+        "default: max_length 20 + the decoder prompt"
+    );
     assert_eq!(run(json!({"max_length": 7})), (7, 6));
-    assert_eq!(run(json!({"max_length": 7, "max_new_tokens": 3})), (4, 3), "max_new_tokens wins");
+    assert_eq!(
+        run(json!({"max_length": 7, "max_new_tokens": 3})),
+        (4, 3),
+        "max_new_tokens wins"
+    );
     let mut cfg = GenerationConfig::from_json(&base).unwrap();
     cfg.set("max_length", json!(1)).unwrap();
-    let mut s = Constant { rows: 1, calls: 0, first: vec![] };
-    assert!(generate(&mut s, &cfg, 1).is_err(), "max_length must exceed the decoder prompt");
+    let mut s = Constant {
+        rows: 1,
+        calls: 0,
+        first: vec![],
+    };
+    assert!(
+        generate(&mut s, &cfg, 1).is_err(),
+        "max_length must exceed the decoder prompt"
+    );
 }
 
 #[test]
 fn session_shape_errors() {
     let mut cfg = GenerationConfig::from_model_config(&florence_config_json()).unwrap();
     cfg.set("max_new_tokens", json!(4)).unwrap();
-    let mut s = Constant { rows: 2, calls: 0, first: vec![] };
+    let mut s = Constant {
+        rows: 2,
+        calls: 0,
+        first: vec![],
+    };
     let err = generate(&mut s, &cfg, 1).unwrap_err();
     assert!(err.to_string().contains("3 are needed"), "{err}");
-    let mut s = Constant { rows: 3, calls: 0, first: vec![] };
+    let mut s = Constant {
+        rows: 3,
+        calls: 0,
+        first: vec![],
+    };
     assert!(generate(&mut s, &cfg, 0).is_err());
     let mut cfg = GenerationConfig::default();
     cfg.set("max_new_tokens", json!(4)).unwrap();
-    let mut s = Constant { rows: 1, calls: 0, first: vec![] };
+    let mut s = Constant {
+        rows: 1,
+        calls: 0,
+        first: vec![],
+    };
     let err = generate(&mut s, &cfg, 1).unwrap_err();
     assert!(err.to_string().contains("decoder_start_token_id"), "{err}");
 }

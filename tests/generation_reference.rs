@@ -10,8 +10,12 @@ use florence2_rs::Result;
 use serde_json::Value;
 
 fn reference() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation/reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("reference.json")).expect("valid JSON")
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/generation/reference.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("reference.json"))
+        .expect("valid JSON")
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
@@ -28,7 +32,11 @@ fn f32s(v: &Value) -> Vec<f32> {
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// A decoder whose logits are those transformers computed for the same (batch item, prefix).
@@ -48,7 +56,12 @@ impl DecoderSession for Replay {
             self.prefixes[row].push(t);
             let key = (row / self.expand, self.prefixes[row].clone());
             // Rows that transformers never fed (finished greedy rows padded, junk beams) get flat logits.
-            out.push(self.logits.get(&key).cloned().unwrap_or_else(|| vec![0.0; 48]));
+            out.push(
+                self.logits
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; 48]),
+            );
         }
         Ok(out)
     }
@@ -79,36 +92,78 @@ fn generate_matches_transformers() {
         let batch = case["batch_size"].as_u64().expect("batch") as usize;
         let mut cfg = GenerationConfig::from_json(&case["generation_config"]).expect("config");
         for (k, v) in case["kwargs"].as_object().expect("kwargs") {
-            cfg.set(k, v.clone()).unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
+            cfg.set(k, v.clone())
+                .unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
         }
-        cfg.set("output_scores", Value::Bool(true)).expect("output_scores");
+        cfg.set("output_scores", Value::Bool(true))
+            .expect("output_scores");
         let expand = cfg.expand_factor();
-        assert_eq!(expand as u64, case["expand"].as_u64().expect("expand"), "{name}: expand factor");
+        assert_eq!(
+            expand as u64,
+            case["expand"].as_u64().expect("expand"),
+            "{name}: expand factor"
+        );
         let logits = case["records"]
             .as_array()
             .expect("records")
             .iter()
-            .map(|r| ((r["item"].as_u64().expect("item") as usize, u32s(&r["prefix"])), f32s(&r["logits"])))
+            .map(|r| {
+                (
+                    (
+                        r["item"].as_u64().expect("item") as usize,
+                        u32s(&r["prefix"]),
+                    ),
+                    f32s(&r["logits"]),
+                )
+            })
             .collect();
-        let mut session = Replay { expand, prefixes: vec![Vec::new(); batch * expand], logits };
+        let mut session = Replay {
+            expand,
+            prefixes: vec![Vec::new(); batch * expand],
+            logits,
+        };
         let out = generate(&mut session, &cfg, batch).unwrap_or_else(|e| panic!("{name}: {e}"));
 
         let expected = &case["expected"];
-        let want: Vec<Vec<u32>> = expected["sequences"].as_array().expect("seqs").iter().map(u32s).collect();
+        let want: Vec<Vec<u32>> = expected["sequences"]
+            .as_array()
+            .expect("seqs")
+            .iter()
+            .map(u32s)
+            .collect();
         assert_eq!(out.sequences, want, "{name}: sequences");
         if let Some(scores) = expected.get("sequences_scores") {
-            assert_close(&format!("{name}: sequences_scores"), out.sequences_scores.as_ref().expect("beam"), &f32s(scores));
+            assert_close(
+                &format!("{name}: sequences_scores"),
+                out.sequences_scores.as_ref().expect("beam"),
+                &f32s(scores),
+            );
         }
         if let Some(bi) = expected.get("beam_indices") {
             let want: Vec<Vec<i64>> = bi
                 .as_array()
                 .expect("bi")
                 .iter()
-                .map(|r| r.as_array().expect("row").iter().map(|x| x.as_i64().expect("i")).collect())
+                .map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|x| x.as_i64().expect("i"))
+                        .collect()
+                })
                 .collect();
-            assert_eq!(out.beam_indices.as_ref().expect("beam"), &want, "{name}: beam_indices");
+            assert_eq!(
+                out.beam_indices.as_ref().expect("beam"),
+                &want,
+                "{name}: beam_indices"
+            );
         }
-        for (i, (got, want)) in out.token_scores.iter().zip(expected["transition_scores"].as_array().expect("ts")).enumerate() {
+        for (i, (got, want)) in out
+            .token_scores
+            .iter()
+            .zip(expected["transition_scores"].as_array().expect("ts"))
+            .enumerate()
+        {
             let mut want = f32s(want);
             // transformers scores the pad tokens of finished greedy rows; this loop reports 0.0 there.
             for (j, w) in want.iter_mut().enumerate() {

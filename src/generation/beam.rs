@@ -66,13 +66,23 @@ pub(crate) fn run(
     let nb = plan.num_beams;
     let prompt = GenerationConfig::DECODER_PROMPT_LEN;
     let beams_to_keep = 2usize.max(1 + plan.eos.len()) * nb;
-    let start = Hypothesis { ids: vec![plan.decoder_start], beam_indices: Vec::new(), token_scores: Vec::new() };
+    let start = Hypothesis {
+        ids: vec![plan.decoder_start],
+        beam_indices: Vec::new(),
+        token_scores: Vec::new(),
+    };
     let mut items: Vec<Item> = (0..batch_size)
         .map(|_| Item {
             running: vec![start.clone(); nb],
             // Only the first beam is live at the start, so the beams do not all pick the same tokens.
             running_scores: (0..nb).map(|j| if j == 0 { 0.0 } else { NEG }).collect(),
-            finished: (0..nb).map(|_| Finished { hyp: start.clone(), score: NEG, done: false }).collect(),
+            finished: (0..nb)
+                .map(|_| Finished {
+                    hyp: start.clone(),
+                    score: NEG,
+                    done: false,
+                })
+                .collect(),
             can_improve: true,
         })
         .collect();
@@ -80,7 +90,10 @@ pub(crate) fn run(
     let mut cur_len = prompt;
 
     loop {
-        let last: Vec<u32> = items.iter().flat_map(|it| it.running.iter().map(|h| h.ids[h.ids.len() - 1])).collect();
+        let last: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.running.iter().map(|h| h.ids[h.ids.len() - 1]))
+            .collect();
         let mut log_probs = logits_step(session, &last)?;
         let vocab = log_probs[0].len();
         for (row, lp) in log_probs.iter_mut().enumerate() {
@@ -114,14 +127,18 @@ pub(crate) fn run(
             all_hit &= candidates.iter().all(|c| c.2);
 
             // e. the best `num_beams` continuations that did not stop keep running.
-            let penalized: Vec<f32> = candidates.iter().map(|(s, _, hit)| if *hit { s + NEG } else { *s }).collect();
+            let penalized: Vec<f32> = candidates
+                .iter()
+                .map(|(s, _, hit)| if *hit { s + NEG } else { *s })
+                .collect();
             let keep = top_k(&penalized, nb);
             item.running = keep.iter().map(|&(_, k)| candidates[k].1.clone()).collect();
             item.running_scores = keep.iter().map(|&(s, _)| s).collect();
 
             // f. stopped candidates among the first `num_beams` compete for the finished slots.
             let norm = length_norm(cur_len + 1 - prompt, plan.length_penalty);
-            let item_full = item.finished.iter().all(|f| f.done) && plan.early_stopping == EarlyStopping::True;
+            let item_full =
+                item.finished.iter().all(|f| f.done) && plan.early_stopping == EarlyStopping::True;
             let mut merged: Vec<Finished> = std::mem::take(&mut item.finished);
             for (k, (score, hyp, hit)) in candidates.into_iter().enumerate() {
                 let just_finished = hit && k < nb;
@@ -131,7 +148,11 @@ pub(crate) fn run(
                         s += NEG;
                     }
                 }
-                merged.push(Finished { hyp, score: s, done: just_finished });
+                merged.push(Finished {
+                    hyp,
+                    score: s,
+                    done: just_finished,
+                });
             }
             let merged_scores: Vec<f32> = merged.iter().map(|f| f.score).collect();
             let best = top_k(&merged_scores, nb);
@@ -146,14 +167,23 @@ pub(crate) fn run(
 
         // g. stopping: can any item still improve, is any slot open (early_stopping=True), can any beam continue?
         for item in items.iter_mut() {
-            let hypothetical = if plan.early_stopping == EarlyStopping::Never && plan.length_penalty > 0.0 {
-                plan.max_length - prompt
-            } else {
-                cur_len - prompt
-            };
-            let best_possible = item.running_scores[0] / length_norm(hypothetical, plan.length_penalty);
-            let min_finished = item.finished.iter().map(|f| f.score).fold(f32::INFINITY, f32::min);
-            let beats_a_slot = item.finished.iter().any(|f| best_possible > if f.done { min_finished } else { NEG });
+            let hypothetical =
+                if plan.early_stopping == EarlyStopping::Never && plan.length_penalty > 0.0 {
+                    plan.max_length - prompt
+                } else {
+                    cur_len - prompt
+                };
+            let best_possible =
+                item.running_scores[0] / length_norm(hypothetical, plan.length_penalty);
+            let min_finished = item
+                .finished
+                .iter()
+                .map(|f| f.score)
+                .fold(f32::INFINITY, f32::min);
+            let beats_a_slot = item
+                .finished
+                .iter()
+                .any(|f| best_possible > if f.done { min_finished } else { NEG });
             item.can_improve &= beats_a_slot;
         }
         let improvement_possible = items.iter().any(|it| it.can_improve);
@@ -164,7 +194,11 @@ pub(crate) fn run(
         }
         let order: Vec<usize> = items
             .iter()
-            .flat_map(|it| it.running.iter().map(|h| h.beam_indices.last().copied().unwrap_or(0) as usize))
+            .flat_map(|it| {
+                it.running
+                    .iter()
+                    .map(|h| h.beam_indices.last().copied().unwrap_or(0) as usize)
+            })
             .collect();
         if order.iter().enumerate().any(|(i, &o)| i != o) {
             session.reorder(&order)?;
@@ -181,9 +215,15 @@ fn output(items: Vec<Item>, plan: &Plan, scores: Option<Vec<Vec<Vec<f32>>>>) -> 
         (Some(&eos), None | Some(0)) => eos,
         (_, pad) => pad.unwrap_or(0),
     };
-    let returned: Vec<Finished> =
-        items.into_iter().flat_map(|it| it.finished.into_iter().take(plan.num_return_sequences)).collect();
-    let generated = returned.iter().map(|f| f.hyp.beam_indices.len()).max().unwrap_or(0);
+    let returned: Vec<Finished> = items
+        .into_iter()
+        .flat_map(|it| it.finished.into_iter().take(plan.num_return_sequences))
+        .collect();
+    let generated = returned
+        .iter()
+        .map(|f| f.hyp.beam_indices.len())
+        .max()
+        .unwrap_or(0);
     let len = GenerationConfig::DECODER_PROMPT_LEN + generated;
     let mut out = GenerateOutput {
         sequences: Vec::new(),
@@ -200,8 +240,12 @@ fn output(items: Vec<Item>, plan: &Plan, scores: Option<Vec<Vec<Vec<f32>>>>) -> 
         let mut token_scores = f.hyp.token_scores;
         token_scores.resize(generated, 0.0);
         out.sequences.push(ids);
-        out.sequences_scores.get_or_insert_with(Vec::new).push(f.score);
-        out.beam_indices.get_or_insert_with(Vec::new).push(beam_indices);
+        out.sequences_scores
+            .get_or_insert_with(Vec::new)
+            .push(f.score);
+        out.beam_indices
+            .get_or_insert_with(Vec::new)
+            .push(beam_indices);
         out.token_scores.push(token_scores);
     }
     out

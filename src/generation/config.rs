@@ -103,7 +103,10 @@ const UNSUPPORTED_KEYS: &[(&str, Option<f64>)] = &[
 impl GenerationConfig {
     /// The settings transformers uses for a checkpoint: generation_config.json when the checkpoint has one
     /// (it then replaces the model config entirely), else [`GenerationConfig::from_model_config`] on config.json.
-    pub fn from_checkpoint(generation_config_json: Option<&Value>, config_json: &Value) -> Result<Self> {
+    pub fn from_checkpoint(
+        generation_config_json: Option<&Value>,
+        config_json: &Value,
+    ) -> Result<Self> {
         match generation_config_json {
             Some(v) => Self::from_json(v),
             None => Self::from_model_config(config_json),
@@ -139,7 +142,11 @@ impl GenerationConfig {
         }
         let text = ["decoder", "generator", "text_config"]
             .iter()
-            .find_map(|name| obj.get(*name).and_then(Value::as_object).filter(|t| !t.is_empty()));
+            .find_map(|name| {
+                obj.get(*name)
+                    .and_then(Value::as_object)
+                    .filter(|t| !t.is_empty())
+            });
         if let Some(text) = text {
             for (key, v) in text {
                 if cfg.field_is_none(key) {
@@ -166,19 +173,27 @@ impl GenerationConfig {
     /// Rows per batch item the caller's [`super::DecoderSession`] must hold: transformers'
     /// `max(num_beams, num_return_sequences)`, each item repeated consecutively.
     pub fn expand_factor(&self) -> usize {
-        self.num_beams.unwrap_or(1).max(self.num_return_sequences.unwrap_or(1))
+        self.num_beams
+            .unwrap_or(1)
+            .max(self.num_return_sequences.unwrap_or(1))
     }
 
     /// transformers' `GenerationConfig.validate` errors (its warnings are not reproduced).
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == Some(0) {
-            return Err(Error::invalid("`max_new_tokens` must be greater than 0, but is 0."));
+            return Err(Error::invalid(
+                "`max_new_tokens` must be greater than 0, but is 0.",
+            ));
         }
         if self.num_beams == Some(0) {
-            return Err(Error::invalid("`num_beams` has to be a strictly positive integer, but is 0."));
+            return Err(Error::invalid(
+                "`num_beams` has to be a strictly positive integer, but is 0.",
+            ));
         }
         if self.num_return_sequences == Some(0) {
-            return Err(Error::invalid("`num_return_sequences` has to be a strictly positive integer, but is 0."));
+            return Err(Error::invalid(
+                "`num_return_sequences` has to be a strictly positive integer, but is 0.",
+            ));
         }
         let nrs = self.num_return_sequences.unwrap_or(1);
         let num_beams = self.num_beams.unwrap_or(1);
@@ -197,7 +212,10 @@ impl GenerationConfig {
         }
         if let Some(suppressed) = &self.suppress_tokens {
             let forced = [
-                ("forced_bos_token_id", self.forced_bos_token_id.map(|t| vec![t])),
+                (
+                    "forced_bos_token_id",
+                    self.forced_bos_token_id.map(|t| vec![t]),
+                ),
                 ("forced_eos_token_id", self.forced_eos_token_id.clone()),
             ];
             for (name, tokens) in forced {
@@ -279,7 +297,9 @@ impl GenerationConfig {
                     if (0.0..=1.0).contains(&p) {
                         Ok(p)
                     } else {
-                        Err(Error::invalid(format!("`top_p` has to be a float > 0 and < 1, but is {p}")))
+                        Err(Error::invalid(format!(
+                            "`top_p` has to be a float > 0 and < 1, but is {p}"
+                        )))
                     }
                 })?
             }
@@ -289,7 +309,9 @@ impl GenerationConfig {
                     if p > 0.0 {
                         Ok(p)
                     } else {
-                        Err(Error::invalid(format!("`penalty` has to be a strictly positive float, but is {p}")))
+                        Err(Error::invalid(format!(
+                            "`penalty` has to be a strictly positive float, but is {p}"
+                        )))
                     }
                 })?
             }
@@ -302,12 +324,19 @@ impl GenerationConfig {
             "begin_suppress_tokens" => self.begin_suppress_tokens = opt(v, |v| token_list(key, v))?,
             "num_return_sequences" => self.num_return_sequences = opt(v, |v| positive(key, v))?,
             "output_scores" => self.output_scores = opt(v, |v| boolean(key, v))?,
-            "return_dict_in_generate" => self.return_dict_in_generate = opt(v, |v| boolean(key, v))?,
+            "return_dict_in_generate" => {
+                self.return_dict_in_generate = opt(v, |v| boolean(key, v))?
+            }
             "pad_token_id" => self.pad_token_id = opt(v, |v| token(key, v))?,
             "bos_token_id" => self.bos_token_id = opt(v, |v| token(key, v))?,
             "eos_token_id" => self.eos_token_id = opt(v, |v| tokens(key, v))?,
             "decoder_start_token_id" => self.decoder_start_token_id = opt(v, |v| token(key, v))?,
-            "seed" => self.seed = opt(v, |v| v.as_u64().ok_or_else(|| type_error(key, "a non-negative integer", v)))?,
+            "seed" => {
+                self.seed = opt(v, |v| {
+                    v.as_u64()
+                        .ok_or_else(|| type_error(key, "a non-negative integer", v))
+                })?
+            }
             _ if NO_EFFECT_KEYS.contains(&key) => {}
             _ => match UNSUPPORTED_KEYS.iter().find(|(k, _)| *k == key) {
                 Some((_, neutral)) => {
@@ -351,7 +380,9 @@ fn count(key: &str, v: &Value) -> Result<usize> {
 fn positive(key: &str, v: &Value) -> Result<usize> {
     match count(key, v) {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(Error::invalid(format!("`{key}` must be greater than 0, but is {v}."))),
+        _ => Err(Error::invalid(format!(
+            "`{key}` must be greater than 0, but is {v}."
+        ))),
     }
 }
 
@@ -391,19 +422,27 @@ fn early_stopping(v: &Value) -> Result<EarlyStopping> {
         Value::Bool(true) => Ok(EarlyStopping::True),
         Value::Bool(false) => Ok(EarlyStopping::False),
         Value::String(s) if s == "never" => Ok(EarlyStopping::Never),
-        _ => Err(Error::invalid(format!("`early_stopping` must be a boolean or 'never', but is {v}."))),
+        _ => Err(Error::invalid(format!(
+            "`early_stopping` must be a boolean or 'never', but is {v}."
+        ))),
     }
 }
 
 /// transformers' `NoBadWordsLogitsProcessor._validate_arguments`: a non-empty list of non-empty lists of ids.
 fn bad_words(v: &Value) -> Result<Vec<Vec<u32>>> {
-    let err = || Error::invalid(format!("`bad_words_ids` has to be a non-empty list of lists of positive integers, but is {v}."));
+    let err = || {
+        Error::invalid(format!(
+            "`bad_words_ids` has to be a non-empty list of lists of positive integers, but is {v}."
+        ))
+    };
     let outer = v.as_array().filter(|a| !a.is_empty()).ok_or_else(err)?;
     outer
         .iter()
         .map(|seq| {
             let ids = seq.as_array().filter(|a| !a.is_empty()).ok_or_else(err)?;
-            ids.iter().map(|t| token("bad_words_ids", t).map_err(|_| err())).collect()
+            ids.iter()
+                .map(|t| token("bad_words_ids", t).map_err(|_| err()))
+                .collect()
         })
         .collect()
 }

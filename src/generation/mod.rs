@@ -74,7 +74,11 @@ pub struct GenerateOutput {
 ///
 /// The session must hold `batch_size * cfg.expand_factor()` rows; its first `next_logits` call receives the
 /// decoder start token for every row.
-pub fn generate(session: &mut dyn DecoderSession, cfg: &GenerationConfig, batch_size: usize) -> Result<GenerateOutput> {
+pub fn generate(
+    session: &mut dyn DecoderSession,
+    cfg: &GenerationConfig,
+    batch_size: usize,
+) -> Result<GenerateOutput> {
     let plan = cfg.plan()?;
     if batch_size == 0 {
         return Err(Error::invalid("generate needs at least one batch item"));

@@ -44,13 +44,20 @@ impl LogitsProcessors {
         }
         if let Some(bad) = &cfg.bad_words_ids {
             // A bad word equal to a single EOS token is dropped, as transformers does.
-            let kept = bad.iter().filter(|seq| !(seq.len() == 1 && eos.contains(&seq[0]))).cloned().collect();
+            let kept = bad
+                .iter()
+                .filter(|seq| !(seq.len() == 1 && eos.contains(&seq[0])))
+                .cloned()
+                .collect();
             list.push(Processor::BadWords(kept));
         }
         if plan.min_length > 0 && cfg.eos_token_id.is_some() {
             list.push(Processor::MinLength(plan.min_length, eos.clone()));
         }
-        if let Some(n) = plan.min_new_tokens.filter(|n| *n > 0 && cfg.eos_token_id.is_some()) {
+        if let Some(n) = plan
+            .min_new_tokens
+            .filter(|n| *n > 0 && cfg.eos_token_id.is_some())
+        {
             list.push(Processor::MinNewTokens(n, eos.clone()));
         }
         if let Some(bos) = cfg.forced_bos_token_id {
@@ -65,7 +72,11 @@ impl LogitsProcessors {
         if let Some(tokens) = &cfg.begin_suppress_tokens {
             let prompt = GenerationConfig::DECODER_PROMPT_LEN;
             // transformers moves the start past the forced BOS when the prompt is a single token.
-            let begin = if prompt > 1 || cfg.forced_bos_token_id.is_none() { prompt } else { prompt + 1 };
+            let begin = if prompt > 1 || cfg.forced_bos_token_id.is_none() {
+                prompt
+            } else {
+                prompt + 1
+            };
             list.push(Processor::BeginSuppress(begin, tokens.clone()));
         }
         if plan.do_sample {
@@ -107,7 +118,9 @@ fn ban(scores: &mut [f32], tokens: &[u32]) {
 fn force(scores: &mut [f32], tokens: &[u32], what: &str) -> Result<()> {
     let vocab = scores.len();
     if let Some(t) = tokens.iter().find(|t| **t as usize >= vocab) {
-        return Err(Error::invalid(format!("`{what}` {t} is outside the vocabulary ({vocab} tokens)")));
+        return Err(Error::invalid(format!(
+            "`{what}` {t} is outside the vocabulary ({vocab} tokens)"
+        )));
     }
     scores.fill(f32::NEG_INFINITY);
     for &t in tokens {
@@ -136,8 +149,11 @@ impl Processor {
                 if len >= n {
                     // Any earlier n-gram whose first n-1 ids equal the last n-1 ids would be repeated by its last id.
                     let prefix = &ids[len + 1 - n..];
-                    let banned: Vec<u32> =
-                        ids.windows(n).filter(|w| &w[..n - 1] == prefix).map(|w| w[n - 1]).collect();
+                    let banned: Vec<u32> = ids
+                        .windows(n)
+                        .filter(|w| &w[..n - 1] == prefix)
+                        .map(|w| w[n - 1])
+                        .collect();
                     ban(scores, &banned);
                 }
             }
@@ -149,7 +165,9 @@ impl Processor {
                             "The model vocabulary size is {vocab}, but `bad_words_ids` holds token {t}"
                         )));
                     }
-                    let (last, prefix) = seq.split_last().ok_or_else(|| Error::invalid("empty bad word"))?;
+                    let (last, prefix) = seq
+                        .split_last()
+                        .ok_or_else(|| Error::invalid("empty bad word"))?;
                     if prefix.len() <= len && ids.ends_with(prefix) {
                         scores[*last as usize] = f32::NEG_INFINITY;
                     }
@@ -188,7 +206,10 @@ impl Processor {
                     let mut sorted = scores.to_vec();
                     sorted.sort_unstable_by(|a, b| b.total_cmp(a));
                     let threshold = sorted[k - 1];
-                    scores.iter_mut().filter(|s| **s < threshold).for_each(|s| *s = f32::NEG_INFINITY);
+                    scores
+                        .iter_mut()
+                        .filter(|s| **s < threshold)
+                        .for_each(|s| *s = f32::NEG_INFINITY);
                 }
             }
             Processor::TopP(p, keep) => top_p(scores, *p, *keep),
@@ -286,12 +307,17 @@ mod tests {
     /// transformers' processors on fixed scores (tests/fixtures/generation/make_reference.py).
     #[test]
     fn processors_match_transformers() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation/reference.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/generation/reference.json"
+        );
         let data: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
         let f32s = |v: &serde_json::Value| -> Vec<f32> {
             let a = v.as_array().expect("array");
-            a.iter().map(|x| x.as_f64().map_or(f32::NEG_INFINITY, |f| f as f32)).collect()
+            a.iter()
+                .map(|x| x.as_f64().map_or(f32::NEG_INFINITY, |f| f as f32))
+                .collect()
         };
         let cases = data["processors"].as_array().expect("cases");
         for case in cases {
@@ -300,7 +326,13 @@ mod tests {
                 .as_array()
                 .expect("ids")
                 .iter()
-                .map(|r| r.as_array().expect("row").iter().map(|x| x.as_u64().expect("id") as u32).collect())
+                .map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|x| x.as_u64().expect("id") as u32)
+                        .collect()
+                })
                 .collect();
             let bad = |row: usize, col: usize| ids[row][col];
             let p = match name {
@@ -314,7 +346,9 @@ mod tests {
                 "top_p_0.8" => Processor::TopP(0.8, 1),
                 "top_p_0.3" => Processor::TopP(0.3, 1),
                 "top_p_0.0_keep_2" => Processor::TopP(0.0, 2),
-                "bad_words" => Processor::BadWords(vec![vec![bad(0, 5)], vec![bad(1, 5), 9], vec![3, 4, 5]]),
+                "bad_words" => {
+                    Processor::BadWords(vec![vec![bad(0, 5)], vec![bad(1, 5), 9], vec![3, 4, 5]])
+                }
                 other => panic!("unknown processor case {other}"),
             };
             let scores = case["scores"].as_array().expect("scores");

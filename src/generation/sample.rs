@@ -27,7 +27,11 @@ pub(crate) fn run(
         let mut next = Vec::with_capacity(rows);
         for (row, s) in scores.iter_mut().enumerate() {
             processors.apply(&ids[row], s)?;
-            let token = if plan.do_sample { sample(&softmax(s), rng) } else { argmax(s) };
+            let token = if plan.do_sample {
+                sample(&softmax(s), rng)
+            } else {
+                argmax(s)
+            };
             // The confidence kept per token is the log-probability under the processed scores, i.e.
             // transformers' compute_transition_scores(..., normalize_logits=True).
             let mut logp = s.clone();
@@ -69,7 +73,11 @@ pub(crate) fn run(
 /// One draw from a categorical distribution (torch.multinomial with one sample). A row whose probabilities
 /// are all zero or NaN (every token banned) falls back to its most likely token.
 pub(crate) fn sample(probs: &[f32], rng: &mut impl Rng) -> usize {
-    let total: f64 = probs.iter().filter(|p| p.is_finite()).map(|&p| f64::from(p)).sum();
+    let total: f64 = probs
+        .iter()
+        .filter(|p| p.is_finite())
+        .map(|&p| f64::from(p))
+        .sum();
     if total <= 0.0 || !total.is_finite() {
         return argmax(probs);
     }
