@@ -1,0 +1,111 @@
+//! End to end on the tiny random Florence-2 checkpoints: the model's decoder session driven by the
+//! generation loop gives transformers' `generate` ids (tests/fixtures/generation/make_e2e_reference.py),
+//! in both checkpoint layouts, batched and one item at a time, from pixels and from cached image features.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use florence2_rs::generation::{generate, GenerationConfig};
+use florence2_rs::model::Florence2ForConditionalGeneration;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).expect("json file")).expect("valid json")
+}
+
+fn generation_config(dir: &Path, kwargs: &Value) -> GenerationConfig {
+    let gen = dir.join("generation_config.json");
+    let gen = gen.exists().then(|| read_json(&gen));
+    let mut cfg =
+        GenerationConfig::from_checkpoint(gen.as_ref(), &read_json(&dir.join("config.json")))
+            .unwrap();
+    for (k, v) in kwargs.as_object().unwrap() {
+        cfg.set(k, v.clone()).unwrap();
+    }
+    cfg
+}
+
+fn run(
+    model: &Florence2ForConditionalGeneration,
+    cfg: &GenerationConfig,
+    ids: &Tensor,
+    mask: &Tensor,
+    features: &Tensor,
+) -> Vec<Vec<u32>> {
+    let encoder = model.encode(ids, Some(mask), Some(features)).unwrap();
+    let encoder = encoder.expand(cfg.expand_factor()).unwrap();
+    let mut session = model.start_decoding(&encoder).unwrap();
+    generate(&mut session, cfg, ids.dim(0).unwrap())
+        .unwrap()
+        .sequences
+}
+
+#[test]
+fn tiny_checkpoints_generate_like_transformers() {
+    let expected = read_json(&fixtures().join("generation/e2e_reference.json"));
+    for (spec, cases) in expected.as_object().unwrap() {
+        let refs = candle_core::safetensors::load(
+            fixtures().join(spec).join("reference.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("reference tensors");
+        let n_image = refs["n_image_tokens"].to_vec1::<i64>().unwrap()[0] as usize;
+        let pixels = &refs["pixel_values"];
+        for layout in ["hf", "original"] {
+            let dir = fixtures().join(spec).join(layout);
+            let model = Florence2ForConditionalGeneration::from_dir(&dir, DType::F32, &Device::Cpu)
+                .unwrap();
+            // The original layout's processor puts no <image> tokens in input_ids.
+            let skip = if layout == "hf" { 0 } else { n_image };
+            let ids = refs["input_ids"]
+                .i((.., skip..))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let mask = refs["attention_mask"]
+                .i((.., skip..))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let features = model.get_image_features(pixels).unwrap();
+            for case in cases.as_array().unwrap() {
+                let cfg = generation_config(&fixtures().join(spec).join("hf"), &case["kwargs"]);
+                let want: Vec<Vec<u32>> =
+                    serde_json::from_value(case["sequences"].clone()).unwrap();
+                let what = format!("{spec}/{layout} {}", case["kwargs"]);
+                assert_eq!(
+                    run(&model, &cfg, &ids, &mask, &features),
+                    want,
+                    "{what}: batched"
+                );
+
+                // One item at a time, without its padding, gives the same ids.
+                let per_item = want.len() / 2;
+                let lengths = mask.sum(1).unwrap().to_vec1::<i64>().unwrap();
+                for (item, &len) in lengths.iter().enumerate() {
+                    let one = |t: &Tensor| {
+                        t.i((item..item + 1, ..len as usize))
+                            .unwrap()
+                            .contiguous()
+                            .unwrap()
+                    };
+                    let f = features.i(item..item + 1).unwrap().contiguous().unwrap();
+                    let got = run(&model, &cfg, &one(&ids), &one(&mask), &f);
+                    let want_item = &want[item * per_item..(item + 1) * per_item];
+                    // Batched rows are padded to the longest item; compare up to this item's own length.
+                    for (g, w) in got.iter().zip(want_item) {
+                        assert_eq!(g[..], w[..g.len()], "{what}: item {item} alone");
+                        assert!(
+                            w[g.len()..].iter().all(|&t| t == 1),
+                            "{what}: item {item} padding"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
