@@ -213,48 +213,77 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Filter) -> Re
     }
     let need_horizontal = width != img.width;
     let need_vertical = height != img.height;
-    let horiz = precompute_coeffs(img.width, width, filter);
-    let mut vert = precompute_coeffs(img.height, height, filter);
-    let mut current = img.clone();
-    if need_horizontal {
-        let first = vert.bounds.first().map_or(0, |b| b.0);
-        let last = vert.bounds.last().map_or(img.height, |b| b.0 + b.1);
-        for b in vert.bounds.iter_mut() {
-            b.0 -= first;
-        }
-        let rows = last - first;
-        let mut out = vec![0u8; rows * width * 3];
-        Pass {
-            src: &img.data,
-            dst: &mut out,
-            coeffs: &horiz,
-            lines: rows,
-            line_in: img.width * 3,
-            line_out: width * 3,
-            stride_in: 3,
-            stride_out: 3,
-            offset: first,
-        }
-        .run();
-        current = RgbImage { width, height: rows, data: out };
+    // Pillow 13 runs the vertical pass first when it shrinks the rows and leaves the smaller
+    // intermediate image (observed: this rule reproduces it on random sizes except some
+    // near-square downscales, where Pillow stays horizontal-first).
+    let vertical_first =
+        need_horizontal && need_vertical && height < img.height && height * img.width < img.height * width;
+    if vertical_first {
+        let tall = vertical_pass(img, height, filter);
+        return Ok(horizontal_pass(&tall, width, filter, None));
     }
-    if need_vertical {
-        let mut out = vec![0u8; height * current.width * 3];
-        Pass {
-            src: &current.data,
-            dst: &mut out,
-            coeffs: &vert,
-            lines: current.width,
-            line_in: 3,
-            line_out: 3,
-            stride_in: current.width * 3,
-            stride_out: current.width * 3,
-            offset: 0,
+    match (need_horizontal, need_vertical) {
+        (true, true) => {
+            // Only the rows the vertical pass reads are resampled horizontally.
+            let vert = precompute_coeffs(img.height, height, filter);
+            let first = vert.bounds.first().map_or(0, |b| b.0);
+            let last = vert.bounds.last().map_or(img.height, |b| b.0 + b.1);
+            let wide = horizontal_pass(img, width, filter, Some((first, last)));
+            Ok(vertical_pass_from(&wide, height, filter, img.height, first))
         }
-        .run();
-        current = RgbImage { width: current.width, height, data: out };
+        (true, false) => Ok(horizontal_pass(img, width, filter, None)),
+        (false, true) => Ok(vertical_pass(img, height, filter)),
+        (false, false) => Ok(img.clone()),
     }
-    Ok(current)
+}
+
+/// Resamples the rows `rows` (all when None) of `img` to `width` columns.
+fn horizontal_pass(img: &RgbImage, width: usize, filter: Filter, rows: Option<(usize, usize)>) -> RgbImage {
+    let (first, last) = rows.unwrap_or((0, img.height));
+    let coeffs = precompute_coeffs(img.width, width, filter);
+    let n = last - first;
+    let mut out = vec![0u8; n * width * 3];
+    Pass {
+        src: &img.data,
+        dst: &mut out,
+        coeffs: &coeffs,
+        lines: n,
+        line_in: img.width * 3,
+        line_out: width * 3,
+        stride_in: 3,
+        stride_out: 3,
+        offset: first,
+    }
+    .run();
+    RgbImage { width, height: n, data: out }
+}
+
+/// Resamples the columns of `img` to `height` rows.
+fn vertical_pass(img: &RgbImage, height: usize, filter: Filter) -> RgbImage {
+    vertical_pass_from(img, height, filter, img.height, 0)
+}
+
+/// Vertical pass over `img`, which holds rows `first..` of a source `source_height` rows tall
+/// (Pillow's shifted bounds after a horizontal pass that skipped unused rows).
+fn vertical_pass_from(img: &RgbImage, height: usize, filter: Filter, source_height: usize, first: usize) -> RgbImage {
+    let mut coeffs = precompute_coeffs(source_height, height, filter);
+    for b in coeffs.bounds.iter_mut() {
+        b.0 -= first;
+    }
+    let mut out = vec![0u8; height * img.width * 3];
+    Pass {
+        src: &img.data,
+        dst: &mut out,
+        coeffs: &coeffs,
+        lines: img.width,
+        line_in: 3,
+        line_out: 3,
+        stride_in: img.width * 3,
+        stride_out: img.width * 3,
+        offset: 0,
+    }
+    .run();
+    RgbImage { width: img.width, height, data: out }
 }
 
 /// The image-processor settings of a checkpoint (CLIPImageProcessor's fields that Florence-2 uses).

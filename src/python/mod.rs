@@ -3,10 +3,12 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod processor;
 
 /// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    processor::register(m)?;
     Ok(())
 }
