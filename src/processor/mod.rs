@@ -1,2 +1,158 @@
 //! The Florence-2 processor: image preprocessing, tokenization with the task prompts, decoding and
 //! post-processing of generated text.
+//!
+//! [`Florence2Processor`] ties the parts together the way transformers' `Florence2Processor` does:
+//! [`prompts`] turns task tokens into prompts, [`tokenizer`] encodes them (with `<image>` placeholders
+//! first for HF-native checkpoints), [`image`] makes `pixel_values`, and [`postprocess`] parses the
+//! generated text.
+
+pub mod image;
+pub mod postprocess;
+pub mod prompts;
+mod pytext;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+pub use image::{ImageInput, ImageProcessorConfig, PixelValues, RgbImage};
+pub use postprocess::{Answer, PostProcessorConfig};
+pub use tokenizer::{BatchEncoding, EncodeOptions, Florence2Tokenizer, Padding};
+
+use crate::{Error, Result};
+
+/// Where the image features enter the encoder input, which decides the prompt layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers' HF-native checkpoints: `image_seq_length` `<image>` tokens, then `<s>` prompt `</s>`.
+    HfNative { image_token_id: u32 },
+    /// Microsoft's original checkpoints: the model prepends the image features itself; `<s>` prompt `</s>`.
+    Original,
+}
+
+/// Everything needed to turn (text, images) into model inputs and generated ids back into answers.
+#[derive(Debug, Clone)]
+pub struct Florence2Processor {
+    pub tokenizer: Florence2Tokenizer,
+    pub image_config: ImageProcessorConfig,
+    pub post_config: PostProcessorConfig,
+    pub layout: Layout,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+impl Florence2Processor {
+    /// Loads a checkpoint folder: tokenizer.json (+ tokenizer_config.json), the image settings from
+    /// preprocessor_config.json or processor_config.json's `image_processor`, `post_processor_config`
+    /// from processor_config.json, and the layout from config.json and the vocabulary.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tokenizer = Florence2Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let processor_config = read_json(&dir.join("processor_config.json"))?;
+        let image_json = match read_json(&dir.join("preprocessor_config.json"))? {
+            Some(v) => Some(v),
+            None => processor_config.as_ref().and_then(|p| p.get("image_processor")).cloned(),
+        };
+        let image_config = match image_json {
+            Some(v) => ImageProcessorConfig::from_json(&v)?,
+            None => {
+                return Err(Error::NotFound {
+                    path: dir.join("preprocessor_config.json"),
+                    hint: "the image settings are in preprocessor_config.json or processor_config.json".into(),
+                })
+            }
+        };
+        let post_config = PostProcessorConfig::from_json(processor_config.as_ref().and_then(|p| p.get("post_processor_config")))?;
+        let original_config = read_json(&dir.join("config.json"))?
+            .and_then(|c| c.pointer("/vision_config/model_type").and_then(Value::as_str).map(|t| t == "davit"))
+            .unwrap_or(false);
+        let layout = match tokenizer.image_token_id {
+            Some(image_token_id) if !original_config => Layout::HfNative { image_token_id },
+            _ => Layout::Original,
+        };
+        Ok(Self { tokenizer, image_config, post_config, layout })
+    }
+
+    /// The prompts for a batch of texts (task tokens replaced).
+    pub fn build_prompts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<String>> {
+        texts.iter().map(|t| prompts::construct_prompt(t.as_ref())).collect()
+    }
+
+    /// Token ids of a batch of texts, laid out as the model expects: with images, `<image>`
+    /// placeholders (HF-native) then `<s>` prompt `</s>`; without images the HF-native processor
+    /// tokenizes the bare prompt, the original one always adds `<s>` / `</s>`.
+    pub fn encode_texts<S: AsRef<str>>(&self, texts: &[S], with_images: bool, opts: &EncodeOptions) -> Result<BatchEncoding> {
+        let prompts = self.build_prompts(texts)?;
+        let mut sequences = Vec::with_capacity(prompts.len());
+        let mut image_counts = Vec::with_capacity(prompts.len());
+        for prompt in &prompts {
+            let ids = match (self.layout, with_images) {
+                (Layout::HfNative { image_token_id }, true) => {
+                    let mut ids = vec![image_token_id; self.image_config.image_seq_length];
+                    ids.extend(self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?);
+                    ids
+                }
+                (Layout::HfNative { .. }, false) => self.tokenizer.encode(prompt, false)?,
+                (Layout::Original, _) => self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?,
+            };
+            image_counts.push(self.count_image_tokens(&ids));
+            sequences.push(ids);
+        }
+        let batch = self.tokenizer.pad_batch(sequences, opts)?;
+        let after: Vec<usize> = batch.input_ids.iter().map(|ids| self.count_image_tokens(ids)).collect();
+        if after != image_counts {
+            return Err(Error::invalid(format!(
+                "Mismatch in `image` token count between text and `input_ids`. Got ids={after:?} and text={image_counts:?}. \
+                 Likely due to `truncation='max_length'`. Please disable truncation or increase `max_length`."
+            )));
+        }
+        Ok(batch)
+    }
+
+    fn count_image_tokens(&self, ids: &[u32]) -> usize {
+        match self.layout {
+            Layout::HfNative { image_token_id } => ids.iter().filter(|&&i| i == image_token_id).count(),
+            Layout::Original => 0,
+        }
+    }
+
+    /// `pixel_values` for a batch of images.
+    pub fn preprocess_images(&self, images: &[ImageInput]) -> Result<PixelValues> {
+        image::preprocess(&self.image_config, images)
+    }
+
+    /// Decodes each sequence of a batch.
+    pub fn batch_decode<S: AsRef<[u32]>>(&self, sequences: &[S], skip_special_tokens: bool) -> Result<Vec<String>> {
+        sequences.iter().map(|ids| self.tokenizer.decode(ids.as_ref(), skip_special_tokens)).collect()
+    }
+
+    /// transformers' `post_process_generation`: exactly one of `text` and `sequence` (generated ids,
+    /// a leading `<s>` dropped) is given; `image_size` is (width, height).
+    pub fn post_process_generation(
+        &self,
+        text: Option<&str>,
+        sequence: Option<&[u32]>,
+        task: &str,
+        image_size: Option<(f64, f64)>,
+    ) -> Result<Answer> {
+        let text = match (text, sequence) {
+            (Some(t), None) => t.to_string(),
+            (None, Some(seq)) => {
+                let seq = match seq.split_first() {
+                    Some((&first, rest)) if first == self.tokenizer.bos_token_id => rest,
+                    Some(_) => seq,
+                    None => return Err(Error::invalid("sequence is empty")),
+                };
+                self.tokenizer.decode_tokens_separately(seq)?
+            }
+            _ => return Err(Error::invalid("Exactly one of 'text' or 'sequence' must be provided.")),
+        };
+        postprocess::post_process_generation(&self.post_config, &text, task, image_size)
+    }
+}

@@ -5,11 +5,13 @@ use pyo3::prelude::*;
 mod arrays;
 mod errors;
 mod model;
+mod processor;
 
 /// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<model::PyModel>()?;
+    processor::register(m)?;
     Ok(())
 }
