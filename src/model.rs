@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{Florence2Config, Layout};
-use crate::generation::DecoderSession;
+use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::language::{BartModel, DecoderCache};
 use crate::projector::Florence2MultiModalProjector;
 use crate::vision::Florence2VisionBackbone;
@@ -254,6 +254,21 @@ impl Florence2ForConditionalGeneration {
         let source = Tensor::cat(&[text_embeds.reshape((batch * len, dim))?, features.reshape((n_features, dim))?], 0)?;
         let index = Tensor::new(index.as_slice(), &self.device)?;
         Ok(source.index_select(&index, 0)?.reshape((batch, len, dim))?)
+    }
+
+    /// transformers' `generate` after the processor: encodes `input_ids` `[B, L]` with the image features
+    /// merged in, then decodes with the settings of `cfg`.
+    pub fn generate(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        image_features: Option<&Tensor>,
+        cfg: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
+        let batch = input_ids.dim(0)?;
+        let encoder = self.encode(input_ids, attention_mask, image_features)?.expand(cfg.expand_factor())?;
+        let mut state = self.start_decoding(&encoder)?;
+        crate::generation::generate(&mut state, cfg, batch)
     }
 
     /// Starts decoding from `encoder` (already expanded to the decoding rows).

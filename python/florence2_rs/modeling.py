@@ -216,10 +216,9 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
             json.dumps(settings, default=_json_default),
-            str(self._folder),
         )
         sequences = wrap(result["sequences"], as_torch)
-        if not settings.get("return_dict_in_generate", False):
+        if not result["return_dict_in_generate"]:
             return sequences
         return GenerateOutput(
             sequences=sequences,

@@ -6,6 +6,8 @@
 //! that the precedence kwargs > generation_config.json > global defaults is a plain overwrite and the global
 //! defaults (max_length 20, num_beams 1 ...) are applied only when generation starts ([`GenerationConfig::plan`]).
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -111,6 +113,25 @@ impl GenerationConfig {
             Some(v) => Self::from_json(v),
             None => Self::from_model_config(config_json),
         }
+    }
+
+    /// The settings of a checkpoint folder: its generation_config.json and config.json. One deviation from
+    /// transformers: special token ids that generation_config.json lacks are taken from config.json. Microsoft's
+    /// Florence-2-large-ft ships a generation_config.json with only `num_beams` and `early_stopping`, with which
+    /// transformers' generate cannot start ("decoder_start_token_id ... has to be defined").
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config = read_json(&dir.join("config.json"))?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
+        let mut cfg = Self::from_checkpoint(generation.as_ref(), &config)?;
+        if generation.is_some() {
+            let model = Self::from_model_config(&config)?;
+            cfg.decoder_start_token_id = cfg.decoder_start_token_id.or(model.decoder_start_token_id);
+            cfg.bos_token_id = cfg.bos_token_id.or(model.bos_token_id);
+            cfg.eos_token_id = cfg.eos_token_id.or(model.eos_token_id);
+            cfg.pad_token_id = cfg.pad_token_id.or(model.pad_token_id);
+        }
+        Ok(cfg)
     }
 
     /// Parses a generation_config.json. Keys that are not generation settings are ignored (transformers keeps
@@ -509,4 +530,9 @@ impl GenerationConfig {
             seed: self.seed,
         })
     }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("not valid JSON: {e}") })
 }

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::arrays::{HostArray, HostOutput};
+use crate::generation::{GenerateOutput, GenerationConfig};
 use crate::model::Florence2ForConditionalGeneration;
 use crate::{Error, Result};
 
@@ -47,6 +48,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
 #[pyclass(name = "NativeModel", module = "florence2_rs._native", frozen)]
 pub struct PyModel {
     pub(crate) inner: Arc<Florence2ForConditionalGeneration>,
+    /// The checkpoint's generation settings, which generate() kwargs override per call.
+    generation: GenerationConfig,
 }
 
 impl PyModel {
@@ -77,14 +80,15 @@ impl PyModel {
     fn load(py: Python<'_>, path: PathBuf, dtype: &str, device: &str) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = if dtype == "auto" { None } else { Some(parse_dtype(dtype)?) };
-        let model = py.detach(move || {
+        let (model, generation) = py.detach(move || {
             let dtype = match dtype {
                 Some(dtype) => dtype,
                 None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
             };
-            Florence2ForConditionalGeneration::from_dir(&path, dtype, &device)
+            let model = Florence2ForConditionalGeneration::from_dir(&path, dtype, &device)?;
+            Ok::<_, Error>((model, GenerationConfig::from_dir(&path)?))
         })?;
-        Ok(Self { inner: Arc::new(model) })
+        Ok(Self { inner: Arc::new(model), generation })
     }
 
     /// "hf" or "original": the checkpoint layout.
@@ -162,6 +166,78 @@ impl PyModel {
         out.set_item("image_hidden_states", image.map(|i| i.into_numpy(py)).transpose()?)?;
         Ok(out)
     }
+
+    /// transformers' `generate`: `settings` is a JSON object of generate() keyword arguments applied over the
+    /// checkpoint's generation config. Returns a dict (see `generate_output_dict`).
+    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, settings="{}"))]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
+        settings: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let cfg = self::settings(&self.generation, settings)?;
+        let input_ids = ids(&input_ids, "input_ids")?;
+        let attention_mask = attention_mask.map(|m| ids(&m, "attention_mask")).transpose()?;
+        let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
+        let image_features = image_features.map(|f| HostArray::copy(&f, "image_features", 3)).transpose()?;
+        let run_cfg = cfg.clone();
+        let out = self.detached(py, move |m| {
+            let features = features_tensor(m, pixel_values, image_features)?;
+            let mask = attention_mask.map(|a| a.to_u32_tensor("attention_mask")).transpose()?;
+            m.generate(&input_ids.to_u32_tensor("input_ids")?, mask.as_ref(), features.as_ref(), &run_cfg)
+        })?;
+        generate_output_dict(py, out, &cfg)
+    }
+}
+
+/// Applies generate() keyword arguments (a JSON object) over the checkpoint's settings.
+fn settings(base: &GenerationConfig, json: &str) -> Result<GenerationConfig> {
+    let kwargs: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| Error::invalid(format!("generate() settings are not valid: {e}")))?;
+    let obj = kwargs.as_object().ok_or_else(|| Error::invalid("generate() settings must be keyword arguments"))?;
+    let mut cfg = base.clone();
+    for (key, value) in obj {
+        cfg.set(key, value.clone())?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `GenerateOutput` as numpy arrays: sequences int64 [N, T]; token_scores f32 [N, T-1]; and, where the
+/// settings asked for them, sequences_scores f32 [N] (beam search) and scores (a list of f32 [rows, vocab]).
+fn generate_output_dict<'py>(py: Python<'py>, out: GenerateOutput, cfg: &GenerationConfig) -> PyResult<Bound<'py, PyDict>> {
+    let rows = out.sequences.len();
+    let len = out.sequences.first().map_or(0, Vec::len);
+    let ids: Vec<i64> = out.sequences.iter().flatten().map(|&t| i64::from(t)).collect();
+    let dict = PyDict::new(py);
+    dict.set_item("sequences", numpy::PyArray1::from_vec(py, ids).reshape([rows, len])?)?;
+    let token_scores: Vec<f32> = out.token_scores.iter().flatten().copied().collect();
+    let width = out.token_scores.first().map_or(0, Vec::len);
+    dict.set_item("token_scores", numpy::PyArray1::from_vec(py, token_scores).reshape([rows, width])?)?;
+    let output_scores = cfg.output_scores.unwrap_or(false);
+    dict.set_item("return_dict_in_generate", cfg.return_dict_in_generate.unwrap_or(false))?;
+    dict.set_item(
+        "sequences_scores",
+        out.sequences_scores.filter(|_| output_scores).map(|s| numpy::PyArray1::from_vec(py, s)),
+    )?;
+    let scores = match out.scores {
+        Some(steps) if output_scores => Some(
+            steps
+                .into_iter()
+                .map(|step| {
+                    let (r, v) = (step.len(), step.first().map_or(0, Vec::len));
+                    numpy::PyArray1::from_vec(py, step.into_iter().flatten().collect()).reshape([r, v])
+                })
+                .collect::<PyResult<Vec<_>>>()?,
+        ),
+        _ => None,
+    };
+    dict.set_item("scores", scores)?;
+    Ok(dict)
 }
 
 /// The image tokens to merge: given features win over pixels (transformers refuses both; the Python layer
