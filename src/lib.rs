@@ -13,6 +13,7 @@
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod hub;
 pub mod language;
 pub mod model;
 mod nn;

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod arrays;
 mod errors;
+mod hub;
 mod model;
 
 /// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
@@ -11,5 +12,6 @@ mod model;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<model::PyModel>()?;
+    hub::register(m)?;
     Ok(())
 }
