@@ -8,6 +8,10 @@
 //! huggingface_hub's cache and token rules (`HF_HUB_CACHE`, `HF_HOME`, `HF_TOKEN`), offline mode, optional
 //! files (remembered as missing in `.no_exist/`, as huggingface_hub does), sharded safetensors weights, one
 //! snapshot for all the files of a call, and errors that name the repository and the file.
+//!
+//! Why hf-hub 0.4 with its `ureq` feature: its 1.0 is async (tokio, reqwest) and pulls in hf-xet, far more
+//! than fetching a handful of files needs. Known limits of 0.4's client: it sets no read timeout, and it
+//! downloads a file again when only its snapshot link is missing (the blob being there from another commit).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -64,12 +68,7 @@ pub struct HubOptions {
 /// [`WEIGHTS`] in `files` means the safetensors weights, single or sharded. Files found in the cache are not
 /// checked against the Hub again (no request at all), unless `force_download` is set; a branch that moved
 /// on is picked up with `force_download`, as with huggingface_hub's cache.
-pub fn download(
-    repo_id: &str,
-    files: &[&str],
-    optional_files: &[&str],
-    options: &HubOptions,
-) -> Result<PathBuf> {
+pub fn download(repo_id: &str, files: &[&str], optional_files: &[&str], options: &HubOptions) -> Result<PathBuf> {
     check_repo_id(repo_id)?;
     let revision = options.revision.as_deref().unwrap_or("main");
     let cache_root = cache_dir(options)?;
@@ -136,18 +135,10 @@ impl RepoCache {
 
 /// The first of the files the snapshot `dir` lacks, `None` when it has them all. A missing optional file
 /// counts only where no `.no_exist` marker says the commit has none.
-fn first_missing(
-    cache: &RepoCache,
-    dir: &Path,
-    files: &[&str],
-    optional_files: &[&str],
-) -> Result<Option<String>> {
+fn first_missing(cache: &RepoCache, dir: &Path, files: &[&str], optional_files: &[&str]) -> Result<Option<String>> {
     for &file in files {
-        let missing = if file == WEIGHTS {
-            missing_weights(dir)?
-        } else {
-            (!dir.join(file).is_file()).then(|| file.to_string())
-        };
+        let missing =
+            if file == WEIGHTS { missing_weights(dir)? } else { (!dir.join(file).is_file()).then(|| file.to_string()) };
         if missing.is_some() {
             return Ok(missing);
         }
@@ -260,7 +251,9 @@ fn cache_dir(options: &HubOptions) -> Result<PathBuf> {
         .or_else(|| env("HUGGINGFACE_HUB_CACHE"))
         .map(PathBuf::from)
         .or_else(|| hf_home().map(|h| h.join("hub")))
-        .ok_or_else(|| Error::invalid("cannot find the home folder for the Hugging Face cache; set HF_HOME or pass cache_dir"))
+        .ok_or_else(|| {
+            Error::invalid("cannot find the home folder for the Hugging Face cache; set HF_HOME or pass cache_dir")
+        })
 }
 
 fn token(auth: &Auth) -> Option<String> {
@@ -294,7 +287,13 @@ struct Remote<'a> {
 }
 
 impl<'a> Remote<'a> {
-    fn new(cache: RepoCache, cache_root: PathBuf, repo_id: &'a str, revision: &'a str, options: &HubOptions) -> Result<Self> {
+    fn new(
+        cache: RepoCache,
+        cache_root: PathBuf,
+        repo_id: &'a str,
+        revision: &'a str,
+        options: &HubOptions,
+    ) -> Result<Self> {
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         let token = token(&options.auth);
         let api = ApiBuilder::from_cache(Cache::new(cache_root))
@@ -312,7 +311,13 @@ impl<'a> Remote<'a> {
     /// Fetches what `start` (the cached snapshot) lacks. All files must end in one snapshot: when a download
     /// lands in another commit's snapshot (the branch moved since the cache was filled), the whole set is
     /// checked again against that one.
-    fn fetch_all(&self, files: &[&str], optional_files: &[&str], start: Option<PathBuf>, force: bool) -> Result<PathBuf> {
+    fn fetch_all(
+        &self,
+        files: &[&str],
+        optional_files: &[&str],
+        start: Option<PathBuf>,
+        force: bool,
+    ) -> Result<PathBuf> {
         let mut target = if force { None } else { start };
         // With force_download each file is downloaded once per call, also across restarts.
         let mut fetched: Vec<String> = Vec::new();
@@ -366,7 +371,12 @@ impl<'a> Remote<'a> {
             // Only optional files were asked for and the repository has none of them: an empty snapshot.
             None => Err(Error::NotFound {
                 path: PathBuf::from(self.api.url(optional_files.first().copied().unwrap_or(""))),
-                hint: format!("{} (revision {}) has none of {}", self.repo_id, self.revision, optional_files.join(", ")),
+                hint: format!(
+                    "{} (revision {}) has none of {}",
+                    self.repo_id,
+                    self.revision,
+                    optional_files.join(", ")
+                ),
             }),
         }
     }
@@ -374,12 +384,19 @@ impl<'a> Remote<'a> {
     /// Whether the snapshot already holds `file` and need not be fetched in this pass.
     fn have(&self, target: &Option<PathBuf>, file: &str, fetched: &[String], force: bool) -> bool {
         let Some(dir) = target else { return false };
-        let present = dir.join(file).is_file() || (!force && self.cache.no_exist_marker(&commit_of(dir), file).is_file());
+        let present =
+            dir.join(file).is_file() || (!force && self.cache.no_exist_marker(&commit_of(dir), file).is_file());
         present && (!force || fetched.iter().any(|f| f == file))
     }
 
     /// Fetches a required file; `true` when it landed in another snapshot than `target`.
-    fn fetch_required(&self, file: &str, target: &mut Option<PathBuf>, fetched: &mut Vec<String>, force: bool) -> Result<bool> {
+    fn fetch_required(
+        &self,
+        file: &str,
+        target: &mut Option<PathBuf>,
+        fetched: &mut Vec<String>,
+        force: bool,
+    ) -> Result<bool> {
         if self.have(target, file, fetched, force) {
             return Ok(false);
         }
@@ -450,7 +467,7 @@ impl<'a> Remote<'a> {
 
     /// A HEAD request without following redirects: whether the revision has `file`, without downloading it.
     fn exists_remotely(&self, file: &str) -> bool {
-        let agent = ureq::AgentBuilder::new().redirects(0).build();
+        let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).redirects(0).build();
         let mut request = agent.head(&self.api.url(file));
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
@@ -470,7 +487,9 @@ impl<'a> Remote<'a> {
                 Ok(Fetched::In(dir))
             }
             Err(ApiError::RequestError(err)) => match *err {
-                ureq::Error::Status(404, response) if response.header("x-error-code").is_none_or(|c| c == "EntryNotFound") => {
+                ureq::Error::Status(404, response)
+                    if response.header("x-error-code").is_none_or(|c| c == "EntryNotFound") =>
+                {
                     // Remember the absence as huggingface_hub does, so the next load asks nothing.
                     if let Some(commit) = response.header("x-repo-commit").filter(|c| is_commit_hash(c)) {
                         let marker = self.cache.no_exist_marker(commit, file);
@@ -481,7 +500,9 @@ impl<'a> Remote<'a> {
                     }
                     Ok(Fetched::Absent)
                 }
-                ureq::Error::Status(code, response) => Err(self.status_error(file, code, response.header("x-error-code"))),
+                ureq::Error::Status(code, response) => {
+                    Err(self.status_error(file, code, response.header("x-error-code")))
+                }
                 ureq::Error::Transport(transport) => Err(self.io_error(
                     file,
                     io::Error::other(format!(
@@ -501,7 +522,10 @@ impl<'a> Remote<'a> {
                 file,
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("a partial download in {} is larger than the file; delete its *.part files", self.cache.dir.join("blobs").display()),
+                    format!(
+                        "a partial download in {} is larger than the file; delete its *.part files",
+                        self.cache.dir.join("blobs").display()
+                    ),
                 ),
             )),
             Err(err @ (ApiError::MissingHeader(_) | ApiError::InvalidHeader(_))) => Err(self.io_error(
@@ -615,10 +639,7 @@ mod tests {
 
         std::fs::write(snap.join("config.json"), "{}").unwrap();
         assert_eq!(first_missing(&cache, &snap, &["config.json"], &[]).unwrap(), None);
-        assert_eq!(
-            first_missing(&cache, &snap, &["config.json", WEIGHTS], &[]).unwrap().as_deref(),
-            Some(WEIGHTS)
-        );
+        assert_eq!(first_missing(&cache, &snap, &["config.json", WEIGHTS], &[]).unwrap().as_deref(), Some(WEIGHTS));
         // An optional file is settled by the file or by huggingface_hub's .no_exist marker.
         assert_eq!(
             first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap().as_deref(),
@@ -630,7 +651,8 @@ mod tests {
         assert_eq!(first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap(), None);
 
         // Sharded weights: complete once every listed shard is there.
-        let index = r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+        let index =
+            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
         std::fs::write(snap.join(WEIGHTS_INDEX), index).unwrap();
         std::fs::write(snap.join("model-00001-of-00002.safetensors"), b"x").unwrap();
         assert_eq!(missing_weights(&snap).unwrap().as_deref(), Some("model-00002-of-00002.safetensors"));

@@ -276,6 +276,12 @@ def test_cache_dir_argument(hub, tmp_path):
     assert folder == tmp_path / "elsewhere" / "models--org--tiny" / "snapshots" / COMMIT
 
 
+def test_hf_hub_cache_overrides_hf_home(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    folder = resolve_checkpoint(REPO, files=("config.json",))
+    assert folder == tmp_path / "hub_cache" / "models--org--tiny" / "snapshots" / COMMIT
+
+
 def test_not_a_folder_nor_a_repo_id(hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local folder nor"):
         resolve_checkpoint(str(tmp_path / "no" / "such" / "folder"), files=("config.json",))
