@@ -14,6 +14,7 @@ pub mod config;
 mod depthwise;
 pub mod error;
 pub mod generation;
+pub mod hub;
 pub mod language;
 pub mod model;
 mod nn;

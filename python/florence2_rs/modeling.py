@@ -12,7 +12,7 @@ import numpy as np
 from . import _native
 from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, torch_module, wrap
 from .configuration import Florence2Config, GenerationConfig
-from .hub import resolve_checkpoint
+from .hub import WEIGHTS, resolve_checkpoint
 from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, GenerateOutput
 
 # from_pretrained keywords transformers users pass that change nothing here (documented in the README).
@@ -80,7 +80,7 @@ class Florence2PreTrainedModel:
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
 
-        folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json",),
+        folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json", WEIGHTS),
                                     optional_files=("generation_config.json",), **hub_kwargs)
         device = device_name(device if device is not None else device_map)
         native = _native.NativeModel.load(folder, dtype_name(dtype), device)

@@ -13,31 +13,13 @@ import numpy as np
 
 from ._native import ProcessorCore
 from .batch_feature import BatchFeature
+from .hub import resolve_checkpoint
 
-__all__ = ["AutoProcessor", "Florence2Processor", "Florence2ImageProcessor", "Florence2Tokenizer", "resolve_file"]
+__all__ = ["AutoProcessor", "Florence2Processor", "Florence2ImageProcessor", "Florence2Tokenizer"]
 
-
-def resolve_file(name_or_path: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
-    """Path of `filename` in a local checkpoint folder.
-
-    Args:
-        name_or_path: a local folder.
-        filename: a file inside it.
-        **hub_kwargs: accepted for transformers compatibility (revision, cache_dir ...); unused locally.
-
-    Returns:
-        The file's path.
-
-    Raises:
-        FileNotFoundError: the folder or file does not exist.
-    """
-    folder = os.fspath(name_or_path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: not a local checkpoint folder")
-    path = os.path.join(folder, filename)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not found")
-    return path
+# The files a processor reads: the tokenizer, the image settings (released: preprocessor_config.json;
+# transformers 5: processor_config.json) and config.json, which tells the checkpoint layout.
+_PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,15 +286,16 @@ class Florence2Processor:
         """Loads the processor files of a checkpoint folder.
 
         Args:
-            pretrained_model_name_or_path: the folder with tokenizer.json and preprocessor_config.json
-                (or processor_config.json).
-            **kwargs: hub arguments (revision, cache_dir ...), passed to `resolve_file`.
+            pretrained_model_name_or_path: a checkpoint folder with tokenizer.json and preprocessor_config.json
+                (or processor_config.json), or a Hub id.
+            **kwargs: hub arguments (revision, token, cache_dir, local_files_only, force_download).
 
         Returns:
             The processor.
         """
-        folder = os.path.dirname(resolve_file(pretrained_model_name_or_path, "tokenizer.json", **kwargs))
-        return cls(ProcessorCore.from_dir(folder))
+        folder = resolve_checkpoint(pretrained_model_name_or_path, files=("tokenizer.json",),
+                                    optional_files=_PROCESSOR_FILES, **kwargs)
+        return cls(ProcessorCore.from_dir(str(folder)))
 
     def __call__(
         self,
