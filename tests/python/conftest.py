@@ -39,3 +39,18 @@ def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for spec in ("tiny", "tiny_uneven"):
         make_fixtures.make(spec, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def end_to_end_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_768: tiny shapes with the released vocabulary, 768² images and processor files, both layouts
+    (<root>/hf, <root>/original). Needs the release files folder for the tokenizers."""
+    if _reference_available():
+        pytest.skip("transformers/torch not installed")
+    if not RELEASE_FILES.is_dir():
+        pytest.skip(f"{RELEASE_FILES} is absent")
+    import make_fixtures
+
+    root = tmp_path_factory.mktemp("end_to_end")
+    make_fixtures.make("tiny_768", root)
+    return root / "tiny_768"

@@ -21,21 +21,12 @@ from PIL import Image  # noqa: E402
 
 from florence2_rs import AutoProcessor, Florence2Processor  # noqa: E402
 
+import make_fixtures  # noqa: E402  (tests/fixtures, on sys.path through conftest.py)
+
 RELEASE = Path(__file__).resolve().parents[2] / ".." / "shared" / "florence2-release-files"
 ONNX = RELEASE / "onnx-community_Florence-2-base"
 MSFT = RELEASE / "microsoft_Florence-2-base"
 pytestmark = pytest.mark.skipif(not ONNX.is_dir(), reason="release files folder absent")
-
-POST_PROCESSOR_CONFIG = {
-    "ocr": {"pattern": "ignored by transformers", "area_threshold": 0.0},
-    "phrase_grounding": {"banned_grounding_tokens": ["it", "the image", "a", "the", "them"]},
-    "pure_text": {},
-    "description_with_bboxes": {},
-    "description_with_polygons": {},
-    "polygons": {},
-    "bboxes": {},
-    "description_with_bboxes_or_polygons": {},
-}
 
 TASKS_WITHOUT_INPUT = [
     "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
@@ -47,24 +38,9 @@ TASKS_WITH_INPUT = [
 ]
 
 
-def _reference_processor():
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer, CLIPImageProcessor
-    from transformers import Florence2Processor as HFProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(ONNX)
-    tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
-    tokenizer.image_token = "<image>"
-    tokenizer.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    # do_convert_rgb: the released null makes transformers reject non-RGB images; True is what the
-    # CLIP processor intends and what florence2_rs always does.
-    image_processor = CLIPImageProcessor.from_pretrained(ONNX, do_convert_rgb=True)
-    return HFProcessor(image_processor, tokenizer, post_processor_config=POST_PROCESSOR_CONFIG)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    ref = _reference_processor()
+    ref = make_fixtures.reference_processor(RELEASE)
     folder = tmp_path_factory.mktemp("hf_native")
     ref.save_pretrained(folder)
     return ref, AutoProcessor.from_pretrained(folder)
