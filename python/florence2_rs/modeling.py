@@ -13,7 +13,8 @@ from . import _native
 from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, torch_module, wrap
 from .configuration import Florence2Config, GenerationConfig
 from .hub import WEIGHTS, resolve_checkpoint
-from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, GenerateOutput
+from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, Florence2Seq2SeqModelOutput, GenerateOutput
+from .quantization import quantize_mode
 
 # from_pretrained keywords transformers users pass that change nothing here (documented in the README).
 _ACCEPTED_NO_EFFECT = {
@@ -33,6 +34,7 @@ class Florence2PreTrainedModel:
         self._native = native
         self._folder = folder
         self._device = device
+        self._quantize: str | None = None
         self.config = config
         self.generation_config = GenerationConfig.from_pretrained(folder)
 
@@ -64,10 +66,11 @@ class Florence2PreTrainedModel:
             if len(devices) != 1:
                 raise ValueError("device_map must place the whole model on one device")
             device_map = devices.pop()
-        quantization = kwargs.pop("quantization_config", None)
-        if quantization is not None:
+        quantize = quantize_mode(kwargs.pop("quantization_config", None))
+        if quantize is not None:
             warnings.warn(
-                "quantization_config is accepted but not applied yet: the model runs unquantized in the chosen dtype",
+                f"quantization_config ({quantize}) is accepted but not applied yet: the model runs unquantized in "
+                "the chosen dtype",
                 stacklevel=2,
             )
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
@@ -83,8 +86,10 @@ class Florence2PreTrainedModel:
         folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json", WEIGHTS),
                                     optional_files=("generation_config.json",), **hub_kwargs)
         device = device_name(device if device is not None else device_map)
-        native = _native.NativeModel.load(folder, dtype_name(dtype), device)
-        return cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
+        native = _load_native(folder, dtype_name(dtype), device, quantize)
+        model = cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
+        model._quantize = quantize
+        return model
 
     # -- torch-like surface -------------------------------------------------------------------------------
     @property
@@ -112,7 +117,7 @@ class Florence2PreTrainedModel:
         new_device = device_name(device) if device is not None else self._device
         new_dtype = dtype_name(dtype, allow_auto=False) if dtype is not None else self._native.dtype
         if new_device != self._device or new_dtype != self._native.dtype:
-            self._native = _native.NativeModel.load(self._folder, new_dtype, new_device)
+            self._native = _load_native(self._folder, new_dtype, new_device, self._quantize)
             self._device = new_device
         return self
 
@@ -121,28 +126,42 @@ class Florence2PreTrainedModel:
         return self
 
     def float(self):
+        """Computes in float32 from now on (reloads the weights); returns self."""
         return self.to("float32")
 
     def half(self):
+        """Computes in float16 from now on (reloads the weights); returns self."""
         return self.to("float16")
 
     def bfloat16(self):
+        """Computes in bfloat16 from now on (reloads the weights); returns self."""
         return self.to("bfloat16")
 
     def cpu(self):
+        """Moves the model to the CPU; returns self."""
         return self.to("cpu")
 
     def cuda(self, device: int | None = None):
+        """Moves the model to a CUDA device (needs a CUDA build, else ValueError); returns self."""
         return self.to("cuda" if device is None else f"cuda:{device}")
 
-
-class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
-    """transformers' `Florence2ForConditionalGeneration`, running in Rust."""
-
-    main_input_name = "input_ids"
+    def _sharing(self, cls: type) -> Any:
+        """A `cls` view over this model's weights (transformers' `model.model`, `model.vision_tower`)."""
+        view = cls(self._native, self._folder, self.config, self._device)
+        view._quantize = self._quantize
+        return view
 
     def get_image_features(self, pixel_values: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
-        """The vision tower's output (`last_hidden_state`) and the projected image tokens (`pooler_output`)."""
+        """Runs the vision tower and the projector on preprocessed images.
+
+        Args:
+            pixel_values: [B, 3, H, W] float array (numpy or torch), as the processor returns it.
+
+        Returns:
+            BaseModelOutputWithPooling with `last_hidden_state` (the vision tower's output [B, C, H', W']) and
+            `pooler_output` (the projected image tokens [B, 1 + H'W', d_model]); torch tensors when
+            `pixel_values` was one.
+        """
         as_torch = any_torch(pixel_values)
         pixels = as_numpy(pixel_values, np.float32, "pixel_values")
         vision = self._native.vision_features(pixels)
@@ -151,14 +170,10 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
                                           pooler_output=wrap(pooled, as_torch, dtype))
 
-    def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
-                decoder_input_ids: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
-        """One forward pass. Without decoder_input_ids the decoder gets the start token, as transformers does.
-
-        Returns:
-            Florence2Seq2SeqLMOutput with logits [B, T, vocab], encoder_last_hidden_state and
-            image_hidden_states.
-        """
+    def _forward(self, input_ids: Any, pixel_values: Any, attention_mask: Any, decoder_input_ids: Any,
+                 kwargs: dict) -> dict:
+        """The native forward pass shared by the model classes: its outputs by name, as torch tensors when
+        any input was one."""
         kwargs.pop("return_dict", None)
         kwargs.pop("use_cache", None)
         image_features = kwargs.pop("image_features", None)
@@ -178,10 +193,92 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
         )
         dtype = self._native.dtype
+        return {key: wrap(value, as_torch, dtype) for key, value in out.items()}
+
+
+class Florence2VisionBackbone(Florence2PreTrainedModel):
+    """transformers' `Florence2VisionBackbone`: the DaViT vision tower. `from_pretrained` takes a full
+    Florence-2 checkpoint; `model.model.vision_tower` gives the same object over an already loaded model."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, native: Any, folder: Path, config: Florence2Config, device: str) -> None:
+        super().__init__(native, folder, config, device)
+        self.config = config.vision_config
+
+    def forward(self, hidden_states: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """Runs the vision tower.
+
+        Args:
+            hidden_states: pixel_values [B, 3, H, W] (transformers names the argument so).
+
+        Returns:
+            BaseModelOutputWithPooling with `last_hidden_state` [B, C, H', W'].
+        """
+        as_torch = any_torch(hidden_states)
+        vision = self._native.vision_features(as_numpy(hidden_states, np.float32, "pixel_values"))
+        return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, self._native.dtype))
+
+    __call__ = forward
+
+
+class Florence2Model(Florence2PreTrainedModel):
+    """transformers' `Florence2Model`: vision tower, projector and BART encoder-decoder without the LM head."""
+
+    @property
+    def vision_tower(self) -> Florence2VisionBackbone:
+        """The vision tower over the same weights."""
+        return self._sharing(Florence2VisionBackbone)
+
+    def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
+                decoder_input_ids: Any = None, **kwargs: Any) -> Florence2Seq2SeqModelOutput:
+        """One encoder-decoder pass (the decoder gets the start token unless decoder_input_ids are given).
+
+        Args:
+            input_ids, attention_mask, pixel_values: as the processor returns them.
+            decoder_input_ids: [B, T] decoder ids.
+            image_features: projected image tokens to use instead of pixel_values.
+
+        Returns:
+            Florence2Seq2SeqModelOutput with `encoder_last_hidden_state` [B, S, d_model] and
+            `image_hidden_states` [B, N, d_model]. The decoder's `last_hidden_state` is not exposed by the
+            native model yet, so that field is absent.
+        """
+        out = self._forward(input_ids, pixel_values, attention_mask, decoder_input_ids, kwargs)
+        return Florence2Seq2SeqModelOutput(encoder_last_hidden_state=out["encoder_last_hidden_state"],
+                                           image_hidden_states=out["image_hidden_states"])
+
+    __call__ = forward
+
+
+class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
+    """transformers' `Florence2ForConditionalGeneration`, running in Rust."""
+
+    main_input_name = "input_ids"
+
+    @property
+    def model(self) -> Florence2Model:
+        """The encoder-decoder without the LM head, over the same weights (transformers' `model.model`)."""
+        return self._sharing(Florence2Model)
+
+    def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
+                decoder_input_ids: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
+        """One forward pass. Without decoder_input_ids the decoder gets the start token, as transformers does.
+
+        Args:
+            input_ids, attention_mask, pixel_values: as the processor returns them.
+            decoder_input_ids: [B, T] decoder ids.
+            image_features: projected image tokens to use instead of pixel_values.
+
+        Returns:
+            Florence2Seq2SeqLMOutput with logits [B, T, vocab], encoder_last_hidden_state and
+            image_hidden_states (torch tensors when the inputs were torch).
+        """
+        out = self._forward(input_ids, pixel_values, attention_mask, decoder_input_ids, kwargs)
         return Florence2Seq2SeqLMOutput(
-            logits=wrap(out["logits"], as_torch, dtype),
-            encoder_last_hidden_state=wrap(out["encoder_last_hidden_state"], as_torch, dtype),
-            image_hidden_states=wrap(out["image_hidden_states"], as_torch, dtype),
+            logits=out["logits"],
+            encoder_last_hidden_state=out["encoder_last_hidden_state"],
+            image_hidden_states=out["image_hidden_states"],
         )
 
     __call__ = forward
@@ -234,3 +331,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     raise TypeError(f"generate() got a value of type {type(value).__name__} that is not a setting: {value!r}")
+
+
+def _load_native(folder: Path, dtype: str, device: str, quantize: str | None) -> Any:
+    """Loads the Rust model: the one place every model class loads weights through.
+
+    `quantize` ("int8", "int4" or None) comes from `quantization_config`; from_pretrained warns that it is not
+    applied while the native loader lacks the argument.
+    """
+    # QUANTIZATION CALL SITE: once NativeModel.load(path, dtype, device, quantize=None) is merged, pass
+    # `quantize=quantize` here and drop the "not applied yet" warning in from_pretrained.
+    return _native.NativeModel.load(folder, dtype, device)

@@ -21,11 +21,17 @@ class ModelOutput(OrderedDict):
         return super().__getitem__(key)
 
     def to_tuple(self) -> tuple:
+        """The values that are not None, in order (transformers' `ModelOutput.to_tuple`)."""
         return tuple(v for v in self.values() if v is not None)
 
 
 class Florence2Seq2SeqLMOutput(ModelOutput):
     """`logits`, `encoder_last_hidden_state`, `image_hidden_states` (as transformers' class of that name)."""
+
+
+class Florence2Seq2SeqModelOutput(ModelOutput):
+    """`encoder_last_hidden_state` and `image_hidden_states` of `Florence2Model.forward` (as transformers'
+    class of that name, less the decoder states the native model does not expose)."""
 
 
 class BaseModelOutputWithPooling(ModelOutput):
