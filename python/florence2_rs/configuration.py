@@ -17,12 +17,14 @@ class _AttrConfig:
         self.__dict__.update(kwargs)
 
     def to_dict(self) -> dict:
+        """The settings as plain JSON values (nested configs as dicts)."""
         out = {}
         for key, value in self.__dict__.items():
             out[key] = value.to_dict() if isinstance(value, _AttrConfig) else copy.deepcopy(value)
         return out
 
     def to_json_string(self) -> str:
+        """The settings as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def __eq__(self, other: object) -> bool:
@@ -58,6 +60,7 @@ class Florence2Config(_AttrConfig):
         self.layout = "original" if getattr(self.vision_config, "model_type", None) == "davit" else "hf"
 
     def to_dict(self) -> dict:
+        """config.json's content (without the `layout` this class adds)."""
         out = super().to_dict()
         out.pop("layout", None)
         return out
@@ -70,6 +73,17 @@ class Florence2Config(_AttrConfig):
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Florence2Config":
+        """Reads a config.json file.
+
+        Args:
+            path: the file.
+
+        Returns:
+            The config.
+
+        Raises:
+            OSError: the file is not a JSON object.
+        """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -85,6 +99,15 @@ class GenerationConfig(_AttrConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "GenerationConfig":
+        """Reads generation_config.json from a checkpoint folder or a Hub id (empty when the file is absent).
+
+        Args:
+            pretrained_model_name_or_path: a checkpoint folder or a Hub id.
+            **kwargs: Hub keywords (revision, token, cache_dir, local_files_only, force_download).
+
+        Returns:
+            The generation config.
+        """
         folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json",),
                                     optional_files=("generation_config.json",), **kwargs)
         path = folder / "generation_config.json"

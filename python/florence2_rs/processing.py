@@ -154,11 +154,12 @@ class Florence2Tokenizer:
         self.padding_side = "right"
         self.truncation_side = "right"
 
-    bos_token_id = property(lambda self: self._core.bos_token_id)
-    eos_token_id = property(lambda self: self._core.eos_token_id)
-    pad_token_id = property(lambda self: self._core.pad_token_id)
-    image_token_id = property(lambda self: self._core.image_token_id)
-    model_max_length = property(lambda self: self._core.model_max_length)
+    bos_token_id = property(lambda self: self._core.bos_token_id, doc="Id of `<s>`.")
+    eos_token_id = property(lambda self: self._core.eos_token_id, doc="Id of `</s>`.")
+    pad_token_id = property(lambda self: self._core.pad_token_id, doc="Id of `<pad>`.")
+    image_token_id = property(lambda self: self._core.image_token_id,
+                              doc="Id of `<image>` (HF-native layout), else None.")
+    model_max_length = property(lambda self: self._core.model_max_length, doc="The longest input, in tokens.")
 
     def __len__(self) -> int:
         return self._core.vocab_len()

@@ -1,0 +1,123 @@
+"""Type stubs of the native module `florence2_rs._native` (src/python/*.rs). Import `florence2_rs`, not this."""
+
+from os import PathLike
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Path = Union[str, PathLike[str]]
+
+class Florence2Error(Exception):
+    """Base class of the errors raised by florence2_rs that are not plain ValueError/OSError."""
+
+class NativeModel:
+    """The loaded Rust model; immutable, so threads may share it. Heavy calls release the GIL."""
+
+    @staticmethod
+    def load(path: _Path, dtype: str, device: str) -> NativeModel:
+        """Loads a checkpoint folder (either layout). dtype: "auto", "float32", "float16" or "bfloat16";
+        device: "cpu", "cuda" or "cuda:N"."""
+    @property
+    def layout(self) -> str:
+        """"hf" or "original"."""
+    @property
+    def dtype(self) -> str:
+        """"float32", "float16" or "bfloat16"."""
+    def vision_features(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The vision tower's last hidden state [B, C, H', W'] for pixel_values [B, 3, H, W]."""
+    def get_image_features(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The projected image tokens [B, 1 + H'W', d_model]."""
+    def forward(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        decoder_input_ids: npt.NDArray[np.int64],
+        attention_mask: Optional[npt.NDArray[np.int64]] = None,
+        pixel_values: Optional[npt.NDArray[np.float32]] = None,
+        image_features: Optional[npt.NDArray[np.float32]] = None,
+    ) -> dict[str, Optional[npt.NDArray[np.float32]]]:
+        """{"logits", "encoder_last_hidden_state", "image_hidden_states"} (the last None without images)."""
+    def generate(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: Optional[npt.NDArray[np.int64]] = None,
+        pixel_values: Optional[npt.NDArray[np.float32]] = None,
+        image_features: Optional[npt.NDArray[np.float32]] = None,
+        settings: str = "{}",
+    ) -> dict[str, Any]:
+        """settings: a JSON object of generate() keywords over the checkpoint's generation config. Returns
+        {"sequences": int64 [N, T], "token_scores": float32 [N, T-1], "return_dict_in_generate": bool,
+        "sequences_scores": float32 [N] | None, "scores": list of float32 [rows, vocab] | None}."""
+
+class ProcessorCore:
+    """Tokenizer, image preprocessing, prompts and post-processing of one checkpoint."""
+
+    @staticmethod
+    def from_dir(path: _Path) -> ProcessorCore:
+        """Loads the processor files of a local checkpoint folder."""
+    @property
+    def image_token_id(self) -> Optional[int]:
+        """`<image>`'s id in the HF-native layout, else None."""
+    @property
+    def bos_token_id(self) -> int: ...
+    @property
+    def eos_token_id(self) -> int: ...
+    @property
+    def pad_token_id(self) -> int: ...
+    @property
+    def model_max_length(self) -> int: ...
+    def vocab_len(self) -> int:
+        """Vocabulary size with the added tokens."""
+    def image_settings(self) -> dict[str, Any]:
+        """The image-processor settings as plain values."""
+    def build_prompts(self, texts: list[str]) -> list[str]:
+        """Task tokens replaced by their prompts."""
+    def encode_prompts(
+        self,
+        texts: list[str],
+        with_images: bool,
+        padding: str = "do_not_pad",
+        truncation: Optional[bool] = None,
+        max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """(input_ids, attention_mask) of the processor's text encoding."""
+    def tokenize(
+        self,
+        texts: list[str],
+        add_special_tokens: bool = True,
+        padding: str = "do_not_pad",
+        truncation: Optional[bool] = None,
+        max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """(input_ids, attention_mask) of plain tokenization (no task prompts)."""
+    def preprocess(self, images: list[tuple[npt.NDArray[np.uint8], bool]]) -> npt.NDArray[np.float32]:
+        """pixel_values [B, 3, H, W] from (H×W×3 uint8 array, from_unit_float) pairs."""
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool) -> list[str]: ...
+    def token_to_id(self, token: str) -> Optional[int]: ...
+    def id_to_token(self, id: int) -> Optional[str]: ...
+    def is_special(self, id: int) -> bool: ...
+    def post_process_generation(
+        self,
+        task: str,
+        text: Optional[str] = None,
+        sequence: Optional[list[int]] = None,
+        image_size: Optional[tuple[float, float]] = None,
+    ) -> dict[str, Any]:
+        """{task: answer}: a string or a dict of boxes/polygons and labels."""
+
+def hub_download(
+    repo_id: str,
+    files: list[str],
+    optional_files: list[str],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[_Path] = None,
+    token: Optional[str] = None,
+    anonymous: bool = False,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Path:
+    """Makes sure the Hugging Face cache holds the files of a Hub repository; returns the snapshot folder."""
