@@ -130,7 +130,7 @@ def _draw_shapes(layers, style: _Style, answer: dict[str, Any], scale: float) ->
             if len(points) < 3:
                 continue
             overlay.polygon(points, fill=color + (_FILL_ALPHA if kind == "polygon" else _FILL_ALPHA // 2,))
-            picture.line(points + points[:1], fill=color, width=style.width if kind == "polygon" else 1)
+            picture.line(points + points[:1], fill=color, width=style.width)
 
 
 def _draw_labels(canvas, style: _Style, answer: dict[str, Any], scale: float) -> None:
