@@ -154,8 +154,8 @@ def add_box_scores(answer: dict[str, Any], sequence: Iterable[int], token_scores
 
     A box's confidence is the geometric mean of the probabilities the decoder gave its location tokens. It
     ranks a model's boxes; it is not a calibrated detection score. Each box of the answer is matched, in
-    order, to the next group of location tokens in the generated ids that dequantizes to its coordinates;
-    a box without a match (none is expected) gets None.
+    order, to the next run of location tokens in the generated ids that dequantizes to its coordinates; a
+    box without a match (none is expected) gets None.
 
     Args:
         answer: one task's answer from post_process_generation (changed in place).
@@ -164,36 +164,37 @@ def add_box_scores(answer: dict[str, Any], sequence: Iterable[int], token_scores
         loc_bins: token id → bin of the location tokens.
         image_size: (width, height) given to post_process_generation.
     """
+    tokens = list(sequence)[1:]
     for key, (score_key, per_box) in _SCORED_KEYS.items():
         boxes = answer.get(key)
         if not boxes:
             continue
-        candidates = _location_groups(list(sequence)[1:], token_scores, loc_bins, image_size, per_box)
-        scores, next_candidate = [], 0
+        windows = _location_windows(tokens, token_scores, loc_bins, image_size, per_box)
+        scores, next_start = [], 0
         for box in boxes:
-            found = next((j for j in range(next_candidate, len(candidates)) if candidates[j][0] == list(box)), None)
-            if found is None:
+            match = next((w for w in windows if w[0] >= next_start and w[1] == list(box)), None)
+            if match is None:
                 scores.append(None)
                 continue
-            scores.append(candidates[found][1])
-            next_candidate = found + 1
+            scores.append(match[2])
+            next_start = match[0] + per_box
         answer[score_key] = scores
 
 
-def _location_groups(tokens: list[int], log_probs: Sequence[float], loc_bins: dict[int, int],
-                     image_size: tuple[float, float], per_box: int) -> list[tuple[list[int], float]]:
-    """Runs of consecutive location tokens cut into groups of `per_box`: (pixel coordinates, confidence)."""
-    groups: list[tuple[list[int], float]] = []
-    run: list[tuple[int, float]] = []
-    for token, log_prob in zip(tokens + [-1], list(log_probs) + [0.0]):
-        if token in loc_bins:
-            run.append((loc_bins[token], float(log_prob)))
-            continue
-        for start in range(0, len(run) - per_box + 1, per_box):
-            bins, logs = zip(*run[start:start + per_box])
-            groups.append((_dequantize(bins, image_size), round(float(np.exp(np.mean(logs))), 4)))
-        run = []
-    return groups
+def _location_windows(tokens: list[int], log_probs: Sequence[float], loc_bins: dict[int, int],
+                      image_size: tuple[float, float], per_box: int) -> list[tuple[int, list[int], float]]:
+    """Every `per_box` consecutive location tokens: (first token's index, pixel coordinates, confidence).
+
+    Windows start anywhere, not only at multiples of `per_box` from a run's start, because the parser may
+    take location tokens as text (an OCR label can begin with one)."""
+    windows = []
+    for start in range(len(tokens) - per_box + 1):
+        window = tokens[start:start + per_box]
+        if all(token in loc_bins for token in window):
+            coords = _dequantize([loc_bins[token] for token in window], image_size)
+            confidence = float(np.exp(np.mean(np.asarray(log_probs[start:start + per_box], np.float64))))
+            windows.append((start, coords, round(confidence, 4)))
+    return windows
 
 
 def _dequantize(bins: Sequence[int], image_size: tuple[float, float]) -> list[int]:
