@@ -35,10 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._native import Florence2Error
     from .labeling import TASKS_WITHOUT_INPUT, Labeler, task_token
 
-    try:
-        tasks = list(TASKS_WITHOUT_INPUT) if args.task == ["all"] else [task_token(t) for t in args.task or ["<OD>"]]
-    except ValueError as err:
-        parser.error(str(err))
+    tasks: list[str] = []
+    for name in args.task or ["<OD>"]:
+        try:
+            tasks.extend(TASKS_WITHOUT_INPUT if name.lower() == "all" else [task_token(name)])
+        except ValueError as err:
+            parser.error(str(err))
+    tasks = list(dict.fromkeys(tasks))  # `--task all --task OD` runs OD once
     files, missing = expand_inputs(args.inputs)
     if not files and not missing:
         parser.error("no images given")

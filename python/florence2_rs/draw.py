@@ -12,6 +12,8 @@ import textwrap
 import zlib
 from typing import Any, Sequence
 
+from PIL import Image, ImageDraw, ImageFont
+
 __all__ = ["draw"]
 
 # Saturated colours that stay distinct from each other on photographs (Tableau 10, made brighter).
@@ -45,8 +47,6 @@ def draw(image: Any, result: dict[str, Any]):
 
 
 def _as_rgb(image: Any):
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if hasattr(image, "__array__"):
@@ -57,8 +57,6 @@ def _as_rgb(image: Any):
 
 def _panel(base, task: str, answer: Any):
     """One task's answer drawn on the picture, with a band below naming the task."""
-    from PIL import Image, ImageDraw
-
     scale = max(1.0, _MIN_SIDE / max(base.size))
     picture = base.resize((round(base.width * scale), round(base.height * scale)), Image.BICUBIC) \
         if scale > 1 else base.copy()
@@ -69,7 +67,7 @@ def _panel(base, task: str, answer: Any):
         _draw_shapes(layers, style, answer, scale)
         picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
         # Labels go on last so that no translucent mask covers them.
-        _draw_labels(ImageDraw.Draw(picture), style, answer, scale)
+        _draw_labels(ImageDraw.Draw(picture), picture.width, style, answer, scale)
     caption = answer if isinstance(answer, str) else _summary(answer)
     return _with_band(picture, style, task, caption)
 
@@ -85,8 +83,6 @@ class _Style:
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
     except (TypeError, OSError, ImportError):
@@ -133,7 +129,7 @@ def _draw_shapes(layers, style: _Style, answer: dict[str, Any], scale: float) ->
             picture.line(points + points[:1], fill=color, width=style.width)
 
 
-def _draw_labels(canvas, style: _Style, answer: dict[str, Any], scale: float) -> None:
+def _draw_labels(canvas, picture_width: int, style: _Style, answer: dict[str, Any], scale: float) -> None:
     """A filled tag above each shape's top-left corner (inside it where the picture's top edge is in the way)."""
     for index, (_, shape, label, score) in enumerate(_items(answer)):
         text = label.strip()
@@ -147,7 +143,7 @@ def _draw_labels(canvas, style: _Style, answer: dict[str, Any], scale: float) ->
         x0, y0, x1, y1 = canvas.textbbox((0, 0), text, font=style.font)
         pad = max(2, style.width)
         width, height = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
-        left = min(max(0, left), max(0, canvas.im.size[0] - width))
+        left = min(max(0, left), max(0, picture_width - width))
         tag_top = top - height if top - height >= 0 else top
         color = _color(label, index)
         canvas.rectangle([left, tag_top, left + width, tag_top + height], fill=color)
@@ -180,8 +176,6 @@ def _summary(answer: Any) -> str:
 
 def _with_band(picture, style: _Style, task: str, text: str):
     """The picture over a white band: the task in bold colour, then the wrapped text."""
-    from PIL import Image, ImageDraw
-
     measure = ImageDraw.Draw(picture)
     char_width = max(1, measure.textlength("abcdefghijklmnopqrstuvwxyz", font=style.band_font) / 26)
     wrap = max(10, int((picture.width - 20) / char_width))
@@ -198,8 +192,6 @@ def _with_band(picture, style: _Style, task: str, text: str):
 
 def _tile(panels: list):
     """Panels in a grid of up to four columns, on white."""
-    from PIL import Image
-
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     cell_w = max(p.width for p in panels)

@@ -7,12 +7,14 @@ features (`get_image_features(...).pooler_output`, passed to `generate(image_fea
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from .modeling import Florence2ForConditionalGeneration
 from .processing import AutoProcessor
@@ -50,10 +52,6 @@ def task_token(name: str) -> str:
 def load_image(source: Any):
     """An RGB PIL image from a path, a file object or bytes, turned upright by its EXIF orientation (as
     transformers' `load_image` does)."""
-    import io
-
-    from PIL import Image, ImageOps
-
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     with Image.open(source) as opened:
@@ -95,7 +93,7 @@ class Labeler:
         """Runs every task on every image.
 
         Args:
-            images: RGB PIL images (or anything the processor takes).
+            images: RGB PIL images (or H×W×3 uint8 arrays).
 
         Returns:
             Per image, one record per task: {"task", "result" (post_process_generation's answer, with
