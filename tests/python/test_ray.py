@@ -36,11 +36,13 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.fixture
 def local_ray():
-    """Ray on this machine with two CPUs and no dashboard, shut down afterwards."""
+    """Ray on this machine with two CPUs and no dashboard, shut down afterwards; checks nothing is left."""
     if not Path("/proc").is_dir():
         pytest.skip("the check for leftover processes reads /proc")
     before = _descendants(os.getpid())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A small object store: the rows are tiny, and CI containers often have a small /dev/shm.
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     yield
     ray.shutdown()
     deadline = time.monotonic() + 15  # shutdown signals Ray's processes; give them a moment to exit
