@@ -21,6 +21,8 @@ from .processing import AutoProcessor
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
+# The two halves of the processor's task table (src/processor/prompts.rs, which Python cannot read; a test
+# checks the processor agrees).
 #: Tasks whose prompt is the task token alone, in the processor's table order; `--task all` runs these.
 TASKS_WITHOUT_INPUT = (
     "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
@@ -97,8 +99,8 @@ class Labeler:
 
         Returns:
             Per image, one record per task: {"task", "result" (post_process_generation's answer, with
-            "scores" beside boxes, see `box_scores`), "timings" (seconds per image: "image" for the
-            vision tower, shared by the tasks, and "generate")}.
+            "scores" beside boxes, see `add_box_scores`), "timings" (seconds per image: "image" for
+            preprocessing and the vision tower, shared by the tasks, and "generate")}.
         """
         count = len(images)
         start = time.perf_counter()

@@ -16,7 +16,8 @@ import skimage
 from PIL import Image
 
 from florence2_rs.cli import Progress, expand_inputs
-from florence2_rs.labeling import TASKS_WITHOUT_INPUT
+from florence2_rs import AutoProcessor
+from florence2_rs.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
 
 ROOT = Path(__file__).resolve().parents[2]
 # Short generations: random weights would otherwise run to the 1024-token default.
@@ -124,6 +125,16 @@ def test_names_that_match_nothing_are_failures(end_to_end_checkpoint, images):
     result = run("--model", end_to_end_checkpoint / "hf", *FAST, images / "nothing-*.jpg")
     assert result.returncode == 1
     assert lines(result) == [{"file": str(images / "nothing-*.jpg"), "error": "no such file, or no image matches it"}]
+
+
+def test_the_task_lists_agree_with_the_processor(end_to_end_checkpoint):
+    processor = AutoProcessor.from_pretrained(end_to_end_checkpoint / "hf")
+    for task in TASKS_WITHOUT_INPUT:
+        with pytest.raises(Exception, match="only content"):
+            processor(text=f"{task} extra words")
+    for task in TASKS_WITH_INPUT:
+        prompt = processor.batch_decode(processor(text=f"{task} a phrase")["input_ids"])[0]
+        assert task not in prompt and "a phrase" in prompt  # a template that takes the input
 
 
 def test_inputs_expand_folders_globs_once_each(tmp_path):
