@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
+from ._native import Florence2Error
+from .draw import draw
+from .labeling import DEFAULT_MODEL, TASKS_WITHOUT_INPUT, Labeler, load_image, task_token
+
 #: File name endings taken from folders (a file named on the command line is tried whatever its ending).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 _GLOB_CHARS = set("*?[")
@@ -29,12 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         # The Rust side computes on rayon's global pool, sized from this variable when it is first used:
-        # it must be set before the first model call, which is why it is set here and not later.
+        # it must be set before the first model call (importing the module does not start the pool).
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-    # Imported here so that `--help` and usage errors answer without loading the native module.
-    from ._native import Florence2Error
-    from .labeling import TASKS_WITHOUT_INPUT, Labeler, task_token
-
     tasks: list[str] = []
     for name in args.task or ["<OD>"]:
         try:
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="florence2", description="Run Florence-2 tasks on images; prints one JSON line per image and task.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS_OR_GLOBS",
                         help="image files, folders (their images, not recursive) or glob patterns ('**' recurses)")
-    parser.add_argument("--model", default="microsoft/Florence-2-base",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Hub id (downloaded once into the Hugging Face cache) or local checkpoint folder "
                              "(default: %(default)s)")
     parser.add_argument("--task", action="append", metavar="TASK",
@@ -124,8 +124,6 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def _label_batch(labeler: Any, batch: list[Path], out: TextIO, draw_dir: Path | None) -> bool:
     """Labels one batch and prints its lines; returns True when any image of it failed."""
-    from .labeling import load_image
-
     images, readable, failed = [], [], False
     for path in batch:
         try:
@@ -146,8 +144,6 @@ def _label_batch(labeler: Any, batch: list[Path], out: TextIO, draw_dir: Path | 
         for record in image_records:
             _emit(out, {"file": str(path), **record})
         if draw_dir is not None:
-            from .draw import draw
-
             picture = draw(image, {r["task"]: r["result"] for r in image_records})
             picture.save(_unused_name(draw_dir, path.stem))
     return failed
