@@ -12,6 +12,7 @@ import textwrap
 import zlib
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["draw"]
@@ -42,15 +43,16 @@ def draw(image: Any, result: dict[str, Any]):
     base = _as_rgb(image)
     panels = [_panel(base, task, answer) for task, answer in result.items()]
     if not panels:
-        return base.copy()
+        return base
     return panels[0] if len(panels) == 1 else _tile(panels)
 
 
 def _as_rgb(image: Any):
+    """A new RGB image (convert copies), so that drawing never changes the caller's."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if hasattr(image, "__array__"):
-        return Image.fromarray(image).convert("RGB")
+        return Image.fromarray(np.asarray(image)).convert("RGB")
     with Image.open(image) as opened:
         return opened.convert("RGB")
 
