@@ -6,6 +6,7 @@ Change `from transformers import ...` to `from florence2_rs import ...`; the res
 from ._native import Florence2Error
 from .batch_feature import BatchFeature
 from .configuration import Florence2Config, Florence2VisionConfig, GenerationConfig
+from .draw import draw
 from .modeling import Florence2ForConditionalGeneration, Florence2PreTrainedModel
 from .processing import AutoProcessor, Florence2ImageProcessor, Florence2Processor, Florence2Tokenizer
 
@@ -21,4 +22,5 @@ __all__ = [
     "Florence2Tokenizer",
     "Florence2VisionConfig",
     "GenerationConfig",
+    "draw",
 ]
