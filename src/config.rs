@@ -239,16 +239,18 @@ impl Florence2Config {
     }
 }
 
-fn parse_hf_vision(raw: &Value) -> std::result::Result<VisionConfig, String> {
+/// The vision fields both layouts share, under the key names of the HF-native config; `in_key` and
+/// `dim_key` are the two names Microsoft's DaViT config spells differently (`in_chans`, `dim_embed`).
+fn parse_vision_fields(raw: &Value, in_key: &str, dim_key: &str) -> std::result::Result<VisionConfig, String> {
     let get = |k: &str| raw.get(k);
     Ok(VisionConfig {
-        in_channels: usize_or(get("in_channels"), 3, "in_channels")?,
+        in_channels: usize_or(get(in_key), 3, in_key)?,
         depths: usize_list_or(get("depths"), &[1, 1, 9, 1], "depths")?,
         patch_size: usize_list_or(get("patch_size"), &[7, 3, 3, 3], "patch_size")?,
         patch_stride: usize_list_or(get("patch_stride"), &[4, 2, 2, 2], "patch_stride")?,
         patch_padding: usize_list_or(get("patch_padding"), &[3, 1, 1, 1], "patch_padding")?,
         patch_prenorm: bool_list_or(get("patch_prenorm"), &[false, true, true, true], "patch_prenorm")?,
-        embed_dim: usize_list_or(get("embed_dim"), &[128, 256, 512, 1024], "embed_dim")?,
+        embed_dim: usize_list_or(get(dim_key), &[128, 256, 512, 1024], dim_key)?,
         num_heads: usize_list_or(get("num_heads"), &[4, 8, 16, 32], "num_heads")?,
         num_groups: usize_list_or(get("num_groups"), &[4, 8, 16, 32], "num_groups")?,
         window_size: usize_or(get("window_size"), 12, "window_size")?,
@@ -259,6 +261,10 @@ fn parse_hf_vision(raw: &Value) -> std::result::Result<VisionConfig, String> {
         max_temporal_embeddings: usize_or(get("max_temporal_embeddings"), 100, "max_temporal_embeddings")?,
         max_position_embeddings: usize_or(get("max_position_embeddings"), 50, "max_position_embeddings")?,
     })
+}
+
+fn parse_hf_vision(raw: &Value) -> std::result::Result<VisionConfig, String> {
+    parse_vision_fields(raw, "in_channels", "embed_dim")
 }
 
 /// Microsoft's DaViT config: other names for the same sizes, the projection size at the top level.
@@ -290,18 +296,7 @@ fn parse_original_vision(raw: &Value, top_projection: Option<&Value>) -> std::re
         }
     }
     Ok(VisionConfig {
-        in_channels: usize_or(get("in_chans"), 3, "in_chans")?,
-        depths: usize_list_or(get("depths"), &[1, 1, 9, 1], "depths")?,
-        patch_size: usize_list_or(get("patch_size"), &[7, 3, 3, 3], "patch_size")?,
-        patch_stride: usize_list_or(get("patch_stride"), &[4, 2, 2, 2], "patch_stride")?,
-        patch_padding: usize_list_or(get("patch_padding"), &[3, 1, 1, 1], "patch_padding")?,
-        patch_prenorm: bool_list_or(get("patch_prenorm"), &[false, true, true, true], "patch_prenorm")?,
-        embed_dim: usize_list_or(get("dim_embed"), &[128, 256, 512, 1024], "dim_embed")?,
-        num_heads: usize_list_or(get("num_heads"), &[4, 8, 16, 32], "num_heads")?,
-        num_groups: usize_list_or(get("num_groups"), &[4, 8, 16, 32], "num_groups")?,
-        window_size: usize_or(get("window_size"), 12, "window_size")?,
-        mlp_ratio: f64_or(get("mlp_ratio"), 4.0, "mlp_ratio")?,
-        qkv_bias: bool_or(get("qkv_bias"), true, "qkv_bias")?,
+        // DaViT's activation is fixed (GELU) in Microsoft's code, whatever the config says.
         activation_function: "gelu".into(),
         projection_dim,
         max_temporal_embeddings: usize_or(
@@ -314,6 +309,7 @@ fn parse_original_vision(raw: &Value, top_projection: Option<&Value>) -> std::re
             50,
             "image_pos_embed.max_pos_embeddings",
         )?,
+        ..parse_vision_fields(raw, "in_chans", "dim_embed")?
     })
 }
 

@@ -1,7 +1,8 @@
 //! Image preprocessing: resize exactly like Pillow's `Image.resize` (what transformers' PIL backend of
 //! `CLIPImageProcessor` calls), then rescale and normalize into `pixel_values` `[B, 3, H, W]`.
 //!
-//! Pillow resamples in two separable passes (horizontal, then vertical) with filter weights scaled
+//! Pillow resamples in two separable passes (horizontal then vertical, or the other way round when the
+//! height shrinks much more than the width) with filter weights scaled
 //! by the reduction factor (antialiasing), quantized to 22-bit fixed point, and the intermediate image
 //! rounded and clipped to uint8. `resample` below follows Pillow's `libImaging/Resample.c` step by
 //! step so that the uint8 result is identical.
@@ -213,11 +214,12 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Filter) -> Re
     }
     let need_horizontal = width != img.width;
     let need_vertical = height != img.height;
-    // Pillow 13 runs the vertical pass first when it shrinks the rows and leaves the smaller
-    // intermediate image (observed: this rule reproduces it on random sizes except some
-    // near-square downscales, where Pillow stays horizontal-first).
-    let vertical_first =
-        need_horizontal && need_vertical && height < img.height && height * img.width < img.height * width;
+    // Pillow 13 (libImaging/Resample.c, ImagingResampleInner) runs the vertical pass first when the
+    // height shrinks by more than twice as many pixels as the width does; older Pillow always went
+    // horizontal first. The pass order changes the uint8 rounding of the intermediate image.
+    let rows_removed = img.height as i64 - height as i64;
+    let cols_removed = img.width as i64 - width as i64;
+    let vertical_first = need_horizontal && need_vertical && rows_removed > 0 && rows_removed > cols_removed * 2;
     if vertical_first {
         let tall = vertical_pass(img, height, filter);
         return Ok(horizontal_pass(&tall, width, filter, None));

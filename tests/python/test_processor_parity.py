@@ -175,6 +175,11 @@ def _images():
         "7x3": Image.fromarray(rng.integers(0, 256, (3, 7, 3), dtype=np.uint8)),
         "768x768": Image.fromarray(rng.integers(0, 256, (768, 768, 3), dtype=np.uint8)),
         "tall": Image.fromarray(rng.integers(0, 256, (1500, 90, 3), dtype=np.uint8)),
+        # Pillow 13 resizes these vertical pass first (height shrinks > 2x more pixels than width).
+        "portrait_2018x1594": Image.fromarray(rng.integers(0, 256, (2018, 1594, 3), dtype=np.uint8)),
+        "portrait_4000x3000": Image.fromarray(rng.integers(0, 256, (4000, 3000, 3), dtype=np.uint8)),
+        "landscape_3000x4000": Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)),
+        "near_square_1000x990": Image.fromarray(rng.integers(0, 256, (1000, 990, 3), dtype=np.uint8)),
         "huge_8000x6000": Image.fromarray(
             np.kron(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8))
         ),

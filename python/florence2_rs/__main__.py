@@ -1,0 +1,7 @@
+"""`python -m florence2_rs ...`: the `florence2` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

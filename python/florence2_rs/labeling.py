@@ -1,0 +1,204 @@
+"""Labeling many images with one or several Florence-2 tasks: the loop behind the `florence2` command and
+the Ray Data example.
+
+Each batch of images goes through the vision tower once; every task then generates from the same image
+features (`get_image_features(...).pooler_output`, passed to `generate(image_features=...)`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .modeling import Florence2ForConditionalGeneration
+from .processing import AutoProcessor
+
+DEFAULT_MODEL = "microsoft/Florence-2-base"
+
+# The two halves of the processor's task table (src/processor/prompts.rs, which Python cannot read; a test
+# checks the processor agrees).
+#: Tasks whose prompt is the task token alone, in the processor's table order; `--task all` runs these.
+TASKS_WITHOUT_INPUT = (
+    "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
+    "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>",
+)
+#: Tasks that read an input after the token (a phrase, or a region given as four <loc_*> tokens).
+TASKS_WITH_INPUT = (
+    "<CAPTION_TO_PHRASE_GROUNDING>", "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>",
+    "<OPEN_VOCABULARY_DETECTION>", "<REGION_TO_CATEGORY>", "<REGION_TO_DESCRIPTION>", "<REGION_TO_OCR>",
+)
+
+# Location tokens quantize each axis into this many bins (as the post-processor does).
+_BINS = 1000
+# Answer keys that hold boxes with one score each, and how many location tokens make one of them.
+_SCORED_KEYS = {"bboxes": ("scores", 4), "quad_boxes": ("scores", 8)}
+
+
+def task_token(name: str) -> str:
+    """`"<OD>"`, `"od"` or `"OD"` → `"<OD>"`; raises ValueError for a name that is no Florence-2 task."""
+    token = name.strip()
+    if not token.startswith("<"):
+        token = f"<{token.upper()}>"
+    if token not in TASKS_WITHOUT_INPUT + TASKS_WITH_INPUT:
+        choices = ", ".join(t.strip("<>") for t in TASKS_WITHOUT_INPUT + TASKS_WITH_INPUT)
+        raise ValueError(f"unknown task {name!r}; choose one of: {choices}, or all")
+    return token
+
+
+def load_image(source: Any):
+    """An RGB PIL image from a path, a file object or bytes, turned upright by its EXIF orientation (as
+    transformers' `load_image` does)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with Image.open(source) as opened:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+class Labeler:
+    """A model and processor loaded once, labeling batches of images with a fixed list of tasks.
+
+    Args:
+        model: a checkpoint folder or Hub id (processor files and weights).
+        tasks: task tokens (see `task_token`).
+        text: the input of tasks that need one (a phrase, or `<loc_x1><loc_y1><loc_x2><loc_y2>`).
+        dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+        **generate_kwargs: generation settings (max_new_tokens, num_beams, ...); the defaults are those of
+            Microsoft's Florence-2 examples.
+    """
+
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, tasks: Sequence[str] = ("<OD>",),
+                 text: str | None = None, dtype: str = "auto", **generate_kwargs: Any) -> None:
+        self.tasks = [task_token(t) for t in tasks]
+        for task in self.tasks:
+            if task in TASKS_WITH_INPUT and not text:
+                raise ValueError(f"{task} needs an input: pass text (a phrase or a region)")
+            if task in TASKS_WITHOUT_INPUT and text:
+                raise ValueError(f"{task} takes no input, but text was given")
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        self.generate_kwargs = {"max_new_tokens": 1024, "num_beams": 3, "do_sample": False, **generate_kwargs}
+        # The prompt ids of a task are the same for every image: build them once. The processor's public
+        # __call__ would also resize the images again for each task; encode_prompts builds only the ids
+        # (with the image placeholders of the checkpoint's layout).
+        self._prompt_ids = {
+            task: self.processor._core.encode_prompts([task + (text or "")], True)[0][0] for task in self.tasks
+        }
+        self._loc_bins = _location_bins(self.processor)
+
+    def label(self, images: Sequence[Any]) -> list[list[dict[str, Any]]]:
+        """Runs every task on every image.
+
+        Args:
+            images: RGB PIL images (or H×W×3 uint8 arrays).
+
+        Returns:
+            Per image, one record per task: {"task", "result" (post_process_generation's answer, with
+            "scores" beside boxes, see `add_box_scores`), "timings" (seconds per image: "image" for
+            preprocessing and the vision tower, shared by the tasks, and "generate")}.
+        """
+        count = len(images)
+        start = time.perf_counter()
+        pixel_values = self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+        features = self.model.get_image_features(pixel_values).pooler_output
+        image_s = (time.perf_counter() - start) / count
+        records: list[list[dict[str, Any]]] = [[] for _ in images]
+        for task in self.tasks:
+            start = time.perf_counter()
+            sequences, token_scores = self._generate(task, features, count)
+            generate_s = (time.perf_counter() - start) / count
+            texts = self.processor.batch_decode(sequences, skip_special_tokens=False)
+            for i, image in enumerate(images):
+                size = _image_size(image)
+                answer = self.processor.post_process_generation(texts[i], task=task, image_size=size)[task]
+                if isinstance(answer, dict):
+                    add_box_scores(answer, sequences[i], token_scores[i], self._loc_bins, size)
+                records[i].append({"task": task, "result": answer,
+                                   "timings": {"image": round(image_s, 4), "generate": round(generate_s, 4)}})
+        return records
+
+    def _generate(self, task: str, features: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Generated ids and the log-probability of each generated token, for `count` images' features.
+
+        The per-token log-probabilities (`token_scores`) are in the native result only; the Python
+        `generate(return_dict_in_generate=True)` does not return them (nor transformers' beam_indices)."""
+        ids = np.tile(np.asarray(self._prompt_ids[task], dtype=np.int64), (count, 1))
+        mask = np.ones_like(ids)
+        result = self.model._native.generate(ids, mask, None, np.asarray(features, np.float32),
+                                             json.dumps(self.generate_kwargs))
+        return result["sequences"], result["token_scores"]
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of a PIL image or an H×W(×C) array."""
+    if hasattr(image, "size") and isinstance(image.size, tuple):
+        return image.size
+    shape = np.shape(image)
+    return shape[1], shape[0]
+
+
+def _location_bins(processor: Any) -> dict[int, int]:
+    """Token id → bin of the 1000 `<loc_*>` tokens."""
+    ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{b}>" for b in range(_BINS)])
+    return {token_id: b for b, token_id in enumerate(ids) if token_id is not None}
+
+
+def add_box_scores(answer: dict[str, Any], sequence: Iterable[int], token_scores: Sequence[float],
+                   loc_bins: dict[int, int], image_size: tuple[float, float]) -> None:
+    """Adds a confidence in [0, 1] beside the boxes of an answer: "scores" beside "bboxes" and "quad_boxes".
+
+    A box's confidence is the geometric mean of the probabilities the decoder gave its location tokens. It
+    ranks a model's boxes; it is not a calibrated detection score. Each box of the answer is matched, in
+    order, to the next run of location tokens in the generated ids that dequantizes to its coordinates; a
+    box without a match (none is expected) gets None.
+
+    Args:
+        answer: one task's answer from post_process_generation (changed in place).
+        sequence: the generated ids (starting with the decoder start token).
+        token_scores: the log-probability of each generated token (`sequence[1:]`).
+        loc_bins: token id → bin of the location tokens.
+        image_size: (width, height) given to post_process_generation.
+    """
+    tokens = list(sequence)[1:]
+    for key, (score_key, per_box) in _SCORED_KEYS.items():
+        boxes = answer.get(key)
+        if not boxes:
+            continue
+        windows = _location_windows(tokens, token_scores, loc_bins, image_size, per_box)
+        scores, next_start = [], 0
+        for box in boxes:
+            match = next((w for w in windows if w[0] >= next_start and w[1] == list(box)), None)
+            if match is None:
+                scores.append(None)
+                continue
+            scores.append(match[2])
+            next_start = match[0] + per_box
+        answer[score_key] = scores
+
+
+def _location_windows(tokens: list[int], log_probs: Sequence[float], loc_bins: dict[int, int],
+                      image_size: tuple[float, float], per_box: int) -> list[tuple[int, list[int], float]]:
+    """Every `per_box` consecutive location tokens: (first token's index, pixel coordinates, confidence).
+
+    Windows start anywhere, not only at multiples of `per_box` from a run's start, because the parser may
+    take location tokens as text (an OCR label can begin with one)."""
+    windows = []
+    for start in range(len(tokens) - per_box + 1):
+        window = tokens[start:start + per_box]
+        if all(token in loc_bins for token in window):
+            coords = _dequantize([loc_bins[token] for token in window], image_size)
+            confidence = float(np.exp(np.mean(np.asarray(log_probs[start:start + per_box], np.float64))))
+            windows.append((start, coords, round(confidence, 4)))
+    return windows
+
+
+def _dequantize(bins: Sequence[int], image_size: tuple[float, float]) -> list[int]:
+    """Bins → pixels with the post-processor's float32 arithmetic, so coordinates compare equal."""
+    per_bin = np.array([image_size[0] / _BINS, image_size[1] / _BINS], np.float32)
+    values = (np.asarray(bins, np.float32) + np.float32(0.5)) * np.resize(per_bin, len(bins))
+    return values.astype(np.int32).tolist()
