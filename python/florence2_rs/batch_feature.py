@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ._tensors import dtype_name, is_dtype_like
+
 __all__ = ["BatchFeature"]
 
 
@@ -112,13 +114,15 @@ class BatchFeature(UserDict):
             elif isinstance(value, np.ndarray):
                 if device is not None and str(device) != "cpu":
                     raise ValueError(f"numpy inputs stay on the CPU; got device {device!r} (use return_tensors='pt')")
-                if dtype is not None and np.issubdtype(value.dtype, np.floating):
-                    self.data[key] = value.astype(_numpy_dtype(dtype))
+                target = None if dtype is None else _numpy_dtype(dtype)
+                if target is not None and np.issubdtype(value.dtype, np.floating):
+                    self.data[key] = value.astype(target)
         return self
 
 
 def _is_dtype(value: Any) -> bool:
-    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+    """A torch dtype, a numpy dtype, or a dtype name ("bfloat16", "float16" ...), as opposed to a device."""
+    if is_dtype_like(value):
         return True
     if isinstance(value, str):
         return False
@@ -129,10 +133,11 @@ def _is_dtype(value: Any) -> bool:
     return True
 
 
-def _numpy_dtype(dtype: Any) -> np.dtype:
-    if type(dtype).__module__ == "torch":
-        name = str(dtype).rsplit(".", 1)[-1]
-        if name == "bfloat16":
-            raise ValueError("numpy has no bfloat16; use return_tensors='pt' for bfloat16 inputs")
-        return np.dtype(name)
+def _numpy_dtype(dtype: Any) -> np.dtype | None:
+    """The numpy dtype floating arrays are cast to; None (left as they are) for bfloat16, which numpy lacks:
+    the model casts its float32 inputs to its own dtype, so `.to(model.device, model.dtype)` works without
+    torch too."""
+    if is_dtype_like(dtype):
+        name = dtype_name(dtype, allow_auto=False)
+        return None if name == "bfloat16" else np.dtype(name)
     return np.dtype(dtype)

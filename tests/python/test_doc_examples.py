@@ -115,7 +115,7 @@ def _automodel_example(folder, image_path, torch_free: bool) -> str:
         source = _substitute(source, [
             ("import torch\n", ""),
             ("dtype=torch.bfloat16", 'dtype="bfloat16"'),
-            ('return_tensors="pt").to(model.device, torch.bfloat16)', 'return_tensors="np").to(model.device)'),
+            ('return_tensors="pt").to(model.device, torch.bfloat16)', 'return_tensors="np").to(model.device, model.dtype)'),
         ])
     return source
 
