@@ -8,7 +8,6 @@ features (`get_image_features(...).pooler_output`, passed to `generate(image_fea
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from typing import Any, Iterable, Sequence
@@ -123,15 +122,12 @@ class Labeler:
         return records
 
     def _generate(self, task: str, features: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Generated ids and the log-probability of each generated token, for `count` images' features.
-
-        The per-token log-probabilities (`token_scores`) are in the native result only; the Python
-        `generate(return_dict_in_generate=True)` does not return them (nor transformers' beam_indices)."""
+        """Generated ids and the log-probability of each generated token, for `count` images' features."""
         ids = np.tile(np.asarray(self._prompt_ids[task], dtype=np.int64), (count, 1))
-        mask = np.ones_like(ids)
-        result = self.model._native.generate(ids, mask, None, np.asarray(features, np.float32),
-                                             json.dumps(self.generate_kwargs))
-        return result["sequences"], result["token_scores"]
+        result = self.model.generate(input_ids=ids, attention_mask=np.ones_like(ids),
+                                     image_features=np.asarray(features, np.float32),
+                                     **{**self.generate_kwargs, "return_dict_in_generate": True})
+        return result.sequences, result.token_scores
 
 
 def _image_size(image: Any) -> tuple[int, int]:

@@ -297,7 +297,10 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
 
         Returns:
             ids [batch * num_return_sequences, length] (numpy, or torch when the inputs were torch), or a
-            GenerateOutput with sequences/sequences_scores/scores when return_dict_in_generate=True.
+            GenerateOutput with sequences/sequences_scores/scores when return_dict_in_generate=True, plus
+            `token_scores` (not in transformers): the log-probability of each generated token, [N, length - 1]
+            (beam search: transformers' compute_transition_scores with beam_indices; greedy/sampling: with
+            normalize_logits=True; 0 for forced and padding tokens).
         """
         if input_ids is None:
             raise ValueError("generate() needs input_ids (build them with the processor)")
@@ -321,6 +324,7 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             sequences=sequences,
             sequences_scores=wrap(result.get("sequences_scores"), as_torch),
             scores=None if result.get("scores") is None else tuple(wrap(s, as_torch) for s in result["scores"]),
+            token_scores=wrap(result["token_scores"], as_torch),
         )
 
 

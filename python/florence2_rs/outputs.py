@@ -40,4 +40,5 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 
 class GenerateOutput(ModelOutput):
-    """`sequences`, `sequences_scores` (beam search) and `scores` (per step), for return_dict_in_generate."""
+    """`sequences`, `sequences_scores` (beam search) and `scores` (per step), for return_dict_in_generate; and
+    `token_scores`, florence2_rs's per-token log-probabilities (the source of the per-box confidences)."""
