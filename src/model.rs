@@ -266,14 +266,21 @@ impl Florence2ForConditionalGeneration {
         cfg: &GenerationConfig,
     ) -> Result<GenerateOutput> {
         let batch = input_ids.dim(0)?;
-        let encoder = self.encode(input_ids, attention_mask, image_features)?.expand(cfg.expand_factor())?;
-        let mut state = self.start_decoding(&encoder)?;
+        let encoder = self.encode(input_ids, attention_mask, image_features)?;
+        let mut state = self.start_decoding_grouped(&encoder, cfg.expand_factor())?;
         crate::generation::generate(&mut state, cfg, batch)
     }
 
     /// Starts decoding from `encoder` (already expanded to the decoding rows).
     pub fn start_decoding(&self, encoder: &EncoderOutput) -> Result<DecoderState<'_>> {
-        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask)?;
+        self.start_decoding_grouped(encoder, 1)
+    }
+
+    /// Starts decoding `group` consecutive rows per row of `encoder` (the `num_beams` beams of each item),
+    /// as [`Self::start_decoding`] on `encoder.expand(group)` would, without copying the encoder states per
+    /// row. Beam reordering must then keep each row within its item's group, as beam search does.
+    pub fn start_decoding_grouped(&self, encoder: &EncoderOutput, group: usize) -> Result<DecoderState<'_>> {
+        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask, group)?;
         Ok(DecoderState { model: self, cache })
     }
 
@@ -323,8 +330,6 @@ impl DecoderSession for DecoderState<'_> {
     }
 
     fn reorder(&mut self, order: &[usize]) -> Result<()> {
-        let order: Vec<u32> = order.iter().map(|&i| i as u32).collect();
-        let order = Tensor::new(order.as_slice(), &self.model.device)?;
-        Ok(self.cache.reorder(&order)?)
+        Ok(self.cache.reorder(order)?)
     }
 }
