@@ -8,10 +8,11 @@
 //! candle-transformers).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::nn::attention;
+use crate::quantize::{Linear, Quantization};
 
 /// BART's learned positions start at row 2 (rows 0 and 1 were reserved for padding in fairseq).
 const POSITION_OFFSET: usize = 2;
@@ -37,12 +38,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, num_heads: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         Ok(Self {
-            q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            q_proj: Linear::load(dim, dim, true, vb.pp("q_proj"), q)?,
+            k_proj: Linear::load(dim, dim, true, vb.pp("k_proj"), q)?,
+            v_proj: Linear::load(dim, dim, true, vb.pp("v_proj"), q)?,
+            out_proj: Linear::load(dim, dim, true, vb.pp("out_proj"), q)?,
             num_heads,
             head_dim: dim / num_heads,
         })
@@ -91,8 +92,12 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, ffn_dim: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: candle_nn::linear(dim, ffn_dim, vb.pp("fc1"))?, fc2: candle_nn::linear(ffn_dim, dim, vb.pp("fc2"))?, act })
+    fn new(dim: usize, ffn_dim: usize, act: Activation, vb: &VarBuilder, q: Option<Quantization>) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::load(dim, ffn_dim, true, vb.pp("fc1"), q)?,
+            fc2: Linear::load(ffn_dim, dim, true, vb.pp("fc2"), q)?,
+            act,
+        })
     }
 }
 
@@ -110,12 +115,12 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?,
+            self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            ffn: FeedForward::new(d, cfg.encoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::new(d, cfg.encoder_ffn_dim, act, &vb, q)?,
             final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
@@ -137,15 +142,15 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.d_model;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: Attention::new(d, heads, vb.pp("self_attn"))?,
+            self_attn: Attention::new(d, heads, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"))?,
+            encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"), q)?,
             encoder_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("encoder_attn_layer_norm"))?,
-            ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb, q)?,
             final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
@@ -192,9 +197,9 @@ pub struct BartEncoder {
 }
 
 impl BartEncoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let layers = (0..cfg.encoder_layers)
-            .map(|i| EncoderLayer::new(cfg, act, vb.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
     }
@@ -282,9 +287,9 @@ pub struct BartDecoder {
 }
 
 impl BartDecoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let layers = (0..cfg.decoder_layers)
-            .map(|i| DecoderLayer::new(cfg, act, vb.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
     }
@@ -347,15 +352,16 @@ pub struct BartModel {
 }
 
 impl BartModel {
-    /// Loads from `vb` at `model.language_model`.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads from `vb` at `model.language_model`, the linear layers quantized when `q` says so (the shared
+    /// token embedding stays as stored).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let shared = candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?;
         Ok(Self {
             shared,
             embed_scale: if cfg.scale_embedding { (cfg.d_model as f64).sqrt() } else { 1.0 },
-            encoder: BartEncoder::new(cfg, act, vb.pp("encoder"))?,
-            decoder: BartDecoder::new(cfg, act, vb.pp("decoder"))?,
+            encoder: BartEncoder::new(cfg, act, vb.pp("encoder"), q)?,
+            decoder: BartDecoder::new(cfg, act, vb.pp("decoder"), q)?,
         })
     }
 

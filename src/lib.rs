@@ -20,6 +20,7 @@ pub mod model;
 mod nn;
 pub mod processor;
 pub mod projector;
+pub mod quantize;
 pub mod vision;
 pub mod weights;
 
