@@ -11,7 +11,7 @@
 //! Microsoft's original) load through [`weights`].
 
 pub mod config;
-mod depthwise;
+pub mod depthwise;
 pub mod error;
 pub mod generation;
 pub mod hub;
