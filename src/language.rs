@@ -8,10 +8,11 @@
 //! candle-transformers).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::nn::attention;
+use crate::quantize::{Linear, Quantization};
 
 /// BART's learned positions start at row 2 (rows 0 and 1 were reserved for padding in fairseq).
 const POSITION_OFFSET: usize = 2;
@@ -37,12 +38,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, num_heads: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         Ok(Self {
-            q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            q_proj: Linear::load(dim, dim, true, vb.pp("q_proj"), q)?,
+            k_proj: Linear::load(dim, dim, true, vb.pp("k_proj"), q)?,
+            v_proj: Linear::load(dim, dim, true, vb.pp("v_proj"), q)?,
+            out_proj: Linear::load(dim, dim, true, vb.pp("out_proj"), q)?,
             num_heads,
             head_dim: dim / num_heads,
         })
@@ -59,12 +60,27 @@ impl Attention {
         Ok((self.split_heads(&xs.apply(&self.k_proj)?)?, self.split_heads(&xs.apply(&self.v_proj)?)?))
     }
 
-    /// Attends from `xs` to the given keys/values; `mask` is additive, broadcastable to `[B, heads, T, S]`.
-    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Attends from `xs` `[B, T, D]` to the given keys/values; `mask` is additive, broadcastable to
+    /// `[B / group, heads, group * T, S]`.
+    ///
+    /// With `group > 1`, each run of `group` consecutive rows of `xs` shares one row of keys/values
+    /// (`[B / group, heads, S, head_dim]`): the beams of one item attending to its encoder states. Their
+    /// queries are stacked so that the keys/values are read once per item, not once per beam, and never
+    /// copied per beam (measured on base, 3 beams x 581 encoder tokens: see README "Performance").
+    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>, group: usize) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
         let q = self.split_heads(&xs.apply(&self.q_proj)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        attention(&q, keys, values, scale, mask)?.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.out_proj)
+        let scale = (hd as f64).powf(-0.5);
+        let out = if group == 1 {
+            attention(&q, keys, values, scale, mask)?
+        } else {
+            let items = b / group;
+            let q = q.reshape((items, group, h, t, hd))?.transpose(1, 2)?.reshape((items, h, group * t, hd))?;
+            let out = attention(&q, keys, values, scale, mask)?;
+            out.reshape((items, h, group, t, hd))?.transpose(1, 2)?.reshape((b, h, t, hd))?
+        };
+        out.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.out_proj)
     }
 }
 
@@ -76,8 +92,12 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, ffn_dim: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: candle_nn::linear(dim, ffn_dim, vb.pp("fc1"))?, fc2: candle_nn::linear(ffn_dim, dim, vb.pp("fc2"))?, act })
+    fn new(dim: usize, ffn_dim: usize, act: Activation, vb: &VarBuilder, q: Option<Quantization>) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::load(dim, ffn_dim, true, vb.pp("fc1"), q)?,
+            fc2: Linear::load(ffn_dim, dim, true, vb.pp("fc2"), q)?,
+            act,
+        })
     }
 }
 
@@ -95,19 +115,19 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?,
+            self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            ffn: FeedForward::new(d, cfg.encoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::new(d, cfg.encoder_ffn_dim, act, &vb, q)?,
             final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (k, v) = self.self_attn.key_values(xs)?;
-        let xs = (xs + self.self_attn.attend(xs, &k, &v, Some(mask))?)?.apply(&self.self_attn_layer_norm)?;
+        let xs = (xs + self.self_attn.attend(xs, &k, &v, Some(mask), 1)?)?.apply(&self.self_attn_layer_norm)?;
         (&xs + xs.apply(&self.ffn)?)?.apply(&self.final_layer_norm)
     }
 }
@@ -122,15 +142,15 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let d = cfg.d_model;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: Attention::new(d, heads, vb.pp("self_attn"))?,
+            self_attn: Attention::new(d, heads, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
-            encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"))?,
+            encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"), q)?,
             encoder_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("encoder_attn_layer_norm"))?,
-            ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb)?,
+            ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb, q)?,
             final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
@@ -177,9 +197,9 @@ pub struct BartEncoder {
 }
 
 impl BartEncoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let layers = (0..cfg.encoder_layers)
-            .map(|i| EncoderLayer::new(cfg, act, vb.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
     }
@@ -214,17 +234,21 @@ fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<T
 }
 
 /// Per-layer decoder state: self-attention keys/values so far and the cross-attention keys/values.
+///
+/// The cross-attention keys/values and the encoder mask have one row per encoder output; each serves
+/// `group` consecutive decoder rows (the beams or returned sequences of one item).
 pub struct DecoderCache {
     self_kv: Vec<Option<(Tensor, Tensor)>>,
     cross_kv: Vec<(Tensor, Tensor)>,
     encoder_mask: Tensor,
+    group: usize,
     past: usize,
 }
 
 impl DecoderCache {
     /// Rows of the cache (the decoding batch).
     pub fn rows(&self) -> Result<usize> {
-        self.encoder_mask.dim(0)
+        Ok(self.encoder_mask.dim(0)? * self.group)
     }
 
     /// Number of decoder positions already cached.
@@ -232,16 +256,26 @@ impl DecoderCache {
         self.past
     }
 
-    /// Keeps row `order[i]` as row `i` (beam search reordering; rows may repeat).
-    pub fn reorder(&mut self, order: &Tensor) -> Result<()> {
-        let pick = |t: &Tensor| t.index_select(order, 0);
+    /// Keeps row `order[i]` as row `i` (beam search reordering; rows may repeat). With `group > 1` a row
+    /// may only take a row of its own group, whose encoder states it shares.
+    pub fn reorder(&mut self, order: &[usize]) -> Result<()> {
+        let group = self.group;
+        let leaves_group = |(i, &o): &(usize, &usize)| group > 1 && i / group != o / group;
+        if let Some((i, o)) = order.iter().enumerate().find(leaves_group) {
+            candle_core::bail!("cannot reorder decoder row {i} from row {o}: rows share encoder states in groups of {group}");
+        }
+        let index: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+        let index = Tensor::new(index.as_slice(), self.encoder_mask.device())?;
+        let pick = |t: &Tensor| t.index_select(&index, 0);
         for kv in self.self_kv.iter_mut().flatten() {
             *kv = (pick(&kv.0)?, pick(&kv.1)?);
         }
-        for kv in &mut self.cross_kv {
-            *kv = (pick(&kv.0)?, pick(&kv.1)?);
+        if group == 1 {
+            for kv in &mut self.cross_kv {
+                *kv = (pick(&kv.0)?, pick(&kv.1)?);
+            }
+            self.encoder_mask = pick(&self.encoder_mask)?;
         }
-        self.encoder_mask = pick(&self.encoder_mask)?;
         Ok(())
     }
 }
@@ -253,16 +287,20 @@ pub struct BartDecoder {
 }
 
 impl BartDecoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let layers = (0..cfg.decoder_layers)
-            .map(|i| DecoderLayer::new(cfg, act, vb.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
     }
 
-    /// A fresh cache for `encoder_states` `[B, S, D]` with its `[B, S]` attention mask: the cross-attention
-    /// keys and values are computed here, once.
-    pub fn new_cache(&self, encoder_states: &Tensor, encoder_attention_mask: &Tensor) -> Result<DecoderCache> {
+    /// A fresh cache for `encoder_states` `[B, S, D]` with its `[B, S]` attention mask, decoding `group`
+    /// consecutive rows per encoder row (`B * group` rows): the cross-attention keys and values are
+    /// computed here, once, and never copied per row.
+    pub fn new_cache(&self, encoder_states: &Tensor, encoder_attention_mask: &Tensor, group: usize) -> Result<DecoderCache> {
+        if group == 0 {
+            candle_core::bail!("a decoder cache needs at least one row per encoder output");
+        }
         let cross_kv = self
             .layers
             .iter()
@@ -272,6 +310,7 @@ impl BartDecoder {
             self_kv: vec![None; self.layers.len()],
             cross_kv,
             encoder_mask: padding_mask(encoder_attention_mask, encoder_states.dtype())?,
+            group,
             past: 0,
         })
     }
@@ -289,12 +328,12 @@ impl BartDecoder {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
             };
-            let attended = layer.self_attn.attend(&xs, &k, &v, causal.as_ref())?;
+            let attended = layer.self_attn.attend(&xs, &k, &v, causal.as_ref(), 1)?;
             cache.self_kv[i] = Some((k, v));
             xs = (xs + attended)?.apply(&layer.self_attn_layer_norm)?;
 
             let (ck, cv) = &cache.cross_kv[i];
-            let attended = layer.encoder_attn.attend(&xs, ck, cv, Some(&cache.encoder_mask))?;
+            let attended = layer.encoder_attn.attend(&xs, ck, cv, Some(&cache.encoder_mask), cache.group)?;
             xs = (xs + attended)?.apply(&layer.encoder_attn_layer_norm)?;
 
             xs = (&xs + xs.apply(&layer.ffn)?)?.apply(&layer.final_layer_norm)?;
@@ -313,15 +352,16 @@ pub struct BartModel {
 }
 
 impl BartModel {
-    /// Loads from `vb` at `model.language_model`.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads from `vb` at `model.language_model`, the linear layers quantized when `q` says so (the shared
+    /// token embedding stays as stored).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let shared = candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?;
         Ok(Self {
             shared,
             embed_scale: if cfg.scale_embedding { (cfg.d_model as f64).sqrt() } else { 1.0 },
-            encoder: BartEncoder::new(cfg, act, vb.pp("encoder"))?,
-            decoder: BartDecoder::new(cfg, act, vb.pp("decoder"))?,
+            encoder: BartEncoder::new(cfg, act, vb.pp("encoder"), q)?,
+            decoder: BartDecoder::new(cfg, act, vb.pp("decoder"), q)?,
         })
     }
 

@@ -11,7 +11,7 @@
 //! Microsoft's original) load through [`weights`].
 
 pub mod config;
-mod depthwise;
+pub mod depthwise;
 pub mod error;
 pub mod generation;
 pub mod hub;
@@ -20,6 +20,7 @@ pub mod model;
 mod nn;
 pub mod processor;
 pub mod projector;
+pub mod quantize;
 pub mod vision;
 pub mod weights;
 

@@ -17,6 +17,7 @@ use crate::config::{Florence2Config, Layout};
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::language::{BartModel, DecoderCache};
 use crate::projector::Florence2MultiModalProjector;
+use crate::quantize::Quantization;
 use crate::vision::Florence2VisionBackbone;
 use crate::weights::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::{Error, Result};
@@ -61,6 +62,12 @@ pub struct Florence2ForConditionalGeneration {
 impl Florence2ForConditionalGeneration {
     /// Loads `config.json` and the safetensors weights from a checkpoint folder of either layout.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_dir_quantized(dir, dtype, device, None)
+    }
+
+    /// [`Self::from_dir`], with the linear layers of the vision tower, projector and BART quantized when
+    /// `quantize` says so (see [`crate::quantize`]).
+    pub fn from_dir_quantized(dir: &Path, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::NotFound {
                 path: dir.to_path_buf(),
@@ -69,7 +76,7 @@ impl Florence2ForConditionalGeneration {
         }
         let config = Florence2Config::from_file(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
-        Self::new(config, checkpoint, dtype, device)
+        Self::build(config, checkpoint, dtype, device, quantize)
     }
 
     /// transformers' `dtype="auto"`: the config's `dtype`/`torch_dtype`, else the stored weights' dtype.
@@ -89,6 +96,16 @@ impl Florence2ForConditionalGeneration {
 
     /// Builds the model from a parsed config and opened weights.
     pub fn new(config: Florence2Config, checkpoint: Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(config, checkpoint, dtype, device, None)
+    }
+
+    fn build(
+        config: Florence2Config,
+        checkpoint: Checkpoint,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let source = checkpoint.source().to_path_buf();
         if checkpoint.layout() != config.layout {
             return Err(Error::Weights {
@@ -102,14 +119,21 @@ impl Florence2ForConditionalGeneration {
             });
         }
         let vb = checkpoint.var_builder(dtype, device);
-        Self::load(config, vb, dtype, device).map_err(|e| Error::Weights { path: source, msg: e.to_string() })
+        Self::load(config, vb, dtype, device, quantize).map_err(|e| Error::Weights { path: source, msg: e.to_string() })
     }
 
-    fn load(config: Florence2Config, vb: VarBuilder, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    fn load(
+        config: Florence2Config,
+        vb: VarBuilder,
+        dtype: DType,
+        device: &Device,
+        q: Option<Quantization>,
+    ) -> candle_core::Result<Self> {
         let text = &config.text;
-        let vision_tower = Florence2VisionBackbone::new(&config.vision, vb.pp("model.vision_tower"))?;
-        let projector = Florence2MultiModalProjector::new(&config.vision, vb.pp("model.multi_modal_projector"))?;
-        let language = BartModel::new(text, vb.pp("model.language_model"))?;
+        let vision_tower = Florence2VisionBackbone::new(&config.vision, vb.pp("model.vision_tower"), q)?;
+        let projector = Florence2MultiModalProjector::new(&config.vision, vb.pp("model.multi_modal_projector"), q)?;
+        let language = BartModel::new(text, vb.pp("model.language_model"), q)?;
+        // The LM head stays dense: in the HF-native layout it is the token embedding itself.
         let lm_head = Linear::new(vb.get((text.vocab_size, text.d_model), "lm_head.weight")?, None);
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
             // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
@@ -266,14 +290,21 @@ impl Florence2ForConditionalGeneration {
         cfg: &GenerationConfig,
     ) -> Result<GenerateOutput> {
         let batch = input_ids.dim(0)?;
-        let encoder = self.encode(input_ids, attention_mask, image_features)?.expand(cfg.expand_factor())?;
-        let mut state = self.start_decoding(&encoder)?;
+        let encoder = self.encode(input_ids, attention_mask, image_features)?;
+        let mut state = self.start_decoding_grouped(&encoder, cfg.expand_factor())?;
         crate::generation::generate(&mut state, cfg, batch)
     }
 
     /// Starts decoding from `encoder` (already expanded to the decoding rows).
     pub fn start_decoding(&self, encoder: &EncoderOutput) -> Result<DecoderState<'_>> {
-        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask)?;
+        self.start_decoding_grouped(encoder, 1)
+    }
+
+    /// Starts decoding `group` consecutive rows per row of `encoder` (the `num_beams` beams of each item),
+    /// as [`Self::start_decoding`] on `encoder.expand(group)` would, without copying the encoder states per
+    /// row. Beam reordering must then keep each row within its item's group, as beam search does.
+    pub fn start_decoding_grouped(&self, encoder: &EncoderOutput, group: usize) -> Result<DecoderState<'_>> {
+        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask, group)?;
         Ok(DecoderState { model: self, cache })
     }
 
@@ -323,8 +354,6 @@ impl DecoderSession for DecoderState<'_> {
     }
 
     fn reorder(&mut self, order: &[usize]) -> Result<()> {
-        let order: Vec<u32> = order.iter().map(|&i| i as u32).collect();
-        let order = Tensor::new(order.as_slice(), &self.model.device)?;
-        Ok(self.cache.reorder(&order)?)
+        Ok(self.cache.reorder(order)?)
     }
 }

@@ -8,10 +8,11 @@
 //! LayerNorm.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
 use crate::nn::nchw_to_tokens;
+use crate::quantize::{Linear, Quantization};
 
 /// transformers' `Florence2MultiModalProjector`.
 pub struct Florence2MultiModalProjector {
@@ -26,12 +27,12 @@ pub struct Florence2MultiModalProjector {
 
 impl Florence2MultiModalProjector {
     /// Loads from `vb` at `model.multi_modal_projector`.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let dim = *cfg.embed_dim.last().ok_or_else(|| candle_core::Error::Msg("empty embed_dim".into()))?;
         let max_positions = cfg.max_position_embeddings;
         let pos = vb.pp("image_position_embed");
         Ok(Self {
-            image_projection: candle_nn::linear_no_bias(dim, cfg.projection_dim, vb.pp("image_projection"))?,
+            image_projection: Linear::load(dim, cfg.projection_dim, false, vb.pp("image_projection"), q)?,
             image_proj_norm: candle_nn::layer_norm(cfg.projection_dim, 1e-5, vb.pp("image_proj_norm"))?,
             row_embeddings: candle_nn::embedding(max_positions, dim / 2, pos.pp("row_embeddings"))?,
             column_embeddings: candle_nn::embedding(max_positions, dim - dim / 2, pos.pp("column_embeddings"))?,

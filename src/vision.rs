@@ -8,10 +8,11 @@
 //! Drop-path is identity at inference and has no weights, so it does not appear here.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
 use crate::nn::{attention, layer_norm_nchw, nchw_to_tokens, tokens_to_nchw};
+use crate::quantize::{Linear, Quantization};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -106,12 +107,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &VisionConfig, dim: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, dim: usize, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         // transformers truncates: int(dim * mlp_ratio).
         let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
-            fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?,
+            fc1: Linear::load(dim, hidden, true, vb.pp("fc1"), q)?,
+            fc2: Linear::load(hidden, dim, true, vb.pp("fc2"), q)?,
             act,
         })
     }
@@ -134,12 +135,12 @@ struct WindowAttention {
 }
 
 impl WindowAttention {
-    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         let num_heads = cfg.num_heads[stage];
         Ok(Self {
-            qkv: candle_nn::linear_b(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"))?,
-            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            qkv: Linear::load(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"), q)?,
+            proj: Linear::load(dim, dim, true, vb.pp("proj"), q)?,
             num_heads,
             window: cfg.window_size,
             scale: ((dim / num_heads) as f64).powf(-0.5),
@@ -194,11 +195,11 @@ struct ChannelAttention {
 }
 
 impl ChannelAttention {
-    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         Ok(Self {
-            qkv: candle_nn::linear_b(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"))?,
-            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            qkv: Linear::load(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"), q)?,
+            proj: Linear::load(dim, dim, true, vb.pp("proj"), q)?,
             groups: cfg.num_groups[stage],
         })
     }
@@ -237,12 +238,12 @@ struct DualBlock {
 }
 
 impl DualBlock {
-    fn new(cfg: &VisionConfig, stage: usize, spatial: bool, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, stage: usize, spatial: bool, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         let mixer = if spatial {
-            Mixer::Window(WindowAttention::new(cfg, stage, vb.pp("window_attn"))?)
+            Mixer::Window(WindowAttention::new(cfg, stage, vb.pp("window_attn"), q)?)
         } else {
-            Mixer::Channel(ChannelAttention::new(cfg, stage, vb.pp("channel_attn"))?)
+            Mixer::Channel(ChannelAttention::new(cfg, stage, vb.pp("channel_attn"), q)?)
         };
         Ok(Self {
             conv1: DepthwiseConv::new(dim, vb.pp("conv1"))?,
@@ -250,7 +251,7 @@ impl DualBlock {
             mixer,
             conv2: DepthwiseConv::new(dim, vb.pp("conv2"))?,
             norm2: candle_nn::layer_norm(dim, LN_EPS, vb.pp("norm2"))?,
-            ffn: Mlp::new(cfg, dim, act, vb.pp("ffn"))?,
+            ffn: Mlp::new(cfg, dim, act, vb.pp("ffn"), q)?,
         })
     }
 
@@ -279,8 +280,8 @@ pub struct Florence2VisionBackbone {
 }
 
 impl Florence2VisionBackbone {
-    /// Loads from `vb` at `model.vision_tower`.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads from `vb` at `model.vision_tower`, the linear layers quantized when `q` says so.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let mut convs = Vec::with_capacity(cfg.embed_dim.len());
         let mut blocks = Vec::with_capacity(cfg.embed_dim.len());
@@ -291,8 +292,8 @@ impl Florence2VisionBackbone {
                 .map(|i| {
                     let block_vb = stage_vb.pp(i.to_string());
                     Ok((
-                        DualBlock::new(cfg, stage, true, act, block_vb.pp("spatial_block"))?,
-                        DualBlock::new(cfg, stage, false, act, block_vb.pp("channel_block"))?,
+                        DualBlock::new(cfg, stage, true, act, block_vb.pp("spatial_block"), q)?,
+                        DualBlock::new(cfg, stage, false, act, block_vb.pp("channel_block"), q)?,
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;

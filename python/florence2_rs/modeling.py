@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +66,6 @@ class Florence2PreTrainedModel:
                 raise ValueError("device_map must place the whole model on one device")
             device_map = devices.pop()
         quantize = quantize_mode(kwargs.pop("quantization_config", None))
-        if quantize is not None:
-            warnings.warn(
-                f"quantization_config ({quantize}) is accepted but not applied yet: the model runs unquantized in "
-                "the chosen dtype",
-                stacklevel=2,
-            )
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         for key in list(kwargs):
             if key in _ACCEPTED_NO_EFFECT:
@@ -340,9 +333,7 @@ def _json_default(value: Any) -> Any:
 def _load_native(folder: Path, dtype: str, device: str, quantize: str | None) -> Any:
     """Loads the Rust model: the one place every model class loads weights through.
 
-    `quantize` ("int8", "int4" or None) comes from `quantization_config`; from_pretrained warns that it is not
-    applied while the native loader lacks the argument.
+    `quantize` ("int8", "int4" or None) comes from `quantization_config`: the linear layers' weights are
+    quantized (candle's Q8_0 / Q4_0), the embeddings and LM head stay in `dtype`.
     """
-    # QUANTIZATION CALL SITE: once NativeModel.load(path, dtype, device, quantize=None) is merged, pass
-    # `quantize=quantize` here and drop the "not applied yet" warning in from_pretrained.
-    return _native.NativeModel.load(folder, dtype, device)
+    return _native.NativeModel.load(folder, dtype, device, quantize=quantize)

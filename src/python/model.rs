@@ -12,6 +12,7 @@ use pyo3::types::PyDict;
 use super::arrays::{HostArray, HostOutput};
 use crate::generation::{GenerateOutput, GenerationConfig};
 use crate::model::Florence2ForConditionalGeneration;
+use crate::quantize::Quantization;
 use crate::{Error, Result};
 
 /// Parses a dtype name as the Python layer normalizes them ("float32", "float16", "bfloat16").
@@ -75,17 +76,20 @@ fn ids(array: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<HostArray<i64>
 #[pymethods]
 impl PyModel {
     /// Loads a checkpoint folder (config.json + model.safetensors, either layout). `dtype` "auto" follows
-    /// transformers: the config's dtype, else the stored weights'.
+    /// transformers: the config's dtype, else the stored weights'. `quantize` "int8" or "int4" stores the
+    /// linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf, dtype: &str, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, dtype, device, quantize=None))]
+    fn load(py: Python<'_>, path: PathBuf, dtype: &str, device: &str, quantize: Option<&str>) -> PyResult<Self> {
         let device = parse_device(device)?;
+        let quantize = quantize.map(Quantization::parse).transpose()?;
         let dtype = if dtype == "auto" { None } else { Some(parse_dtype(dtype)?) };
         let (model, generation) = py.detach(move || {
             let dtype = match dtype {
                 Some(dtype) => dtype,
                 None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
             };
-            let model = Florence2ForConditionalGeneration::from_dir(&path, dtype, &device)?;
+            let model = Florence2ForConditionalGeneration::from_dir_quantized(&path, dtype, &device, quantize)?;
             Ok::<_, Error>((model, GenerationConfig::from_dir(&path)?))
         })?;
         Ok(Self { inner: Arc::new(model), generation })

@@ -1,0 +1,206 @@
+"""Side-by-side CPU benchmark: transformers' Florence-2 against florence2-rs on the same checkpoint.
+
+Both sides load the same full-size random-weight checkpoint (made by transformers itself through
+tests/fixtures/make_fixtures.py), each in its own subprocess limited to the same number of threads
+(torch.set_num_threads + OMP/MKL for transformers, RAYON_NUM_THREADS for florence2-rs), and do the same
+forced work:
+
+- cold start: `import` of the package plus `from_pretrained` (the first thing a user's script waits for);
+- generate: an `<OD>`-shaped prompt (577 `<image>` tokens + `<s><OD></s>`-like ids), one 768x768 image,
+  num_beams=3 and exactly N new tokens (min_new_tokens = max_new_tokens = N), after one warm-up call;
+- vision: the DaViT vision tower alone on the image;
+- encoder: the BART encoder over the 581 prompt tokens (the image tokens embedded as text, no vision) plus
+  one decoder position, the same call on both sides (`model(input_ids, decoder_input_ids=[[2]])`);
+- decode step: one beam-search step over 3 beams, as (generate N tokens - generate 1 token) / (N - 1), the
+  same subtraction on both sides, so that it counts what a step really costs inside generate (decoder
+  forward, LM head, logits processors, beam bookkeeping, cache reordering);
+- peak RSS of the process (getrusage), which includes the import and the timed runs.
+
+    python benches/compare.py --checkpoints /work/bench-ckpt [--spec base --spec large] [--dtype float32
+        --dtype bfloat16] [--repeats 5] [--threads 2]
+
+Run it with a Python that has transformers + torch and florence2_rs installed (the reference environment).
+Missing checkpoints are built into --checkpoints first (about 1 GB for base, 3 GB for large, both layouts);
+existing ones are reused. Prints one table of medians and the ratio transformers / florence2-rs per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_FIXTURES = ROOT / "tests" / "fixtures" / "make_fixtures.py"
+IMAGE_TOKEN = 51289  # `<image>` in the released HF-native vocabulary (image_token_id of the base/large specs)
+IMAGE_TOKENS = 577
+PROMPT = [0, 5, 9, 2]  # `<s>`, two prompt tokens, `</s>`: the length of a tokenized `<OD>` task prompt
+DECODER_START = 2
+SIDES = ("transformers", "florence2-rs")
+
+
+# -- the worker: one side, one checkpoint, one dtype, in its own process ----------------------------------
+
+def _inputs(seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pixel_values = rng.standard_normal((1, 3, 768, 768), dtype=np.float32)
+    input_ids = np.array([[IMAGE_TOKEN] * IMAGE_TOKENS + PROMPT], dtype=np.int64)
+    return pixel_values, input_ids
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _load_transformers(path: Path, dtype: str, threads: int):
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+
+    def run(kind: str, pixel_values, input_ids, new_tokens: int = 0):
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids)
+            pixels = torch.from_numpy(pixel_values).to(torch_dtype)
+            if kind == "generate":
+                out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                     num_beams=3, do_sample=False, min_new_tokens=new_tokens,
+                                     max_new_tokens=new_tokens)
+                return out[0].tolist()
+            if kind == "vision":
+                return model.model.vision_tower(pixels)
+            return model(input_ids=ids, decoder_input_ids=torch.tensor([[DECODER_START]]))
+
+    return run
+
+
+def _load_ours(path: Path, dtype: str, threads: int):
+    import numpy as np
+    from florence2_rs import Florence2ForConditionalGeneration
+
+    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+
+    def run(kind: str, pixel_values, input_ids, new_tokens: int = 0):
+        if kind == "generate":
+            out = model.generate(input_ids=input_ids, pixel_values=pixel_values,
+                                 attention_mask=np.ones_like(input_ids), num_beams=3, do_sample=False,
+                                 min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+            return out[0].tolist()
+        if kind == "vision":
+            return model._native.vision_features(pixel_values)
+        return model(input_ids=input_ids, decoder_input_ids=np.array([[DECODER_START]], dtype=np.int64))
+
+    return run
+
+
+def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_tokens: int) -> dict:
+    import resource
+
+    start = time.perf_counter()
+    run = (_load_transformers if side == "transformers" else _load_ours)(path, dtype, threads)
+    cold = time.perf_counter() - start
+
+    pixel_values, input_ids = _inputs()
+    ids = run("generate", pixel_values, input_ids, new_tokens)  # warm-up, and the answer to compare
+    generate = _median_time(lambda: run("generate", pixel_values, input_ids, new_tokens), repeats)
+    generate_one = _median_time(lambda: run("generate", pixel_values, input_ids, 1), repeats)
+    vision = _median_time(lambda: run("vision", pixel_values, input_ids), repeats)
+    encoder = _median_time(lambda: run("encoder", pixel_values, input_ids), repeats)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "cold start (s)": cold,
+        f"generate <OD> 3 beams {new_tokens} tokens (s)": generate,
+        "vision tower (s)": vision,
+        "encoder + 1 decoder position (s)": encoder,
+        "decode step, 3 beams (ms)": 1000 * (generate - generate_one) / (new_tokens - 1),
+        "peak RSS (MiB)": peak_kib / 1024,
+        "_ids": ids,
+    }
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+
+def ensure_checkpoint(root: Path, spec: str) -> Path:
+    folder = root / spec / "hf"
+    if not (folder / "model.safetensors").exists():
+        print(f"building the {spec} checkpoint in {root} (transformers, random weights) ...", flush=True)
+        subprocess.run([sys.executable, str(MAKE_FIXTURES), str(root), "--spec", spec], check=True)
+    return folder
+
+
+def run_side(side: str, path: Path, dtype: str, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    threads = str(args.threads)
+    env.update(RAYON_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    cmd = [sys.executable, __file__, "--worker", side, "--path", str(path), "--dtype", dtype,
+           "--threads", threads, "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", type=Path, default=Path("bench-checkpoints"),
+                        help="where the random checkpoints are (built there when missing)")
+    parser.add_argument("--spec", action="append", choices=("base", "large"), help="default: base")
+    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
+                        help="default: float32 and bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the decode step is a difference of two generate runs)")
+    if args.worker:
+        result = worker(args.worker, args.path, args.dtype[0], args.threads, args.repeats, args.new_tokens)
+        print(json.dumps(result))
+        return
+
+    specs = args.spec or ["base"]
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    print(f"# {machine()}, {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+          f"median of {args.repeats}", flush=True)
+    results = {}
+    for spec in specs:
+        path = ensure_checkpoint(args.checkpoints, spec)
+        for dtype in dtypes:
+            theirs, ours = (run_side(side, path, dtype, args) for side in SIDES)
+            same = theirs.pop("_ids") == ours.pop("_ids")
+            results[f"{spec} {dtype}"] = {"transformers": theirs, "florence2-rs": ours, "same ids": same}
+            print(f"\n## Florence-2-{spec} shape, {dtype} (generated ids identical: {'yes' if same else 'no'})")
+            print(f"| {'':40} | transformers | florence2-rs | ratio |")
+            print(f"|{'-' * 42}|-------------:|-------------:|------:|")
+            for key, value in theirs.items():
+                print(f"| {key:40} | {value:12.3f} | {ours[key]:12.3f} | {value / ours[key]:5.2f}x |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+//! Criterion benches of the CPU kernels on the hot paths: the direct 3x3 depthwise convolution (the DaViT
+//! position-encoding convs, against candle's grouped conv2d) and one beam-search decode step (3 beams).
+//!
+//!     cargo bench --bench kernels
+//!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
+//!
+//! Without FLORENCE2_BENCH_CHECKPOINT the decode step runs on the tiny test checkpoint (a smoke run, not a
+//! measurement); the full-size checkpoints are made by benches/compare.py.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, Tensor};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use florence2_rs::depthwise::depthwise_conv3x3;
+use florence2_rs::generation::DecoderSession;
+use florence2_rs::model::Florence2ForConditionalGeneration;
+
+/// The stage shapes of Florence-2-base's vision tower at 768x768 (channels, side).
+const DEPTHWISE_SHAPES: [(usize, usize); 3] = [(128, 192), (256, 96), (512, 48)];
+
+fn depthwise(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("depthwise3x3");
+    group.sample_size(10);
+    for (channels, side) in DEPTHWISE_SHAPES {
+        let xs = Tensor::randn(0f32, 1., (1, channels, side, side), &dev).expect("input");
+        let weight = Tensor::randn(0f32, 1., (channels, 1, 3, 3), &dev).expect("weight");
+        let bias = Tensor::randn(0f32, 1., channels, &dev).expect("bias");
+        group.bench_function(format!("direct {channels}x{side}x{side}"), |b| {
+            b.iter(|| depthwise_conv3x3(&xs, &weight, &bias).expect("conv"))
+        });
+        let cfg = candle_nn::Conv2dConfig { padding: 1, groups: channels, ..Default::default() };
+        let grouped = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
+        group.bench_function(format!("candle conv2d {channels}x{side}x{side}"), |b| {
+            b.iter(|| grouped.forward(&xs).expect("conv"))
+        });
+    }
+    group.finish();
+}
+
+fn checkpoint() -> PathBuf {
+    std::env::var_os("FLORENCE2_BENCH_CHECKPOINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/hf"))
+}
+
+fn decode_step(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let model = Florence2ForConditionalGeneration::from_dir(&checkpoint(), DType::F32, &dev).expect("checkpoint");
+    // 581 encoder positions, as for one 768x768 image and an `<OD>` prompt; random states suffice for timing.
+    let d_model = model.config().text.d_model;
+    let states = Tensor::randn(0f32, 1., (1, 581, d_model), &dev).expect("states");
+    let encoder = florence2_rs::model::EncoderOutput {
+        hidden_states: states,
+        attention_mask: Tensor::ones((1, 581), DType::F32, &dev).expect("mask"),
+    };
+    let beams = 3;
+    let mut group = c.benchmark_group("decoder");
+    group.sample_size(20);
+    group.bench_function("step, 3 beams", |b| {
+        b.iter_batched(
+            || {
+                let mut state = model.start_decoding_grouped(&encoder, beams).expect("cache");
+                state.next_logits(&[2; 3]).expect("first step");
+                state
+            },
+            |mut state| state.next_logits(&[0; 3]).expect("step"),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, depthwise, decode_step);
+criterion_main!(benches);

@@ -1,0 +1,78 @@
+//! Weight-only quantization of the linear layers, with candle's quantized matmul (GGML block formats:
+//! `Q8_0`, 32 int8 weights and one f16 scale per block, 8.5 bits a weight; `Q4_0`, 32 int4 weights and
+//! one f16 scale, 4.5 bits a weight). transformers' `BitsAndBytesConfig(load_in_8bit=True)` /
+//! `load_in_4bit=True` map here. Activations stay in f32; the token embeddings, the LM head, convolutions
+//! and norms are not quantized (the LM head shares its weights with the embedding in the HF-native layout).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// How the weights of the linear layers are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    Int8,
+    Int4,
+}
+
+impl Quantization {
+    /// Parses "int8" or "int4".
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        match name {
+            "int8" => Ok(Self::Int8),
+            "int4" => Ok(Self::Int4),
+            other => Err(crate::Error::invalid(format!("quantize={other:?} is not supported: use \"int8\" or \"int4\""))),
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Int8 => GgmlDType::Q8_0,
+            Self::Int4 => GgmlDType::Q4_0,
+        }
+    }
+}
+
+/// A linear layer `x @ wᵀ + b`, with dense or quantized weights.
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) from `vb`, quantized when asked.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let Some(quantize) = quantize else {
+            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+        };
+        if in_dim % quantize.ggml().block_size() != 0 {
+            // GGML blocks run along the input dim; a layer that does not fill whole blocks stays dense.
+            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+        }
+        let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, quantize.ggml())?;
+        Ok(Self::Quantized {
+            weight: QMatMul::from_qtensor(qtensor)?,
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(linear) => linear.forward(xs),
+            Self::Quantized { weight, bias } => {
+                // candle's quantized matmul takes f32 activations.
+                let dtype = xs.dtype();
+                let ys = weight.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?;
+                let ys = match bias {
+                    Some(bias) => ys.broadcast_add(bias)?,
+                    None => ys,
+                };
+                ys.to_dtype(dtype)
+            }
+        }
+    }
+}

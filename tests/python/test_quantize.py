@@ -1,0 +1,40 @@
+"""NativeModel.load(..., quantize="int8"|"int4"): the committed tiny checkpoint loads quantized, generates, and
+stays close to the dense model; a bad value is a clear error. Full-size agreement: benches/quantize_report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from florence2_rs import _native
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "hf"
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    pixel_values = rng.standard_normal((1, 3, 128, 128), dtype=np.float32)
+    dense = _native.NativeModel.load(TINY, "float32", "cpu")
+    n_image = dense.get_image_features(pixel_values).shape[1]
+    image_token = 70  # image_token_id of the tiny spec
+    input_ids = np.array([[image_token] * n_image + [0, 5, 9, 2]], dtype=np.int64)
+    return dense, pixel_values, input_ids
+
+
+@pytest.mark.parametrize("quantize, bound", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_generates_close_to_dense(quantize, bound):
+    dense, pixel_values, input_ids = _inputs()
+    model = _native.NativeModel.load(TINY, "float32", "cpu", quantize=quantize)
+    decoder_ids = np.array([[2, 0, 31, 37]], dtype=np.int64)
+    want = dense.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
+    got = model.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
+    assert 0 < np.abs(got - want).max() / np.abs(want).max() < bound
+    out = model.generate(input_ids, None, pixel_values, None, '{"max_new_tokens": 8, "num_beams": 3}')
+    assert out["sequences"].shape[0] == 1
+
+
+def test_unknown_quantization_is_an_error():
+    with pytest.raises(Exception, match="int8"):
+        _native.NativeModel.load(TINY, "float32", "cpu", quantize="int3")
