@@ -29,7 +29,11 @@ fn depthwise(c: &mut Criterion) {
         group.bench_function(format!("direct {channels}x{side}x{side}"), |b| {
             b.iter(|| depthwise_conv3x3(&xs, &weight, &bias).expect("conv"))
         });
-        let cfg = candle_nn::Conv2dConfig { padding: 1, groups: channels, ..Default::default() };
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            groups: channels,
+            ..Default::default()
+        };
         let grouped = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
         group.bench_function(format!("candle conv2d {channels}x{side}x{side}"), |b| {
             b.iter(|| grouped.forward(&xs).expect("conv"))
@@ -46,7 +50,8 @@ fn checkpoint() -> PathBuf {
 
 fn decode_step(c: &mut Criterion) {
     let dev = Device::Cpu;
-    let model = Florence2ForConditionalGeneration::from_dir(&checkpoint(), DType::F32, &dev).expect("checkpoint");
+    let model = Florence2ForConditionalGeneration::from_dir(&checkpoint(), DType::F32, &dev)
+        .expect("checkpoint");
     // 581 encoder positions, as for one 768x768 image and an `<OD>` prompt; random states suffice for timing.
     let d_model = model.config().text.d_model;
     let states = Tensor::randn(0f32, 1., (1, 581, d_model), &dev).expect("states");
@@ -60,7 +65,9 @@ fn decode_step(c: &mut Criterion) {
     group.bench_function("step, 3 beams", |b| {
         b.iter_batched(
             || {
-                let mut state = model.start_decoding_grouped(&encoder, beams).expect("cache");
+                let mut state = model
+                    .start_decoding_grouped(&encoder, beams)
+                    .expect("cache");
                 state.next_logits(&[2; 3]).expect("first step");
                 state
             },

@@ -133,19 +133,28 @@ impl Florence2Config {
             if source.kind() == std::io::ErrorKind::NotFound {
                 Error::NotFound {
                     path: path.to_path_buf(),
-                    hint: "A Florence-2 checkpoint folder needs a config.json beside its weights.".into(),
+                    hint: "A Florence-2 checkpoint folder needs a config.json beside its weights."
+                        .into(),
                 }
             } else {
-                Error::Io { path: path.to_path_buf(), source }
+                Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
             }
         })?;
-        Self::from_json_str(&text).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        Self::from_json_str(&text).map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 
     /// Parses a config.json document of either layout.
     pub fn from_json_str(json: &str) -> std::result::Result<Self, String> {
         let root: Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
-        let obj = root.as_object().ok_or("the top level must be a JSON object")?;
+        let obj = root
+            .as_object()
+            .ok_or("the top level must be a JSON object")?;
         let vision_raw = obj.get("vision_config").ok_or("missing `vision_config`")?;
         let text_raw = obj.get("text_config").ok_or("missing `text_config`")?;
 
@@ -163,7 +172,10 @@ impl Florence2Config {
         // Microsoft's config repeats vocab_size at the top level; the text config's is authoritative.
         let image_token_id = match layout {
             Layout::HfNative => Some(
-                obj.get("image_token_id").map(|v| as_u32(v, "image_token_id")).transpose()?.unwrap_or(51289),
+                obj.get("image_token_id")
+                    .map(|v| as_u32(v, "image_token_id"))
+                    .transpose()?
+                    .unwrap_or(51289),
             ),
             Layout::Original => None,
         };
@@ -172,7 +184,13 @@ impl Florence2Config {
             .or_else(|| obj.get("torch_dtype"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let cfg = Florence2Config { vision, text, image_token_id, layout, dtype };
+        let cfg = Florence2Config {
+            vision,
+            text,
+            image_token_id,
+            layout,
+            dtype,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -194,34 +212,56 @@ impl Florence2Config {
             ("patch_prenorm", v.patch_prenorm.len()),
         ] {
             if len != stages {
-                return Err(format!("vision_config: {name} has {len} entries, embed_dim has {stages}"));
+                return Err(format!(
+                    "vision_config: {name} has {len} entries, embed_dim has {stages}"
+                ));
             }
         }
         for s in 0..stages {
             let dim = v.embed_dim[s];
             if v.num_heads[s] == 0 || dim % v.num_heads[s] != 0 {
-                return Err(format!("vision_config: stage {s}: embed_dim {dim} is not divisible by num_heads {}", v.num_heads[s]));
+                return Err(format!(
+                    "vision_config: stage {s}: embed_dim {dim} is not divisible by num_heads {}",
+                    v.num_heads[s]
+                ));
             }
             if v.num_groups[s] == 0 || dim % v.num_groups[s] != 0 {
-                return Err(format!("vision_config: stage {s}: embed_dim {dim} is not divisible by num_groups {}", v.num_groups[s]));
+                return Err(format!(
+                    "vision_config: stage {s}: embed_dim {dim} is not divisible by num_groups {}",
+                    v.num_groups[s]
+                ));
             }
             if v.patch_size[s] == 0 || v.patch_stride[s] == 0 {
-                return Err(format!("vision_config: stage {s}: patch_size and patch_stride must be positive"));
+                return Err(format!(
+                    "vision_config: stage {s}: patch_size and patch_stride must be positive"
+                ));
             }
         }
         if v.window_size == 0 {
             return Err("vision_config: window_size must be positive".into());
         }
         if v.embed_dim[stages - 1] % 2 != 0 {
-            return Err("vision_config: the last embed_dim must be even (cosine temporal embedding)".into());
+            return Err(
+                "vision_config: the last embed_dim must be even (cosine temporal embedding)".into(),
+            );
         }
         let t = &self.text;
         for (name, dim, heads) in [
-            ("encoder_attention_heads", t.d_model, t.encoder_attention_heads),
-            ("decoder_attention_heads", t.d_model, t.decoder_attention_heads),
+            (
+                "encoder_attention_heads",
+                t.d_model,
+                t.encoder_attention_heads,
+            ),
+            (
+                "decoder_attention_heads",
+                t.d_model,
+                t.decoder_attention_heads,
+            ),
         ] {
             if heads == 0 || dim % heads != 0 {
-                return Err(format!("text_config: d_model {dim} is not divisible by {name} {heads}"));
+                return Err(format!(
+                    "text_config: d_model {dim} is not divisible by {name} {heads}"
+                ));
             }
         }
         if v.projection_dim != t.d_model {
@@ -241,7 +281,11 @@ impl Florence2Config {
 
 /// The vision fields both layouts share, under the key names of the HF-native config; `in_key` and
 /// `dim_key` are the two names Microsoft's DaViT config spells differently (`in_chans`, `dim_embed`).
-fn parse_vision_fields(raw: &Value, in_key: &str, dim_key: &str) -> std::result::Result<VisionConfig, String> {
+fn parse_vision_fields(
+    raw: &Value,
+    in_key: &str,
+    dim_key: &str,
+) -> std::result::Result<VisionConfig, String> {
     let get = |k: &str| raw.get(k);
     Ok(VisionConfig {
         in_channels: usize_or(get(in_key), 3, in_key)?,
@@ -249,7 +293,11 @@ fn parse_vision_fields(raw: &Value, in_key: &str, dim_key: &str) -> std::result:
         patch_size: usize_list_or(get("patch_size"), &[7, 3, 3, 3], "patch_size")?,
         patch_stride: usize_list_or(get("patch_stride"), &[4, 2, 2, 2], "patch_stride")?,
         patch_padding: usize_list_or(get("patch_padding"), &[3, 1, 1, 1], "patch_padding")?,
-        patch_prenorm: bool_list_or(get("patch_prenorm"), &[false, true, true, true], "patch_prenorm")?,
+        patch_prenorm: bool_list_or(
+            get("patch_prenorm"),
+            &[false, true, true, true],
+            "patch_prenorm",
+        )?,
         embed_dim: usize_list_or(get(dim_key), &[128, 256, 512, 1024], dim_key)?,
         num_heads: usize_list_or(get("num_heads"), &[4, 8, 16, 32], "num_heads")?,
         num_groups: usize_list_or(get("num_groups"), &[4, 8, 16, 32], "num_groups")?,
@@ -258,8 +306,16 @@ fn parse_vision_fields(raw: &Value, in_key: &str, dim_key: &str) -> std::result:
         qkv_bias: bool_or(get("qkv_bias"), true, "qkv_bias")?,
         activation_function: str_or(get("activation_function"), "gelu"),
         projection_dim: usize_or(get("projection_dim"), 1024, "projection_dim")?,
-        max_temporal_embeddings: usize_or(get("max_temporal_embeddings"), 100, "max_temporal_embeddings")?,
-        max_position_embeddings: usize_or(get("max_position_embeddings"), 50, "max_position_embeddings")?,
+        max_temporal_embeddings: usize_or(
+            get("max_temporal_embeddings"),
+            100,
+            "max_temporal_embeddings",
+        )?,
+        max_position_embeddings: usize_or(
+            get("max_position_embeddings"),
+            50,
+            "max_position_embeddings",
+        )?,
     })
 }
 
@@ -268,7 +324,10 @@ fn parse_hf_vision(raw: &Value) -> std::result::Result<VisionConfig, String> {
 }
 
 /// Microsoft's DaViT config: other names for the same sizes, the projection size at the top level.
-fn parse_original_vision(raw: &Value, top_projection: Option<&Value>) -> std::result::Result<VisionConfig, String> {
+fn parse_original_vision(
+    raw: &Value,
+    top_projection: Option<&Value>,
+) -> std::result::Result<VisionConfig, String> {
     let get = |k: &str| raw.get(k);
     let projection_dim = match (get("projection_dim"), top_projection) {
         (_, Some(p)) => as_usize(p, "projection_dim")?,
@@ -278,13 +337,17 @@ fn parse_original_vision(raw: &Value, top_projection: Option<&Value>) -> std::re
     let pos = get("image_pos_embed");
     if let Some(kind) = pos.and_then(|p| p.get("type")).and_then(Value::as_str) {
         if kind != "learned_abs_2d" {
-            return Err(format!("image_pos_embed.type {kind:?} is not supported (only learned_abs_2d)"));
+            return Err(format!(
+                "image_pos_embed.type {kind:?} is not supported (only learned_abs_2d)"
+            ));
         }
     }
     let temporal = get("visual_temporal_embedding");
     if let Some(kind) = temporal.and_then(|p| p.get("type")).and_then(Value::as_str) {
         if kind != "COSINE" {
-            return Err(format!("visual_temporal_embedding.type {kind:?} is not supported (only COSINE)"));
+            return Err(format!(
+                "visual_temporal_embedding.type {kind:?} is not supported (only COSINE)"
+            ));
         }
     }
     if let Some(src) = get("image_feature_source").and_then(Value::as_array) {
@@ -314,7 +377,9 @@ fn parse_original_vision(raw: &Value, top_projection: Option<&Value>) -> std::re
 }
 
 fn as_usize(v: &Value, name: &str) -> std::result::Result<usize, String> {
-    v.as_u64().map(|x| x as usize).ok_or_else(|| format!("{name} must be a non-negative integer, got {v}"))
+    v.as_u64()
+        .map(|x| x as usize)
+        .ok_or_else(|| format!("{name} must be a non-negative integer, got {v}"))
 }
 
 fn as_u32(v: &Value, name: &str) -> std::result::Result<u32, String> {
@@ -324,24 +389,33 @@ fn as_u32(v: &Value, name: &str) -> std::result::Result<u32, String> {
 }
 
 fn usize_or(v: Option<&Value>, default: usize, name: &str) -> std::result::Result<usize, String> {
-    v.filter(|v| !v.is_null()).map_or(Ok(default), |v| as_usize(v, name))
+    v.filter(|v| !v.is_null())
+        .map_or(Ok(default), |v| as_usize(v, name))
 }
 
 fn f64_or(v: Option<&Value>, default: f64, name: &str) -> std::result::Result<f64, String> {
-    v.filter(|v| !v.is_null())
-        .map_or(Ok(default), |v| v.as_f64().ok_or_else(|| format!("{name} must be a number, got {v}")))
+    v.filter(|v| !v.is_null()).map_or(Ok(default), |v| {
+        v.as_f64()
+            .ok_or_else(|| format!("{name} must be a number, got {v}"))
+    })
 }
 
 fn bool_or(v: Option<&Value>, default: bool, name: &str) -> std::result::Result<bool, String> {
-    v.filter(|v| !v.is_null())
-        .map_or(Ok(default), |v| v.as_bool().ok_or_else(|| format!("{name} must be true or false, got {v}")))
+    v.filter(|v| !v.is_null()).map_or(Ok(default), |v| {
+        v.as_bool()
+            .ok_or_else(|| format!("{name} must be true or false, got {v}"))
+    })
 }
 
 fn str_or(v: Option<&Value>, default: &str) -> String {
     v.and_then(Value::as_str).unwrap_or(default).to_owned()
 }
 
-fn usize_list_or(v: Option<&Value>, default: &[usize], name: &str) -> std::result::Result<Vec<usize>, String> {
+fn usize_list_or(
+    v: Option<&Value>,
+    default: &[usize],
+    name: &str,
+) -> std::result::Result<Vec<usize>, String> {
     match v.filter(|v| !v.is_null()) {
         None => Ok(default.to_vec()),
         Some(Value::Array(items)) => items.iter().map(|x| as_usize(x, name)).collect(),
@@ -349,12 +423,19 @@ fn usize_list_or(v: Option<&Value>, default: &[usize], name: &str) -> std::resul
     }
 }
 
-fn bool_list_or(v: Option<&Value>, default: &[bool], name: &str) -> std::result::Result<Vec<bool>, String> {
+fn bool_list_or(
+    v: Option<&Value>,
+    default: &[bool],
+    name: &str,
+) -> std::result::Result<Vec<bool>, String> {
     match v.filter(|v| !v.is_null()) {
         None => Ok(default.to_vec()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|x| x.as_bool().ok_or_else(|| format!("{name} must be a list of booleans, got {x}")))
+            .map(|x| {
+                x.as_bool()
+                    .ok_or_else(|| format!("{name} must be a list of booleans, got {x}"))
+            })
             .collect(),
         Some(other) => Err(format!("{name} must be a list of booleans, got {other}")),
     }
@@ -364,7 +445,10 @@ fn bool_list_or(v: Option<&Value>, default: &[bool], name: &str) -> std::result:
 mod tests {
     use super::*;
 
-    const RELEASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/florence2-release-files");
+    const RELEASE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/florence2-release-files"
+    );
 
     #[test]
     fn reads_microsoft_base_config() {
@@ -408,7 +492,10 @@ mod tests {
             r#"{"vision_config":{"projection_dim":32},"text_config":{"d_model":64}}"#,
         ];
         for json in bad {
-            assert!(Florence2Config::from_json_str(json).is_err(), "accepted {json}");
+            assert!(
+                Florence2Config::from_json_str(json).is_err(),
+                "accepted {json}"
+            );
         }
     }
 }

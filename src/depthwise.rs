@@ -28,9 +28,11 @@ impl CustomOp3 for Depthwise3x3 {
         let (CpuStorage::F32(xs), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, w, b) else {
             candle_core::bail!("depthwise-conv3x3 takes f32 tensors");
         };
-        let (Some((xo, _)), Some((wo, _)), Some((bo, _))) =
-            (xs_l.contiguous_offsets(), w_l.contiguous_offsets(), b_l.contiguous_offsets())
-        else {
+        let (Some((xo, _)), Some((wo, _)), Some((bo, _))) = (
+            xs_l.contiguous_offsets(),
+            w_l.contiguous_offsets(),
+            b_l.contiguous_offsets(),
+        ) else {
             candle_core::bail!("depthwise-conv3x3 takes contiguous tensors");
         };
         let (batch, channels, height, width) = xs_l.shape().dims4()?;
@@ -40,10 +42,19 @@ impl CustomOp3 for Depthwise3x3 {
         let b = &b[bo..bo + channels];
 
         let mut out = vec![0f32; batch * channels * plane];
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, out_plane)| {
-            let c = i % channels;
-            conv_plane(&xs[i * plane..(i + 1) * plane], &w[c * 9..c * 9 + 9], b[c], height, width, out_plane);
-        });
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, out_plane)| {
+                let c = i % channels;
+                conv_plane(
+                    &xs[i * plane..(i + 1) * plane],
+                    &w[c * 9..c * 9 + 9],
+                    b[c],
+                    height,
+                    width,
+                    out_plane,
+                );
+            });
         Ok((CpuStorage::F32(out), xs_l.shape().clone()))
     }
 }
@@ -98,10 +109,23 @@ mod tests {
             let xs = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., c, &dev).unwrap();
-            let cfg = candle_nn::Conv2dConfig { padding: 1, groups: c, ..Default::default() };
-            let expected = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg).forward(&xs).unwrap();
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                groups: c,
+                ..Default::default()
+            };
+            let expected = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg)
+                .forward(&xs)
+                .unwrap();
             let got = depthwise_conv3x3(&xs, &weight, &bias).unwrap();
-            let err = (got - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let err = (got - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{c}x{h}x{w}");
         }
     }

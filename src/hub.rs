@@ -21,6 +21,7 @@ use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::ProgressBar;
 
+use crate::weights::shard_names;
 use crate::{Error, Result};
 
 /// The name that stands for "the model weights" in `files`: `model.safetensors`, or, where the repository
@@ -68,7 +69,12 @@ pub struct HubOptions {
 /// [`WEIGHTS`] in `files` means the safetensors weights, single or sharded. Files found in the cache are not
 /// checked against the Hub again (no request at all), unless `force_download` is set; a branch that moved
 /// on is picked up with `force_download`, as with huggingface_hub's cache.
-pub fn download(repo_id: &str, files: &[&str], optional_files: &[&str], options: &HubOptions) -> Result<PathBuf> {
+pub fn download(
+    repo_id: &str,
+    files: &[&str],
+    optional_files: &[&str],
+    options: &HubOptions,
+) -> Result<PathBuf> {
     check_repo_id(repo_id)?;
     let revision = options.revision.as_deref().unwrap_or("main");
     let cache_root = cache_dir(options)?;
@@ -86,7 +92,10 @@ pub fn download(repo_id: &str, files: &[&str], optional_files: &[&str], options:
     }
     if offline {
         let (folder, missing) = match &cached {
-            Some(dir) => (dir.clone(), first_missing(&cache, dir, files, optional_files)?),
+            Some(dir) => (
+                dir.clone(),
+                first_missing(&cache, dir, files, optional_files)?,
+            ),
             None => (cache.dir.clone(), files.first().map(|f| f.to_string())),
         };
         let file = missing.unwrap_or_else(|| files.join(", "));
@@ -112,7 +121,9 @@ struct RepoCache {
 impl RepoCache {
     fn new(cache_root: &Path, repo_id: &str) -> Self {
         let name = Repo::new(repo_id.to_string(), RepoType::Model).folder_name();
-        Self { dir: cache_root.join(name) }
+        Self {
+            dir: cache_root.join(name),
+        }
     }
 
     /// The snapshot folder `revision` points at: a commit hash names it directly, a branch or tag through
@@ -121,7 +132,10 @@ impl RepoCache {
         let commit = if is_commit_hash(revision) {
             revision.to_string()
         } else {
-            std::fs::read_to_string(self.dir.join("refs").join(revision)).ok()?.trim().to_string()
+            std::fs::read_to_string(self.dir.join("refs").join(revision))
+                .ok()?
+                .trim()
+                .to_string()
         };
         let dir = self.dir.join("snapshots").join(commit);
         dir.is_dir().then_some(dir)
@@ -135,10 +149,18 @@ impl RepoCache {
 
 /// The first of the files the snapshot `dir` lacks, `None` when it has them all. A missing optional file
 /// counts only where no `.no_exist` marker says the commit has none.
-fn first_missing(cache: &RepoCache, dir: &Path, files: &[&str], optional_files: &[&str]) -> Result<Option<String>> {
+fn first_missing(
+    cache: &RepoCache,
+    dir: &Path,
+    files: &[&str],
+    optional_files: &[&str],
+) -> Result<Option<String>> {
     for &file in files {
-        let missing =
-            if file == WEIGHTS { missing_weights(dir)? } else { (!dir.join(file).is_file()).then(|| file.to_string()) };
+        let missing = if file == WEIGHTS {
+            missing_weights(dir)?
+        } else {
+            (!dir.join(file).is_file()).then(|| file.to_string())
+        };
         if missing.is_some() {
             return Ok(missing);
         }
@@ -159,39 +181,17 @@ fn missing_weights(dir: &Path) -> Result<Option<String>> {
     if !index.is_file() {
         return Ok(Some(WEIGHTS.to_string()));
     }
-    Ok(read_shard_names(&index)?.into_iter().find(|shard| !dir.join(shard).is_file()))
-}
-
-/// The shard files `model.safetensors.index.json` lists in its `weight_map`, each once, in order.
-fn read_shard_names(index: &Path) -> Result<Vec<String>> {
-    let bad = |msg: String| Error::Config { path: index.to_path_buf(), msg };
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no \"weight_map\" object".to_string()))?;
-    let mut shards: Vec<String> = Vec::new();
-    for value in map.values() {
-        let shard = value.as_str().ok_or_else(|| bad(format!("weight_map value {value} is not a file name")))?;
-        // The names come from the repository and become paths in the cache: keep them inside the snapshot.
-        let plain = Path::new(shard).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-        if shard.is_empty() || !plain {
-            return Err(bad(format!("shard name {shard:?} is not a file name inside the repository")));
-        }
-        if !shards.iter().any(|s| s == shard) {
-            shards.push(shard.to_string());
-        }
-    }
-    if shards.is_empty() {
-        return Err(bad("\"weight_map\" lists no shard".to_string()));
-    }
-    Ok(shards)
+    Ok(shard_names(&index)?
+        .into_iter()
+        .find(|shard| !dir.join(shard).is_file()))
 }
 
 /// The commit hash a snapshot folder is named after.
 fn commit_of(snapshot: &Path) -> String {
-    snapshot.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    snapshot
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn is_commit_hash(revision: &str) -> bool {
@@ -203,7 +203,8 @@ fn is_commit_hash(revision: &str) -> bool {
 fn check_repo_id(repo_id: &str) -> Result<()> {
     let part_ok = |p: &str| {
         !p.is_empty()
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !p.starts_with(['-', '.'])
             && !p.ends_with(['-', '.'])
     };
@@ -218,7 +219,8 @@ fn check_repo_id(repo_id: &str) -> Result<()> {
     } else {
         Err(Error::NotFound {
             path: PathBuf::from(repo_id),
-            hint: "It is neither a local folder nor a Hugging Face Hub repo id (`org/name`).".to_string(),
+            hint: "It is neither a local folder nor a Hugging Face Hub repo id (`org/name`)."
+                .to_string(),
         })
     }
 }
@@ -230,7 +232,9 @@ fn env(name: &str) -> Option<String> {
 
 /// huggingface_hub's truth test for environment flags.
 fn offline_from_env() -> bool {
-    env("HF_HUB_OFFLINE").is_some_and(|v| ["1", "on", "yes", "true"].contains(&v.trim().to_ascii_lowercase().as_str()))
+    env("HF_HUB_OFFLINE").is_some_and(|v| {
+        ["1", "on", "yes", "true"].contains(&v.trim().to_ascii_lowercase().as_str())
+    })
 }
 
 /// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
@@ -238,7 +242,9 @@ fn hf_home() -> Option<PathBuf> {
     if let Some(home) = env("HF_HOME") {
         return Some(PathBuf::from(home));
     }
-    let cache = env("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
+    let cache = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))?;
     Some(cache.join("huggingface"))
 }
 
@@ -261,7 +267,9 @@ fn token(auth: &Auth) -> Option<String> {
         Auth::Anonymous => None,
         Auth::Token(token) => Some(token.clone()),
         Auth::FromEnvironment => env("HF_TOKEN").map(|t| t.trim().to_string()).or_else(|| {
-            let path = env("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home().map(|h| h.join("token")))?;
+            let path = env("HF_TOKEN_PATH")
+                .map(PathBuf::from)
+                .or_else(|| hf_home().map(|h| h.join("token")))?;
             let token = std::fs::read_to_string(path).ok()?;
             Some(token.trim().to_string()).filter(|t| !t.is_empty())
         }),
@@ -305,7 +313,14 @@ impl<'a> Remote<'a> {
             .map_err(|e| Error::invalid(format!("cannot set up the Hub client: {e}")))?;
         let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
         let progress = env("HF_HUB_DISABLE_PROGRESS_BARS").is_none();
-        Ok(Self { api: api.repo(repo), cache, repo_id, revision, token, progress })
+        Ok(Self {
+            api: api.repo(repo),
+            cache,
+            repo_id,
+            revision,
+            token,
+            progress,
+        })
     }
 
     /// Fetches what `start` (the cached snapshot) lacks. All files must end in one snapshot: when a download
@@ -384,8 +399,8 @@ impl<'a> Remote<'a> {
     /// Whether the snapshot already holds `file` and need not be fetched in this pass.
     fn have(&self, target: &Option<PathBuf>, file: &str, fetched: &[String], force: bool) -> bool {
         let Some(dir) = target else { return false };
-        let present =
-            dir.join(file).is_file() || (!force && self.cache.no_exist_marker(&commit_of(dir), file).is_file());
+        let present = dir.join(file).is_file()
+            || (!force && self.cache.no_exist_marker(&commit_of(dir), file).is_file());
         present && (!force || fetched.iter().any(|f| f == file))
     }
 
@@ -407,13 +422,21 @@ impl<'a> Remote<'a> {
             }
             Fetched::Absent => Err(Error::NotFound {
                 path: PathBuf::from(self.api.url(file)),
-                hint: format!("{} (revision {}) has no file {file}.", self.repo_id, self.revision),
+                hint: format!(
+                    "{} (revision {}) has no file {file}.",
+                    self.repo_id, self.revision
+                ),
             }),
         }
     }
 
     /// Fetches `model.safetensors`, or the index and its shards; `true` when the snapshot moved.
-    fn fetch_weights(&self, target: &mut Option<PathBuf>, fetched: &mut Vec<String>, force: bool) -> Result<bool> {
+    fn fetch_weights(
+        &self,
+        target: &mut Option<PathBuf>,
+        fetched: &mut Vec<String>,
+        force: bool,
+    ) -> Result<bool> {
         if self.have(target, WEIGHTS, fetched, force) {
             return Ok(false);
         }
@@ -437,9 +460,11 @@ impl<'a> Remote<'a> {
             }
         }
         let Some(dir) = target.clone() else {
-            return Err(Error::invalid("internal: the weights index was fetched without a snapshot folder"));
+            return Err(Error::invalid(
+                "internal: the weights index was fetched without a snapshot folder",
+            ));
         };
-        for shard in read_shard_names(&dir.join(WEIGHTS_INDEX))? {
+        for shard in shard_names(&dir.join(WEIGHTS_INDEX))? {
             if self.fetch_required(&shard, target, fetched, force)? {
                 return Ok(true);
             }
@@ -462,12 +487,18 @@ impl<'a> Remote<'a> {
                 self.repo_id, self.revision
             )
         };
-        Error::NotFound { path: PathBuf::from(self.api.url(WEIGHTS)), hint }
+        Error::NotFound {
+            path: PathBuf::from(self.api.url(WEIGHTS)),
+            hint,
+        }
     }
 
     /// A HEAD request without following redirects: whether the revision has `file`, without downloading it.
     fn exists_remotely(&self, file: &str) -> bool {
-        let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).redirects(0).build();
+        let agent = ureq::AgentBuilder::new()
+            .try_proxy_from_env(true)
+            .redirects(0)
+            .build();
         let mut request = agent.head(&self.api.url(file));
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
@@ -477,7 +508,10 @@ impl<'a> Remote<'a> {
 
     /// Downloads one file into the cache (hf-hub: blob, then snapshot link, then `refs/{revision}`).
     fn fetch(&self, file: &str) -> Result<Fetched> {
-        let progress = BigFileProgress { enabled: self.progress, bar: None };
+        let progress = BigFileProgress {
+            enabled: self.progress,
+            bar: None,
+        };
         match self.api.download_with_progress(file, progress) {
             Ok(path) => {
                 let depth = Path::new(file).components().count();
@@ -537,7 +571,10 @@ impl<'a> Remote<'a> {
     }
 
     fn io_error(&self, file: &str, source: io::Error) -> Error {
-        Error::Io { path: PathBuf::from(self.api.url(file)), source }
+        Error::Io {
+            path: PathBuf::from(self.api.url(file)),
+            source,
+        }
     }
 
     /// An HTTP error status, explained with the Hub's `X-Error-Code` where it sent one.
@@ -616,10 +653,24 @@ mod tests {
 
     #[test]
     fn repo_ids_follow_huggingface_hub() {
-        for ok in ["microsoft/Florence-2-base", "gpt2", "org/name.v1", "a_b/c-d"] {
+        for ok in [
+            "microsoft/Florence-2-base",
+            "gpt2",
+            "org/name.v1",
+            "a_b/c-d",
+        ] {
             assert!(check_repo_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/abs/path", "./folder", "a/b/c", "org/--x", "org/a..b", "org/name-", "with space/x"] {
+        for bad in [
+            "",
+            "/abs/path",
+            "./folder",
+            "a/b/c",
+            "org/--x",
+            "org/a..b",
+            "org/name-",
+            "with space/x",
+        ] {
             assert!(check_repo_id(bad).is_err(), "{bad}");
         }
     }
@@ -638,24 +689,39 @@ mod tests {
         assert_eq!(cache.snapshot("v2"), None);
 
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        assert_eq!(first_missing(&cache, &snap, &["config.json"], &[]).unwrap(), None);
-        assert_eq!(first_missing(&cache, &snap, &["config.json", WEIGHTS], &[]).unwrap().as_deref(), Some(WEIGHTS));
+        assert_eq!(
+            first_missing(&cache, &snap, &["config.json"], &[]).unwrap(),
+            None
+        );
+        assert_eq!(
+            first_missing(&cache, &snap, &["config.json", WEIGHTS], &[])
+                .unwrap()
+                .as_deref(),
+            Some(WEIGHTS)
+        );
         // An optional file is settled by the file or by huggingface_hub's .no_exist marker.
         assert_eq!(
-            first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap().as_deref(),
+            first_missing(&cache, &snap, &[], &["generation_config.json"])
+                .unwrap()
+                .as_deref(),
             Some("generation_config.json")
         );
         let marker = cache.no_exist_marker(commit, "generation_config.json");
         std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
         std::fs::write(&marker, b"").unwrap();
-        assert_eq!(first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap(), None);
+        assert_eq!(
+            first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap(),
+            None
+        );
 
         // Sharded weights: complete once every listed shard is there.
-        let index =
-            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+        let index = r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
         std::fs::write(snap.join(WEIGHTS_INDEX), index).unwrap();
         std::fs::write(snap.join("model-00001-of-00002.safetensors"), b"x").unwrap();
-        assert_eq!(missing_weights(&snap).unwrap().as_deref(), Some("model-00002-of-00002.safetensors"));
+        assert_eq!(
+            missing_weights(&snap).unwrap().as_deref(),
+            Some("model-00002-of-00002.safetensors")
+        );
         std::fs::write(snap.join("model-00002-of-00002.safetensors"), b"x").unwrap();
         assert_eq!(missing_weights(&snap).unwrap(), None);
     }
@@ -664,9 +730,13 @@ mod tests {
     fn shard_names_stay_inside_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join(WEIGHTS_INDEX);
-        std::fs::write(&index, r#"{"weight_map": {"a": "../../escape.safetensors"}}"#).unwrap();
-        assert!(matches!(read_shard_names(&index), Err(Error::Config { .. })));
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "../../escape.safetensors"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(shard_names(&index), Err(Error::Weights { .. })));
         std::fs::write(&index, r#"{"metadata": {}}"#).unwrap();
-        assert!(matches!(read_shard_names(&index), Err(Error::Config { .. })));
+        assert!(matches!(shard_names(&index), Err(Error::Weights { .. })));
     }
 }

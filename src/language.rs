@@ -52,12 +52,17 @@ impl Attention {
     /// `[B, T, D]` → `[B, heads, T, head_dim]`.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        xs.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        xs.reshape((b, t, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// Keys and values of `xs`, split into heads.
     fn key_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.split_heads(&xs.apply(&self.k_proj)?)?, self.split_heads(&xs.apply(&self.v_proj)?)?))
+        Ok((
+            self.split_heads(&xs.apply(&self.k_proj)?)?,
+            self.split_heads(&xs.apply(&self.v_proj)?)?,
+        ))
     }
 
     /// Attends from `xs` `[B, T, D]` to the given keys/values; `mask` is additive, broadcastable to
@@ -67,7 +72,14 @@ impl Attention {
     /// (`[B / group, heads, S, head_dim]`): the beams of one item attending to its encoder states. Their
     /// queries are stacked so that the keys/values are read once per item, not once per beam, and never
     /// copied per beam (measured on base, 3 beams x 581 encoder tokens: see README "Performance").
-    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>, group: usize) -> Result<Tensor> {
+    fn attend(
+        &self,
+        xs: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+        group: usize,
+    ) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let (h, hd) = (self.num_heads, self.head_dim);
         let q = self.split_heads(&xs.apply(&self.q_proj)?)?;
@@ -76,11 +88,18 @@ impl Attention {
             attention(&q, keys, values, scale, mask)?
         } else {
             let items = b / group;
-            let q = q.reshape((items, group, h, t, hd))?.transpose(1, 2)?.reshape((items, h, group * t, hd))?;
+            let q = q
+                .reshape((items, group, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((items, h, group * t, hd))?;
             let out = attention(&q, keys, values, scale, mask)?;
-            out.reshape((items, h, group, t, hd))?.transpose(1, 2)?.reshape((b, h, t, hd))?
+            out.reshape((items, h, group, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, h, t, hd))?
         };
-        out.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.out_proj)
+        out.transpose(1, 2)?
+            .reshape((b, t, d))?
+            .apply(&self.out_proj)
     }
 }
 
@@ -92,7 +111,13 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, ffn_dim: usize, act: Activation, vb: &VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        dim: usize,
+        ffn_dim: usize,
+        act: Activation,
+        vb: &VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: Linear::load(dim, ffn_dim, true, vb.pp("fc1"), q)?,
             fc2: Linear::load(ffn_dim, dim, true, vb.pp("fc2"), q)?,
@@ -115,7 +140,12 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &TextConfig,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
             self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), q)?,
@@ -127,7 +157,8 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (k, v) = self.self_attn.key_values(xs)?;
-        let xs = (xs + self.self_attn.attend(xs, &k, &v, Some(mask), 1)?)?.apply(&self.self_attn_layer_norm)?;
+        let xs = (xs + self.self_attn.attend(xs, &k, &v, Some(mask), 1)?)?
+            .apply(&self.self_attn_layer_norm)?;
         (&xs + xs.apply(&self.ffn)?)?.apply(&self.final_layer_norm)
     }
 }
@@ -142,14 +173,23 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &TextConfig,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let d = cfg.d_model;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
             self_attn: Attention::new(d, heads, vb.pp("self_attn"), q)?,
             self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
             encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"), q)?,
-            encoder_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("encoder_attn_layer_norm"))?,
+            encoder_attn_layer_norm: candle_nn::layer_norm(
+                d,
+                LN_EPS,
+                vb.pp("encoder_attn_layer_norm"),
+            )?,
             ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb, q)?,
             final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
@@ -168,7 +208,11 @@ impl EmbeddingTail {
         let rows = cfg.max_position_embeddings + POSITION_OFFSET;
         Ok(Self {
             embed_positions: candle_nn::embedding(rows, cfg.d_model, vb.pp("embed_positions"))?,
-            layernorm_embedding: candle_nn::layer_norm(cfg.d_model, LN_EPS, vb.pp("layernorm_embedding"))?,
+            layernorm_embedding: candle_nn::layer_norm(
+                cfg.d_model,
+                LN_EPS,
+                vb.pp("layernorm_embedding"),
+            )?,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -184,9 +228,15 @@ impl EmbeddingTail {
                 self.max_positions
             );
         }
-        let ids = Tensor::arange((start + POSITION_OFFSET) as u32, (start + t + POSITION_OFFSET) as u32, embeds.device())?;
+        let ids = Tensor::arange(
+            (start + POSITION_OFFSET) as u32,
+            (start + t + POSITION_OFFSET) as u32,
+            embeds.device(),
+        )?;
         let positions = self.embed_positions.forward(&ids)?;
-        embeds.broadcast_add(&positions)?.apply(&self.layernorm_embedding)
+        embeds
+            .broadcast_add(&positions)?
+            .apply(&self.layernorm_embedding)
     }
 }
 
@@ -197,11 +247,19 @@ pub struct BartEncoder {
 }
 
 impl BartEncoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &TextConfig,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let layers = (0..cfg.encoder_layers)
             .map(|i| EncoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
-        Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
+        Ok(Self {
+            tail: EmbeddingTail::new(cfg, &vb)?,
+            layers,
+        })
     }
 
     /// `inputs_embeds` `[B, S, D]`, `attention_mask` `[B, S]` (1 = attend, 0 = padding) → `[B, S, D]`.
@@ -287,17 +345,30 @@ pub struct BartDecoder {
 }
 
 impl BartDecoder {
-    fn new(cfg: &TextConfig, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &TextConfig,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let layers = (0..cfg.decoder_layers)
             .map(|i| DecoderLayer::new(cfg, act, vb.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
-        Ok(Self { tail: EmbeddingTail::new(cfg, &vb)?, layers })
+        Ok(Self {
+            tail: EmbeddingTail::new(cfg, &vb)?,
+            layers,
+        })
     }
 
     /// A fresh cache for `encoder_states` `[B, S, D]` with its `[B, S]` attention mask, decoding `group`
     /// consecutive rows per encoder row (`B * group` rows): the cross-attention keys and values are
     /// computed here, once, and never copied per row.
-    pub fn new_cache(&self, encoder_states: &Tensor, encoder_attention_mask: &Tensor, group: usize) -> Result<DecoderCache> {
+    pub fn new_cache(
+        &self,
+        encoder_states: &Tensor,
+        encoder_attention_mask: &Tensor,
+        group: usize,
+    ) -> Result<DecoderCache> {
         if group == 0 {
             candle_core::bail!("a decoder cache needs at least one row per encoder output");
         }
@@ -320,7 +391,11 @@ impl BartDecoder {
     pub fn forward(&self, embeds: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let t = embeds.dim(1)?;
         let past = cache.past;
-        let causal = if t > 1 { Some(causal_mask(t, past, embeds.dtype(), embeds.device())?) } else { None };
+        let causal = if t > 1 {
+            Some(causal_mask(t, past, embeds.dtype(), embeds.device())?)
+        } else {
+            None
+        };
         let mut xs = self.tail.forward(embeds, past)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (k, v) = layer.self_attn.key_values(&xs)?;
@@ -333,7 +408,10 @@ impl BartDecoder {
             xs = (xs + attended)?.apply(&layer.self_attn_layer_norm)?;
 
             let (ck, cv) = &cache.cross_kv[i];
-            let attended = layer.encoder_attn.attend(&xs, ck, cv, Some(&cache.encoder_mask), cache.group)?;
+            let attended =
+                layer
+                    .encoder_attn
+                    .attend(&xs, ck, cv, Some(&cache.encoder_mask), cache.group)?;
             xs = (xs + attended)?.apply(&layer.encoder_attn_layer_norm)?;
 
             xs = (&xs + xs.apply(&layer.ffn)?)?.apply(&layer.final_layer_norm)?;
@@ -355,11 +433,16 @@ impl BartModel {
     /// Loads from `vb` at `model.language_model`, the linear layers quantized when `q` says so (the shared
     /// token embedding stays as stored).
     pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
-        let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
+        let act =
+            crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let shared = candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?;
         Ok(Self {
             shared,
-            embed_scale: if cfg.scale_embedding { (cfg.d_model as f64).sqrt() } else { 1.0 },
+            embed_scale: if cfg.scale_embedding {
+                (cfg.d_model as f64).sqrt()
+            } else {
+                1.0
+            },
             encoder: BartEncoder::new(cfg, act, vb.pp("encoder"), q)?,
             decoder: BartDecoder::new(cfg, act, vb.pp("decoder"), q)?,
         })

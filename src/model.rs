@@ -38,7 +38,9 @@ impl EncoderOutput {
             return Ok(self.clone());
         }
         let rows = self.hidden_states.dim(0)?;
-        let order: Vec<u32> = (0..rows as u32).flat_map(|r| std::iter::repeat_n(r, times)).collect();
+        let order: Vec<u32> = (0..rows as u32)
+            .flat_map(|r| std::iter::repeat_n(r, times))
+            .collect();
         let order = Tensor::new(order.as_slice(), self.hidden_states.device())?;
         Ok(Self {
             hidden_states: self.hidden_states.index_select(&order, 0)?,
@@ -67,11 +69,18 @@ impl Florence2ForConditionalGeneration {
 
     /// [`Self::from_dir`], with the linear layers of the vision tower, projector and BART quantized when
     /// `quantize` says so (see [`crate::quantize`]).
-    pub fn from_dir_quantized(dir: &Path, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<Self> {
+    pub fn from_dir_quantized(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::NotFound {
                 path: dir.to_path_buf(),
-                hint: "Pass the folder of a Florence-2 checkpoint (config.json + model.safetensors).".into(),
+                hint:
+                    "Pass the folder of a Florence-2 checkpoint (config.json + model.safetensors)."
+                        .into(),
             });
         }
         let config = Florence2Config::from_file(&dir.join("config.json"))?;
@@ -95,7 +104,12 @@ impl Florence2ForConditionalGeneration {
     }
 
     /// Builds the model from a parsed config and opened weights.
-    pub fn new(config: Florence2Config, checkpoint: Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: Florence2Config,
+        checkpoint: Checkpoint,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::build(config, checkpoint, dtype, device, None)
     }
 
@@ -119,7 +133,10 @@ impl Florence2ForConditionalGeneration {
             });
         }
         let vb = checkpoint.var_builder(dtype, device);
-        Self::load(config, vb, dtype, device, quantize).map_err(|e| Error::Weights { path: source, msg: e.to_string() })
+        Self::load(config, vb, dtype, device, quantize).map_err(|e| Error::Weights {
+            path: source,
+            msg: e.to_string(),
+        })
     }
 
     fn load(
@@ -130,23 +147,48 @@ impl Florence2ForConditionalGeneration {
         q: Option<Quantization>,
     ) -> candle_core::Result<Self> {
         let text = &config.text;
-        let vision_tower = Florence2VisionBackbone::new(&config.vision, vb.pp("model.vision_tower"), q)?;
-        let projector = Florence2MultiModalProjector::new(&config.vision, vb.pp("model.multi_modal_projector"), q)?;
+        let vision_tower =
+            Florence2VisionBackbone::new(&config.vision, vb.pp("model.vision_tower"), q)?;
+        let projector = Florence2MultiModalProjector::new(
+            &config.vision,
+            vb.pp("model.multi_modal_projector"),
+            q,
+        )?;
         let language = BartModel::new(text, vb.pp("model.language_model"), q)?;
         // The LM head stays dense: in the HF-native layout it is the token embedding itself.
-        let lm_head = Linear::new(vb.get((text.vocab_size, text.d_model), "lm_head.weight")?, None);
+        let lm_head = Linear::new(
+            vb.get((text.vocab_size, text.d_model), "lm_head.weight")?,
+            None,
+        );
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
             // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
-            Some(vb.get_unchecked(FINAL_LOGITS_BIAS)?.flatten_all()?.to_dtype(dtype)?)
+            Some(
+                vb.get_unchecked(FINAL_LOGITS_BIAS)?
+                    .flatten_all()?
+                    .to_dtype(dtype)?,
+            )
         } else {
             None
         };
         if let Some(bias) = &final_logits_bias {
             if bias.dim(0)? != text.vocab_size {
-                candle_core::bail!("final_logits_bias has {} entries, the vocabulary {}", bias.dim(0)?, text.vocab_size);
+                candle_core::bail!(
+                    "final_logits_bias has {} entries, the vocabulary {}",
+                    bias.dim(0)?,
+                    text.vocab_size
+                );
             }
         }
-        Ok(Self { config, vision_tower, projector, language, lm_head, final_logits_bias, dtype, device: device.clone() })
+        Ok(Self {
+            config,
+            vision_tower,
+            projector,
+            language,
+            lm_head,
+            final_logits_bias,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     pub fn config(&self) -> &Florence2Config {
@@ -164,7 +206,10 @@ impl Florence2ForConditionalGeneration {
     /// The vision tower's last hidden state `[B, C, H', W']` for `pixel_values` `[B, 3, H, W]` (any float dtype).
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (_, channels, _, _) = pixel_values.dims4().map_err(|_| {
-            Error::invalid(format!("pixel_values must have shape [batch, 3, height, width], got {:?}", pixel_values.dims()))
+            Error::invalid(format!(
+                "pixel_values must have shape [batch, 3, height, width], got {:?}",
+                pixel_values.dims()
+            ))
         })?;
         if channels != self.config.vision.in_channels {
             return Err(Error::invalid(format!(
@@ -178,7 +223,9 @@ impl Florence2ForConditionalGeneration {
 
     /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).
     pub fn get_image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        Ok(self.projector.forward(&self.vision_features(pixel_values)?)?)
+        Ok(self
+            .projector
+            .forward(&self.vision_features(pixel_values)?)?)
     }
 
     /// Runs the encoder on `input_ids` `[B, L]` with `attention_mask` `[B, L]` (all ones when `None`), the
@@ -189,9 +236,12 @@ impl Florence2ForConditionalGeneration {
         attention_mask: Option<&Tensor>,
         image_features: Option<&Tensor>,
     ) -> Result<EncoderOutput> {
-        let (batch, len) = input_ids
-            .dims2()
-            .map_err(|_| Error::invalid(format!("input_ids must have shape [batch, length], got {:?}", input_ids.dims())))?;
+        let (batch, len) = input_ids.dims2().map_err(|_| {
+            Error::invalid(format!(
+                "input_ids must have shape [batch, length], got {:?}",
+                input_ids.dims()
+            ))
+        })?;
         let ids = input_ids.to_device(&self.device)?.to_dtype(DType::U32)?;
         self.check_token_ids(&ids)?;
         let mask = match attention_mask {
@@ -221,16 +271,26 @@ impl Florence2ForConditionalGeneration {
                     )));
                 }
                 match self.config.layout {
-                    Layout::HfNative => (self.scatter_image_features(&ids, &text_embeds, &features)?, mask),
+                    Layout::HfNative => (
+                        self.scatter_image_features(&ids, &text_embeds, &features)?,
+                        mask,
+                    ),
                     Layout::Original => {
-                        let image_mask = Tensor::ones((batch, features.dim(1)?), DType::F32, &self.device)?;
-                        (Tensor::cat(&[&features, &text_embeds], 1)?, Tensor::cat(&[&image_mask, &mask], 1)?)
+                        let image_mask =
+                            Tensor::ones((batch, features.dim(1)?), DType::F32, &self.device)?;
+                        (
+                            Tensor::cat(&[&features, &text_embeds], 1)?,
+                            Tensor::cat(&[&image_mask, &mask], 1)?,
+                        )
                     }
                 }
             }
         };
         let hidden_states = self.language.encoder.forward(&embeds, &mask)?;
-        Ok(EncoderOutput { hidden_states, attention_mask: mask })
+        Ok(EncoderOutput {
+            hidden_states,
+            attention_mask: mask,
+        })
     }
 
     /// Every id must index the embedding; a bad id would otherwise surface as an opaque index error.
@@ -248,7 +308,12 @@ impl Florence2ForConditionalGeneration {
 
     /// transformers' `inputs_embeds.masked_scatter(ids == image_token_id, features)`: the placeholders, in
     /// row-major order, take the feature rows in order.
-    fn scatter_image_features(&self, ids: &Tensor, text_embeds: &Tensor, features: &Tensor) -> Result<Tensor> {
+    fn scatter_image_features(
+        &self,
+        ids: &Tensor,
+        text_embeds: &Tensor,
+        features: &Tensor,
+    ) -> Result<Tensor> {
         let image_token = self.config.image_token_id.unwrap_or(u32::MAX);
         let (batch, len, dim) = text_embeds.dims3()?;
         let flat_ids = ids.flatten_all()?.to_vec1::<u32>()?;
@@ -275,7 +340,13 @@ impl Florence2ForConditionalGeneration {
                 }
             })
             .collect();
-        let source = Tensor::cat(&[text_embeds.reshape((batch * len, dim))?, features.reshape((n_features, dim))?], 0)?;
+        let source = Tensor::cat(
+            &[
+                text_embeds.reshape((batch * len, dim))?,
+                features.reshape((n_features, dim))?,
+            ],
+            0,
+        )?;
         let index = Tensor::new(index.as_slice(), &self.device)?;
         Ok(source.index_select(&index, 0)?.reshape((batch, len, dim))?)
     }
@@ -303,16 +374,40 @@ impl Florence2ForConditionalGeneration {
     /// Starts decoding `group` consecutive rows per row of `encoder` (the `num_beams` beams of each item),
     /// as [`Self::start_decoding`] on `encoder.expand(group)` would, without copying the encoder states per
     /// row. Beam reordering must then keep each row within its item's group, as beam search does.
-    pub fn start_decoding_grouped(&self, encoder: &EncoderOutput, group: usize) -> Result<DecoderState<'_>> {
-        let cache = self.language.decoder.new_cache(&encoder.hidden_states, &encoder.attention_mask, group)?;
+    pub fn start_decoding_grouped(
+        &self,
+        encoder: &EncoderOutput,
+        group: usize,
+    ) -> Result<DecoderState<'_>> {
+        let cache = self.language.decoder.new_cache(
+            &encoder.hidden_states,
+            &encoder.attention_mask,
+            group,
+        )?;
         Ok(DecoderState { model: self, cache })
     }
 
     /// Logits `[B, T, vocab]` for `decoder_input_ids` `[B, T]` given the encoder output (a full forward pass
     /// without reusing a cache, like transformers' `forward`).
-    pub fn decoder_logits(&self, decoder_input_ids: &Tensor, encoder: &EncoderOutput) -> Result<Tensor> {
+    pub fn decoder_logits(
+        &self,
+        decoder_input_ids: &Tensor,
+        encoder: &EncoderOutput,
+    ) -> Result<Tensor> {
+        Ok(self.decoder_forward(decoder_input_ids, encoder)?.1)
+    }
+
+    /// The decoder's last hidden state `[B, T, d_model]` (transformers' `Florence2Model` output) and the
+    /// logits computed from it, for `decoder_input_ids` `[B, T]`.
+    pub fn decoder_forward(
+        &self,
+        decoder_input_ids: &Tensor,
+        encoder: &EncoderOutput,
+    ) -> Result<(Tensor, Tensor)> {
         let mut state = self.start_decoding(encoder)?;
-        state.step(decoder_input_ids)
+        let hidden = state.hidden_step(decoder_input_ids)?;
+        let logits = self.logits(&hidden)?;
+        Ok((hidden, logits))
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -333,11 +428,20 @@ pub struct DecoderState<'m> {
 impl DecoderState<'_> {
     /// Feeds `ids` `[rows, T]` and returns their logits `[rows, T, vocab]` in the model's dtype.
     pub fn step(&mut self, ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_step(ids)?;
+        self.model.logits(&hidden)
+    }
+
+    /// Feeds `ids` `[rows, T]` and returns the decoder's hidden states `[rows, T, d_model]` (before the LM head).
+    pub fn hidden_step(&mut self, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.to_device(&self.model.device)?.to_dtype(DType::U32)?;
         self.model.check_token_ids(&ids)?;
         let embeds = self.model.language.embed_tokens(&ids)?;
-        let hidden = self.model.language.decoder.forward(&embeds, &mut self.cache)?;
-        self.model.logits(&hidden)
+        Ok(self
+            .model
+            .language
+            .decoder
+            .forward(&embeds, &mut self.cache)?)
     }
 }
 

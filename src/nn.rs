@@ -7,7 +7,13 @@ use candle_nn::Activation;
 ///
 /// The scale is applied after the product, as transformers' eager attention does. `mask` is additive
 /// (0 where attending is allowed, a large negative value elsewhere) and broadcast over the scores.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
@@ -24,14 +30,18 @@ pub fn activation(name: &str) -> std::result::Result<Activation, String> {
         "gelu_pytorch_tanh" => Ok(Activation::GeluPytorchTanh),
         "relu" => Ok(Activation::Relu),
         "silu" | "swish" => Ok(Activation::Silu),
-        other => Err(format!("activation_function {other:?} is not supported (gelu, gelu_new, relu, silu)")),
+        other => Err(format!(
+            "activation_function {other:?} is not supported (gelu, gelu_new, relu, silu)"
+        )),
     }
 }
 
 /// LayerNorm over the channel dim of an NCHW tensor (transformers permutes to NHWC and back).
 pub fn layer_norm_nchw(xs: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
     let nhwc = xs.permute((0, 2, 3, 1))?.contiguous()?;
-    candle_core::Module::forward(norm, &nhwc)?.permute((0, 3, 1, 2))?.contiguous()
+    candle_core::Module::forward(norm, &nhwc)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()
 }
 
 /// `[B, C, H, W]` → `[B, H*W, C]`.
@@ -42,6 +52,7 @@ pub fn nchw_to_tokens(xs: &Tensor) -> Result<Tensor> {
 /// `[B, H*W, C]` → `[B, C, H, W]`.
 pub fn tokens_to_nchw(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
     let (b, _, c) = xs.dims3()?;
-    xs.transpose(1, 2)?.contiguous()?.reshape((b, c, height, width))
+    xs.transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, c, height, width))
 }
-

@@ -28,14 +28,31 @@ pub struct Florence2MultiModalProjector {
 impl Florence2MultiModalProjector {
     /// Loads from `vb` at `model.multi_modal_projector`.
     pub fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
-        let dim = *cfg.embed_dim.last().ok_or_else(|| candle_core::Error::Msg("empty embed_dim".into()))?;
+        let dim = *cfg
+            .embed_dim
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("empty embed_dim".into()))?;
         let max_positions = cfg.max_position_embeddings;
         let pos = vb.pp("image_position_embed");
         Ok(Self {
-            image_projection: Linear::load(dim, cfg.projection_dim, false, vb.pp("image_projection"), q)?,
-            image_proj_norm: candle_nn::layer_norm(cfg.projection_dim, 1e-5, vb.pp("image_proj_norm"))?,
+            image_projection: Linear::load(
+                dim,
+                cfg.projection_dim,
+                false,
+                vb.pp("image_projection"),
+                q,
+            )?,
+            image_proj_norm: candle_nn::layer_norm(
+                cfg.projection_dim,
+                1e-5,
+                vb.pp("image_proj_norm"),
+            )?,
             row_embeddings: candle_nn::embedding(max_positions, dim / 2, pos.pp("row_embeddings"))?,
-            column_embeddings: candle_nn::embedding(max_positions, dim - dim / 2, pos.pp("column_embeddings"))?,
+            column_embeddings: candle_nn::embedding(
+                max_positions,
+                dim - dim / 2,
+                pos.pp("column_embeddings"),
+            )?,
             pos_idx_to_embed: vb
                 .pp("visual_temporal_embed")
                 .get((cfg.max_temporal_embeddings, dim), "pos_idx_to_embed")?,
@@ -54,8 +71,12 @@ impl Florence2MultiModalProjector {
             );
         }
         let device = features.device();
-        let cols = self.column_embeddings.forward(&Tensor::arange(0u32, w as u32, device)?)?; // [W, C - C/2]
-        let rows = self.row_embeddings.forward(&Tensor::arange(0u32, h as u32, device)?)?; // [H, C/2]
+        let cols = self
+            .column_embeddings
+            .forward(&Tensor::arange(0u32, w as u32, device)?)?; // [W, C - C/2]
+        let rows = self
+            .row_embeddings
+            .forward(&Tensor::arange(0u32, h as u32, device)?)?; // [H, C/2]
         let cols = cols.unsqueeze(0)?.broadcast_as((h, w, c - c / 2))?;
         let rows = rows.unsqueeze(1)?.broadcast_as((h, w, c / 2))?;
         let position = Tensor::cat(&[cols, rows], 2)?.reshape((h * w, c))?;
@@ -63,12 +84,17 @@ impl Florence2MultiModalProjector {
         let tokens = nchw_to_tokens(features)?.broadcast_add(&position)?;
         let tokens = tokens.broadcast_add(&self.pos_idx_to_embed.get(0)?)?;
         let spatial = mean_over_tokens(&tokens)?;
-        Tensor::cat(&[spatial, tokens], 1)?.apply(&self.image_projection)?.apply(&self.image_proj_norm)
+        Tensor::cat(&[spatial, tokens], 1)?
+            .apply(&self.image_projection)?
+            .apply(&self.image_proj_norm)
     }
 }
 
 /// Mean over dim 1 keeping it, accumulated in f32 like torch does for half-precision means.
 fn mean_over_tokens(tokens: &Tensor) -> Result<Tensor> {
     let dtype = tokens.dtype();
-    tokens.to_dtype(DType::F32)?.mean_keepdim(1)?.to_dtype(dtype)
+    tokens
+        .to_dtype(DType::F32)?
+        .mean_keepdim(1)?
+        .to_dtype(dtype)
 }

@@ -21,7 +21,9 @@ impl Quantization {
         match name {
             "int8" => Ok(Self::Int8),
             "int4" => Ok(Self::Int4),
-            other => Err(crate::Error::invalid(format!("quantize={other:?} is not supported: use \"int8\" or \"int4\""))),
+            other => Err(crate::Error::invalid(format!(
+                "quantize={other:?} is not supported: use \"int8\" or \"int4\""
+            ))),
         }
     }
 
@@ -36,14 +38,27 @@ impl Quantization {
 /// A linear layer `x @ wᵀ + b`, with dense or quantized weights.
 pub enum Linear {
     Dense(candle_nn::Linear),
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias`) from `vb`, quantized when asked.
-    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder, quantize: Option<Quantization>) -> Result<Self> {
+    pub fn load(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         let Some(quantize) = quantize else {
             return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
         };

@@ -23,17 +23,32 @@ struct Conv {
 }
 
 impl Conv {
-    fn new(in_c: usize, out_c: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        cfg: Conv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let dtype = vb.dtype();
-        let vb = if dtype == DType::BF16 { vb.set_dtype(DType::F32) } else { vb };
-        Ok(Self { conv: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?, dtype })
+        let vb = if dtype == DType::BF16 {
+            vb.set_dtype(DType::F32)
+        } else {
+            vb
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
+            dtype,
+        })
     }
 }
 
 impl Module for Conv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.dtype == DType::BF16 {
-            xs.to_dtype(DType::F32)?.apply(&self.conv)?.to_dtype(DType::BF16)
+            xs.to_dtype(DType::F32)?
+                .apply(&self.conv)?
+                .to_dtype(DType::BF16)
         } else {
             xs.apply(&self.conv)
         }
@@ -49,18 +64,32 @@ struct ConvEmbed {
 
 impl ConvEmbed {
     fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder) -> Result<Self> {
-        let in_channels = if stage == 0 { cfg.in_channels } else { cfg.embed_dim[stage - 1] };
+        let in_channels = if stage == 0 {
+            cfg.in_channels
+        } else {
+            cfg.embed_dim[stage - 1]
+        };
         let out_channels = cfg.embed_dim[stage];
         let conv_cfg = Conv2dConfig {
             padding: cfg.patch_padding[stage],
             stride: cfg.patch_stride[stage],
             ..Default::default()
         };
-        let conv = Conv::new(in_channels, out_channels, cfg.patch_size[stage], conv_cfg, vb.pp("conv"))?;
+        let conv = Conv::new(
+            in_channels,
+            out_channels,
+            cfg.patch_size[stage],
+            conv_cfg,
+            vb.pp("conv"),
+        )?;
         let pre_norm = cfg.patch_prenorm[stage];
         let norm_dim = if pre_norm { in_channels } else { out_channels };
         let norm = candle_nn::layer_norm(norm_dim, LN_EPS, vb.pp("norm"))?;
-        Ok(Self { conv, norm, pre_norm })
+        Ok(Self {
+            conv,
+            norm,
+            pre_norm,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -84,9 +113,17 @@ impl DepthwiseConv {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((dim, 1, 3, 3), "weight")?;
         let bias = vb.get(dim, "bias")?;
-        let cfg = Conv2dConfig { padding: 1, groups: dim, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: 1,
+            groups: dim,
+            ..Default::default()
+        };
         let grouped = Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
-        Ok(Self { weight, bias, grouped })
+        Ok(Self {
+            weight,
+            bias,
+            grouped,
+        })
     }
 
     /// `conv(x) + x` on an NCHW tensor.
@@ -107,7 +144,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &VisionConfig, dim: usize, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        dim: usize,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         // transformers truncates: int(dim * mlp_ratio).
         let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
@@ -135,7 +178,12 @@ struct WindowAttention {
 }
 
 impl WindowAttention {
-    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        stage: usize,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         let num_heads = cfg.num_heads[stage];
         Ok(Self {
@@ -153,7 +201,9 @@ impl WindowAttention {
         let ws = self.window;
         let pad_w = (ws - w % ws) % ws;
         let pad_h = (ws - h % ws) % ws;
-        let xs = xs.pad_with_zeros(2, 0, pad_w)?.pad_with_zeros(1, 0, pad_h)?;
+        let xs = xs
+            .pad_with_zeros(2, 0, pad_w)?
+            .pad_with_zeros(1, 0, pad_h)?;
         let (hp, wp) = (h + pad_h, w + pad_w);
         let (nh, nw) = (hp / ws, wp / ws);
         let windows = xs
@@ -195,7 +245,12 @@ struct ChannelAttention {
 }
 
 impl ChannelAttention {
-    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        stage: usize,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         Ok(Self {
             qkv: Linear::load(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"), q)?,
@@ -211,12 +266,17 @@ impl Module for ChannelAttention {
         let (b, n, c) = xs.dims3()?;
         let group_dim = c / self.groups;
         // [3, B, groups, group_dim, N]: each channel is a "token" attending to the channels of its group.
-        let qkv = xs.apply(&self.qkv)?.reshape((b, n, 3, self.groups, group_dim))?.permute((2, 0, 3, 4, 1))?;
+        let qkv = xs
+            .apply(&self.qkv)?
+            .reshape((b, n, 3, self.groups, group_dim))?
+            .permute((2, 0, 3, 4, 1))?;
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let out = attention(&q, &k, &v, (n as f64).powf(-0.5), None)?; // [B, groups, group_dim, N]
-        out.permute((0, 3, 1, 2))?.reshape((b, n, c))?.apply(&self.proj)
+        out.permute((0, 3, 1, 2))?
+            .reshape((b, n, c))?
+            .apply(&self.proj)
     }
 }
 
@@ -238,7 +298,14 @@ struct DualBlock {
 }
 
 impl DualBlock {
-    fn new(cfg: &VisionConfig, stage: usize, spatial: bool, act: Activation, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        stage: usize,
+        spatial: bool,
+        act: Activation,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
         let mixer = if spatial {
             Mixer::Window(WindowAttention::new(cfg, stage, vb.pp("window_attn"), q)?)
@@ -282,7 +349,8 @@ pub struct Florence2VisionBackbone {
 impl Florence2VisionBackbone {
     /// Loads from `vb` at `model.vision_tower`, the linear layers quantized when `q` says so.
     pub fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
-        let act = crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
+        let act =
+            crate::nn::activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let mut convs = Vec::with_capacity(cfg.embed_dim.len());
         let mut blocks = Vec::with_capacity(cfg.embed_dim.len());
         for stage in 0..cfg.embed_dim.len() {

@@ -7,7 +7,6 @@
 //! (`image_projection`). The HF-native layout ties `lm_head.weight` to the shared embedding and may not store
 //! it; that fallback is here too, so the model code has one path.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -46,7 +45,10 @@ impl Checkpoint {
             } else {
                 "Expected model.safetensors or model.safetensors.index.json in the checkpoint folder."
             };
-            return Err(Error::NotFound { path: single, hint: hint.into() });
+            return Err(Error::NotFound {
+                path: single,
+                hint: hint.into(),
+            });
         };
         // SAFETY: the files are mapped read-only; like transformers and candle we assume nobody truncates
         // them while the model is alive.
@@ -58,7 +60,11 @@ impl Checkpoint {
             path: source.clone(),
             msg: "no Florence-2 weights found (expected `model.vision_tower.*` or `vision_tower.*` keys)".into(),
         })?;
-        Ok(Checkpoint { tensors, layout, source })
+        Ok(Checkpoint {
+            tensors,
+            layout,
+            source,
+        })
     }
 
     /// The layout the stored key names follow.
@@ -98,7 +104,10 @@ impl Checkpoint {
     }
 
     fn load(&self, hf_name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        if self.layout == Layout::HfNative && hf_name == "lm_head.weight" && self.tensors.get(hf_name).is_err() {
+        if self.layout == Layout::HfNative
+            && hf_name == "lm_head.weight"
+            && self.tensors.get(hf_name).is_err()
+        {
             // Tied to the shared embedding and not saved (transformers drops tied copies).
             return self.load("model.language_model.shared.weight", device);
         }
@@ -118,7 +127,14 @@ impl Checkpoint {
 }
 
 impl SimpleBackend for Checkpoint {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let tensor = self.load(name, dev)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
@@ -144,7 +160,10 @@ impl SimpleBackend for Checkpoint {
 
 fn detect_layout(tensors: &MmapedSafetensors) -> Option<Layout> {
     let names = tensors.tensors();
-    if names.iter().any(|(n, _)| n.starts_with("model.vision_tower.")) {
+    if names
+        .iter()
+        .any(|(n, _)| n.starts_with("model.vision_tower."))
+    {
         Some(Layout::HfNative)
     } else if names.iter().any(|(n, _)| n.starts_with("vision_tower.")) {
         Some(Layout::Original)
@@ -153,27 +172,59 @@ fn detect_layout(tensors: &MmapedSafetensors) -> Option<Layout> {
     }
 }
 
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let bad = |msg: String| Error::Weights { path: index.to_path_buf(), msg };
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+/// The shard files `model.safetensors.index.json` lists in its `weight_map`, each once, in order.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let bad = |msg: String| Error::Weights {
+        path: index.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("missing the `weight_map` object".into()))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    if files.is_empty() {
-        return Err(bad("`weight_map` lists no files".into()));
+        .ok_or_else(|| bad("no \"weight_map\" object".to_string()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for value in map.values() {
+        let shard = value
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map value {value} is not a file name")))?;
+        // The names come from the repository and become paths in the cache: keep them inside the snapshot.
+        let plain = Path::new(shard)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if shard.is_empty() || !plain {
+            return Err(bad(format!(
+                "shard name {shard:?} is not a file name inside the repository"
+            )));
+        }
+        if !shards.iter().any(|s| s == shard) {
+            shards.push(shard.to_string());
+        }
     }
-    files
+    if shards.is_empty() {
+        return Err(bad("\"weight_map\" lists no shard".to_string()));
+    }
+    Ok(shards)
+}
+
+/// The shard paths of a sharded checkpoint, each checked to exist.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    shard_names(index)?
         .into_iter()
-        .map(|f| {
-            let path = dir.join(f);
+        .map(|name| {
+            let path = dir.join(name);
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(Error::NotFound { path, hint: format!("listed as a shard in {}", index.display()) })
+                Err(Error::NotFound {
+                    path,
+                    hint: format!("listed as a shard in {}", index.display()),
+                })
             }
         })
         .collect()
@@ -228,21 +279,66 @@ mod tests {
     fn renames_match_the_release_key_list() {
         // Pairs from ../shared/florence2-release-files/keys/Florence-2-large_hf_native_keys_DERIVED.txt.
         let pairs = [
-            ("model.vision_tower.convs.0.conv.weight", "vision_tower.convs.0.proj.weight"),
-            ("model.vision_tower.convs.3.norm.bias", "vision_tower.convs.3.norm.bias"),
-            ("model.vision_tower.blocks.0.0.spatial_block.conv1.weight", "vision_tower.blocks.0.0.spatial_block.conv1.fn.dw.weight"),
-            ("model.vision_tower.blocks.2.7.spatial_block.norm1.bias", "vision_tower.blocks.2.7.spatial_block.window_attn.norm.bias"),
-            ("model.vision_tower.blocks.0.0.spatial_block.window_attn.qkv.weight", "vision_tower.blocks.0.0.spatial_block.window_attn.fn.qkv.weight"),
-            ("model.vision_tower.blocks.0.0.spatial_block.norm2.weight", "vision_tower.blocks.0.0.spatial_block.ffn.norm.weight"),
-            ("model.vision_tower.blocks.0.0.spatial_block.ffn.fc2.bias", "vision_tower.blocks.0.0.spatial_block.ffn.fn.net.fc2.bias"),
-            ("model.vision_tower.blocks.1.0.channel_block.conv2.bias", "vision_tower.blocks.1.0.channel_block.conv2.fn.dw.bias"),
-            ("model.vision_tower.blocks.1.0.channel_block.norm1.weight", "vision_tower.blocks.1.0.channel_block.channel_attn.norm.weight"),
-            ("model.vision_tower.blocks.1.0.channel_block.channel_attn.proj.weight", "vision_tower.blocks.1.0.channel_block.channel_attn.fn.proj.weight"),
-            ("model.multi_modal_projector.image_projection.weight", "image_projection"),
-            ("model.multi_modal_projector.image_position_embed.row_embeddings.weight", "image_pos_embed.row_embeddings.weight"),
-            ("model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed", "visual_temporal_embed.pos_idx_to_embed"),
-            ("model.multi_modal_projector.image_proj_norm.weight", "image_proj_norm.weight"),
-            ("model.language_model.decoder.layers.0.encoder_attn.k_proj.weight", "language_model.model.decoder.layers.0.encoder_attn.k_proj.weight"),
+            (
+                "model.vision_tower.convs.0.conv.weight",
+                "vision_tower.convs.0.proj.weight",
+            ),
+            (
+                "model.vision_tower.convs.3.norm.bias",
+                "vision_tower.convs.3.norm.bias",
+            ),
+            (
+                "model.vision_tower.blocks.0.0.spatial_block.conv1.weight",
+                "vision_tower.blocks.0.0.spatial_block.conv1.fn.dw.weight",
+            ),
+            (
+                "model.vision_tower.blocks.2.7.spatial_block.norm1.bias",
+                "vision_tower.blocks.2.7.spatial_block.window_attn.norm.bias",
+            ),
+            (
+                "model.vision_tower.blocks.0.0.spatial_block.window_attn.qkv.weight",
+                "vision_tower.blocks.0.0.spatial_block.window_attn.fn.qkv.weight",
+            ),
+            (
+                "model.vision_tower.blocks.0.0.spatial_block.norm2.weight",
+                "vision_tower.blocks.0.0.spatial_block.ffn.norm.weight",
+            ),
+            (
+                "model.vision_tower.blocks.0.0.spatial_block.ffn.fc2.bias",
+                "vision_tower.blocks.0.0.spatial_block.ffn.fn.net.fc2.bias",
+            ),
+            (
+                "model.vision_tower.blocks.1.0.channel_block.conv2.bias",
+                "vision_tower.blocks.1.0.channel_block.conv2.fn.dw.bias",
+            ),
+            (
+                "model.vision_tower.blocks.1.0.channel_block.norm1.weight",
+                "vision_tower.blocks.1.0.channel_block.channel_attn.norm.weight",
+            ),
+            (
+                "model.vision_tower.blocks.1.0.channel_block.channel_attn.proj.weight",
+                "vision_tower.blocks.1.0.channel_block.channel_attn.fn.proj.weight",
+            ),
+            (
+                "model.multi_modal_projector.image_projection.weight",
+                "image_projection",
+            ),
+            (
+                "model.multi_modal_projector.image_position_embed.row_embeddings.weight",
+                "image_pos_embed.row_embeddings.weight",
+            ),
+            (
+                "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed",
+                "visual_temporal_embed.pos_idx_to_embed",
+            ),
+            (
+                "model.multi_modal_projector.image_proj_norm.weight",
+                "image_proj_norm.weight",
+            ),
+            (
+                "model.language_model.decoder.layers.0.encoder_attn.k_proj.weight",
+                "language_model.model.decoder.layers.0.encoder_attn.k_proj.weight",
+            ),
             ("lm_head.weight", "language_model.lm_head.weight"),
         ];
         for (hf, orig) in pairs {

@@ -20,12 +20,26 @@ fn read_json(p: &Path) -> Value {
 
 /// The tiny HF-native checkpoint, its reference inputs and image features.
 fn tiny(spec: &str) -> (Florence2ForConditionalGeneration, Tensor, Tensor, Tensor) {
-    let refs = candle_core::safetensors::load(fixtures().join(spec).join("reference.safetensors"), &Device::Cpu)
-        .expect("reference tensors");
-    let model = Florence2ForConditionalGeneration::from_dir(&fixtures().join(spec).join("hf"), DType::F32, &Device::Cpu)
-        .expect("tiny checkpoint");
-    let features = model.get_image_features(&refs["pixel_values"]).expect("image features");
-    (model, refs["input_ids"].clone(), refs["attention_mask"].clone(), features)
+    let refs = candle_core::safetensors::load(
+        fixtures().join(spec).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("reference tensors");
+    let model = Florence2ForConditionalGeneration::from_dir(
+        &fixtures().join(spec).join("hf"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("tiny checkpoint");
+    let features = model
+        .get_image_features(&refs["pixel_values"])
+        .expect("image features");
+    (
+        model,
+        refs["input_ids"].clone(),
+        refs["attention_mask"].clone(),
+        features,
+    )
 }
 
 #[test]
@@ -37,13 +51,20 @@ fn model_generate_gives_transformers_ids() {
         for case in cases.as_array().expect("cases") {
             let gen = dir.join("generation_config.json");
             let gen = gen.exists().then(|| read_json(&gen));
-            let mut cfg = GenerationConfig::from_checkpoint(gen.as_ref(), &read_json(&dir.join("config.json")))
-                .expect("generation config");
+            let mut cfg = GenerationConfig::from_checkpoint(
+                gen.as_ref(),
+                &read_json(&dir.join("config.json")),
+            )
+            .expect("generation config");
             for (k, v) in case["kwargs"].as_object().expect("kwargs") {
                 cfg.set(k, v.clone()).expect("setting");
             }
-            let want: Vec<Vec<u32>> = serde_json::from_value(case["sequences"].clone()).expect("ids");
-            let got = model.generate(&ids, Some(&mask), Some(&features), &cfg).expect("generate").sequences;
+            let want: Vec<Vec<u32>> =
+                serde_json::from_value(case["sequences"].clone()).expect("ids");
+            let got = model
+                .generate(&ids, Some(&mask), Some(&features), &cfg)
+                .expect("generate")
+                .sequences;
             assert_eq!(got, want, "{spec} {}", case["kwargs"]);
         }
     }
@@ -52,10 +73,16 @@ fn model_generate_gives_transformers_ids() {
 #[test]
 fn grouped_and_expanded_caches_agree() {
     let (model, ids, mask, features) = tiny("tiny");
-    let encoder = model.encode(&ids, Some(&mask), Some(&features)).expect("encode");
+    let encoder = model
+        .encode(&ids, Some(&mask), Some(&features))
+        .expect("encode");
     let beams = 3;
-    let mut grouped = model.start_decoding_grouped(&encoder, beams).expect("grouped");
-    let mut expanded = model.start_decoding(&encoder.expand(beams).expect("expand")).expect("expanded");
+    let mut grouped = model
+        .start_decoding_grouped(&encoder, beams)
+        .expect("grouped");
+    let mut expanded = model
+        .start_decoding(&encoder.expand(beams).expect("expand"))
+        .expect("expanded");
     assert_eq!(grouped.rows(), expanded.rows());
     let rows = grouped.rows();
     let mut tokens: Vec<u32> = vec![2; rows];
@@ -65,7 +92,11 @@ fn grouped_and_expanded_caches_agree() {
         let a = grouped.next_logits(&tokens).expect("grouped step");
         let b = expanded.next_logits(&tokens).expect("expanded step");
         for (ra, rb) in a.iter().zip(&b) {
-            let diff = ra.iter().zip(rb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = ra
+                .iter()
+                .zip(rb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-5, "step {step}: logits differ by {diff}");
         }
         let order = &orders[step % 2];

@@ -10,7 +10,9 @@ use florence2_rs::Error;
 const SPECS: [&str; 2] = ["tiny", "tiny_uneven"];
 
 fn fixture(spec: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(spec)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(spec)
 }
 
 struct Reference {
@@ -20,7 +22,9 @@ struct Reference {
 impl Reference {
     fn load(spec: &str) -> Self {
         let path = fixture(spec).join("reference.safetensors");
-        Self { tensors: candle_core::safetensors::load(path, &Device::Cpu).expect("reference tensors") }
+        Self {
+            tensors: candle_core::safetensors::load(path, &Device::Cpu).expect("reference tensors"),
+        }
     }
     fn get(&self, name: &str) -> &Tensor {
         &self.tensors[name]
@@ -41,27 +45,53 @@ fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
     let ours = ours.to_dtype(DType::F32).unwrap();
     let reference = reference.to_dtype(DType::F32).unwrap();
-    let diff = (ours - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let diff = (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
 }
 
 fn load(spec: &str, layout: &str, dtype: DType) -> Florence2ForConditionalGeneration {
-    Florence2ForConditionalGeneration::from_dir(&fixture(spec).join(layout), dtype, &Device::Cpu).expect("model loads")
+    Florence2ForConditionalGeneration::from_dir(&fixture(spec).join(layout), dtype, &Device::Cpu)
+        .expect("model loads")
 }
 
 /// Runs the whole model as transformers' forward does and returns (vision, image features, encoder, logits).
-fn run(model: &Florence2ForConditionalGeneration, reference: &Reference, layout: &str) -> [Tensor; 4] {
+fn run(
+    model: &Florence2ForConditionalGeneration,
+    reference: &Reference,
+    layout: &str,
+) -> [Tensor; 4] {
     let pixels = reference.get("pixel_values");
     let vision = model.vision_features(pixels).unwrap();
     let features = model.get_image_features(pixels).unwrap();
     let (ids, mask) = if layout == "hf" {
-        (reference.get("input_ids").clone(), reference.get("attention_mask").clone())
+        (
+            reference.get("input_ids").clone(),
+            reference.get("attention_mask").clone(),
+        )
     } else {
-        (reference.text_only("input_ids"), reference.text_only("attention_mask"))
+        (
+            reference.text_only("input_ids"),
+            reference.text_only("attention_mask"),
+        )
     };
     let encoder = model.encode(&ids, Some(&mask), Some(&features)).unwrap();
-    let logits = model.decoder_logits(reference.get("decoder_input_ids"), &encoder).unwrap();
+    let logits = model
+        .decoder_logits(reference.get("decoder_input_ids"), &encoder)
+        .unwrap();
     [vision, features, encoder.hidden_states, logits]
 }
 
@@ -82,7 +112,10 @@ fn check_parity(dtype: DType, tolerance: f32) {
                 ("logits", &logits, &ref_logits),
             ] {
                 let err = max_rel_error(ours, theirs);
-                assert!(err <= tolerance, "{spec}/{layout} {dtype:?} {name}: max relative error {err} > {tolerance}");
+                assert!(
+                    err <= tolerance,
+                    "{spec}/{layout} {dtype:?} {name}: max relative error {err} > {tolerance}"
+                );
             }
         }
     }
@@ -122,9 +155,15 @@ fn cached_decoding_matches_the_full_forward() {
     let reference = Reference::load("tiny");
     let model = load("tiny", "hf", DType::F32);
     let [.., full] = run(&model, &reference, "hf");
-    let features = model.get_image_features(reference.get("pixel_values")).unwrap();
+    let features = model
+        .get_image_features(reference.get("pixel_values"))
+        .unwrap();
     let encoder = model
-        .encode(reference.get("input_ids"), Some(reference.get("attention_mask")), Some(&features))
+        .encode(
+            reference.get("input_ids"),
+            Some(reference.get("attention_mask")),
+            Some(&features),
+        )
         .unwrap();
     let mut state = model.start_decoding(&encoder).unwrap();
     let ids = reference.get("decoder_input_ids");
@@ -176,7 +215,10 @@ fn truncated_and_corrupt_weights_are_errors() {
         let bytes = std::fs::read(&weights).unwrap();
         std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
         let msg = load_err(&dir);
-        assert!(msg.contains("model.safetensors") && msg.contains("truncated or corrupt"), "{msg}");
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("truncated or corrupt"),
+            "{msg}"
+        );
         std::fs::write(&weights, b"this is not a safetensors file").unwrap();
         assert!(load_err(&dir).contains("model.safetensors"));
         std::fs::write(&weights, b"").unwrap();
@@ -187,11 +229,15 @@ fn truncated_and_corrupt_weights_are_errors() {
 #[test]
 fn config_that_contradicts_the_weights_names_the_key() {
     let tmp = tempfile::tempdir().unwrap();
-    for (layout, key) in [("hf", "model.language_model.encoder.layers.2"), ("original", "language_model.model.encoder.layers.2")] {
+    for (layout, key) in [
+        ("hf", "model.language_model.encoder.layers.2"),
+        ("original", "language_model.model.encoder.layers.2"),
+    ] {
         let dir = tmp.path().join(layout);
         copy_dir(&fixture("tiny").join(layout), &dir);
         let config_path = dir.join("config.json");
-        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         config["text_config"]["encoder_layers"] = 3.into();
         std::fs::write(&config_path, config.to_string()).unwrap();
         let msg = load_err(&dir);
@@ -218,8 +264,12 @@ fn bad_inputs_are_errors_not_panics() {
     let ids = Tensor::new(&[[0u32, 5000, 2]], &Device::Cpu).unwrap();
     assert!(model.encode(&ids, None, None).is_err());
     // Wrong pixel shapes.
-    assert!(model.vision_features(&Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap()).is_err());
-    assert!(model.vision_features(&Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap()).is_err());
+    assert!(model
+        .vision_features(&Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .is_err());
+    assert!(model
+        .vision_features(&Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .is_err());
     // An image too large for the position embedding.
     let big = Tensor::zeros((1, 3, 1024, 1024), DType::F32, &Device::Cpu).unwrap();
     assert!(model.get_image_features(&big).is_err());

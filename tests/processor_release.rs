@@ -3,31 +3,47 @@
 
 use std::path::PathBuf;
 
-use florence2_rs::processor::{postprocess, prompts, EncodeOptions, Florence2Processor, Layout, PostProcessorConfig};
+use florence2_rs::processor::{
+    postprocess, prompts, EncodeOptions, Florence2Processor, Layout, PostProcessorConfig,
+};
 use proptest::prelude::*;
 
 fn release(name: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/florence2-release-files").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/florence2-release-files")
+        .join(name);
     dir.is_dir().then_some(dir)
 }
 
 #[test]
 fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {
-    let (Some(msft), Some(onnx)) = (release("microsoft_Florence-2-base"), release("onnx-community_Florence-2-base")) else {
+    let (Some(msft), Some(onnx)) = (
+        release("microsoft_Florence-2-base"),
+        release("onnx-community_Florence-2-base"),
+    ) else {
         return;
     };
     let ours = Florence2Processor::from_dir(&msft).unwrap();
     let released = Florence2Processor::from_dir(&onnx).unwrap();
     assert_eq!(ours.layout, Layout::Original);
     for token in ["<od>", "<loc_0>", "<loc_999>", "<poly>", "<and>"] {
-        assert_eq!(ours.tokenizer.token_to_id(token), released.tokenizer.token_to_id(token), "{token}");
+        assert_eq!(
+            ours.tokenizer.token_to_id(token),
+            released.tokenizer.token_to_id(token),
+            "{token}"
+        );
     }
     assert_eq!(ours.tokenizer.token_to_id("<loc_0>"), Some(50269));
-    let batch = ours.encode_texts(&["<OD>"], true, &EncodeOptions::default()).unwrap();
+    let batch = ours
+        .encode_texts(&["<OD>"], true, &EncodeOptions::default())
+        .unwrap();
     let ids = &batch.input_ids[0];
     assert_eq!((ids[0], *ids.last().unwrap()), (0, 2));
     let text = ours.batch_decode(&[ids.clone()], true).unwrap();
-    assert_eq!(text, vec!["Locate the objects with category name in the image.".to_string()]);
+    assert_eq!(
+        text,
+        vec!["Locate the objects with category name in the image.".to_string()]
+    );
 }
 
 proptest! {

@@ -37,7 +37,8 @@ class NativeModel:
         pixel_values: Optional[npt.NDArray[np.float32]] = None,
         image_features: Optional[npt.NDArray[np.float32]] = None,
     ) -> dict[str, Optional[npt.NDArray[np.float32]]]:
-        """{"logits", "encoder_last_hidden_state", "image_hidden_states"} (the last None without images)."""
+        """{"last_hidden_state", "logits", "encoder_last_hidden_state", "image_hidden_states"} (the last None
+        without images)."""
     def generate(
         self,
         input_ids: npt.NDArray[np.int64],

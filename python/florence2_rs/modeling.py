@@ -233,12 +233,12 @@ class Florence2Model(Florence2PreTrainedModel):
             image_features: projected image tokens to use instead of pixel_values.
 
         Returns:
-            Florence2Seq2SeqModelOutput with `encoder_last_hidden_state` [B, S, d_model] and
-            `image_hidden_states` [B, N, d_model]. The decoder's `last_hidden_state` is not exposed by the
-            native model yet, so that field is absent.
+            Florence2Seq2SeqModelOutput with the decoder's `last_hidden_state` [B, T, d_model],
+            `encoder_last_hidden_state` [B, S, d_model] and `image_hidden_states` [B, N, d_model].
         """
         out = self._forward(input_ids, pixel_values, attention_mask, decoder_input_ids, kwargs)
-        return Florence2Seq2SeqModelOutput(encoder_last_hidden_state=out["encoder_last_hidden_state"],
+        return Florence2Seq2SeqModelOutput(last_hidden_state=out["last_hidden_state"],
+                                           encoder_last_hidden_state=out["encoder_last_hidden_state"],
                                            image_hidden_states=out["image_hidden_states"])
 
     __call__ = forward

@@ -30,8 +30,8 @@ class Florence2Seq2SeqLMOutput(ModelOutput):
 
 
 class Florence2Seq2SeqModelOutput(ModelOutput):
-    """`encoder_last_hidden_state` and `image_hidden_states` of `Florence2Model.forward` (as transformers'
-    class of that name, less the decoder states the native model does not expose)."""
+    """`last_hidden_state` (the decoder's), `encoder_last_hidden_state` and `image_hidden_states` of
+    `Florence2Model.forward`, as transformers' class of that name."""
 
 
 class BaseModelOutputWithPooling(ModelOutput):

@@ -122,11 +122,16 @@ impl GenerationConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config = read_json(&dir.join("config.json"))?;
         let gen_path = dir.join("generation_config.json");
-        let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
+        let generation = if gen_path.is_file() {
+            Some(read_json(&gen_path)?)
+        } else {
+            None
+        };
         let mut cfg = Self::from_checkpoint(generation.as_ref(), &config)?;
         if generation.is_some() {
             let model = Self::from_model_config(&config)?;
-            cfg.decoder_start_token_id = cfg.decoder_start_token_id.or(model.decoder_start_token_id);
+            cfg.decoder_start_token_id =
+                cfg.decoder_start_token_id.or(model.decoder_start_token_id);
             cfg.bos_token_id = cfg.bos_token_id.or(model.bos_token_id);
             cfg.eos_token_id = cfg.eos_token_id.or(model.eos_token_id);
             cfg.pad_token_id = cfg.pad_token_id.or(model.pad_token_id);
@@ -533,6 +538,12 @@ impl GenerationConfig {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("not valid JSON: {e}") })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: format!("not valid JSON: {e}"),
+    })
 }

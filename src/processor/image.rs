@@ -24,12 +24,19 @@ impl RgbImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         let expected = width.checked_mul(height).and_then(|n| n.checked_mul(3));
         if expected != Some(data.len()) {
-            return Err(Error::Image(format!("{width}x{height} RGB image needs {expected:?} bytes, got {}", data.len())));
+            return Err(Error::Image(format!(
+                "{width}x{height} RGB image needs {expected:?} bytes, got {}",
+                data.len()
+            )));
         }
         if width == 0 || height == 0 {
             return Err(Error::Image(format!("empty image ({width}x{height})")));
         }
-        Ok(Self { width, height, data })
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 }
 
@@ -62,7 +69,11 @@ impl Filter {
             3 => Filter::Bicubic,
             4 => Filter::Box,
             5 => Filter::Hamming,
-            other => return Err(Error::invalid(format!("unsupported resample filter {other} (use 1..=5)"))),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unsupported resample filter {other} (use 1..=5)"
+                )))
+            }
         })
     }
 
@@ -87,7 +98,11 @@ impl Filter {
             Filter::Box => f64::from(u8::from(x > -0.5 && x <= 0.5)),
             Filter::Bilinear => {
                 let x = x.abs();
-                if x < 1.0 { 1.0 - x } else { 0.0 }
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
             }
             Filter::Hamming => {
                 let x = x.abs();
@@ -113,7 +128,11 @@ impl Filter {
                 }
             }
             Filter::Lanczos => {
-                if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
             }
         }
     }
@@ -144,7 +163,10 @@ fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs 
         let ss = 1.0 / filterscale;
         // C casts truncate toward zero; negative starts are clamped to 0 right after.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize - xmin;
+        let xmax = ((center + support + 0.5) as i64)
+            .min(in_size as i64)
+            .max(xmin as i64) as usize
+            - xmin;
         let xmax = xmax.min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
@@ -156,11 +178,19 @@ fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs 
         for (dst, &w) in row.iter_mut().zip(k.iter()) {
             let w = if ww != 0.0 { w / ww } else { w };
             let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            *dst = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            *dst = if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
-    Coeffs { bounds, weights, ksize }
+    Coeffs {
+        bounds,
+        weights,
+        ksize,
+    }
 }
 
 /// Rounds a fixed-point accumulator to uint8 with clipping (Pillow's `clip8`).
@@ -219,7 +249,8 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Filter) -> Re
     // horizontal first. The pass order changes the uint8 rounding of the intermediate image.
     let rows_removed = img.height as i64 - height as i64;
     let cols_removed = img.width as i64 - width as i64;
-    let vertical_first = need_horizontal && need_vertical && rows_removed > 0 && rows_removed > cols_removed * 2;
+    let vertical_first =
+        need_horizontal && need_vertical && rows_removed > 0 && rows_removed > cols_removed * 2;
     if vertical_first {
         let tall = vertical_pass(img, height, filter);
         return Ok(horizontal_pass(&tall, width, filter, None));
@@ -240,7 +271,12 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Filter) -> Re
 }
 
 /// Resamples the rows `rows` (all when None) of `img` to `width` columns.
-fn horizontal_pass(img: &RgbImage, width: usize, filter: Filter, rows: Option<(usize, usize)>) -> RgbImage {
+fn horizontal_pass(
+    img: &RgbImage,
+    width: usize,
+    filter: Filter,
+    rows: Option<(usize, usize)>,
+) -> RgbImage {
     let (first, last) = rows.unwrap_or((0, img.height));
     let coeffs = precompute_coeffs(img.width, width, filter);
     let n = last - first;
@@ -257,7 +293,11 @@ fn horizontal_pass(img: &RgbImage, width: usize, filter: Filter, rows: Option<(u
         offset: first,
     }
     .run();
-    RgbImage { width, height: n, data: out }
+    RgbImage {
+        width,
+        height: n,
+        data: out,
+    }
 }
 
 /// Resamples the columns of `img` to `height` rows.
@@ -267,7 +307,13 @@ fn vertical_pass(img: &RgbImage, height: usize, filter: Filter) -> RgbImage {
 
 /// Vertical pass over `img`, which holds rows `first..` of a source `source_height` rows tall
 /// (Pillow's shifted bounds after a horizontal pass that skipped unused rows).
-fn vertical_pass_from(img: &RgbImage, height: usize, filter: Filter, source_height: usize, first: usize) -> RgbImage {
+fn vertical_pass_from(
+    img: &RgbImage,
+    height: usize,
+    filter: Filter,
+    source_height: usize,
+    first: usize,
+) -> RgbImage {
     let mut coeffs = precompute_coeffs(source_height, height, filter);
     for b in coeffs.bounds.iter_mut() {
         b.0 -= first;
@@ -285,7 +331,11 @@ fn vertical_pass_from(img: &RgbImage, height: usize, filter: Filter, source_heig
         offset: 0,
     }
     .run();
-    RgbImage { width: img.width, height, data: out }
+    RgbImage {
+        width: img.width,
+        height,
+        data: out,
+    }
 }
 
 /// The image-processor settings of a checkpoint (CLIPImageProcessor's fields that Florence-2 uses).
@@ -332,7 +382,9 @@ fn height_width(v: &Value, key: &str) -> Result<(usize, usize)> {
     let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as usize);
     match (get("height"), get("width")) {
         (Some(h), Some(w)) if h > 0 && w > 0 => Ok((h, w)),
-        _ => Err(Error::invalid(format!("{key} must be {{\"height\": H, \"width\": W}}, got {v}"))),
+        _ => Err(Error::invalid(format!(
+            "{key} must be {{\"height\": H, \"width\": W}}, got {v}"
+        ))),
     }
 }
 
@@ -340,10 +392,14 @@ fn three(v: &Value, key: &str) -> Result<[f64; 3]> {
     if let Some(x) = v.as_f64() {
         return Ok([x; 3]);
     }
-    let items: Option<Vec<f64>> = v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect());
+    let items: Option<Vec<f64>> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect());
     match items.as_deref() {
         Some([a, b, c]) => Ok([*a, *b, *c]),
-        _ => Err(Error::invalid(format!("{key} must hold 3 numbers, got {v}"))),
+        _ => Err(Error::invalid(format!(
+            "{key} must hold 3 numbers, got {v}"
+        ))),
     }
 }
 
@@ -354,7 +410,10 @@ impl ImageProcessorConfig {
         let mut c = Self::default();
         let present = |k: &str| v.get(k).filter(|x| !x.is_null());
         let flag = |k: &str, default: bool| -> Result<bool> {
-            present(k).map_or(Ok(default), |x| x.as_bool().ok_or_else(|| Error::invalid(format!("{k} must be a boolean"))))
+            present(k).map_or(Ok(default), |x| {
+                x.as_bool()
+                    .ok_or_else(|| Error::invalid(format!("{k} must be a boolean")))
+            })
         };
         c.do_resize = flag("do_resize", c.do_resize)?;
         c.do_center_crop = flag("do_center_crop", c.do_center_crop)?;
@@ -368,10 +427,15 @@ impl ImageProcessorConfig {
             c.crop_size = height_width(s, "crop_size")?;
         }
         if let Some(r) = present("resample") {
-            c.resample = Filter::from_pil(r.as_i64().ok_or_else(|| Error::invalid("resample must be an integer"))?)?;
+            c.resample = Filter::from_pil(
+                r.as_i64()
+                    .ok_or_else(|| Error::invalid("resample must be an integer"))?,
+            )?;
         }
         if let Some(r) = present("rescale_factor") {
-            c.rescale_factor = r.as_f64().ok_or_else(|| Error::invalid("rescale_factor must be a number"))?;
+            c.rescale_factor = r
+                .as_f64()
+                .ok_or_else(|| Error::invalid("rescale_factor must be a number"))?;
         }
         if let Some(m) = present("image_mean") {
             c.image_mean = three(m, "image_mean")?;
@@ -380,8 +444,10 @@ impl ImageProcessorConfig {
             c.image_std = three(s, "image_std")?;
         }
         if let Some(n) = present("image_seq_length") {
-            c.image_seq_length =
-                n.as_u64().ok_or_else(|| Error::invalid("image_seq_length must be a non-negative integer"))? as usize;
+            c.image_seq_length = n
+                .as_u64()
+                .ok_or_else(|| Error::invalid("image_seq_length must be a non-negative integer"))?
+                as usize;
         }
         Ok(c)
     }
@@ -399,7 +465,8 @@ pub fn preprocess(config: &ImageProcessorConfig, images: &[ImageInput]) -> Resul
     let mut data = Vec::new();
     let mut dims: Option<(usize, usize)> = None;
     for input in images {
-        let mut img = if config.do_resize && (input.image.height, input.image.width) != config.size {
+        let mut img = if config.do_resize && (input.image.height, input.image.width) != config.size
+        {
             resize(&input.image, config.size.1, config.size.0, config.resample)?
         } else {
             input.image.clone()
@@ -408,16 +475,26 @@ pub fn preprocess(config: &ImageProcessorConfig, images: &[ImageInput]) -> Resul
             img = center_crop(&img, config.crop_size)?;
         }
         if *dims.get_or_insert((img.height, img.width)) != (img.height, img.width) {
-            return Err(Error::invalid("images of different sizes cannot be batched without resizing"));
+            return Err(Error::invalid(
+                "images of different sizes cannot be batched without resizing",
+            ));
         }
         push_chw(config, input.from_unit_float, &img, &mut data);
     }
     let (h, w) = dims.unwrap_or(config.size);
-    Ok(PixelValues { data, shape: [images.len(), 3, h, w] })
+    Ok(PixelValues {
+        data,
+        shape: [images.len(), 3, h, w],
+    })
 }
 
 /// numpy's arithmetic: rescale in float64 then cast to float32; normalize in float32.
-fn push_chw(config: &ImageProcessorConfig, from_unit_float: bool, img: &RgbImage, out: &mut Vec<f32>) {
+fn push_chw(
+    config: &ImageProcessorConfig,
+    from_unit_float: bool,
+    img: &RgbImage,
+    out: &mut Vec<f32>,
+) {
     let mean = config.image_mean.map(|m| m as f32);
     let std = config.image_std.map(|s| s as f32);
     for c in 0..3 {
@@ -441,7 +518,9 @@ fn push_chw(config: &ImageProcessorConfig, from_unit_float: bool, img: &RgbImage
 /// never crops).
 fn center_crop(img: &RgbImage, (ch, cw): (usize, usize)) -> Result<RgbImage> {
     if ch > img.height || cw > img.width {
-        return Err(Error::invalid(format!("crop_size {ch}x{cw} larger than the resized image is not supported")));
+        return Err(Error::invalid(format!(
+            "crop_size {ch}x{cw} larger than the resized image is not supported"
+        )));
     }
     let (top, left) = ((img.height - ch) / 2, (img.width - cw) / 2);
     let mut data = Vec::with_capacity(ch * cw * 3);
@@ -481,8 +560,14 @@ mod tests {
         for (i, o) in [(7, 768), (8000, 768), (1, 768), (768, 1)] {
             let c = precompute_coeffs(i, o, Filter::Bicubic);
             for (xx, &(_, n)) in c.bounds.iter().enumerate() {
-                let sum: i64 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().map(|&w| i64::from(w)).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} #{xx}: {sum}");
+                let sum: i64 = c.weights[xx * c.ksize..xx * c.ksize + n]
+                    .iter()
+                    .map(|&w| i64::from(w))
+                    .sum();
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= n as i64,
+                    "{i}->{o} #{xx}: {sum}"
+                );
             }
         }
     }
@@ -490,8 +575,18 @@ mod tests {
     #[test]
     fn normalizes_into_chw() {
         let img = RgbImage::new(1, 1, vec![0, 255, 128]).unwrap();
-        let cfg = ImageProcessorConfig { size: (2, 2), ..Default::default() };
-        let pv = preprocess(&cfg, &[ImageInput { image: img, from_unit_float: false }]).unwrap();
+        let cfg = ImageProcessorConfig {
+            size: (2, 2),
+            ..Default::default()
+        };
+        let pv = preprocess(
+            &cfg,
+            &[ImageInput {
+                image: img,
+                from_unit_float: false,
+            }],
+        )
+        .unwrap();
         assert_eq!(pv.shape, [1, 3, 2, 2]);
         assert!((pv.data[0] - (0.0 - 0.485) / 0.229).abs() < 1e-6);
         assert!((pv.data[4] - (1.0 - 0.456) / 0.224).abs() < 1e-6);
@@ -501,8 +596,14 @@ mod tests {
     fn reads_released_settings() {
         let v = serde_json::json!({"size": {"height": 768, "width": 768}, "resample": 3, "do_convert_rgb": null,
             "image_seq_length": 577, "image_mean": [0.485, 0.456, 0.406]});
-        assert_eq!(ImageProcessorConfig::from_json(&v).unwrap(), ImageProcessorConfig::default());
-        assert!(ImageProcessorConfig::from_json(&serde_json::json!({"size": {"shortest_edge": 3}})).is_err());
+        assert_eq!(
+            ImageProcessorConfig::from_json(&v).unwrap(),
+            ImageProcessorConfig::default()
+        );
+        assert!(ImageProcessorConfig::from_json(
+            &serde_json::json!({"size": {"shortest_edge": 3}})
+        )
+        .is_err());
         assert!(RgbImage::new(2, 2, vec![0; 5]).is_err());
     }
 }

@@ -44,8 +44,16 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
 }
 
 impl Florence2Processor {
@@ -57,37 +65,60 @@ impl Florence2Processor {
         let processor_config = read_json(&dir.join("processor_config.json"))?;
         let image_json = match read_json(&dir.join("preprocessor_config.json"))? {
             Some(v) => Some(v),
-            None => processor_config.as_ref().and_then(|p| p.get("image_processor")).cloned(),
+            None => processor_config
+                .as_ref()
+                .and_then(|p| p.get("image_processor"))
+                .cloned(),
         };
         let image_config = match image_json {
             Some(v) => ImageProcessorConfig::from_json(&v)?,
-            None => {
-                return Err(Error::NotFound {
-                    path: dir.join("preprocessor_config.json"),
-                    hint: "the image settings are in preprocessor_config.json or processor_config.json".into(),
-                })
-            }
+            None => return Err(Error::NotFound {
+                path: dir.join("preprocessor_config.json"),
+                hint: "the image settings are in preprocessor_config.json or processor_config.json"
+                    .into(),
+            }),
         };
-        let post_config = PostProcessorConfig::from_json(processor_config.as_ref().and_then(|p| p.get("post_processor_config")))?;
+        let post_config = PostProcessorConfig::from_json(
+            processor_config
+                .as_ref()
+                .and_then(|p| p.get("post_processor_config")),
+        )?;
         let original_config = read_json(&dir.join("config.json"))?
-            .and_then(|c| c.pointer("/vision_config/model_type").and_then(Value::as_str).map(|t| t == "davit"))
+            .and_then(|c| {
+                c.pointer("/vision_config/model_type")
+                    .and_then(Value::as_str)
+                    .map(|t| t == "davit")
+            })
             .unwrap_or(false);
         let layout = match tokenizer.image_token_id {
             Some(image_token_id) if !original_config => Layout::HfNative { image_token_id },
             _ => Layout::Original,
         };
-        Ok(Self { tokenizer, image_config, post_config, layout })
+        Ok(Self {
+            tokenizer,
+            image_config,
+            post_config,
+            layout,
+        })
     }
 
     /// The prompts for a batch of texts (task tokens replaced).
     pub fn build_prompts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<String>> {
-        texts.iter().map(|t| prompts::construct_prompt(t.as_ref())).collect()
+        texts
+            .iter()
+            .map(|t| prompts::construct_prompt(t.as_ref()))
+            .collect()
     }
 
     /// Token ids of a batch of texts, laid out as the model expects: with images, `<image>`
     /// placeholders (HF-native) then `<s>` prompt `</s>`; without images the HF-native processor
     /// tokenizes the bare prompt, the original one always adds `<s>` / `</s>`.
-    pub fn encode_texts<S: AsRef<str>>(&self, texts: &[S], with_images: bool, opts: &EncodeOptions) -> Result<BatchEncoding> {
+    pub fn encode_texts<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        with_images: bool,
+        opts: &EncodeOptions,
+    ) -> Result<BatchEncoding> {
         let prompts = self.build_prompts(texts)?;
         let mut sequences = Vec::with_capacity(prompts.len());
         let mut image_counts = Vec::with_capacity(prompts.len());
@@ -99,13 +130,19 @@ impl Florence2Processor {
                     ids
                 }
                 (Layout::HfNative { .. }, false) => self.tokenizer.encode(prompt, false)?,
-                (Layout::Original, _) => self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?,
+                (Layout::Original, _) => {
+                    self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?
+                }
             };
             image_counts.push(self.count_image_tokens(&ids));
             sequences.push(ids);
         }
         let batch = self.tokenizer.pad_batch(sequences, opts)?;
-        let after: Vec<usize> = batch.input_ids.iter().map(|ids| self.count_image_tokens(ids)).collect();
+        let after: Vec<usize> = batch
+            .input_ids
+            .iter()
+            .map(|ids| self.count_image_tokens(ids))
+            .collect();
         if after != image_counts {
             return Err(Error::invalid(format!(
                 "Mismatch in `image` token count between text and `input_ids`. Got ids={after:?} and text={image_counts:?}. \
@@ -117,7 +154,9 @@ impl Florence2Processor {
 
     fn count_image_tokens(&self, ids: &[u32]) -> usize {
         match self.layout {
-            Layout::HfNative { image_token_id } => ids.iter().filter(|&&i| i == image_token_id).count(),
+            Layout::HfNative { image_token_id } => {
+                ids.iter().filter(|&&i| i == image_token_id).count()
+            }
             Layout::Original => 0,
         }
     }
@@ -128,8 +167,15 @@ impl Florence2Processor {
     }
 
     /// Decodes each sequence of a batch.
-    pub fn batch_decode<S: AsRef<[u32]>>(&self, sequences: &[S], skip_special_tokens: bool) -> Result<Vec<String>> {
-        sequences.iter().map(|ids| self.tokenizer.decode(ids.as_ref(), skip_special_tokens)).collect()
+    pub fn batch_decode<S: AsRef<[u32]>>(
+        &self,
+        sequences: &[S],
+        skip_special_tokens: bool,
+    ) -> Result<Vec<String>> {
+        sequences
+            .iter()
+            .map(|ids| self.tokenizer.decode(ids.as_ref(), skip_special_tokens))
+            .collect()
     }
 
     /// transformers' `post_process_generation`: exactly one of `text` and `sequence` (generated ids,
@@ -151,7 +197,11 @@ impl Florence2Processor {
                 };
                 self.tokenizer.decode_tokens_separately(seq)?
             }
-            _ => return Err(Error::invalid("Exactly one of 'text' or 'sequence' must be provided.")),
+            _ => {
+                return Err(Error::invalid(
+                    "Exactly one of 'text' or 'sequence' must be provided.",
+                ))
+            }
         };
         postprocess::post_process_generation(&self.post_config, &text, task, image_size)
     }

@@ -21,19 +21,83 @@ use crate::{Error, Result};
 const BINS: f64 = 1000.0;
 
 /// transformers' default OCR pattern; the only one this parser implements.
-const DEFAULT_OCR_PATTERN: &str =
-    r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>";
+const DEFAULT_OCR_PATTERN: &str = r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>";
 
 /// Phrases that `<CAPTION_TO_PHRASE_GROUNDING>` drops, as transformers' conversion script writes them
 /// into `post_processor_config` of the HF-native checkpoints.
 const DEFAULT_BANNED_GROUNDING_TOKENS: &[&str] = &[
-    "it", "I", "me", "mine", "you", "your", "yours", "he", "him", "his", "she", "her", "hers", "they", "them",
-    "their", "theirs", "one", "oneself", "we", "us", "our", "ours", "its", "myself", "yourself", "himself",
-    "herself", "itself", "ourselves", "yourselves", "themselves", "this", "that", "these", "those", "who", "whom",
-    "whose", "which", "what", "all", "another", "any", "anybody", "anyone", "anything", "each", "everybody",
-    "everyone", "everything", "few", "many", "nobody", "none", "several", "some", "somebody", "someone",
-    "something", "each other", "one another", "the image", "image", "images", "the", "a", "an", "a group",
-    "other objects", "lots", "a set",
+    "it",
+    "I",
+    "me",
+    "mine",
+    "you",
+    "your",
+    "yours",
+    "he",
+    "him",
+    "his",
+    "she",
+    "her",
+    "hers",
+    "they",
+    "them",
+    "their",
+    "theirs",
+    "one",
+    "oneself",
+    "we",
+    "us",
+    "our",
+    "ours",
+    "its",
+    "myself",
+    "yourself",
+    "himself",
+    "herself",
+    "itself",
+    "ourselves",
+    "yourselves",
+    "themselves",
+    "this",
+    "that",
+    "these",
+    "those",
+    "who",
+    "whom",
+    "whose",
+    "which",
+    "what",
+    "all",
+    "another",
+    "any",
+    "anybody",
+    "anyone",
+    "anything",
+    "each",
+    "everybody",
+    "everyone",
+    "everything",
+    "few",
+    "many",
+    "nobody",
+    "none",
+    "several",
+    "some",
+    "somebody",
+    "someone",
+    "something",
+    "each other",
+    "one another",
+    "the image",
+    "image",
+    "images",
+    "the",
+    "a",
+    "an",
+    "a group",
+    "other objects",
+    "lots",
+    "a set",
 ];
 
 /// The `post_processor_config` of a processor: which parse types it allows and their settings.
@@ -52,7 +116,10 @@ impl Default for PostProcessorConfig {
     fn default() -> Self {
         Self {
             enabled: ParseType::ALL.into_iter().collect(),
-            banned_grounding_tokens: DEFAULT_BANNED_GROUNDING_TOKENS.iter().map(|s| s.to_string()).collect(),
+            banned_grounding_tokens: DEFAULT_BANNED_GROUNDING_TOKENS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             ocr_area_threshold: 0.0,
             custom_ocr_pattern: None,
         }
@@ -68,23 +135,44 @@ impl PostProcessorConfig {
         let obj = match value {
             None | Some(Value::Null) => return Ok(Self::default()),
             Some(Value::Object(obj)) => obj,
-            Some(other) => return Err(Error::invalid(format!("post_processor_config must be an object, got {other}"))),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "post_processor_config must be an object, got {other}"
+                )))
+            }
         };
-        let enabled = ParseType::ALL.into_iter().filter(|t| obj.contains_key(t.name())).collect();
+        let enabled = ParseType::ALL
+            .into_iter()
+            .filter(|t| obj.contains_key(t.name()))
+            .collect();
         let banned_grounding_tokens = obj
             .get("phrase_grounding")
             .and_then(|g| g.get("banned_grounding_tokens"))
             .and_then(Value::as_array)
-            .map(|items| items.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         let ocr = obj.get("ocr");
-        let ocr_area_threshold = ocr.and_then(|o| o.get("AREA_THRESHOLD")).and_then(Value::as_f64).unwrap_or(0.0);
+        let ocr_area_threshold = ocr
+            .and_then(|o| o.get("AREA_THRESHOLD"))
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
         let custom_ocr_pattern = ocr
             .and_then(|o| o.get("PATTERN"))
             .and_then(Value::as_str)
             .filter(|p| *p != DEFAULT_OCR_PATTERN)
             .map(str::to_string);
-        Ok(Self { enabled, banned_grounding_tokens, ocr_area_threshold, custom_ocr_pattern })
+        Ok(Self {
+            enabled,
+            banned_grounding_tokens,
+            ocr_area_threshold,
+            custom_ocr_pattern,
+        })
     }
 }
 
@@ -94,11 +182,20 @@ pub enum Answer {
     /// `pure_text`: the text without `<s>` / `</s>`, stripped.
     Text(String),
     /// `description_with_bboxes`, `bboxes` and `phrase_grounding`: `{"bboxes", "labels"}`.
-    Boxes { bboxes: Vec<[i32; 4]>, labels: Vec<String> },
+    Boxes {
+        bboxes: Vec<[i32; 4]>,
+        labels: Vec<String>,
+    },
     /// `ocr`: `{"quad_boxes", "labels"}`.
-    Ocr { quad_boxes: Vec<[i32; 8]>, labels: Vec<String> },
+    Ocr {
+        quad_boxes: Vec<[i32; 8]>,
+        labels: Vec<String>,
+    },
     /// `polygons`: `{"polygons", "labels"}`, each instance a list of flat `[x0, y0, x1, y1, ...]` lists.
-    Polygons { polygons: Vec<Vec<Vec<i32>>>, labels: Vec<String> },
+    Polygons {
+        polygons: Vec<Vec<Vec<i32>>>,
+        labels: Vec<String>,
+    },
     /// `description_with_bboxes_or_polygons`.
     BoxesOrPolygons {
         bboxes: Vec<[i32; 4]>,
@@ -120,23 +217,37 @@ pub fn post_process_generation(
 ) -> Result<Answer> {
     let parse_type = parse_type_for(task);
     if !config.enabled.contains(&parse_type) {
-        return Err(Error::invalid(format!("Unsupported parse task: {}", parse_type.name())));
+        return Err(Error::invalid(format!(
+            "Unsupported parse task: {}",
+            parse_type.name()
+        )));
     }
     let size = Dequantizer { size: image_size };
-    let cleaned = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "");
+    let cleaned = text
+        .replace("<s>", "")
+        .replace("</s>", "")
+        .replace("<pad>", "");
     Ok(match parse_type {
-        ParseType::PureText => Answer::Text(py_strip(&text.replace("<s>", "").replace("</s>", "")).to_string()),
+        ParseType::PureText => {
+            Answer::Text(py_strip(&text.replace("<s>", "").replace("</s>", "")).to_string())
+        }
         ParseType::Ocr => {
             if config.custom_ocr_pattern.is_some() {
-                return Err(Error::invalid("a custom ocr PATTERN in post_processor_config is not supported"));
+                return Err(Error::invalid(
+                    "a custom ocr PATTERN in post_processor_config is not supported",
+                ));
             }
-            let (quad_boxes, labels) = parse_ocr(&cleaned, size, config.ocr_area_threshold)?.into_iter().unzip();
+            let (quad_boxes, labels) = parse_ocr(&cleaned, size, config.ocr_area_threshold)?
+                .into_iter()
+                .unzip();
             Answer::Ocr { quad_boxes, labels }
         }
         ParseType::PhraseGrounding => {
             let mut bboxes = Vec::new();
             let mut labels = Vec::new();
-            for (boxes, label) in parse_phrase_grounding(&cleaned, size, &config.banned_grounding_tokens)? {
+            for (boxes, label) in
+                parse_phrase_grounding(&cleaned, size, &config.banned_grounding_tokens)?
+            {
                 labels.extend(std::iter::repeat_n(label, boxes.len()));
                 bboxes.extend(boxes);
             }
@@ -144,7 +255,9 @@ pub fn post_process_generation(
         }
         ParseType::DescriptionWithBboxes | ParseType::Bboxes => {
             let allow_empty = parse_type == ParseType::Bboxes;
-            let (bboxes, labels) = parse_bboxes(&cleaned, size, allow_empty)?.into_iter().unzip();
+            let (bboxes, labels) = parse_bboxes(&cleaned, size, allow_empty)?
+                .into_iter()
+                .unzip();
             Answer::Boxes { bboxes, labels }
         }
         ParseType::Polygons => {
@@ -154,11 +267,23 @@ pub fn post_process_generation(
         ParseType::DescriptionWithBboxesOrPolygons => {
             // transformers looks for `<poly>` in the text before `<s>`/`</s>`/`<pad>` are removed.
             if text.contains("<poly>") {
-                let (polygons, polygons_labels) = parse_polygons(&cleaned, size, false)?.into_iter().unzip();
-                Answer::BoxesOrPolygons { bboxes: vec![], bboxes_labels: vec![], polygons, polygons_labels }
+                let (polygons, polygons_labels) =
+                    parse_polygons(&cleaned, size, false)?.into_iter().unzip();
+                Answer::BoxesOrPolygons {
+                    bboxes: vec![],
+                    bboxes_labels: vec![],
+                    polygons,
+                    polygons_labels,
+                }
             } else {
-                let (bboxes, bboxes_labels) = parse_bboxes(&cleaned, size, false)?.into_iter().unzip();
-                Answer::BoxesOrPolygons { bboxes, bboxes_labels, polygons: vec![], polygons_labels: vec![] }
+                let (bboxes, bboxes_labels) =
+                    parse_bboxes(&cleaned, size, false)?.into_iter().unzip();
+                Answer::BoxesOrPolygons {
+                    bboxes,
+                    bboxes_labels,
+                    polygons: vec![],
+                    polygons_labels: vec![],
+                }
             }
         }
     })
@@ -173,7 +298,9 @@ struct Dequantizer {
 
 impl Dequantizer {
     fn per_bin(self) -> Result<(f32, f32)> {
-        let (w, h) = self.size.ok_or_else(|| Error::invalid("image_size (width, height) is required to place locations"))?;
+        let (w, h) = self.size.ok_or_else(|| {
+            Error::invalid("image_size (width, height) is required to place locations")
+        })?;
         Ok(((w / BINS) as f32, (h / BINS) as f32))
     }
 
@@ -203,7 +330,9 @@ fn loc_at(s: &[u8], i: usize) -> Option<(u64, usize)> {
     if digits == 0 || rest.get(digits) != Some(&b'>') {
         return None;
     }
-    let value = rest[..digits].iter().fold(0u64, |acc, d| acc.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+    let value = rest[..digits].iter().fold(0u64, |acc, d| {
+        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
     Some((value, i + 5 + digits + 1))
 }
 
@@ -213,7 +342,10 @@ fn poly_token_at(s: &[u8], i: usize) -> Option<usize> {
         return Some(end);
     }
     let rest = s.get(i..)?;
-    [&b"<sep>"[..], b"<poly>", b"</poly>"].iter().find(|t| rest.starts_with(t)).map(|t| i + t.len())
+    [&b"<sep>"[..], b"<poly>", b"</poly>"]
+        .iter()
+        .find(|t| rest.starts_with(t))
+        .map(|t| i + t.len())
 }
 
 /// End of the run of consecutive tokens starting at `i`, and how many there are.
@@ -259,7 +391,11 @@ struct PhraseSpan {
 /// `[^<]+` cannot consume a token's `<`, so from any start inside a run of non-`<` text the match
 /// depends only on the tokens after that run: either the whole run plus every following token (at
 /// least 4) matches, or no start inside the run does and scanning resumes after the next `<`.
-fn find_phrases(s: &[u8], need_text: bool, token_at: fn(&[u8], usize) -> Option<usize>) -> Vec<PhraseSpan> {
+fn find_phrases(
+    s: &[u8],
+    need_text: bool,
+    token_at: fn(&[u8], usize) -> Option<usize>,
+) -> Vec<PhraseSpan> {
     let mut found = Vec::new();
     let mut i = 0;
     while i < s.len() {
@@ -274,7 +410,14 @@ fn find_phrases(s: &[u8], need_text: bool, token_at: fn(&[u8], usize) -> Option<
                 None => break,
             }
         };
-        let tokens = if need_text { s[start..].iter().position(|&b| b == b'<').map_or(s.len(), |o| start + o) } else { start };
+        let tokens = if need_text {
+            s[start..]
+                .iter()
+                .position(|&b| b == b'<')
+                .map_or(s.len(), |o| start + o)
+        } else {
+            start
+        };
         let (end, count) = token_run(s, tokens, token_at);
         if count >= 4 {
             found.push(PhraseSpan { start, tokens, end });
@@ -292,15 +435,22 @@ fn find_phrases(s: &[u8], need_text: bool, token_at: fn(&[u8], usize) -> Option<
 /// whitespace (which `\s*` may consume, newlines included) and the first stop.
 fn text_before_stop<'a>(s: &'a str, stops: &[&str]) -> Option<&'a str> {
     let lead = s.len() - s.trim_start_matches(is_py_space).len();
-    let stop = s.match_indices('<').map(|(i, _)| i).find(|&i| stops.iter().any(|t| s[i..].starts_with(t)))?;
+    let stop = s
+        .match_indices('<')
+        .map(|(i, _)| i)
+        .find(|&i| stops.iter().any(|t| s[i..].starts_with(t)))?;
     if s[lead..stop].contains('\n') {
         return None;
     }
     Some(&s[..stop])
 }
 
-const BOX_STOPS: &[&str] = &["<od>", "</od>", "<box>", "</box>", "<bbox>", "</bbox>", "<loc_"];
-const POLYGON_STOPS: &[&str] = &["<od>", "</od>", "<box>", "</box>", "<bbox>", "</bbox>", "<loc_", "<poly>"];
+const BOX_STOPS: &[&str] = &[
+    "<od>", "</od>", "<box>", "</box>", "<bbox>", "</bbox>", "<loc_",
+];
+const POLYGON_STOPS: &[&str] = &[
+    "<od>", "</od>", "<box>", "</box>", "<bbox>", "</bbox>", "<loc_", "<poly>",
+];
 
 /// Python's `s.encode("ascii", "ignore").decode("ascii")`.
 fn ascii_only(s: &str) -> String {
@@ -311,12 +461,18 @@ fn ascii_only(s: &str) -> String {
 ///
 /// A phrase's text part holds no `<`, so `<loc_>{4}` can only match in its token run, from its start:
 /// the boxes are the run's bins in fours, a remainder dropped.
-fn phrases_with_boxes(text: &str, size: Dequantizer, allow_empty: bool) -> Result<Vec<(String, Vec<[i32; 4]>)>> {
+fn phrases_with_boxes(
+    text: &str,
+    size: Dequantizer,
+    allow_empty: bool,
+) -> Result<Vec<(String, Vec<[i32; 4]>)>> {
     let s = text.as_bytes();
     let mut out = Vec::new();
     for span in find_phrases(s, !allow_empty, loc_end) {
         let phrase_text = &text[span.start..span.end];
-        let Some(phrase) = text_before_stop(phrase_text, BOX_STOPS) else { continue };
+        let Some(phrase) = text_before_stop(phrase_text, BOX_STOPS) else {
+            continue;
+        };
         let boxes = loc_bins(s, span.tokens, span.end)
             .chunks_exact(4)
             .map(|chunk| size.bbox(chunk))
@@ -327,7 +483,11 @@ fn phrases_with_boxes(text: &str, size: Dequantizer, allow_empty: bool) -> Resul
 }
 
 /// `description_with_bboxes` / `bboxes`: one (box, label) per box.
-fn parse_bboxes(text: &str, size: Dequantizer, allow_empty: bool) -> Result<Vec<([i32; 4], String)>> {
+fn parse_bboxes(
+    text: &str,
+    size: Dequantizer,
+    allow_empty: bool,
+) -> Result<Vec<([i32; 4], String)>> {
     let mut out = Vec::new();
     for (phrase, boxes) in phrases_with_boxes(text, size, allow_empty)? {
         let label = ascii_only(&phrase);
@@ -354,9 +514,15 @@ fn parse_phrase_grounding(
 ///
 /// The lazy `.+?` takes at least one character and no newline, and stops at the first place where
 /// eight location tokens follow. `eights_from[i]` is the first such place at or after `i`.
-fn parse_ocr(text: &str, size: Dequantizer, area_threshold: f64) -> Result<Vec<([i32; 8], String)>> {
+fn parse_ocr(
+    text: &str,
+    size: Dequantizer,
+    area_threshold: f64,
+) -> Result<Vec<([i32; 8], String)>> {
     let s = text.as_bytes();
-    let (width, height) = size.size.ok_or_else(|| Error::invalid("image_size (width, height) is required for OCR"))?;
+    let (width, height) = size
+        .size
+        .ok_or_else(|| Error::invalid("image_size (width, height) is required for OCR"))?;
     // run[i]: how many consecutive location tokens start at byte i.
     let mut run = vec![0usize; s.len() + 1];
     for i in (0..s.len()).rev() {
@@ -384,7 +550,8 @@ fn parse_ocr(text: &str, size: Dequantizer, area_threshold: f64) -> Result<Vec<(
         let mut end = content_end;
         let mut bins = [0u64; 8];
         for bin in bins.iter_mut() {
-            let (b, next) = loc_at(s, end).ok_or_else(|| Error::invalid("internal: OCR location run changed"))?;
+            let (b, next) = loc_at(s, end)
+                .ok_or_else(|| Error::invalid("internal: OCR location run changed"))?;
             *bin = b;
             end = next;
         }
@@ -401,13 +568,20 @@ fn parse_ocr(text: &str, size: Dequantizer, area_threshold: f64) -> Result<Vec<(
 /// transformers' shoelace area test. It sums only the three edges i → i+1 (not the closing one);
 /// kept as is because it decides which quads are dropped.
 fn below_area(quad: &[i32; 8], width: f64, height: f64, threshold: f64) -> bool {
-    let (x, y): (Vec<i64>, Vec<i64>) = quad.chunks_exact(2).map(|p| (i64::from(p[0]), i64::from(p[1]))).unzip();
+    let (x, y): (Vec<i64>, Vec<i64>) = quad
+        .chunks_exact(2)
+        .map(|p| (i64::from(p[0]), i64::from(p[1])))
+        .unzip();
     let twice: i64 = (0..3).map(|i| x[i] * y[i + 1] - x[i + 1] * y[i]).sum();
     0.5 * (twice.abs() as f64) < width * height * threshold
 }
 
 /// `polygons` (`allow_empty`) and the polygon half of `description_with_bboxes_or_polygons`.
-fn parse_polygons(text: &str, size: Dequantizer, allow_empty: bool) -> Result<Vec<(Vec<Vec<i32>>, String)>> {
+fn parse_polygons(
+    text: &str,
+    size: Dequantizer,
+    allow_empty: bool,
+) -> Result<Vec<(Vec<Vec<i32>>, String)>> {
     let s = text.as_bytes();
     let mut out = Vec::new();
     for span in find_phrases(s, !allow_empty, poly_token_at) {
@@ -417,7 +591,9 @@ fn parse_polygons(text: &str, size: Dequantizer, allow_empty: bool) -> Result<Ve
             Some((_, end)) => &phrase_text[end..],
             None => phrase_text,
         };
-        let Some(phrase) = text_before_stop(stripped, POLYGON_STOPS) else { continue };
+        let Some(phrase) = text_before_stop(stripped, POLYGON_STOPS) else {
+            continue;
+        };
         let phrase = py_strip(phrase).to_string();
         let instances = if phrase_text.contains("<poly>") && phrase_text.contains("</poly>") {
             poly_groups(phrase_text)
@@ -446,7 +622,9 @@ fn poly_groups(s: &str) -> Vec<&str> {
     let mut groups = Vec::new();
     let mut i = 0;
     while let Some(open) = s[i..].find("<poly>").map(|o| i + o + "<poly>".len()) {
-        let Some(close) = s[open..].find("</poly>").map(|o| open + o) else { break };
+        let Some(close) = s[open..].find("</poly>").map(|o| open + o) else {
+            break;
+        };
         groups.push(&s[open..close]);
         i = close + "</poly>".len();
     }
@@ -481,12 +659,21 @@ mod tests {
     use super::*;
 
     fn run(text: &str, task: &str) -> Answer {
-        post_process_generation(&PostProcessorConfig::default(), text, task, Some((1000.0, 1000.0))).unwrap()
+        post_process_generation(
+            &PostProcessorConfig::default(),
+            text,
+            task,
+            Some((1000.0, 1000.0)),
+        )
+        .unwrap()
     }
 
     #[test]
     fn pure_text_drops_bos_eos() {
-        assert_eq!(run("</s><s> A car. </s>", "<CAPTION>"), Answer::Text("A car.".into()));
+        assert_eq!(
+            run("</s><s> A car. </s>", "<CAPTION>"),
+            Answer::Text("A car.".into())
+        );
     }
 
     #[test]
@@ -503,8 +690,17 @@ mod tests {
 
     #[test]
     fn region_proposal_allows_empty_phrases() {
-        let a = run("<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8><loc_9>", "<REGION_PROPOSAL>");
-        assert_eq!(a, Answer::Boxes { bboxes: vec![[1, 2, 3, 4], [5, 6, 7, 8]], labels: vec!["".into(), "".into()] });
+        let a = run(
+            "<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8><loc_9>",
+            "<REGION_PROPOSAL>",
+        );
+        assert_eq!(
+            a,
+            Answer::Boxes {
+                bboxes: vec![[1, 2, 3, 4], [5, 6, 7, 8]],
+                labels: vec!["".into(), "".into()]
+            }
+        );
     }
 
     #[test]
@@ -512,26 +708,50 @@ mod tests {
         let a = run("red car<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8>the image<loc_1><loc_1><loc_2><loc_2>", "<CAPTION_TO_PHRASE_GROUNDING>");
         assert_eq!(
             a,
-            Answer::Boxes { bboxes: vec![[1, 2, 3, 4], [5, 6, 7, 8]], labels: vec!["red car".into(), "red car".into()] }
+            Answer::Boxes {
+                bboxes: vec![[1, 2, 3, 4], [5, 6, 7, 8]],
+                labels: vec!["red car".into(), "red car".into()]
+            }
         );
     }
 
     #[test]
     fn ocr_quads() {
-        let a = run("</s><s>Hello<loc_100><loc_100><loc_200><loc_100><loc_200><loc_200><loc_100><loc_200>", "<OCR_WITH_REGION>");
-        assert_eq!(a, Answer::Ocr { quad_boxes: vec![[100, 100, 200, 100, 200, 200, 100, 200]], labels: vec!["Hello".into()] });
+        let a = run(
+            "</s><s>Hello<loc_100><loc_100><loc_200><loc_100><loc_200><loc_200><loc_100><loc_200>",
+            "<OCR_WITH_REGION>",
+        );
+        assert_eq!(
+            a,
+            Answer::Ocr {
+                quad_boxes: vec![[100, 100, 200, 100, 200, 200, 100, 200]],
+                labels: vec!["Hello".into()]
+            }
+        );
     }
 
     #[test]
     fn polygons_split_on_sep_and_drop_odd_bins() {
-        let a = run("<loc_1><loc_2><loc_3><loc_4><sep><loc_5><loc_6><loc_7>", "<REFERRING_EXPRESSION_SEGMENTATION>");
+        let a = run(
+            "<loc_1><loc_2><loc_3><loc_4><sep><loc_5><loc_6><loc_7>",
+            "<REFERRING_EXPRESSION_SEGMENTATION>",
+        );
         // The first location of the phrase is dropped from the label search only, not from the polygons.
-        assert_eq!(a, Answer::Polygons { polygons: vec![vec![vec![1, 2, 3, 4], vec![5, 6]]], labels: vec!["".into()] });
+        assert_eq!(
+            a,
+            Answer::Polygons {
+                polygons: vec![vec![vec![1, 2, 3, 4], vec![5, 6]]],
+                labels: vec!["".into()]
+            }
+        );
     }
 
     #[test]
     fn open_vocabulary_detection_picks_polygons_when_poly_present() {
-        let a = run("cat<poly><loc_1><loc_2><loc_3><loc_4></poly>", "<OPEN_VOCABULARY_DETECTION>");
+        let a = run(
+            "cat<poly><loc_1><loc_2><loc_3><loc_4></poly>",
+            "<OPEN_VOCABULARY_DETECTION>",
+        );
         assert_eq!(
             a,
             Answer::BoxesOrPolygons {
@@ -545,15 +765,29 @@ mod tests {
 
     #[test]
     fn dequantizes_bin_centres_like_torch() {
-        let d = Dequantizer { size: Some((800.0, 1200.0)) };
+        let d = Dequantizer {
+            size: Some((800.0, 1200.0)),
+        };
         assert_eq!(d.points(&[0, 0, 999, 999]).unwrap(), vec![0, 0, 799, 1199]);
         assert!(Dequantizer { size: None }.points(&[1, 2]).is_err());
     }
 
     #[test]
     fn malformed_text_is_not_an_error() {
-        for t in ["", "<loc_", "<loc_1><loc_2>", "a<loc_1><loc_2><loc_3>", "\n<poly></poly><sep><sep>", "é<loc_1>"] {
-            for task in ["<OD>", "<OCR_WITH_REGION>", "<REGION_TO_SEGMENTATION>", "<OPEN_VOCABULARY_DETECTION>"] {
+        for t in [
+            "",
+            "<loc_",
+            "<loc_1><loc_2>",
+            "a<loc_1><loc_2><loc_3>",
+            "\n<poly></poly><sep><sep>",
+            "é<loc_1>",
+        ] {
+            for task in [
+                "<OD>",
+                "<OCR_WITH_REGION>",
+                "<REGION_TO_SEGMENTATION>",
+                "<OPEN_VOCABULARY_DETECTION>",
+            ] {
                 run(t, task);
             }
         }
@@ -561,7 +795,8 @@ mod tests {
 
     #[test]
     fn config_limits_parse_types() {
-        let cfg = PostProcessorConfig::from_json(Some(&serde_json::json!({"pure_text": {}}))).unwrap();
+        let cfg =
+            PostProcessorConfig::from_json(Some(&serde_json::json!({"pure_text": {}}))).unwrap();
         assert!(post_process_generation(&cfg, "x", "<OD>", None).is_err());
         assert!(post_process_generation(&cfg, "x", "<CAPTION>", None).is_ok());
     }

@@ -68,9 +68,21 @@ use Prompt::{WithInput as In, WithoutInput as No};
 /// The 15 tasks. Within each kind the order is transformers' dict order, which decides which task
 /// wins when a text holds several task tokens.
 pub const TASKS: [Task; 15] = [
-    Task { token: "<OCR>", prompt: No("What is the text in the image?"), parse_type: P::PureText },
-    Task { token: "<OCR_WITH_REGION>", prompt: No("What is the text in the image, with regions?"), parse_type: P::Ocr },
-    Task { token: "<CAPTION>", prompt: No("What does the image describe?"), parse_type: P::PureText },
+    Task {
+        token: "<OCR>",
+        prompt: No("What is the text in the image?"),
+        parse_type: P::PureText,
+    },
+    Task {
+        token: "<OCR_WITH_REGION>",
+        prompt: No("What is the text in the image, with regions?"),
+        parse_type: P::Ocr,
+    },
+    Task {
+        token: "<CAPTION>",
+        prompt: No("What does the image describe?"),
+        parse_type: P::PureText,
+    },
     Task {
         token: "<DETAILED_CAPTION>",
         prompt: No("Describe in detail what is shown in the image."),
@@ -91,7 +103,11 @@ pub const TASKS: [Task; 15] = [
         prompt: No("Locate the objects in the image, with their descriptions."),
         parse_type: P::DescriptionWithBboxes,
     },
-    Task { token: "<REGION_PROPOSAL>", prompt: No("Locate the region proposals in the image."), parse_type: P::Bboxes },
+    Task {
+        token: "<REGION_PROPOSAL>",
+        prompt: No("Locate the region proposals in the image."),
+        parse_type: P::Bboxes,
+    },
     Task {
         token: "<CAPTION_TO_PHRASE_GROUNDING>",
         prompt: In("Locate the phrases in the caption: {input}"),
@@ -112,13 +128,21 @@ pub const TASKS: [Task; 15] = [
         prompt: In("Locate {input} in the image."),
         parse_type: P::DescriptionWithBboxesOrPolygons,
     },
-    Task { token: "<REGION_TO_CATEGORY>", prompt: In("What is the region {input}?"), parse_type: P::PureText },
+    Task {
+        token: "<REGION_TO_CATEGORY>",
+        prompt: In("What is the region {input}?"),
+        parse_type: P::PureText,
+    },
     Task {
         token: "<REGION_TO_DESCRIPTION>",
         prompt: In("What does the region {input} describe?"),
         parse_type: P::PureText,
     },
-    Task { token: "<REGION_TO_OCR>", prompt: In("What text is in the region {input}?"), parse_type: P::PureText },
+    Task {
+        token: "<REGION_TO_OCR>",
+        prompt: In("What text is in the region {input}?"),
+        parse_type: P::PureText,
+    },
 ];
 
 /// The task whose token is exactly `token`, if any.
@@ -176,7 +200,10 @@ mod tests {
 
     #[test]
     fn builds_prompts_like_transformers() {
-        assert_eq!(construct_prompt("<OD>").unwrap(), "Locate the objects with category name in the image.");
+        assert_eq!(
+            construct_prompt("<OD>").unwrap(),
+            "Locate the objects with category name in the image."
+        );
         assert_eq!(
             construct_prompt("<CAPTION_TO_PHRASE_GROUNDING>  a red car \n").unwrap(),
             "Locate the phrases in the caption: a red car"
@@ -193,7 +220,10 @@ mod tests {
     #[test]
     fn extra_text_after_a_plain_task_is_an_error() {
         let err = construct_prompt("<OCR> extra").unwrap_err().to_string();
-        assert_eq!(err, "Task token <OCR> should be the only content in the prompt.");
+        assert_eq!(
+            err,
+            "Task token <OCR> should be the only content in the prompt."
+        );
         // Two plain task tokens: the first in table order must be alone, so this fails too.
         assert!(construct_prompt("<CAPTION><OD>").is_err());
     }

@@ -13,9 +13,26 @@ pub const IMAGE_TOKEN: &str = "<image>";
 
 /// Tokens after `<loc_999>` in the order Microsoft's processor adds them.
 const TRAILING_TOKENS: [&str; 20] = [
-    "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>", "<seg>", "</seg>",
-    "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>", "</region_to_desciption>", "<proposal>",
-    "</proposal>", "<poly>", "</poly>", "<and>",
+    "<cap>",
+    "</cap>",
+    "<ncap>",
+    "</ncap>",
+    "<dcap>",
+    "</dcap>",
+    "<grounding>",
+    "</grounding>",
+    "<seg>",
+    "</seg>",
+    "<sep>",
+    "<region_cap>",
+    "</region_cap>",
+    "<region_to_desciption>",
+    "</region_to_desciption>",
+    "<proposal>",
+    "</proposal>",
+    "<poly>",
+    "</poly>",
+    "<and>",
 ];
 
 /// The 1024 tokens Microsoft's original processor adds to BART's vocabulary, in its order, so that
@@ -53,7 +70,12 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self { padding: Padding::None, truncation: None, max_length: None, pad_to_multiple_of: None }
+        Self {
+            padding: Padding::None,
+            truncation: None,
+            max_length: None,
+            pad_to_multiple_of: None,
+        }
     }
 }
 
@@ -99,12 +121,19 @@ impl Florence2Tokenizer {
                 hint: "a Florence-2 checkpoint folder holds tokenizer.json".into(),
             });
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let config_path = path.with_file_name("tokenizer_config.json");
         let model_max_length = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io { path: config_path.clone(), source })?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Config { path: config_path.clone(), msg: e.to_string() })?;
+            let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+                path: config_path.clone(),
+                source,
+            })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path: config_path.clone(),
+                    msg: e.to_string(),
+                })?;
             model_max_length_of(&value)
         } else {
             LARGE_INTEGER + 1
@@ -115,17 +144,34 @@ impl Florence2Tokenizer {
     /// Wraps a loaded tokenizer, adding Florence-2's tokens if `<loc_0>` is missing.
     pub fn new(mut inner: Tokenizer, model_max_length: usize) -> Result<Self> {
         if inner.token_to_id("<loc_0>").is_none() {
-            let tokens: Vec<AddedToken> =
-                florence2_extra_tokens().into_iter().map(|t| AddedToken::from(t, true).normalized(false)).collect();
+            let tokens: Vec<AddedToken> = florence2_extra_tokens()
+                .into_iter()
+                .map(|t| AddedToken::from(t, true).normalized(false))
+                .collect();
             inner.add_special_tokens(&tokens);
         }
         let id = |token: &str| {
-            inner.token_to_id(token).ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {token} token")))
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {token} token")))
         };
         let (bos_token_id, eos_token_id, pad_token_id) = (id("<s>")?, id("</s>")?, id("<pad>")?);
         let image_token_id = inner.token_to_id(IMAGE_TOKEN);
-        let special_ids = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
-        Ok(Self { inner, special_ids, bos_token_id, eos_token_id, pad_token_id, image_token_id, model_max_length })
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(Self {
+            inner,
+            special_ids,
+            bos_token_id,
+            eos_token_id,
+            pad_token_id,
+            image_token_id,
+            model_max_length,
+        })
     }
 
     /// The wrapped `tokenizers` tokenizer.
@@ -158,14 +204,19 @@ impl Florence2Tokenizer {
 
     /// Ids of one text.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of one sequence. `clean_up_tokenization_spaces` is not taken: transformers 5 ignores it
     /// for BPE tokenizers such as this one.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// transformers' `Florence2PostProcessor.decode_with_spans` text: special tokens verbatim, every
@@ -173,12 +224,18 @@ impl Florence2Tokenizer {
     pub fn decode_tokens_separately(&self, ids: &[u32]) -> Result<String> {
         let mut text = String::new();
         for &id in ids {
-            let Some(token) = self.inner.id_to_token(id) else { continue };
+            let Some(token) = self.inner.id_to_token(id) else {
+                continue;
+            };
             if self.is_special(id) {
                 text.push_str(&token);
             } else {
                 match self.inner.get_decoder() {
-                    Some(decoder) => text.push_str(&decoder.decode(vec![token]).map_err(|e| Error::Tokenizer(e.to_string()))?),
+                    Some(decoder) => text.push_str(
+                        &decoder
+                            .decode(vec![token])
+                            .map_err(|e| Error::Tokenizer(e.to_string()))?,
+                    ),
                     None => text.push_str(&token),
                 }
             }
@@ -188,11 +245,17 @@ impl Florence2Tokenizer {
 
     /// Pads and truncates already-encoded sequences the way transformers' tokenizer `__call__` does
     /// (right side, `<pad>` id, attention mask 1 on tokens and 0 on padding).
-    pub fn pad_batch(&self, sequences: Vec<Vec<u32>>, opts: &EncodeOptions) -> Result<BatchEncoding> {
+    pub fn pad_batch(
+        &self,
+        sequences: Vec<Vec<u32>>,
+        opts: &EncodeOptions,
+    ) -> Result<BatchEncoding> {
         let mut padding = opts.padding;
         let mut max_length = opts.max_length;
         // transformers: max_length without padding and without an explicit truncation truncates.
-        let mut truncate = opts.truncation.unwrap_or(opts.max_length.is_some() && padding == Padding::None);
+        let mut truncate = opts
+            .truncation
+            .unwrap_or(opts.max_length.is_some() && padding == Padding::None);
         let bounded = self.model_max_length <= LARGE_INTEGER;
         if max_length.is_none() {
             if padding == Padding::MaxLength {
@@ -210,7 +273,11 @@ impl Florence2Tokenizer {
                 }
             }
         }
-        if let (true, Some(m), Some(k)) = (truncate && padding != Padding::None, max_length, opts.pad_to_multiple_of) {
+        if let (true, Some(m), Some(k)) = (
+            truncate && padding != Padding::None,
+            max_length,
+            opts.pad_to_multiple_of,
+        ) {
             if k != 0 && m % k != 0 {
                 return Err(Error::invalid(format!(
                     "Truncation and padding are both activated but truncation length ({m}) is not a multiple of pad_to_multiple_of ({k})."
@@ -243,7 +310,10 @@ impl Florence2Tokenizer {
             }
             attention_mask.push(mask);
         }
-        Ok(BatchEncoding { input_ids, attention_mask })
+        Ok(BatchEncoding {
+            input_ids,
+            attention_mask,
+        })
     }
 }
 
@@ -251,8 +321,16 @@ impl Florence2Tokenizer {
 fn model_max_length_of(config: &serde_json::Value) -> usize {
     config
         .get("model_max_length")
-        .and_then(|v| v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f.min(u64::MAX as f64) as u64)))
-        .map_or(LARGE_INTEGER + 1, |v| usize::try_from(v).unwrap_or(usize::MAX))
+        .and_then(|v| {
+            v.as_u64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| *f >= 0.0)
+                    .map(|f| f.min(u64::MAX as f64) as u64)
+            })
+        })
+        .map_or(LARGE_INTEGER + 1, |v| {
+            usize::try_from(v).unwrap_or(usize::MAX)
+        })
 }
 
 #[cfg(test)]
@@ -270,8 +348,13 @@ mod tests {
 
     #[test]
     fn max_length_reads_numbers_only() {
-        assert_eq!(model_max_length_of(&serde_json::json!({"model_max_length": 1024})), 1024);
+        assert_eq!(
+            model_max_length_of(&serde_json::json!({"model_max_length": 1024})),
+            1024
+        );
         assert!(model_max_length_of(&serde_json::json!({})) > LARGE_INTEGER);
-        assert!(model_max_length_of(&serde_json::json!({"model_max_length": 1e30})) > LARGE_INTEGER);
+        assert!(
+            model_max_length_of(&serde_json::json!({"model_max_length": 1e30})) > LARGE_INTEGER
+        );
     }
 }

@@ -18,7 +18,9 @@ impl<T: numpy::Element + Copy> HostArray<T> {
     pub fn copy(array: &PyReadonlyArrayDyn<'_, T>, name: &str, rank: usize) -> Result<Self> {
         let shape = array.shape().to_vec();
         if shape.len() != rank {
-            return Err(Error::invalid(format!("{name} must have {rank} dimensions, got shape {shape:?}")));
+            return Err(Error::invalid(format!(
+                "{name} must have {rank} dimensions, got shape {shape:?}"
+            )));
         }
         let data = array.as_array().iter().copied().collect();
         Ok(Self { data, shape })
@@ -27,7 +29,11 @@ impl<T: numpy::Element + Copy> HostArray<T> {
 
 impl HostArray<f32> {
     pub fn to_tensor(&self) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.data, self.shape.as_slice(), &Device::Cpu)?)
+        Ok(Tensor::from_slice(
+            &self.data,
+            self.shape.as_slice(),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -37,7 +43,11 @@ impl HostArray<i64> {
         let data = self
             .data
             .iter()
-            .map(|&v| u32::try_from(v).map_err(|_| Error::invalid(format!("{name} holds {v}, which is not a valid id"))))
+            .map(|&v| {
+                u32::try_from(v).map_err(|_| {
+                    Error::invalid(format!("{name} holds {v}, which is not a valid id"))
+                })
+            })
             .collect::<Result<Vec<u32>>>()?;
         Ok(Tensor::from_vec(data, self.shape.as_slice(), &Device::Cpu)?)
     }
@@ -52,7 +62,10 @@ pub struct HostOutput {
 impl HostOutput {
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self { data, shape: t.dims().to_vec() })
+        Ok(Self {
+            data,
+            shape: t.dims().to_vec(),
+        })
     }
 
     pub fn into_numpy(self, py: Python<'_>) -> PyResult<Bound<'_, PyArrayDyn<f32>>> {

@@ -21,7 +21,9 @@ impl From<Error> for PyErr {
             Error::Io { .. } => PyOSError::new_err(msg),
             // transformers raises OSError for checkpoints it cannot load and ValueError for bad arguments.
             Error::Config { .. } | Error::Weights { .. } => PyOSError::new_err(msg),
-            Error::InvalidInput(_) | Error::Tokenizer(_) | Error::Image(_) => PyValueError::new_err(msg),
+            Error::InvalidInput(_) | Error::Tokenizer(_) | Error::Image(_) => {
+                PyValueError::new_err(msg)
+            }
             Error::Candle(_) => Florence2Error::new_err(msg),
         }
     }

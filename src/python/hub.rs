@@ -48,7 +48,13 @@ fn hub_download(
         (false, Some(token)) => Auth::Token(token),
         (false, None) => Auth::FromEnvironment,
     };
-    let options = HubOptions { revision, cache_dir, auth, local_files_only, force_download };
+    let options = HubOptions {
+        revision,
+        cache_dir,
+        auth,
+        local_files_only,
+        force_download,
+    };
     let snapshot = py.detach(move || {
         let files: Vec<&str> = files.iter().map(String::as_str).collect();
         let optional: Vec<&str> = optional_files.iter().map(String::as_str).collect();

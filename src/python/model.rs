@@ -21,7 +21,9 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "float32" => Ok(DType::F32),
         "float16" => Ok(DType::F16),
         "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::invalid(format!("dtype {other:?} is not supported: use float32, float16 or bfloat16"))),
+        other => Err(Error::invalid(format!(
+            "dtype {other:?} is not supported: use float32, float16 or bfloat16"
+        ))),
     }
 }
 
@@ -31,7 +33,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
             let ordinal = cuda.strip_prefix("cuda:").map_or(Ok(0), |n| {
-                n.parse::<usize>().map_err(|_| Error::invalid(format!("bad device {name:?}")))
+                n.parse::<usize>()
+                    .map_err(|_| Error::invalid(format!("bad device {name:?}")))
             })?;
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::invalid(format!(
@@ -41,7 +44,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             }
             Ok(Device::new_cuda(ordinal)?)
         }
-        other => Err(Error::invalid(format!("device {other:?} is not supported: use \"cpu\" or \"cuda[:N]\""))),
+        other => Err(Error::invalid(format!(
+            "device {other:?} is not supported: use \"cpu\" or \"cuda[:N]\""
+        ))),
     }
 }
 
@@ -80,19 +85,34 @@ impl PyModel {
     /// linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
     #[staticmethod]
     #[pyo3(signature = (path, dtype, device, quantize=None))]
-    fn load(py: Python<'_>, path: PathBuf, dtype: &str, device: &str, quantize: Option<&str>) -> PyResult<Self> {
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        dtype: &str,
+        device: &str,
+        quantize: Option<&str>,
+    ) -> PyResult<Self> {
         let device = parse_device(device)?;
         let quantize = quantize.map(Quantization::parse).transpose()?;
-        let dtype = if dtype == "auto" { None } else { Some(parse_dtype(dtype)?) };
+        let dtype = if dtype == "auto" {
+            None
+        } else {
+            Some(parse_dtype(dtype)?)
+        };
         let (model, generation) = py.detach(move || {
             let dtype = match dtype {
                 Some(dtype) => dtype,
                 None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
             };
-            let model = Florence2ForConditionalGeneration::from_dir_quantized(&path, dtype, &device, quantize)?;
+            let model = Florence2ForConditionalGeneration::from_dir_quantized(
+                &path, dtype, &device, quantize,
+            )?;
             Ok::<_, Error>((model, GenerationConfig::from_dir(&path)?))
         })?;
-        Ok(Self { inner: Arc::new(model), generation })
+        Ok(Self {
+            inner: Arc::new(model),
+            generation,
+        })
     }
 
     /// "hf" or "original": the checkpoint layout.
@@ -121,7 +141,9 @@ impl PyModel {
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
-        let out = self.detached(py, move |m| HostOutput::from_tensor(&m.vision_features(&pixels.to_tensor()?)?))?;
+        let out = self.detached(py, move |m| {
+            HostOutput::from_tensor(&m.vision_features(&pixels.to_tensor()?)?)
+        })?;
         out.into_numpy(py)
     }
 
@@ -132,11 +154,13 @@ impl PyModel {
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
-        let out = self.detached(py, move |m| HostOutput::from_tensor(&m.get_image_features(&pixels.to_tensor()?)?))?;
+        let out = self.detached(py, move |m| {
+            HostOutput::from_tensor(&m.get_image_features(&pixels.to_tensor()?)?)
+        })?;
         out.into_numpy(py)
     }
 
-    /// One forward pass as transformers' `forward`: returns a dict with `logits`,
+    /// One forward pass as transformers' `forward`: returns a dict with `last_hidden_state` (the decoder's), `logits`,
     /// `encoder_last_hidden_state` and `image_hidden_states` (None without pixels).
     #[pyo3(signature = (input_ids, decoder_input_ids, attention_mask=None, pixel_values=None, image_features=None))]
     fn forward<'py>(
@@ -150,24 +174,42 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyDict>> {
         let input_ids = ids(&input_ids, "input_ids")?;
         let decoder_input_ids = ids(&decoder_input_ids, "decoder_input_ids")?;
-        let attention_mask = attention_mask.map(|m| ids(&m, "attention_mask")).transpose()?;
+        let attention_mask = attention_mask
+            .map(|m| ids(&m, "attention_mask"))
+            .transpose()?;
         let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
-        let image_features = image_features.map(|f| HostArray::copy(&f, "image_features", 3)).transpose()?;
-        let (logits, encoder, image) = self.detached(py, move |m| {
+        let image_features = image_features
+            .map(|f| HostArray::copy(&f, "image_features", 3))
+            .transpose()?;
+        let (decoder, logits, encoder, image) = self.detached(py, move |m| {
             let features = features_tensor(m, pixel_values, image_features)?;
-            let mask = attention_mask.map(|a| a.to_u32_tensor("attention_mask")).transpose()?;
-            let encoder = m.encode(&input_ids.to_u32_tensor("input_ids")?, mask.as_ref(), features.as_ref())?;
-            let logits = m.decoder_logits(&decoder_input_ids.to_u32_tensor("decoder_input_ids")?, &encoder)?;
+            let mask = attention_mask
+                .map(|a| a.to_u32_tensor("attention_mask"))
+                .transpose()?;
+            let encoder = m.encode(
+                &input_ids.to_u32_tensor("input_ids")?,
+                mask.as_ref(),
+                features.as_ref(),
+            )?;
+            let (decoder, logits) = m.decoder_forward(
+                &decoder_input_ids.to_u32_tensor("decoder_input_ids")?,
+                &encoder,
+            )?;
             Ok((
+                HostOutput::from_tensor(&decoder)?,
                 HostOutput::from_tensor(&logits)?,
                 HostOutput::from_tensor(&encoder.hidden_states)?,
                 features.as_ref().map(HostOutput::from_tensor).transpose()?,
             ))
         })?;
         let out = PyDict::new(py);
+        out.set_item("last_hidden_state", decoder.into_numpy(py)?)?;
         out.set_item("logits", logits.into_numpy(py)?)?;
         out.set_item("encoder_last_hidden_state", encoder.into_numpy(py)?)?;
-        out.set_item("image_hidden_states", image.map(|i| i.into_numpy(py)).transpose()?)?;
+        out.set_item(
+            "image_hidden_states",
+            image.map(|i| i.into_numpy(py)).transpose()?,
+        )?;
         Ok(out)
     }
 
@@ -185,14 +227,25 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyDict>> {
         let cfg = self::settings(&self.generation, settings)?;
         let input_ids = ids(&input_ids, "input_ids")?;
-        let attention_mask = attention_mask.map(|m| ids(&m, "attention_mask")).transpose()?;
+        let attention_mask = attention_mask
+            .map(|m| ids(&m, "attention_mask"))
+            .transpose()?;
         let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
-        let image_features = image_features.map(|f| HostArray::copy(&f, "image_features", 3)).transpose()?;
+        let image_features = image_features
+            .map(|f| HostArray::copy(&f, "image_features", 3))
+            .transpose()?;
         let run_cfg = cfg.clone();
         let out = self.detached(py, move |m| {
             let features = features_tensor(m, pixel_values, image_features)?;
-            let mask = attention_mask.map(|a| a.to_u32_tensor("attention_mask")).transpose()?;
-            m.generate(&input_ids.to_u32_tensor("input_ids")?, mask.as_ref(), features.as_ref(), &run_cfg)
+            let mask = attention_mask
+                .map(|a| a.to_u32_tensor("attention_mask"))
+                .transpose()?;
+            m.generate(
+                &input_ids.to_u32_tensor("input_ids")?,
+                mask.as_ref(),
+                features.as_ref(),
+                &run_cfg,
+            )
         })?;
         generate_output_dict(py, out, &cfg)
     }
@@ -200,9 +253,11 @@ impl PyModel {
 
 /// Applies generate() keyword arguments (a JSON object) over the checkpoint's settings.
 fn settings(base: &GenerationConfig, json: &str) -> Result<GenerationConfig> {
-    let kwargs: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| Error::invalid(format!("generate() settings are not valid: {e}")))?;
-    let obj = kwargs.as_object().ok_or_else(|| Error::invalid("generate() settings must be keyword arguments"))?;
+    let kwargs: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::invalid(format!("generate() settings are not valid: {e}")))?;
+    let obj = kwargs
+        .as_object()
+        .ok_or_else(|| Error::invalid("generate() settings must be keyword arguments"))?;
     let mut cfg = base.clone();
     for (key, value) in obj {
         cfg.set(key, value.clone())?;
@@ -213,20 +268,40 @@ fn settings(base: &GenerationConfig, json: &str) -> Result<GenerationConfig> {
 
 /// `GenerateOutput` as numpy arrays: sequences int64 [N, T]; token_scores f32 [N, T-1]; and, where the
 /// settings asked for them, sequences_scores f32 [N] (beam search) and scores (a list of f32 [rows, vocab]).
-fn generate_output_dict<'py>(py: Python<'py>, out: GenerateOutput, cfg: &GenerationConfig) -> PyResult<Bound<'py, PyDict>> {
+fn generate_output_dict<'py>(
+    py: Python<'py>,
+    out: GenerateOutput,
+    cfg: &GenerationConfig,
+) -> PyResult<Bound<'py, PyDict>> {
     let rows = out.sequences.len();
     let len = out.sequences.first().map_or(0, Vec::len);
-    let ids: Vec<i64> = out.sequences.iter().flatten().map(|&t| i64::from(t)).collect();
+    let ids: Vec<i64> = out
+        .sequences
+        .iter()
+        .flatten()
+        .map(|&t| i64::from(t))
+        .collect();
     let dict = PyDict::new(py);
-    dict.set_item("sequences", numpy::PyArray1::from_vec(py, ids).reshape([rows, len])?)?;
+    dict.set_item(
+        "sequences",
+        numpy::PyArray1::from_vec(py, ids).reshape([rows, len])?,
+    )?;
     let token_scores: Vec<f32> = out.token_scores.iter().flatten().copied().collect();
     let width = out.token_scores.first().map_or(0, Vec::len);
-    dict.set_item("token_scores", numpy::PyArray1::from_vec(py, token_scores).reshape([rows, width])?)?;
+    dict.set_item(
+        "token_scores",
+        numpy::PyArray1::from_vec(py, token_scores).reshape([rows, width])?,
+    )?;
     let output_scores = cfg.output_scores.unwrap_or(false);
-    dict.set_item("return_dict_in_generate", cfg.return_dict_in_generate.unwrap_or(false))?;
+    dict.set_item(
+        "return_dict_in_generate",
+        cfg.return_dict_in_generate.unwrap_or(false),
+    )?;
     dict.set_item(
         "sequences_scores",
-        out.sequences_scores.filter(|_| output_scores).map(|s| numpy::PyArray1::from_vec(py, s)),
+        out.sequences_scores
+            .filter(|_| output_scores)
+            .map(|s| numpy::PyArray1::from_vec(py, s)),
     )?;
     let scores = match out.scores {
         Some(steps) if output_scores => Some(
@@ -234,7 +309,8 @@ fn generate_output_dict<'py>(py: Python<'py>, out: GenerateOutput, cfg: &Generat
                 .into_iter()
                 .map(|step| {
                     let (r, v) = (step.len(), step.first().map_or(0, Vec::len));
-                    numpy::PyArray1::from_vec(py, step.into_iter().flatten().collect()).reshape([r, v])
+                    numpy::PyArray1::from_vec(py, step.into_iter().flatten().collect())
+                        .reshape([r, v])
                 })
                 .collect::<PyResult<Vec<_>>>()?,
         ),

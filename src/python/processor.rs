@@ -23,7 +23,12 @@ fn padding_of(padding: &str) -> PyResult<Padding> {
         "do_not_pad" => Padding::None,
         "longest" => Padding::Longest,
         "max_length" => Padding::MaxLength,
-        other => return Err(Error::invalid(format!("padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {other:?}")).into()),
+        other => {
+            return Err(Error::invalid(format!(
+            "padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {other:?}"
+        ))
+            .into())
+        }
     })
 }
 
@@ -49,7 +54,12 @@ fn answer_to_py<'py>(py: Python<'py>, task: &str, answer: Answer) -> PyResult<Bo
             d.set_item("labels", labels)?;
             out.set_item(task, d)?;
         }
-        Answer::BoxesOrPolygons { bboxes, bboxes_labels, polygons, polygons_labels } => {
+        Answer::BoxesOrPolygons {
+            bboxes,
+            bboxes_labels,
+            polygons,
+            polygons_labels,
+        } => {
             let d = PyDict::new(py);
             d.set_item("bboxes", bboxes)?;
             d.set_item("bboxes_labels", bboxes_labels)?;
@@ -146,7 +156,12 @@ impl PyProcessorCore {
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
     ) -> PyResult<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
-        let opts = EncodeOptions { padding: padding_of(padding)?, truncation, max_length, pad_to_multiple_of };
+        let opts = EncodeOptions {
+            padding: padding_of(padding)?,
+            truncation,
+            max_length,
+            pad_to_multiple_of,
+        };
         let batch = py.detach(|| self.inner.encode_texts(&texts, with_images, &opts))?;
         Ok((batch.input_ids, batch.attention_mask))
     }
@@ -163,10 +178,18 @@ impl PyProcessorCore {
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
     ) -> PyResult<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
-        let opts = EncodeOptions { padding: padding_of(padding)?, truncation, max_length, pad_to_multiple_of };
+        let opts = EncodeOptions {
+            padding: padding_of(padding)?,
+            truncation,
+            max_length,
+            pad_to_multiple_of,
+        };
         let tok = &self.inner.tokenizer;
         let batch = py.detach(|| {
-            let seqs = texts.iter().map(|t| tok.encode(t, add_special_tokens)).collect::<Result<Vec<_>, _>>()?;
+            let seqs = texts
+                .iter()
+                .map(|t| tok.encode(t, add_special_tokens))
+                .collect::<Result<Vec<_>, _>>()?;
             tok.pad_batch(seqs, &opts)
         })?;
         Ok((batch.input_ids, batch.attention_mask))
@@ -182,17 +205,28 @@ impl PyProcessorCore {
         for (array, from_unit_float) in &images {
             let shape = array.shape();
             if shape[2] != 3 {
-                return Err(Error::Image(format!("expected an H×W×3 RGB array, got shape {shape:?}")).into());
+                return Err(Error::Image(format!(
+                    "expected an H×W×3 RGB array, got shape {shape:?}"
+                ))
+                .into());
             }
             let data = array.as_array().iter().copied().collect();
-            inputs.push(ImageInput { image: RgbImage::new(shape[1], shape[0], data)?, from_unit_float: *from_unit_float });
+            inputs.push(ImageInput {
+                image: RgbImage::new(shape[1], shape[0], data)?,
+                from_unit_float: *from_unit_float,
+            });
         }
         let pv = py.detach(|| self.inner.preprocess_images(&inputs))?;
         let flat = PyArray1::from_vec(py, pv.data);
         Ok(flat.reshape(pv.shape)?.into_any())
     }
 
-    fn batch_decode(&self, py: Python<'_>, sequences: Vec<Vec<u32>>, skip_special_tokens: bool) -> PyResult<Vec<String>> {
+    fn batch_decode(
+        &self,
+        py: Python<'_>,
+        sequences: Vec<Vec<u32>>,
+        skip_special_tokens: bool,
+    ) -> PyResult<Vec<String>> {
         Ok(py.detach(|| self.inner.batch_decode(&sequences, skip_special_tokens))?)
     }
 
@@ -218,7 +252,14 @@ impl PyProcessorCore {
         sequence: Option<Vec<u32>>,
         image_size: Option<(f64, f64)>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let answer = py.detach(|| self.inner.post_process_generation(text.as_deref(), sequence.as_deref(), task, image_size))?;
+        let answer = py.detach(|| {
+            self.inner.post_process_generation(
+                text.as_deref(),
+                sequence.as_deref(),
+                task,
+                image_size,
+            )
+        })?;
         answer_to_py(py, task, answer)
     }
 }

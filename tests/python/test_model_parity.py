@@ -97,3 +97,15 @@ def test_unknown_from_pretrained_kwarg_is_a_type_error(case):
     _, folder, _ = case
     with pytest.raises(TypeError, match="unexpected keyword"):
         florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf", colour="blue")
+
+
+def test_florence2_model_last_hidden_state_matches_transformers(case):
+    _, folder, ref = case
+    hf = HFModel.from_pretrained(folder / "hf").eval()
+    inputs = dict(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], attention_mask=ref["attention_mask"],
+                  decoder_input_ids=ref["decoder_input_ids"])
+    with torch.no_grad():
+        expected = hf.model(**inputs)
+    ours = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf").model(**inputs)
+    assert max_rel_error(ours.last_hidden_state, expected.last_hidden_state) <= 1e-4
+    assert max_rel_error(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= 1e-4
