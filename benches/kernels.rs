@@ -1,5 +1,5 @@
-//! Criterion benches of the CPU kernels on the hot paths: the direct 3x3 depthwise convolution (the DaViT
-//! position-encoding convs, against candle's grouped conv2d) and one beam-search decode step (3 beams).
+//! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
+//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW) and one beam-search decode step (3 beams).
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use florence2_rs::depthwise::depthwise_conv3x3;
+use florence2_rs::depthwise::{channels_last_taps, depthwise_conv3x3_residual};
 use florence2_rs::generation::DecoderSession;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 
@@ -26,9 +26,15 @@ fn depthwise(c: &mut Criterion) {
         let xs = Tensor::randn(0f32, 1., (1, channels, side, side), &dev).expect("input");
         let weight = Tensor::randn(0f32, 1., (channels, 1, 3, 3), &dev).expect("weight");
         let bias = Tensor::randn(0f32, 1., channels, &dev).expect("bias");
-        group.bench_function(format!("direct {channels}x{side}x{side}"), |b| {
-            b.iter(|| depthwise_conv3x3(&xs, &weight, &bias).expect("conv"))
-        });
+        let nhwc = xs
+            .permute((0, 2, 3, 1))
+            .and_then(|t| t.contiguous())
+            .expect("nhwc");
+        let taps = channels_last_taps(&weight).expect("taps");
+        group.bench_function(
+            format!("direct + residual, channels last {channels}x{side}x{side}"),
+            |b| b.iter(|| depthwise_conv3x3_residual(&nhwc, &taps, &bias).expect("conv")),
+        );
         let cfg = candle_nn::Conv2dConfig {
             padding: 1,
             groups: channels,

@@ -1,19 +1,23 @@
-//! A direct 3×3 depthwise convolution (stride 1, padding 1) for the CPU.
+//! A direct 3×3 depthwise convolution (stride 1, padding 1) plus its input, on channels-last maps, for the CPU.
 //!
-//! DaViT runs four of these per block. candle's grouped `conv2d` lowers them to im2col + one small matmul per
-//! channel, which was measured at 91 ms for 512×48×48 and 213 ms for 128×192×192 on this project's 2-core
-//! machines (ARCHITECTURE.md); computing each output plane straight from its input plane touches every
-//! value a handful of times and takes about a millisecond. Other devices keep candle's `conv2d`.
+//! DaViT runs four of these per block (conditional position encodings, `x + conv(x)`). candle's grouped
+//! `conv2d` lowers them to im2col + one small matmul per channel, which was measured at 91 ms for 512×48×48
+//! and 213 ms for 128×192×192 on this project's 2-core machines (ARCHITECTURE.md). The vision tower keeps its
+//! activations as tokens (`[B, H, W, C]`, channels last) inside a stage, so the kernel works on that layout:
+//! each output pixel is nine multiply-adds over a contiguous run of channels, which the compiler vectorizes,
+//! and the residual is added in the same pass. No transposes to NCHW and back are needed. Other devices keep
+//! candle's `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// The op: input `[B, C, H, W]`, weight `[C, 1, 3, 3]`, bias `[C]`, all f32 and contiguous.
-struct Depthwise3x3;
+/// The op: input `[B, H, W, C]`, taps `[9, C]` (row-major 3×3, channel last), bias `[C]`, all f32 and
+/// contiguous. Output: `input + conv(input)`.
+struct DepthwiseResidual3x3;
 
-impl CustomOp3 for Depthwise3x3 {
+impl CustomOp3 for DepthwiseResidual3x3 {
     fn name(&self) -> &'static str {
-        "depthwise-conv3x3"
+        "depthwise-conv3x3-residual-nhwc"
     }
 
     fn cpu_fwd(
@@ -35,65 +39,77 @@ impl CustomOp3 for Depthwise3x3 {
         ) else {
             candle_core::bail!("depthwise-conv3x3 takes contiguous tensors");
         };
-        let (batch, channels, height, width) = xs_l.shape().dims4()?;
-        let plane = height * width;
-        let xs = &xs[xo..xo + batch * channels * plane];
-        let w = &w[wo..wo + channels * 9];
-        let b = &b[bo..bo + channels];
+        let (batch, height, width, channels) = xs_l.shape().dims4()?;
+        let row = width * channels;
+        let xs = &xs[xo..xo + batch * height * row];
+        let taps = &w[wo..wo + 9 * channels];
+        let bias = &b[bo..bo + channels];
 
-        let mut out = vec![0f32; batch * channels * plane];
-        out.par_chunks_mut(plane)
+        let mut out = vec![0f32; batch * height * row];
+        out.par_chunks_mut(row)
             .enumerate()
-            .for_each(|(i, out_plane)| {
-                let c = i % channels;
-                conv_plane(
-                    &xs[i * plane..(i + 1) * plane],
-                    &w[c * 9..c * 9 + 9],
-                    b[c],
-                    height,
-                    width,
-                    out_plane,
-                );
+            .for_each(|(i, out_row)| {
+                let (image, y) = (i / height, i % height);
+                let plane = &xs[image * height * row..(image + 1) * height * row];
+                conv_row(plane, taps, bias, y, height, width, out_row);
             });
         Ok((CpuStorage::F32(out), xs_l.shape().clone()))
     }
 }
 
-/// One channel: `out = bias + Σ w[dy][dx] · in[y+dy-1][x+dx-1]`, zero outside the plane. Rows are processed
-/// as three shifted row sums so the inner loops are straight slices the compiler vectorizes.
-fn conv_plane(input: &[f32], w: &[f32], bias: f32, height: usize, width: usize, out: &mut [f32]) {
-    out.fill(bias);
-    for y in 0..height {
-        let out_row = &mut out[y * width..(y + 1) * width];
+/// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
+/// zero outside the map.
+fn conv_row(
+    plane: &[f32],
+    taps: &[f32],
+    bias: &[f32],
+    y: usize,
+    height: usize,
+    width: usize,
+    out_row: &mut [f32],
+) {
+    let channels = bias.len();
+    let row = width * channels;
+    for x in 0..width {
+        let out = &mut out_row[x * channels..(x + 1) * channels];
+        let centre = &plane[y * row + x * channels..y * row + (x + 1) * channels];
+        for ((o, &v), &bv) in out.iter_mut().zip(centre).zip(bias) {
+            *o = v + bv;
+        }
         for dy in 0..3 {
-            let src_y = y as isize + dy as isize - 1;
-            if src_y < 0 || src_y >= height as isize {
+            let Some(src_y) = (y + dy).checked_sub(1).filter(|&s| s < height) else {
                 continue;
-            }
-            let row = &input[src_y as usize * width..(src_y as usize + 1) * width];
-            let (w0, w1, w2) = (w[dy * 3], w[dy * 3 + 1], w[dy * 3 + 2]);
-            // Centre tap over the whole row, then the left/right taps over the shifted ranges.
-            for (o, &v) in out_row.iter_mut().zip(row) {
-                *o += w1 * v;
-            }
-            if width > 1 {
-                for (o, &v) in out_row[1..].iter_mut().zip(&row[..width - 1]) {
-                    *o += w0 * v;
-                }
-                for (o, &v) in out_row[..width - 1].iter_mut().zip(&row[1..]) {
-                    *o += w2 * v;
+            };
+            for dx in 0..3 {
+                let Some(src_x) = (x + dx).checked_sub(1).filter(|&s| s < width) else {
+                    continue;
+                };
+                let start = src_y * row + src_x * channels;
+                let input = &plane[start..start + channels];
+                let tap = &taps[(dy * 3 + dx) * channels..(dy * 3 + dx + 1) * channels];
+                for ((o, &v), &t) in out.iter_mut().zip(input).zip(tap) {
+                    *o += t * v;
                 }
             }
         }
     }
 }
 
-/// `conv2d(xs, weight, bias, padding=1, groups=C)` for `xs` `[B, C, H, W]` on the CPU, in `xs`'s dtype
-/// (computed in f32).
-pub fn depthwise_conv3x3(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// The taps of a `[C, 1, 3, 3]` depthwise weight as `[9, C]` f32, the layout the kernel reads.
+pub fn channels_last_taps(weight: &Tensor) -> Result<Tensor> {
+    weight
+        .to_dtype(DType::F32)?
+        .flatten_from(1)?
+        .t()?
+        .contiguous()
+}
+
+/// `xs + conv2d(xs, weight, bias, padding=1, groups=C)` for channels-last `xs` `[B, H, W, C]` on the CPU, in
+/// `xs`'s dtype (computed in f32). `taps` comes from [`channels_last_taps`].
+pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
     let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
-    let out = f32c(xs)?.apply_op3_no_bwd(&f32c(weight)?, &f32c(bias)?, &Depthwise3x3)?;
+    let out = f32c(xs)?.apply_op3_no_bwd(taps, &f32c(bias)?, &DepthwiseResidual3x3)?;
     out.to_dtype(dtype)
 }
 
@@ -103,10 +119,17 @@ mod tests {
     use candle_core::{Device, Module};
 
     #[test]
-    fn matches_candle_grouped_conv() {
+    fn matches_candle_grouped_conv_plus_input() {
         let dev = Device::Cpu;
-        for (c, h, w) in [(3, 5, 7), (4, 1, 1), (2, 1, 6), (5, 6, 1), (8, 12, 12)] {
-            let xs = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+        for (c, h, w) in [
+            (3, 5, 7),
+            (4, 1, 1),
+            (2, 1, 6),
+            (5, 6, 1),
+            (8, 12, 12),
+            (17, 9, 4),
+        ] {
+            let nchw = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., c, &dev).unwrap();
             let cfg = candle_nn::Conv2dConfig {
@@ -114,10 +137,17 @@ mod tests {
                 groups: c,
                 ..Default::default()
             };
-            let expected = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg)
-                .forward(&xs)
+            let expected = (candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg)
+                .forward(&nchw)
+                .unwrap()
+                + &nchw)
                 .unwrap();
-            let got = depthwise_conv3x3(&xs, &weight, &bias).unwrap();
+            let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let taps = channels_last_taps(&weight).unwrap();
+            let got = depthwise_conv3x3_residual(&nhwc, &taps, &bias)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
             let err = (got - expected)
                 .unwrap()
                 .abs()

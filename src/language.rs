@@ -128,7 +128,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)
+        crate::nn::activate(&xs.apply(&self.fc1)?, self.act)?.apply(&self.fc2)
     }
 }
 

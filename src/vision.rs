@@ -6,15 +6,30 @@
 //! self-attention over `window_size`² patches) and a channel block (attention between channel groups over all
 //! tokens), each block wrapped in depthwise 3×3 convolutions used as conditional position encodings.
 //! Drop-path is identity at inference and has no weights, so it does not appear here.
+//!
+//! Inside a stage the activations stay as tokens (`[B, H*W, C]`, i.e. channels last): the norms, linear
+//! layers and attention all work on that layout, and so does the CPU depthwise kernel. transformers converts
+//! between NCHW and tokens around every convolution; here that happens once per stage, around the patch
+//! embedding.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
-use crate::nn::{attention, layer_norm_nchw, nchw_to_tokens, tokens_to_nchw};
+use crate::nn::{activate, attention, map_row_chunks, nchw_to_tokens, tokens_to_nchw};
 use crate::quantize::{Linear, Quantization};
 
 const LN_EPS: f64 = 1e-5;
+
+/// About how many f32 intermediates (MLP hidden units, window q/k/v) one chunk of rows may make: 8 MiB.
+const CHUNK_FLOATS: usize = 1 << 21;
+
+/// A stage's activations: tokens `[B, height*width, C]`.
+struct FeatureMap {
+    tokens: Tensor,
+    height: usize,
+    width: usize,
+}
 
 /// A convolution that computes in f32 when the model is bf16: candle's CPU convolution has no bf16 kernel.
 struct Conv {
@@ -92,19 +107,32 @@ impl ConvEmbed {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.pre_norm {
-            layer_norm_nchw(xs, &self.norm)?.apply(&self.conv)
+    fn forward(&self, map: &FeatureMap) -> Result<FeatureMap> {
+        let tokens = if self.pre_norm {
+            map.tokens.apply(&self.norm)?
         } else {
-            layer_norm_nchw(&xs.apply(&self.conv)?, &self.norm)
-        }
+            map.tokens.clone()
+        };
+        let out = tokens_to_nchw(&tokens, map.height, map.width)?.apply(&self.conv)?;
+        let (_, _, height, width) = out.dims4()?;
+        let tokens = nchw_to_tokens(&out)?;
+        let tokens = if self.pre_norm {
+            tokens
+        } else {
+            tokens.apply(&self.norm)?
+        };
+        Ok(FeatureMap {
+            tokens,
+            height,
+            width,
+        })
     }
 }
 
 /// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding). On the CPU it
-/// runs the direct kernel of [`crate::depthwise`]; elsewhere candle's grouped convolution.
+/// runs the channels-last kernel of [`crate::depthwise`]; elsewhere candle's grouped convolution.
 struct DepthwiseConv {
-    weight: Tensor,
+    taps: Tensor,
     bias: Tensor,
     grouped: Conv2d,
 }
@@ -118,22 +146,24 @@ impl DepthwiseConv {
             groups: dim,
             ..Default::default()
         };
-        let grouped = Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
         Ok(Self {
-            weight,
-            bias,
-            grouped,
+            taps: crate::depthwise::channels_last_taps(&weight)?,
+            bias: bias.clone(),
+            grouped: Conv2d::new(weight, Some(bias), cfg),
         })
     }
 
-    /// `conv(x) + x` on an NCHW tensor.
-    fn forward_residual(&self, xs: &Tensor) -> Result<Tensor> {
-        let conv = if xs.device().is_cpu() {
-            crate::depthwise::depthwise_conv3x3(xs, &self.weight, &self.bias)?
+    /// `conv(x) + x` on tokens `[B, N, C]` of a `height`×`width` map.
+    fn forward_residual(&self, tokens: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let (b, n, c) = tokens.dims3()?;
+        if tokens.device().is_cpu() {
+            let nhwc = tokens.reshape((b, height, width, c))?;
+            crate::depthwise::depthwise_conv3x3_residual(&nhwc, &self.taps, &self.bias)?
+                .reshape((b, n, c))
         } else {
-            xs.apply(&self.grouped)?
-        };
-        conv + xs
+            let nchw = tokens_to_nchw(tokens, height, width)?;
+            nchw_to_tokens(&(nchw.apply(&self.grouped)? + &nchw)?)
+        }
     }
 }
 
@@ -141,6 +171,7 @@ struct Mlp {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
+    hidden: usize,
 }
 
 impl Mlp {
@@ -157,13 +188,20 @@ impl Mlp {
             fc1: Linear::load(dim, hidden, true, vb.pp("fc1"), q)?,
             fc2: Linear::load(hidden, dim, true, vb.pp("fc2"), q)?,
             act,
+            hidden,
         })
     }
 }
 
 impl Module for Mlp {
+    /// `xs`: `[B, N, C]`, run in chunks of rows (each row is independent).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)
+        let (b, n, c) = xs.dims3()?;
+        let rows = CHUNK_FLOATS / self.hidden;
+        map_row_chunks(&xs.reshape((b * n, c))?, rows, |chunk| {
+            activate(&chunk.apply(&self.fc1)?, self.act)?.apply(&self.fc2)
+        })?
+        .reshape((b, n, c))
     }
 }
 
@@ -211,21 +249,9 @@ impl WindowAttention {
             .permute((0, 1, 3, 2, 4, 5))?
             .contiguous()?
             .reshape((b * nh * nw, ws * ws, c))?;
-
-        let n_win = b * nh * nw;
-        let tokens = ws * ws;
-        let head_dim = c / self.num_heads;
-        let qkv = windows
-            .apply(&self.qkv)?
-            .reshape((n_win, tokens, 3, self.num_heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let out = attention(&q, &k, &v, self.scale, None)?
-            .transpose(1, 2)?
-            .reshape((n_win, tokens, c))?
-            .apply(&self.proj)?;
+        // Windows are independent: run them in chunks to keep the q/k/v intermediates small.
+        let per_chunk = CHUNK_FLOATS / (ws * ws * 3 * c);
+        let out = map_row_chunks(&windows, per_chunk, |w| self.attend(w))?;
 
         out.reshape((b, nh, nw, ws, ws, c))?
             .permute((0, 1, 3, 2, 4, 5))?
@@ -234,6 +260,25 @@ impl WindowAttention {
             .narrow(2, 0, w)?
             .contiguous()?
             .reshape((b, h * w, c))
+    }
+}
+
+impl WindowAttention {
+    /// Self-attention within each window: `windows` `[n, window², C]` → `[n, window², C]`.
+    fn attend(&self, windows: &Tensor) -> Result<Tensor> {
+        let (n_win, tokens, c) = windows.dims3()?;
+        let head_dim = c / self.num_heads;
+        let qkv = windows
+            .apply(&self.qkv)?
+            .reshape((n_win, tokens, 3, self.num_heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        attention(&q, &k, &v, self.scale, None)?
+            .transpose(1, 2)?
+            .reshape((n_win, tokens, c))?
+            .apply(&self.proj)
     }
 }
 
@@ -322,20 +367,19 @@ impl DualBlock {
         })
     }
 
-    /// `xs`: `[B, C, H, W]` → `[B, C, H, W]`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let residual = nchw_to_tokens(&self.conv1.forward_residual(xs)?)?;
+    /// Tokens `[B, H*W, C]` of an `h`×`w` map → the same shape.
+    fn forward(&self, xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let (b, _, c) = xs.dims3()?;
+        let residual = self.conv1.forward_residual(xs, h, w)?;
         let normed = residual.apply(&self.norm1)?;
         let mixed = match &self.mixer {
             Mixer::Window(attn) => attn.forward(&normed.reshape((b, h, w, c))?)?,
             Mixer::Channel(attn) => normed.apply(attn)?,
         };
-        let xs = tokens_to_nchw(&(residual + mixed)?, h, w)?;
+        let xs = (residual + mixed)?;
 
-        let residual = nchw_to_tokens(&self.conv2.forward_residual(&xs)?)?;
-        let out = (residual.apply(&self.norm2)?.apply(&self.ffn)? + residual)?;
-        tokens_to_nchw(&out, h, w)
+        let residual = self.conv2.forward_residual(&xs, h, w)?;
+        residual.apply(&self.norm2)?.apply(&self.ffn)? + residual
     }
 }
 
@@ -372,13 +416,19 @@ impl Florence2VisionBackbone {
 
     /// Runs the tower; `pixel_values` must already be in the model's dtype.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let mut xs = pixel_values.clone();
+        let (_, _, height, width) = pixel_values.dims4()?;
+        let mut map = FeatureMap {
+            tokens: nchw_to_tokens(pixel_values)?,
+            height,
+            width,
+        };
         for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
-            xs = conv.forward(&xs)?;
+            map = conv.forward(&map)?;
             for (spatial, channel) in stage_blocks {
-                xs = channel.forward(&spatial.forward(&xs)?)?;
+                let (h, w) = (map.height, map.width);
+                map.tokens = channel.forward(&spatial.forward(&map.tokens, h, w)?, h, w)?;
             }
         }
-        Ok(xs)
+        tokens_to_nchw(&map.tokens, map.height, map.width)
     }
 }
