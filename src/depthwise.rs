@@ -51,7 +51,7 @@ impl CustomOp3 for DepthwiseResidual3x3 {
             .for_each(|(i, out_row)| {
                 let (image, y) = (i / height, i % height);
                 let plane = &xs[image * height * row..(image + 1) * height * row];
-                conv_row(plane, taps, bias, y, height, width, out_row);
+                crate::nn::simd(|| conv_row(plane, taps, bias, y, height, width, out_row));
             });
         Ok((CpuStorage::F32(out), xs_l.shape().clone()))
     }
@@ -59,6 +59,7 @@ impl CustomOp3 for DepthwiseResidual3x3 {
 
 /// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
 /// zero outside the map.
+#[inline(always)]
 fn conv_row(
     plane: &[f32],
     taps: &[f32],
