@@ -132,8 +132,11 @@ impl Florence2ForConditionalGeneration {
                 ),
             });
         }
+        // transformers drops the tied LM head from HF-native checkpoints; it is the shared embedding then.
+        let tied_head =
+            checkpoint.layout() == Layout::HfNative && !checkpoint.stores("lm_head.weight");
         let vb = checkpoint.var_builder(dtype, device);
-        Self::load(config, vb, dtype, device, quantize).map_err(|e| Error::Weights {
+        Self::load(config, vb, dtype, device, quantize, tied_head).map_err(|e| Error::Weights {
             path: source,
             msg: e.to_string(),
         })
@@ -145,6 +148,7 @@ impl Florence2ForConditionalGeneration {
         dtype: DType,
         device: &Device,
         q: Option<Quantization>,
+        tied_head: bool,
     ) -> candle_core::Result<Self> {
         let text = &config.text;
         let vision_tower =
@@ -155,11 +159,14 @@ impl Florence2ForConditionalGeneration {
             q,
         )?;
         let language = BartModel::new(text, vb.pp("model.language_model"), q)?;
-        // The LM head stays dense: in the HF-native layout it is the token embedding itself.
-        let lm_head = Linear::new(
-            vb.get((text.vocab_size, text.d_model), "lm_head.weight")?,
-            None,
-        );
+        // The LM head stays dense: in the HF-native layout it is the token embedding itself. A tied head
+        // shares the embedding's storage (tensors are reference-counted) instead of loading it twice.
+        let lm_weight = if tied_head {
+            language.shared_weight().clone()
+        } else {
+            vb.get((text.vocab_size, text.d_model), "lm_head.weight")?
+        };
+        let lm_head = Linear::new(lm_weight, None);
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
             // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
             Some(

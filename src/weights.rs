@@ -1,4 +1,4 @@
-//! Checkpoint weights: safetensors files (memory-mapped, single or sharded), the layout they follow, and a
+//! Checkpoint weights: safetensors files (single or sharded), the layout they follow, and a
 //! candle `VarBuilder` that serves them under HF-native names whatever the layout.
 //!
 //! The model code asks for every tensor by its HF-native name (`model.vision_tower.convs.0.conv.weight`).
@@ -6,13 +6,22 @@
 //! (`vision_tower.convs.0.proj.weight`) and transposes the one tensor stored the other way round
 //! (`image_projection`). The HF-native layout ties `lm_head.weight` to the shared embedding and may not store
 //! it; that fallback is here too, so the model code has one path.
+//!
+//! The files are not memory-mapped: each tensor is read (`pread`) straight into the buffer that becomes its
+//! storage. A mapping would copy every tensor out of the page cache anyway, and the mapped pages count in the
+//! process's RSS until the file is closed, so peak memory would be twice the weights.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use safetensors::tensor::{Metadata, TensorInfo, TensorView};
+use safetensors::{Dtype, SafeTensorError};
 
 use crate::config::Layout;
 use crate::{Error, Result};
@@ -20,9 +29,109 @@ use crate::{Error, Result};
 /// Name of the LM head bias that only Microsoft's layout has (BART's `final_logits_bias`).
 pub const FINAL_LOGITS_BIAS: &str = "final_logits_bias";
 
-/// Memory-mapped weights of one checkpoint.
+/// One open safetensors file and its parsed header.
+struct Shard {
+    path: PathBuf,
+    file: File,
+    /// File offset of the data section (the header's `data_offsets` count from here).
+    data_start: u64,
+    metadata: Metadata,
+}
+
+impl Shard {
+    /// Opens `path` and validates its header against the file size, so that a truncated file fails here
+    /// and not halfway through loading.
+    fn open(path: &Path) -> std::result::Result<Self, String> {
+        let mut file = File::open(path).map_err(|e| e.to_string())?;
+        let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| SafeTensorError::HeaderTooSmall.to_string())?;
+        let header_len = u64::from_le_bytes(len);
+        // The same limit as `SafeTensors::read_metadata`; it also keeps a garbage length from allocating.
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err(SafeTensorError::InvalidHeaderLength.to_string());
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let header = std::str::from_utf8(&header)
+            .map_err(|e| SafeTensorError::InvalidHeader(e).to_string())?;
+        // `Metadata`'s deserializer checks that the offsets are contiguous and fit each dtype and shape.
+        let metadata: Metadata = serde_json::from_str(header)
+            .map_err(|e| SafeTensorError::InvalidHeaderDeserialization(e).to_string())?;
+        // Checked: the sizes in the header are untrusted.
+        let end = (metadata.data_len() as u64).checked_add(8 + header_len);
+        if end != Some(file_len) {
+            return Err(SafeTensorError::MetadataIncompleteBuffer.to_string());
+        }
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+
+    /// Reads tensor `info` into a new tensor on `device`, in its stored dtype.
+    fn read(&self, info: &TensorInfo, device: &Device) -> candle_core::Result<Tensor> {
+        match info.dtype {
+            // The weight dtypes are read straight into the tensor's own storage.
+            Dtype::F32 => self.read_typed::<f32>(info, device),
+            Dtype::F16 => self.read_typed::<half::f16>(info, device),
+            Dtype::BF16 => self.read_typed::<half::bf16>(info, device),
+            Dtype::F64 => self.read_typed::<f64>(info, device),
+            // Anything else (rare and small) goes through candle's conversion, which knows every dtype it
+            // supports and rejects the others.
+            dtype => {
+                let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+                self.read_at(&mut bytes, info)?;
+                TensorView::new(dtype, info.shape.clone(), &bytes)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                    .load(device)
+            }
+        }
+    }
+
+    fn read_typed<T: WithDType + bytemuck::Pod>(
+        &self,
+        info: &TensorInfo,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut data = vec![T::zeroed(); info.shape.iter().product()];
+        self.read_at(bytemuck::cast_slice_mut(&mut data), info)?;
+        // safetensors stores little-endian, the byte order of every platform candle runs on.
+        Tensor::from_vec(data, info.shape.as_slice(), device)
+    }
+
+    fn read_at(&self, buf: &mut [u8], info: &TensorInfo) -> candle_core::Result<()> {
+        let offset = self.data_start + info.data_offsets.0 as u64;
+        read_exact_at(&self.file, buf, offset).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{}: cannot read ({e}); the file may be truncated or corrupt, download it again",
+                self.path.display()
+            ))
+        })
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    // Loading is sequential, so moving the shared cursor is safe here.
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+/// The weights of one checkpoint.
 pub struct Checkpoint {
-    tensors: MmapedSafetensors,
+    shards: Vec<Shard>,
+    /// Which shard stores each tensor.
+    routing: HashMap<String, usize>,
     layout: Layout,
     /// What to name in error messages: the file, or the folder for sharded checkpoints.
     source: PathBuf,
@@ -50,18 +159,31 @@ impl Checkpoint {
                 hint: hint.into(),
             });
         };
-        // SAFETY: the files are mapped read-only; like transformers and candle we assume nobody truncates
-        // them while the model is alive.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Weights {
-            path: source.clone(),
-            msg: format!("cannot read safetensors ({e}); the file may be truncated or corrupt, download it again"),
-        })?;
-        let layout = detect_layout(&tensors).ok_or_else(|| Error::Weights {
+        let shards = files
+            .iter()
+            .map(|file| {
+                Shard::open(file).map_err(|e| Error::Weights {
+                    path: source.clone(),
+                    msg: format!(
+                        "cannot read safetensors ({}: {e}); the file may be truncated or corrupt, download it again",
+                        file.display()
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut routing = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.metadata.offset_keys() {
+                routing.insert(name, i);
+            }
+        }
+        let layout = detect_layout(routing.keys()).ok_or_else(|| Error::Weights {
             path: source.clone(),
             msg: "no Florence-2 weights found (expected `model.vision_tower.*` or `vision_tower.*` keys)".into(),
         })?;
         Ok(Checkpoint {
-            tensors,
+            shards,
+            routing,
             layout,
             source,
         })
@@ -77,17 +199,24 @@ impl Checkpoint {
         &self.source
     }
 
+    /// Whether the checkpoint stores `hf_name` (an HF-native name) itself, without the tied-head fallback.
+    pub fn stores(&self, hf_name: &str) -> bool {
+        self.info(&self.stored_name(hf_name)).is_some()
+    }
+
     /// The floating dtype of the stored weights (the first floating tensor's), used by `dtype="auto"`.
     pub fn stored_dtype(&self) -> Option<DType> {
-        let mut names: Vec<_> = self.tensors.tensors().into_iter().collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        names.into_iter().find_map(|(_, view)| match view.dtype() {
-            safetensors::Dtype::F32 => Some(DType::F32),
-            safetensors::Dtype::F16 => Some(DType::F16),
-            safetensors::Dtype::BF16 => Some(DType::BF16),
-            safetensors::Dtype::F64 => Some(DType::F64),
-            _ => None,
-        })
+        let mut names: Vec<_> = self.routing.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .find_map(|name| match self.info(name)?.1.dtype {
+                Dtype::F32 => Some(DType::F32),
+                Dtype::F16 => Some(DType::F16),
+                Dtype::BF16 => Some(DType::BF16),
+                Dtype::F64 => Some(DType::F64),
+                _ => None,
+            })
     }
 
     /// A `VarBuilder` over these weights that answers HF-native names, converting to `dtype` on `device`.
@@ -103,21 +232,25 @@ impl Checkpoint {
         }
     }
 
+    /// The shard and header entry of a stored tensor name.
+    fn info(&self, stored: &str) -> Option<(&Shard, &TensorInfo)> {
+        let shard = &self.shards[*self.routing.get(stored)?];
+        Some((shard, shard.metadata.info(stored)?))
+    }
+
     fn load(&self, hf_name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        if self.layout == Layout::HfNative
-            && hf_name == "lm_head.weight"
-            && self.tensors.get(hf_name).is_err()
-        {
+        if self.layout == Layout::HfNative && hf_name == "lm_head.weight" && !self.stores(hf_name) {
             // Tied to the shared embedding and not saved (transformers drops tied copies).
             return self.load("model.language_model.shared.weight", device);
         }
         let stored = self.stored_name(hf_name);
-        let tensor = self.tensors.load(&stored, device).map_err(|_| {
+        let (shard, info) = self.info(&stored).ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "{}: missing tensor `{stored}`; the weights do not match this Florence-2 config",
                 self.source.display()
             ))
         })?;
+        let tensor = shard.read(info, device)?;
         if self.layout == Layout::Original && stored == "image_projection" {
             // Microsoft stores the projection as [vision_dim, projection_dim] and multiplies `x @ W`.
             return tensor.t()?.contiguous();
@@ -153,19 +286,14 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        (self.layout == Layout::HfNative && name == "lm_head.weight")
-            || self.tensors.get(&self.stored_name(name)).is_ok()
+        (self.layout == Layout::HfNative && name == "lm_head.weight") || self.stores(name)
     }
 }
 
-fn detect_layout(tensors: &MmapedSafetensors) -> Option<Layout> {
-    let names = tensors.tensors();
-    if names
-        .iter()
-        .any(|(n, _)| n.starts_with("model.vision_tower."))
-    {
+fn detect_layout<'a>(mut names: impl Iterator<Item = &'a String> + Clone) -> Option<Layout> {
+    if names.clone().any(|n| n.starts_with("model.vision_tower.")) {
         Some(Layout::HfNative)
-    } else if names.iter().any(|(n, _)| n.starts_with("vision_tower.")) {
+    } else if names.any(|n| n.starts_with("vision_tower.")) {
         Some(Layout::Original)
     } else {
         None
@@ -273,7 +401,64 @@ pub fn original_name(hf: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::original_name;
+    use super::{original_name, Checkpoint};
+
+    /// A one-tensor safetensors file in a fresh folder: `header` JSON, then `data_len` zero bytes.
+    fn checkpoint_with(header: &str, data_len: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        dir
+    }
+
+    fn open_err(dir: &tempfile::TempDir) -> String {
+        match Checkpoint::open(dir.path()) {
+            Ok(_) => panic!("opened a bad checkpoint"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn headers_that_overrun_the_file_fail_at_open() {
+        let key = "model.vision_tower.convs.0.conv.weight";
+        let fits = format!(r#"{{"{key}":{{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}}}"#);
+        assert!(Checkpoint::open(checkpoint_with(&fits, 16).path()).is_ok());
+        for data_len in [15, 17] {
+            let msg = open_err(&checkpoint_with(&fits, data_len));
+            assert!(msg.contains("truncated or corrupt"), "{msg}");
+        }
+        let huge = usize::MAX / 8;
+        let overflow =
+            format!(r#"{{"{key}":{{"dtype":"U8","shape":[{huge}],"data_offsets":[0,{huge}]}}}}"#);
+        assert!(open_err(&checkpoint_with(&overflow, 16)).contains("truncated or corrupt"));
+    }
+
+    #[test]
+    fn tensors_are_read_in_their_stored_dtype() {
+        use candle_core::{DType, Device};
+        use candle_nn::var_builder::SimpleBackend;
+        let key = "model.vision_tower.convs.0.conv.weight";
+        let header = format!(
+            r#"{{"{key}":{{"dtype":"F16","shape":[2],"data_offsets":[0,4]}},"ids":{{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}}}"#
+        );
+        let dir = checkpoint_with(&header, 0);
+        let path = dir.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        for value in [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)] {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes.extend_from_slice(&[7, 9]);
+        std::fs::write(&path, bytes).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(checkpoint.stored_dtype(), Some(DType::F16));
+        let cpu = Device::Cpu;
+        let weight = checkpoint.get_unchecked(key, DType::F32, &cpu).unwrap();
+        assert_eq!(weight.to_vec1::<f32>().unwrap(), [1.5, -2.0]);
+        let ids = checkpoint.get_unchecked("ids", DType::U8, &cpu).unwrap();
+        assert_eq!(ids.to_vec1::<u8>().unwrap(), [7, 9]);
+    }
 
     #[test]
     fn renames_match_the_release_key_list() {
