@@ -4,8 +4,8 @@
 //! The model code asks for every tensor by its HF-native name (`model.vision_tower.convs.0.conv.weight`).
 //! For Microsoft's original layout [`Checkpoint`] maps that name to the stored one
 //! (`vision_tower.convs.0.proj.weight`) and transposes the one tensor stored the other way round
-//! (`image_projection`). The HF-native layout ties `lm_head.weight` to the shared embedding and may not store
-//! it; that fallback is here too, so the model code has one path.
+//! (`image_projection`). A tied LM head that the HF-native layout does not store is not served here: the
+//! model shares its embedding tensor instead of reading it twice (`Checkpoint::stores` tells it).
 //!
 //! The files are not memory-mapped: each tensor is read (`pread`) straight into the buffer that becomes its
 //! storage. A mapping would copy every tensor out of the page cache anyway, and the mapped pages count in the
@@ -199,7 +199,7 @@ impl Checkpoint {
         &self.source
     }
 
-    /// Whether the checkpoint stores `hf_name` (an HF-native name) itself, without the tied-head fallback.
+    /// Whether the checkpoint stores `hf_name` (an HF-native name).
     pub fn stores(&self, hf_name: &str) -> bool {
         self.info(&self.stored_name(hf_name)).is_some()
     }
@@ -239,10 +239,6 @@ impl Checkpoint {
     }
 
     fn load(&self, hf_name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        if self.layout == Layout::HfNative && hf_name == "lm_head.weight" && !self.stores(hf_name) {
-            // Tied to the shared embedding and not saved (transformers drops tied copies).
-            return self.load("model.language_model.shared.weight", device);
-        }
         let stored = self.stored_name(hf_name);
         let (shard, info) = self.info(&stored).ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -286,7 +282,7 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        (self.layout == Layout::HfNative && name == "lm_head.weight") || self.stores(name)
+        self.stores(name)
     }
 }
 
