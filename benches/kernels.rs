@@ -1,5 +1,7 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
-//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW) and one beam-search decode step (3 beams).
+//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
+//! few-row product of the decoder's linear layers and LM head (against candle's matmul), and one beam-search
+//! decode step (3 beams).
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -48,6 +50,31 @@ fn depthwise(c: &mut Criterion) {
     group.finish();
 }
 
+/// `x @ wᵀ` shapes of one base decode step with 3 beams (rows, in, out): attention projections, FFN, LM head.
+const SKINNY_SHAPES: [(usize, usize, usize); 4] = [
+    (3, 768, 768),
+    (3, 768, 3072),
+    (3, 3072, 768),
+    (3, 768, 51289),
+];
+
+fn skinny(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("few-row matmul");
+    group.sample_size(20);
+    for (m, k, n) in SKINNY_SHAPES {
+        let x = Tensor::randn(0f32, 1., (m, k), &dev).expect("x");
+        let w = Tensor::randn(0f32, 1., (n, k), &dev).expect("w");
+        group.bench_function(format!("skinny {m}x{k}x{n}"), |b| {
+            b.iter(|| florence2_rs::skinny::matmul_t(&x, &w).expect("matmul"))
+        });
+        group.bench_function(format!("candle matmul {m}x{k}x{n}"), |b| {
+            b.iter(|| x.matmul(&w.t().expect("t")).expect("matmul"))
+        });
+    }
+    group.finish();
+}
+
 fn checkpoint() -> PathBuf {
     std::env::var_os("FLORENCE2_BENCH_CHECKPOINT")
         .map(PathBuf::from)
@@ -84,5 +111,5 @@ fn decode_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, depthwise, decode_step);
+criterion_group!(benches, depthwise, skinny, decode_step);
 criterion_main!(benches);

@@ -15,13 +15,16 @@ pub mod depthwise;
 pub mod error;
 pub mod generation;
 pub mod hub;
+mod im2col;
 pub mod language;
 pub mod model;
 mod nn;
 pub mod processor;
 pub mod projector;
 pub mod quantize;
+pub mod skinny;
 pub mod vision;
+mod vision_attention;
 pub mod weights;
 
 #[cfg(feature = "python")]

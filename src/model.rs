@@ -11,13 +11,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::{Florence2Config, Layout};
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::language::{BartModel, DecoderCache};
 use crate::projector::Florence2MultiModalProjector;
-use crate::quantize::Quantization;
+use crate::quantize::{Linear, Quantization};
 use crate::vision::Florence2VisionBackbone;
 use crate::weights::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::{Error, Result};
@@ -166,7 +166,7 @@ impl Florence2ForConditionalGeneration {
         } else {
             vb.get((text.vocab_size, text.d_model), "lm_head.weight")?
         };
-        let lm_head = Linear::new(lm_weight, None);
+        let lm_head = Linear::Dense(candle_nn::Linear::new(lm_weight, None));
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
             // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
             Some(

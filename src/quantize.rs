@@ -77,7 +77,14 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(linear) => linear.forward(xs),
+            // A few rows (one per beam while decoding): read each weight row once instead of packing them.
+            Self::Dense(linear) => match crate::skinny::matmul_t(xs, linear.weight())? {
+                Some(ys) => match linear.bias() {
+                    Some(bias) => ys.broadcast_add(bias),
+                    None => Ok(ys),
+                },
+                None => linear.forward(xs),
+            },
             Self::Quantized { weight, bias } => {
                 // candle's quantized matmul takes f32 activations.
                 let dtype = xs.dtype();

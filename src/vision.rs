@@ -16,8 +16,10 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
-use crate::nn::{activate, attention, map_row_chunks, nchw_to_tokens, tokens_to_nchw};
+use crate::im2col::{patches, ConvGeometry};
+use crate::nn::{activate, map_row_chunks, nchw_to_tokens, tokens_to_nchw};
 use crate::quantize::{Linear, Quantization};
+use crate::vision_attention::{channel_attention, window_attention};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -31,13 +33,22 @@ struct FeatureMap {
     width: usize,
 }
 
-/// A convolution that computes in f32 when the model is bf16: candle's CPU convolution has no bf16 kernel.
-struct Conv {
-    conv: Conv2d,
-    dtype: DType,
+/// A patch embedding's strided convolution.
+enum PatchConv {
+    /// CPU, f32: channels-last im2col of the tokens and one GEMM per chunk of output rows ([`crate::im2col`]),
+    /// with the weight flattened `(ky, kx, c)`-major to match the patch rows.
+    Gemm {
+        linear: candle_nn::Linear,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+    /// Other devices and dtypes: candle's conv2d on NCHW, computed in f32 when the model is bf16 (candle's CPU
+    /// convolution has no bf16 kernel).
+    Nchw { conv: Conv2d, dtype: DType },
 }
 
-impl Conv {
+impl PatchConv {
     fn new(
         in_c: usize,
         out_c: usize,
@@ -46,33 +57,99 @@ impl Conv {
         vb: VarBuilder,
     ) -> Result<Self> {
         let dtype = vb.dtype();
-        let vb = if dtype == DType::BF16 {
-            vb.set_dtype(DType::F32)
-        } else {
-            vb
-        };
-        Ok(Self {
-            conv: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
-            dtype,
+        if !(vb.device().is_cpu() && dtype == DType::F32) {
+            let vb = if dtype == DType::BF16 {
+                vb.set_dtype(DType::F32)
+            } else {
+                vb
+            };
+            let conv = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
+            return Ok(Self::Nchw { conv, dtype });
+        }
+        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+        let flat = weight
+            .permute((0, 2, 3, 1))?
+            .flatten_from(1)?
+            .contiguous()?;
+        Ok(Self::Gemm {
+            linear: candle_nn::Linear::new(flat, Some(vb.get(out_c, "bias")?)),
+            kernel,
+            stride: cfg.stride,
+            padding: cfg.padding,
         })
     }
-}
 
-impl Module for Conv {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.dtype == DType::BF16 {
-            xs.to_dtype(DType::F32)?
-                .apply(&self.conv)?
-                .to_dtype(DType::BF16)
-        } else {
-            xs.apply(&self.conv)
+    /// Tokens `[B, H*W, C]` of a `height`×`width` map → the output map.
+    fn forward(&self, tokens: &Tensor, height: usize, width: usize) -> Result<FeatureMap> {
+        match self {
+            Self::Nchw { conv, dtype } => {
+                let nchw = tokens_to_nchw(tokens, height, width)?;
+                let out = if *dtype == DType::BF16 {
+                    nchw.to_dtype(DType::F32)?
+                        .apply(conv)?
+                        .to_dtype(DType::BF16)?
+                } else {
+                    nchw.apply(conv)?
+                };
+                let (_, _, height, width) = out.dims4()?;
+                Ok(FeatureMap {
+                    tokens: nchw_to_tokens(&out)?,
+                    height,
+                    width,
+                })
+            }
+            &Self::Gemm {
+                ref linear,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let geometry = ConvGeometry {
+                    kernel,
+                    stride,
+                    padding,
+                    height,
+                    width,
+                };
+                conv_as_gemm(tokens, geometry, linear)
+            }
         }
     }
 }
 
+/// The convolution of tokens `[B, H*W, C]` as patch rows times the flattened weight, in chunks of output rows
+/// that keep the patch matrix a few MiB.
+fn conv_as_gemm(
+    tokens: &Tensor,
+    geometry: ConvGeometry,
+    linear: &candle_nn::Linear,
+) -> Result<FeatureMap> {
+    let (height, width) = geometry.output();
+    let outputs = height * width;
+    let row_len = geometry.kernel * geometry.kernel * tokens.dim(2)?;
+    let chunk = (CHUNK_FLOATS / row_len).max(1);
+    let images = (0..tokens.dim(0)?)
+        .map(|b| {
+            let image = tokens.get(b)?;
+            let parts = (0..outputs)
+                .step_by(chunk)
+                .map(|first| {
+                    patches(&image, geometry, first, chunk.min(outputs - first))?.apply(linear)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FeatureMap {
+        tokens: Tensor::stack(&images, 0)?,
+        height,
+        width,
+    })
+}
+
 /// Patch embedding: a strided convolution with a LayerNorm before (stages > 0) or after (stage 0) it.
 struct ConvEmbed {
-    conv: Conv,
+    conv: PatchConv,
     norm: LayerNorm,
     pre_norm: bool,
 }
@@ -90,7 +167,7 @@ impl ConvEmbed {
             stride: cfg.patch_stride[stage],
             ..Default::default()
         };
-        let conv = Conv::new(
+        let conv = PatchConv::new(
             in_channels,
             out_channels,
             cfg.patch_size[stage],
@@ -113,19 +190,11 @@ impl ConvEmbed {
         } else {
             map.tokens.clone()
         };
-        let out = tokens_to_nchw(&tokens, map.height, map.width)?.apply(&self.conv)?;
-        let (_, _, height, width) = out.dims4()?;
-        let tokens = nchw_to_tokens(&out)?;
-        let tokens = if self.pre_norm {
-            tokens
-        } else {
-            tokens.apply(&self.norm)?
-        };
-        Ok(FeatureMap {
-            tokens,
-            height,
-            width,
-        })
+        let mut out = self.conv.forward(&tokens, map.height, map.width)?;
+        if !self.pre_norm {
+            out.tokens = out.tokens.apply(&self.norm)?;
+        }
+        Ok(out)
     }
 }
 
@@ -266,19 +335,8 @@ impl WindowAttention {
 impl WindowAttention {
     /// Self-attention within each window: `windows` `[n, window², C]` → `[n, window², C]`.
     fn attend(&self, windows: &Tensor) -> Result<Tensor> {
-        let (n_win, tokens, c) = windows.dims3()?;
-        let head_dim = c / self.num_heads;
-        let qkv = windows
-            .apply(&self.qkv)?
-            .reshape((n_win, tokens, 3, self.num_heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        attention(&q, &k, &v, self.scale, None)?
-            .transpose(1, 2)?
-            .reshape((n_win, tokens, c))?
-            .apply(&self.proj)
+        let qkv = windows.apply(&self.qkv)?;
+        window_attention(&qkv, self.num_heads, self.scale)?.apply(&self.proj)
     }
 }
 
@@ -308,20 +366,9 @@ impl ChannelAttention {
 impl Module for ChannelAttention {
     /// `xs`: `[B, N, C]` → `[B, N, C]`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let group_dim = c / self.groups;
-        // [3, B, groups, group_dim, N]: each channel is a "token" attending to the channels of its group.
-        let qkv = xs
-            .apply(&self.qkv)?
-            .reshape((b, n, 3, self.groups, group_dim))?
-            .permute((2, 0, 3, 4, 1))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let out = attention(&q, &k, &v, (n as f64).powf(-0.5), None)?; // [B, groups, group_dim, N]
-        out.permute((0, 3, 1, 2))?
-            .reshape((b, n, c))?
-            .apply(&self.proj)
+        let tokens = xs.dim(1)?;
+        let qkv = xs.apply(&self.qkv)?;
+        channel_attention(&qkv, self.groups, (tokens as f64).powf(-0.5))?.apply(&self.proj)
     }
 }
 
