@@ -15,11 +15,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensorError};
 
@@ -98,6 +100,7 @@ impl Shard {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut data = vec![T::zeroed(); info.shape.iter().product()];
+        advise_huge_pages(bytemuck::cast_slice_mut(&mut data));
         self.read_at(bytemuck::cast_slice_mut(&mut data), info)?;
         // safetensors stores little-endian, the byte order of every platform candle runs on.
         Tensor::from_vec(data, info.shape.as_slice(), device)
@@ -114,14 +117,54 @@ impl Shard {
     }
 }
 
+/// Asks Linux to back `buf` with transparent huge pages where it can (the setting is often `madvise`). A big
+/// zeroed buffer is freshly mapped and not yet touched, so the read that fills it faults in 2 MiB pages
+/// instead of 4 KiB ones: loading was mostly the kernel's page faults and page clearing.
+fn advise_huge_pages(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_ptr() as usize + buf.len()) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside `buf`; the advice changes how pages are backed, not their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
+/// Whether `read_exact_at` leaves the file cursor alone, so that threads may read one file at once.
+const POSITIONAL_READS: bool = cfg!(any(unix, windows));
+
 #[cfg(unix)]
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
-#[cfg(not(unix))]
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, offset) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(any(unix, windows)))]
 fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    // Loading is sequential, so moving the shared cursor is safe here.
+    // Moves the shared cursor: `POSITIONAL_READS` is false, so tensors are read one at a time.
     use std::io::Seek;
     file.seek(std::io::SeekFrom::Start(offset))?;
     file.read_exact(buf)
@@ -135,6 +178,8 @@ pub struct Checkpoint {
     layout: Layout,
     /// What to name in error messages: the file, or the folder for sharded checkpoints.
     source: PathBuf,
+    /// Tensors read ahead in parallel (stored names), each taken out by the first `load` that asks for it.
+    prefetched: Mutex<HashMap<String, Tensor>>,
 }
 
 impl Checkpoint {
@@ -186,6 +231,7 @@ impl Checkpoint {
             routing,
             layout,
             source,
+            prefetched: Mutex::default(),
         })
     }
 
@@ -210,18 +256,45 @@ impl Checkpoint {
         names.sort();
         names
             .into_iter()
-            .find_map(|name| match self.info(name)?.1.dtype {
-                Dtype::F32 => Some(DType::F32),
-                Dtype::F16 => Some(DType::F16),
-                Dtype::BF16 => Some(DType::BF16),
-                Dtype::F64 => Some(DType::F64),
-                _ => None,
-            })
+            .find_map(|name| float_dtype(self.info(name)?.1.dtype))
     }
 
     /// A `VarBuilder` over these weights that answers HF-native names, converting to `dtype` on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        self.prefetch(dtype, device);
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    /// Reads every tensor at once, in parallel, when they are stored in `dtype` and go to the CPU. Loading is
+    /// mostly the kernel faulting in and clearing fresh pages for the buffers, work that runs on every core;
+    /// the model's constructors ask for tensors one at a time. With a conversion to do, tensors stay read one
+    /// at a time: holding all of them in the stored dtype at once would add the whole checkpoint to peak memory.
+    /// A tensor that fails to read here is left out, and `load` reads it again and reports the error.
+    fn prefetch(&self, dtype: DType, device: &Device) {
+        let all_in_dtype = self
+            .routing
+            .keys()
+            .filter_map(|name| self.info(name))
+            .all(|(_, info)| float_dtype(info.dtype).is_none_or(|d| d == dtype));
+        if !device.is_cpu() || !all_in_dtype || !POSITIONAL_READS {
+            return;
+        }
+        let mut names: Vec<&String> = self.routing.keys().collect();
+        // Largest first, so that the parallel reads end together.
+        names.sort_by_key(|name| {
+            std::cmp::Reverse(
+                self.info(name)
+                    .map_or(0, |(_, i)| i.data_offsets.1 - i.data_offsets.0),
+            )
+        });
+        let read: HashMap<String, Tensor> = names
+            .into_par_iter()
+            .filter_map(|name| {
+                let (shard, info) = self.info(name)?;
+                Some((name.clone(), shard.read(info, device).ok()?))
+            })
+            .collect();
+        *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = read;
     }
 
     /// The stored name of an HF-native tensor name, in this checkpoint's layout.
@@ -246,7 +319,15 @@ impl Checkpoint {
                 self.source.display()
             ))
         })?;
-        let tensor = shard.read(info, device)?;
+        let prefetched = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stored);
+        let tensor = match prefetched {
+            Some(tensor) => tensor,
+            None => shard.read(info, device)?,
+        };
         if self.layout == Layout::Original && stored == "image_projection" {
             // Microsoft stores the projection as [vision_dim, projection_dim] and multiplies `x @ W`.
             return tensor.t()?.contiguous();
@@ -283,6 +364,17 @@ impl SimpleBackend for Checkpoint {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.stores(name)
+    }
+}
+
+/// The candle dtype of a stored floating dtype; `None` for integer and other dtypes.
+fn float_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
     }
 }
 
