@@ -11,6 +11,7 @@
 //! Microsoft's original) load through [`weights`].
 
 pub mod config;
+mod dense;
 pub mod depthwise;
 pub mod error;
 pub mod generation;

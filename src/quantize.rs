@@ -77,14 +77,13 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            // A few rows (one per beam while decoding): read each weight row once instead of packing them.
-            Self::Dense(linear) => match crate::skinny::matmul_t(xs, linear.weight())? {
-                Some(ys) => match linear.bias() {
-                    Some(bias) => ys.broadcast_add(bias),
-                    None => Ok(ys),
-                },
-                None => linear.forward(xs),
-            },
+            // CPU f32: the bias-seeded GEMM, or the few-row kernel while decoding (crate::dense).
+            Self::Dense(linear) => {
+                match crate::dense::linear(xs, linear.weight(), linear.bias())? {
+                    Some(ys) => Ok(ys),
+                    None => linear.forward(xs),
+                }
+            }
             Self::Quantized { weight, bias } => {
                 // candle's quantized matmul takes f32 activations.
                 let dtype = xs.dtype();

@@ -38,7 +38,7 @@ enum PatchConv {
     /// CPU, f32: channels-last im2col of the tokens and one GEMM per chunk of output rows ([`crate::im2col`]),
     /// with the weight flattened `(ky, kx, c)`-major to match the patch rows.
     Gemm {
-        linear: candle_nn::Linear,
+        linear: Linear,
         kernel: usize,
         stride: usize,
         padding: usize,
@@ -72,7 +72,7 @@ impl PatchConv {
             .flatten_from(1)?
             .contiguous()?;
         Ok(Self::Gemm {
-            linear: candle_nn::Linear::new(flat, Some(vb.get(out_c, "bias")?)),
+            linear: Linear::Dense(candle_nn::Linear::new(flat, Some(vb.get(out_c, "bias")?))),
             kernel,
             stride: cfg.stride,
             padding: cfg.padding,
@@ -119,11 +119,7 @@ impl PatchConv {
 
 /// The convolution of tokens `[B, H*W, C]` as patch rows times the flattened weight, in chunks of output rows
 /// that keep the patch matrix a few MiB.
-fn conv_as_gemm(
-    tokens: &Tensor,
-    geometry: ConvGeometry,
-    linear: &candle_nn::Linear,
-) -> Result<FeatureMap> {
+fn conv_as_gemm(tokens: &Tensor, geometry: ConvGeometry, linear: &Linear) -> Result<FeatureMap> {
     let (height, width) = geometry.output();
     let outputs = height * width;
     let row_len = geometry.kernel * geometry.kernel * tokens.dim(2)?;

@@ -100,7 +100,6 @@ impl Shard {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut data = vec![T::zeroed(); info.shape.iter().product()];
-        advise_huge_pages(bytemuck::cast_slice_mut(&mut data));
         self.read_at(bytemuck::cast_slice_mut(&mut data), info)?;
         // safetensors stores little-endian, the byte order of every platform candle runs on.
         Tensor::from_vec(data, info.shape.as_slice(), device)
@@ -115,26 +114,6 @@ impl Shard {
             ))
         })
     }
-}
-
-/// Asks Linux to back `buf` with transparent huge pages where it can (the setting is often `madvise`). A big
-/// zeroed buffer is freshly mapped and not yet touched, so the read that fills it faults in 2 MiB pages
-/// instead of 4 KiB ones: loading was mostly the kernel's page faults and page clearing.
-fn advise_huge_pages(buf: &mut [u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (buf.as_ptr() as usize + buf.len()) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside `buf`; the advice changes how pages are backed, not their contents.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 /// Whether `read_exact_at` leaves the file cursor alone, so that threads may read one file at once.
