@@ -59,6 +59,16 @@ impl Linear {
         } else {
             None
         };
+        Self::new(weight, bias, quantize)
+    }
+
+    /// A layer over `weight` `[out, in]` and `bias` `[out]`, quantized when asked.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let in_dim = weight.dim(1)?;
         let Some(quantize) = quantize else {
             return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
         };

@@ -19,7 +19,7 @@ use crate::config::VisionConfig;
 use crate::im2col::{patches, ConvGeometry};
 use crate::nn::{activate, map_row_chunks, nchw_to_tokens, tokens_to_nchw};
 use crate::quantize::{Linear, Quantization};
-use crate::vision_attention::{channel_attention, window_attention};
+use crate::vision_attention::window_attention;
 
 const LN_EPS: f64 = 1e-5;
 
@@ -298,15 +298,21 @@ impl WindowAttention {
         })
     }
 
-    /// `xs`: `[B, H, W, C]` → `[B, H*W, C]`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs`: `[B, H, W, C]` → `[B, H*W, C]`. Takes `xs` by value to drop it once the windows are copied out.
+    fn forward(&self, xs: Tensor) -> Result<Tensor> {
         let (b, h, w, c) = xs.dims4()?;
         let ws = self.window;
         let pad_w = (ws - w % ws) % ws;
         let pad_h = (ws - h % ws) % ws;
-        let xs = xs
-            .pad_with_zeros(2, 0, pad_w)?
-            .pad_with_zeros(1, 0, pad_h)?;
+        let xs = if pad_w > 0 || pad_h > 0 {
+            let padded = xs
+                .pad_with_zeros(2, 0, pad_w)?
+                .pad_with_zeros(1, 0, pad_h)?;
+            drop(xs);
+            padded
+        } else {
+            xs
+        };
         let (hp, wp) = (h + pad_h, w + pad_w);
         let (nh, nw) = (hp / ws, wp / ws);
         let windows = xs
@@ -314,9 +320,11 @@ impl WindowAttention {
             .permute((0, 1, 3, 2, 4, 5))?
             .contiguous()?
             .reshape((b * nh * nw, ws * ws, c))?;
+        drop(xs);
         // Windows are independent: run them in chunks to keep the q/k/v intermediates small.
         let per_chunk = CHUNK_FLOATS / (ws * ws * 3 * c);
         let out = map_row_chunks(&windows, per_chunk, |w| self.attend(w))?;
+        drop(windows);
 
         out.reshape((b, nh, nw, ws, ws, c))?
             .permute((0, 1, 3, 2, 4, 5))?
@@ -338,7 +346,10 @@ impl WindowAttention {
 
 /// Attention between the channels of each group, over all spatial tokens (scale: tokens^-1/2).
 struct ChannelAttention {
-    qkv: Linear,
+    /// The q and k rows of the qkv projection, and its v rows: the attention runs in two passes over the
+    /// tokens (see `forward`).
+    qk: Linear,
+    v: Linear,
     proj: Linear,
     groups: usize,
 }
@@ -351,8 +362,20 @@ impl ChannelAttention {
         q: Option<Quantization>,
     ) -> Result<Self> {
         let dim = cfg.embed_dim[stage];
+        let weight = vb.pp("qkv").get((3 * dim, dim), "weight")?;
+        let bias = if cfg.qkv_bias {
+            Some(vb.pp("qkv").get(3 * dim, "bias")?)
+        } else {
+            None
+        };
+        let rows = |t: &Tensor, start: usize, len: usize| t.narrow(0, start, len)?.contiguous();
+        let part = |start: usize, len: usize| -> Result<Linear> {
+            let bias = bias.as_ref().map(|b| rows(b, start, len)).transpose()?;
+            Linear::new(rows(&weight, start, len)?, bias, q)
+        };
         Ok(Self {
-            qkv: Linear::load(dim, dim * 3, cfg.qkv_bias, vb.pp("qkv"), q)?,
+            qk: part(0, 2 * dim)?,
+            v: part(2 * dim, dim)?,
             proj: Linear::load(dim, dim, true, vb.pp("proj"), q)?,
             groups: cfg.num_groups[stage],
         })
@@ -361,10 +384,56 @@ impl ChannelAttention {
 
 impl Module for ChannelAttention {
     /// `xs`: `[B, N, C]` → `[B, N, C]`.
+    ///
+    /// The scores `qᵀk` of a group sum over the tokens, so they are accumulated over chunks of rows (pass 1,
+    /// q and k of one chunk at a time); the output `v softmax(qᵀk * N^-1/2)ᵀ` is again row-local (pass 2, v of
+    /// one chunk at a time). The same products as one pass, but the `[N, 3C]` projection (54 MiB on stage 0
+    /// of a 768x768 image, the tower's largest intermediate) never exists whole.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let tokens = xs.dim(1)?;
-        let qkv = xs.apply(&self.qkv)?;
-        channel_attention(&qkv, self.groups, (tokens as f64).powf(-0.5))?.apply(&self.proj)
+        let c = xs.dim(2)?;
+        self.forward_in_chunks(xs, (CHUNK_FLOATS / (2 * c)).max(1))
+    }
+}
+
+impl ChannelAttention {
+    /// [`Module::forward`] with chunks of `rows` tokens.
+    fn forward_in_chunks(&self, xs: &Tensor, rows: usize) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let (groups, group_dim) = (self.groups, c / self.groups);
+        // [rows, C] → [groups, rows, group_dim]
+        let by_group = |t: Tensor| -> Result<Tensor> {
+            let r = t.dim(0)?;
+            t.reshape((r, groups, group_dim))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let images = (0..b)
+            .map(|i| {
+                let image = xs.get(i)?;
+                let mut scores: Option<Tensor> = None;
+                for start in (0..n).step_by(rows) {
+                    let qk = image
+                        .narrow(0, start, rows.min(n - start))?
+                        .apply(&self.qk)?;
+                    let q = by_group(qk.narrow(1, 0, c)?)?;
+                    let k = by_group(qk.narrow(1, c, c)?)?;
+                    let partial = q.transpose(1, 2)?.matmul(&k)?; // [groups, group_dim, group_dim]
+                    scores = Some(match scores {
+                        Some(sum) => (sum + partial)?,
+                        None => partial,
+                    });
+                }
+                let scores = scores.expect("a feature map has tokens");
+                let probs = candle_nn::ops::softmax_last_dim(&(scores * (n as f64).powf(-0.5))?)?;
+                let probs_t = probs.transpose(1, 2)?.contiguous()?;
+                map_row_chunks(&image, rows, |chunk| {
+                    let v = by_group(chunk.apply(&self.v)?)?; // [groups, rows, group_dim]
+                    let out = v.matmul(&probs_t)?;
+                    out.transpose(0, 1)?.reshape((chunk.dim(0)?, c))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&images, 0)?.apply(&self.proj)
     }
 }
 
@@ -411,18 +480,28 @@ impl DualBlock {
     }
 
     /// Tokens `[B, H*W, C]` of an `h`×`w` map → the same shape.
-    fn forward(&self, xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    ///
+    /// Takes the tokens by value and drops each full-size intermediate as soon as it is used: on stage 0 of a
+    /// 768x768 image each is 18 MiB, and how many are alive at once sets the tower's peak memory.
+    fn forward(&self, xs: Tensor, h: usize, w: usize) -> Result<Tensor> {
         let (b, _, c) = xs.dims3()?;
-        let residual = self.conv1.forward_residual(xs, h, w)?;
+        let residual = self.conv1.forward_residual(&xs, h, w)?;
+        drop(xs);
         let normed = residual.apply(&self.norm1)?;
         let mixed = match &self.mixer {
-            Mixer::Window(attn) => attn.forward(&normed.reshape((b, h, w, c))?)?,
+            Mixer::Window(attn) => {
+                let grid = normed.reshape((b, h, w, c))?;
+                drop(normed);
+                attn.forward(grid)?
+            }
             Mixer::Channel(attn) => normed.apply(attn)?,
         };
         let xs = (residual + mixed)?;
 
         let residual = self.conv2.forward_residual(&xs, h, w)?;
-        residual.apply(&self.norm2)?.apply(&self.ffn)? + residual
+        drop(xs);
+        let ffn = residual.apply(&self.norm2)?.apply(&self.ffn)?;
+        ffn + residual
     }
 }
 
@@ -467,11 +546,64 @@ impl Florence2VisionBackbone {
         };
         for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
             map = conv.forward(&map)?;
+            let (h, w) = (map.height, map.width);
             for (spatial, channel) in stage_blocks {
-                let (h, w) = (map.height, map.width);
-                map.tokens = channel.forward(&spatial.forward(&map.tokens, h, w)?, h, w)?;
+                // Moved through the blocks, so that no block's input outlives its first use.
+                let tokens = spatial.forward(map.tokens, h, w)?;
+                map.tokens = channel.forward(tokens, h, w)?;
             }
         }
         tokens_to_nchw(&map.tokens, map.height, map.width)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The two-pass chunked channel attention against the one-pass formula (transformers'): the whole
+    /// projection, `softmax(qᵀk * N^-1/2)` per group, `v` times its transpose.
+    #[test]
+    fn chunked_channel_attention_is_the_one_pass_formula() {
+        let dev = Device::Cpu;
+        let (b, n, c, groups) = (2, 11, 6, 3);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &dev).unwrap();
+        let (w, bias, proj_w) = (randn(&[3 * c, c]), randn(&[3 * c]), randn(&[c, c]));
+        let part = |start, len| {
+            let rows = |t: &Tensor| t.narrow(0, start, len).unwrap().contiguous().unwrap();
+            Linear::new(rows(&w), Some(rows(&bias)), None).unwrap()
+        };
+        let attn = ChannelAttention {
+            qk: part(0, 2 * c),
+            v: part(2 * c, c),
+            proj: Linear::new(proj_w.clone(), None, None).unwrap(),
+            groups,
+        };
+        let xs = randn(&[b, n, c]);
+
+        let qkv = xs
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let qkv = qkv
+            .reshape((b, n, 3, groups, c / groups))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap();
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.get(i).unwrap().contiguous().unwrap()); // [B, g, N, d]
+        let scores =
+            (q.transpose(2, 3).unwrap().matmul(&k).unwrap() * (n as f64).powf(-0.5)).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let out = v.matmul(&probs.transpose(2, 3).unwrap()).unwrap(); // [B, g, N, d]
+        let out = out.transpose(1, 2).unwrap().reshape((b, n, c)).unwrap();
+        let expected = out.broadcast_matmul(&proj_w.t().unwrap()).unwrap();
+
+        for rows in [1, 4, n] {
+            let got = attn.forward_in_chunks(&xs, rows).unwrap();
+            let diff = (got - &expected).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "chunks of {rows}");
+        }
     }
 }
