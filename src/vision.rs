@@ -417,13 +417,20 @@ impl ChannelAttention {
                         .apply(&self.qk)?;
                     let q = by_group(qk.narrow(1, 0, c)?)?;
                     let k = by_group(qk.narrow(1, c, c)?)?;
-                    let partial = q.transpose(1, 2)?.matmul(&k)?; // [groups, group_dim, group_dim]
+                    // [groups, group_dim, group_dim], summed in f32 whatever the model dtype: one
+                    // rounding at the end, as a single product accumulating in f32 would have.
+                    let partial = q
+                        .transpose(1, 2)?
+                        .to_dtype(DType::F32)?
+                        .matmul(&k.to_dtype(DType::F32)?)?;
                     scores = Some(match scores {
                         Some(sum) => (sum + partial)?,
                         None => partial,
                     });
                 }
-                let scores = scores.expect("a feature map has tokens");
+                let scores = scores
+                    .expect("a feature map has tokens")
+                    .to_dtype(xs.dtype())?;
                 let probs = candle_nn::ops::softmax_last_dim(&(scores * (n as f64).powf(-0.5))?)?;
                 let probs_t = probs.transpose(1, 2)?.contiguous()?;
                 map_row_chunks(&image, rows, |chunk| {
