@@ -30,6 +30,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
         candle_core::bail!("linear: input has {x_k} features, the weight {k}");
     }
     let rows = x.elem_count() / k.max(1);
+    if rows == 0 || k == 0 || n == 0 {
+        return Ok(None); // nothing to multiply: candle's matmul handles empty shapes
+    }
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("x has a last dim") = n;
     let x2 = x.reshape((rows, k))?.contiguous()?;

@@ -18,8 +18,8 @@ pub const MAX_ROWS: usize = 8;
 /// Weight rows per parallel task: 32 rows of 768-4096 floats keep a task at 96-512 KiB, inside L2.
 const ROWS_PER_TASK: usize = 32;
 
-/// `x @ wᵀ` for `x` `[..., K]` with at most [`MAX_ROWS`] rows and `w` `[N, K]`, both f32 on the CPU; `None`
-/// when the kernel does not apply (other dtype or device, more rows, no AVX2 + FMA).
+/// `x @ wᵀ` for `x` `[..., K]` with 1 to [`MAX_ROWS`] rows and `w` `[N, K]`, both f32 on the CPU; `None`
+/// when the kernel does not apply (other dtype or device, no rows or more, no AVX2 + FMA).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !applies(x, w)? {
         return Ok(None);
@@ -45,7 +45,7 @@ fn applies(x: &Tensor, w: &Tensor) -> Result<bool> {
         && w.rank() == 2
         && w.dim(1)? == k
         && k > 0
-        && x.elem_count() / k <= MAX_ROWS)
+        && (1..=MAX_ROWS).contains(&(x.elem_count() / k)))
 }
 
 fn has_avx2_fma() -> bool {
@@ -257,6 +257,8 @@ mod tests {
         }
         let many = Tensor::randn(0f32, 1., (MAX_ROWS + 1, 8), &dev).unwrap();
         assert!(matmul_t(&many, &w).unwrap().is_none());
+        let empty = Tensor::zeros((0, 8), DType::F32, &dev).unwrap();
+        assert!(matmul_t(&empty, &w).unwrap().is_none());
         let bf16 = x.to_dtype(DType::BF16).unwrap();
         assert!(matmul_t(&bf16, &w.to_dtype(DType::BF16).unwrap())
             .unwrap()

@@ -368,7 +368,12 @@ impl ChannelAttention {
         } else {
             None
         };
-        let rows = |t: &Tensor, start: usize, len: usize| t.narrow(0, start, len)?.contiguous();
+        // A fresh buffer holding exactly these rows: a narrowed view would keep the whole qkv weight alive,
+        // and candle's quantizer reads a view's whole buffer.
+        let rows = |t: &Tensor, start: usize, len: usize| {
+            let index = Tensor::arange(start as u32, (start + len) as u32, t.device())?;
+            t.index_select(&index, 0)
+        };
         let part = |start: usize, len: usize| -> Result<Linear> {
             let bias = bias.as_ref().map(|b| rows(b, start, len)).transpose()?;
             Linear::new(rows(&weight, start, len)?, bias, q)
@@ -428,9 +433,10 @@ impl ChannelAttention {
                         None => partial,
                     });
                 }
-                let scores = scores
-                    .expect("a feature map has tokens")
-                    .to_dtype(xs.dtype())?;
+                let Some(scores) = scores else {
+                    candle_core::bail!("channel attention over a feature map without tokens");
+                };
+                let scores = scores.to_dtype(xs.dtype())?;
                 let probs = candle_nn::ops::softmax_last_dim(&(scores * (n as f64).powf(-0.5))?)?;
                 let probs_t = probs.transpose(1, 2)?.contiguous()?;
                 map_row_chunks(&image, rows, |chunk| {
