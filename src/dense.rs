@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
+use crate::nn::contiguous_f32;
+
 /// `x @ wᵀ + b` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, all f32 on the CPU; `None` where this path does
 /// not apply (another device or dtype), for candle's.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
@@ -87,14 +89,6 @@ impl BiasedMatmulT {
     }
 }
 
-/// The contiguous f32 slice of an operand.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("biased-matmul-t takes contiguous f32 tensors"),
-    }
-}
-
 impl CustomOp3 for BiasedMatmulT {
     fn name(&self) -> &'static str {
         "biased-matmul-t"
@@ -109,7 +103,7 @@ impl CustomOp3 for BiasedMatmulT {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let bias = f32_slice(b, bl)?;
+        let bias = contiguous_f32(b, bl, self.name())?;
         if bias.len() != wl.shape().dims2()?.0 {
             candle_core::bail!(
                 "linear: bias has {} entries, the weight {} rows",
@@ -117,7 +111,11 @@ impl CustomOp3 for BiasedMatmulT {
                 wl.shape().dims2()?.0
             );
         }
-        Self::run((f32_slice(x, xl)?, xl), (f32_slice(w, wl)?, wl), bias)
+        let (x, w) = (
+            contiguous_f32(x, xl, self.name())?,
+            contiguous_f32(w, wl, self.name())?,
+        );
+        Self::run((x, xl), (w, wl), bias)
     }
 }
 

@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::nn::contiguous_f32;
+
 /// The geometry of a square convolution over a `height` x `width` map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -68,11 +70,7 @@ impl CustomOp1 for Patches {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(all), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("im2col-nhwc takes a contiguous f32 tensor");
-        };
-        let src = &all[start..end];
+        let src = contiguous_f32(storage, layout, self.name())?;
         let (_, c) = layout.shape().dims2()?;
         let ConvGeometry {
             kernel,

@@ -52,6 +52,14 @@ pub fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
     }
 }
 
+/// The f32 data of a custom op's operand, which must be contiguous; the error names the op.
+pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op} takes contiguous f32 tensors"),
+    }
+}
+
 /// `x · Φ(x) = x/2 · (1 + erf(x/√2))` for contiguous f32 storage.
 struct GeluErf;
 
@@ -61,13 +69,10 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu-erf-fast takes a contiguous f32 tensor");
-        };
-        let mut out = vec![0f32; end - start];
+        let values = contiguous_f32(storage, layout, self.name())?;
+        let mut out = vec![0f32; values.len()];
         out.par_chunks_mut(1 << 14)
-            .zip(values[start..end].par_chunks(1 << 14))
+            .zip(values.par_chunks(1 << 14))
             .for_each(|(out, xs)| {
                 simd(|| {
                     for (o, &x) in out.iter_mut().zip(xs) {

@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::nn::contiguous_f32;
+
 /// Up to this many rows of `x` the kernel beats candle's GEMM on every decoder shape measured (3 x 768 x 768 to
 /// 3 x 1024 x 51289); from about 12 rows on it is no faster.
 pub const MAX_ROWS: usize = 8;
@@ -74,17 +76,11 @@ impl CustomOp2 for SkinnyMatmulT {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
-            candle_core::bail!("skinny-matmul-t takes f32 tensors");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) =
-            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("skinny-matmul-t takes contiguous tensors");
-        };
+        let x = contiguous_f32(x, x_layout, self.name())?;
+        let w = contiguous_f32(w, w_layout, self.name())?;
         let (m, k) = x_layout.shape().dims2()?;
         let (n, _) = w_layout.shape().dims2()?;
-        let out = run(&x[x0..x1], m, k, &w[w0..w1], n);
+        let out = run(x, m, k, w, n);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::nn::attention;
+use crate::nn::{attention, contiguous_f32};
 
 /// A matrix in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy)]
@@ -140,11 +140,7 @@ impl CustomOp1 for StridedWindowAttention {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(all), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("strided-window-attention takes a contiguous f32 tensor");
-        };
-        let src = &all[start..end];
+        let src = contiguous_f32(storage, layout, self.name())?;
         let (items, tokens, width) = layout.shape().dims3()?;
         let heads = self.heads;
         if width % 3 != 0 || (width / 3) % heads != 0 {
