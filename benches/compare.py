@@ -1,4 +1,4 @@
-"""Side-by-side CPU benchmark: transformers' Florence-2 against florence2-rs on the same checkpoint.
+"""Side-by-side benchmark, CPU or CUDA: transformers' Florence-2 against florence2-rs on one checkpoint.
 
 Both sides load the same full-size random-weight checkpoint (made by transformers itself through
 tests/fixtures/make_fixtures.py), each in its own subprocess limited to the same number of threads
@@ -17,7 +17,11 @@ forced work:
 - peak RSS of the process (getrusage), which includes the import and the timed runs.
 
     python benches/compare.py --checkpoints /work/bench-ckpt [--spec base --spec large] [--dtype float32
-        --dtype bfloat16] [--repeats 5] [--threads 2]
+        --dtype bfloat16] [--repeats 5] [--threads 2] [--device cuda]
+
+With --device cuda both sides run on the GPU (florence2-rs must be a CUDA build): every timed call ends
+with the results on the host (ours returns numpy arrays; transformers' side synchronizes the device), and
+the peak RSS row is host memory only.
 
 Run it with a Python that has transformers + torch and florence2_rs installed (the reference environment).
 Missing checkpoints are built into --checkpoints first (about 1 GB for base, 3 GB for large, both layouts);
@@ -64,35 +68,43 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _load_transformers(path: Path, dtype: str, threads: int):
+def _load_transformers(path: Path, dtype: str, threads: int, device: str):
     import torch
     from transformers import Florence2ForConditionalGeneration
 
     torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+    def call(kind: str, ids, pixels, new_tokens: int):
+        if kind == "generate":
+            out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                 num_beams=3, do_sample=False, min_new_tokens=new_tokens,
+                                 max_new_tokens=new_tokens)
+            return out[0].tolist()
+        if kind == "vision":
+            return model.model.vision_tower(pixels)
+        return model(input_ids=ids, decoder_input_ids=torch.tensor([[DECODER_START]], device=device))
 
     def run(kind: str, pixel_values, input_ids, new_tokens: int = 0):
         with torch.inference_mode():
-            ids = torch.from_numpy(input_ids)
-            pixels = torch.from_numpy(pixel_values).to(torch_dtype)
-            if kind == "generate":
-                out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                                     num_beams=3, do_sample=False, min_new_tokens=new_tokens,
-                                     max_new_tokens=new_tokens)
-                return out[0].tolist()
-            if kind == "vision":
-                return model.model.vision_tower(pixels)
-            return model(input_ids=ids, decoder_input_ids=torch.tensor([[DECODER_START]]))
+            ids = torch.from_numpy(input_ids).to(device)
+            pixels = torch.from_numpy(pixel_values).to(device, torch_dtype)
+            out = call(kind, ids, pixels, new_tokens)
+            if device != "cpu":
+                torch.cuda.synchronize()  # the work is queued: count it all, as ours returns host arrays
+            return out
 
     return run
 
 
-def _load_ours(path: Path, dtype: str, threads: int):
+def _load_ours(path: Path, dtype: str, threads: int, device: str):
     import numpy as np
     from florence2_rs import Florence2ForConditionalGeneration
 
-    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
 
     def run(kind: str, pixel_values, input_ids, new_tokens: int = 0):
         if kind == "generate":
@@ -107,11 +119,11 @@ def _load_ours(path: Path, dtype: str, threads: int):
     return run
 
 
-def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_tokens: int) -> dict:
+def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_tokens: int, device: str) -> dict:
     import resource
 
     start = time.perf_counter()
-    run = (_load_transformers if side == "transformers" else _load_ours)(path, dtype, threads)
+    run = (_load_transformers if side == "transformers" else _load_ours)(path, dtype, threads, device)
     cold = time.perf_counter() - start
 
     pixel_values, input_ids = _inputs()
@@ -147,12 +159,17 @@ def run_side(side: str, path: Path, dtype: str, args: argparse.Namespace) -> dic
     threads = str(args.threads)
     env.update(RAYON_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     cmd = [sys.executable, __file__, "--worker", side, "--path", str(path), "--dtype", dtype,
-           "--threads", threads, "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+           "--threads", threads, "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+           "--device", args.device]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
+def machine(device: str) -> str:
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         return next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
@@ -170,6 +187,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda[:N]", for both sides')
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -178,13 +196,14 @@ def main() -> None:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the decode step is a difference of two generate runs)")
     if args.worker:
-        result = worker(args.worker, args.path, args.dtype[0], args.threads, args.repeats, args.new_tokens)
+        result = worker(args.worker, args.path, args.dtype[0], args.threads, args.repeats, args.new_tokens,
+                        args.device)
         print(json.dumps(result))
         return
 
     specs = args.spec or ["base"]
     dtypes = args.dtype or ["float32", "bfloat16"]
-    print(f"# {machine()}, {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+    print(f"# {machine(args.device)}, {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}, "
           f"median of {args.repeats}", flush=True)
     results = {}
     for spec in specs:

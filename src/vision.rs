@@ -12,7 +12,7 @@
 //! between NCHW and tokens around every convolution; here that happens once per stage, around the patch
 //! embedding.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
@@ -23,8 +23,16 @@ use crate::vision_attention::window_attention;
 
 const LN_EPS: f64 = 1e-5;
 
-/// About how many f32 intermediates (MLP hidden units, window q/k/v) one chunk of rows may make: 8 MiB.
-const CHUNK_FLOATS: usize = 1 << 21;
+/// About how many f32 intermediates (MLP hidden units, window q/k/v) one chunk of rows may make on `device`.
+/// On the CPU 8 MiB, which bounds the peak RSS. A GPU pays for every chunk in kernel launches and has memory
+/// to spare (stage 0's largest intermediate is ~75 MB on base), so there the whole map is one chunk.
+fn chunk_floats(device: &Device) -> usize {
+    if device.is_cpu() {
+        1 << 21
+    } else {
+        usize::MAX / 2
+    }
+}
 
 /// A stage's activations: tokens `[B, height*width, C]`.
 struct FeatureMap {
@@ -123,7 +131,7 @@ fn conv_as_gemm(tokens: &Tensor, geometry: ConvGeometry, linear: &Linear) -> Res
     let (height, width) = geometry.output();
     let outputs = height * width;
     let row_len = geometry.kernel * geometry.kernel * tokens.dim(2)?;
-    let chunk = (CHUNK_FLOATS / row_len).max(1);
+    let chunk = (chunk_floats(tokens.device()) / row_len).max(1);
     let images = (0..tokens.dim(0)?)
         .map(|b| {
             let image = tokens.get(b)?;
@@ -194,41 +202,27 @@ impl ConvEmbed {
     }
 }
 
-/// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding). On the CPU it
-/// runs the channels-last kernel of [`crate::depthwise`]; elsewhere candle's grouped convolution.
+/// The 3×3 depthwise convolution added back to its input (DaViT's conditional position encoding), on the
+/// channels-last tokens as they are ([`crate::depthwise`]).
 struct DepthwiseConv {
     taps: Tensor,
     bias: Tensor,
-    grouped: Conv2d,
 }
 
 impl DepthwiseConv {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((dim, 1, 3, 3), "weight")?;
-        let bias = vb.get(dim, "bias")?;
-        let cfg = Conv2dConfig {
-            padding: 1,
-            groups: dim,
-            ..Default::default()
-        };
         Ok(Self {
-            taps: crate::depthwise::channels_last_taps(&weight)?,
-            bias: bias.clone(),
-            grouped: Conv2d::new(weight, Some(bias), cfg),
+            taps: crate::depthwise::channels_last_taps(&vb.get((dim, 1, 3, 3), "weight")?)?,
+            bias: vb.get(dim, "bias")?,
         })
     }
 
     /// `conv(x) + x` on tokens `[B, N, C]` of a `height`×`width` map.
     fn forward_residual(&self, tokens: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let (b, n, c) = tokens.dims3()?;
-        if tokens.device().is_cpu() {
-            let nhwc = tokens.reshape((b, height, width, c))?;
-            crate::depthwise::depthwise_conv3x3_residual(&nhwc, &self.taps, &self.bias)?
-                .reshape((b, n, c))
-        } else {
-            let nchw = tokens_to_nchw(tokens, height, width)?;
-            nchw_to_tokens(&(nchw.apply(&self.grouped)? + &nchw)?)
-        }
+        let nhwc = tokens.reshape((b, height, width, c))?;
+        crate::depthwise::depthwise_conv3x3_residual(&nhwc, &self.taps, &self.bias)?
+            .reshape((b, n, c))
     }
 }
 
@@ -262,7 +256,7 @@ impl Module for Mlp {
     /// `xs`: `[B, N, C]`, run in chunks of rows (each row is independent).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
-        let rows = CHUNK_FLOATS / self.hidden;
+        let rows = chunk_floats(xs.device()) / self.hidden;
         map_row_chunks(&xs.reshape((b * n, c))?, rows, |chunk| {
             activate(&chunk.apply(&self.fc1)?, self.act)?.apply(&self.fc2)
         })?
@@ -322,7 +316,7 @@ impl WindowAttention {
             .reshape((b * nh * nw, ws * ws, c))?;
         drop(xs);
         // Windows are independent: run them in chunks to keep the q/k/v intermediates small.
-        let per_chunk = CHUNK_FLOATS / (ws * ws * 3 * c);
+        let per_chunk = chunk_floats(windows.device()) / (ws * ws * 3 * c);
         let out = map_row_chunks(&windows, per_chunk, |w| self.attend(w))?;
         drop(windows);
 
@@ -396,7 +390,7 @@ impl Module for ChannelAttention {
     /// of a 768x768 image, the tower's largest intermediate) never exists whole.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let c = xs.dim(2)?;
-        self.forward_in_chunks(xs, (CHUNK_FLOATS / (2 * c)).max(1))
+        self.forward_in_chunks(xs, (chunk_floats(xs.device()) / (2 * c)).max(1))
     }
 }
 

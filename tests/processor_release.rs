@@ -39,7 +39,7 @@ fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {
         .unwrap();
     let ids = &batch.input_ids[0];
     assert_eq!((ids[0], *ids.last().unwrap()), (0, 2));
-    let text = ours.batch_decode(&[ids.clone()], true).unwrap();
+    let text = ours.batch_decode(std::slice::from_ref(ids), true).unwrap();
     assert_eq!(
         text,
         vec!["Locate the objects with category name in the image.".to_string()]

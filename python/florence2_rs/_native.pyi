@@ -9,6 +9,12 @@ import numpy.typing as npt
 
 _Path = Union[str, PathLike[str]]
 
+CUDA_BUILD: bool
+"""Whether this build has the `cuda` cargo feature."""
+
+def cuda_available() -> bool:
+    """True when this is a CUDA build and GPU 0 can be opened."""
+
 class Florence2Error(Exception):
     """Base class of the errors raised by florence2_rs that are not plain ValueError/OSError."""
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
+
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "torch.float32": "float32", "torch.float": "float32",
     "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16", "torch.half": "float16",
@@ -56,9 +58,14 @@ def is_dtype_like(x: Any) -> bool:
 
 
 def device_name(device: Any) -> str:
-    """Normalizes a torch device, an int (CUDA ordinal), "auto" or a name to "cpu" / "cuda" / "cuda:N"."""
-    if device is None or device == "auto":
+    """Normalizes a torch device, an int (CUDA ordinal), "auto" or a name to "cpu" / "cuda" / "cuda:N".
+
+    None is the CPU; "auto" is GPU 0 in a CUDA build that finds one, else the CPU (transformers' "auto"
+    also fills the GPU first)."""
+    if device is None:
         return "cpu"
+    if device == "auto":
+        return "cuda" if _native.cuda_available() else "cpu"
     if isinstance(device, int):
         return "cpu" if device < 0 else f"cuda:{device}"
     name = str(device)

@@ -45,7 +45,8 @@ class Florence2PreTrainedModel:
             pretrained_model_name_or_path: a folder with config.json and model.safetensors, or a Hub id.
             dtype / torch_dtype: a torch dtype, "auto" (the default, as in transformers 5: the checkpoint's
                 config dtype, else its weights' dtype), or a name ("float32", "float16", "bfloat16").
-            device_map / device: "cpu", "auto" (the CPU in a CPU build), "cuda[:N]" or an int.
+            device_map / device: "cpu", "auto" (GPU 0 in a CUDA build that finds one, else the CPU),
+                "cuda[:N]" or an int.
             quantization_config: accepted; see the README for what is applied.
             revision, token, cache_dir, local_files_only, force_download: where the files come from.
 

@@ -15,5 +15,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     processor::register(m)?;
     hub::register(m)?;
+    // Whether this build has the `cuda` cargo feature: the tests that need a GPU build skip without it.
+    m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
+    m.add_function(wrap_pyfunction!(model::cuda_available, m)?)?;
     Ok(())
 }

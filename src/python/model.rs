@@ -27,6 +27,13 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
+/// True when this is a CUDA build and GPU 0 can be opened: what `device_map="auto"` picks the GPU on.
+#[pyfunction]
+pub fn cuda_available(py: Python<'_>) -> bool {
+    // Opening the device creates (or retains) its CUDA context: slow the first time, so without the GIL.
+    candle_core::utils::cuda_is_available() && py.detach(|| Device::new_cuda(0).is_ok())
+}
+
 /// Parses "cpu", "cuda" or "cuda:N".
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {

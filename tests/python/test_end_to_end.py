@@ -27,6 +27,12 @@ def pair(end_to_end_checkpoint):
 
 @pytest.mark.parametrize("prompt", TASKS)
 def test_task_end_to_end_equals_transformers(pair, prompt):
+    assert_task_equals_transformers(pair, prompt)
+
+
+def assert_task_equals_transformers(pair, prompt):
+    """One task prompt through both processors, models and post-processing: equal ids, text and answers.
+    (test_cuda.py passes a GPU model.)"""
     hf_processor, hf_model, processor, model = pair
     image = Image.fromarray(skimage.data.astronaut())
     task = prompt.split(">")[0] + ">"
