@@ -100,7 +100,7 @@ def test_from_pretrained_accepts_transformers_keywords(checkpoint):
         local_files_only=False, force_download=False, attn_implementation="sdpa", trust_remote_code=True,
         low_cpu_mem_usage=True)
     assert model.dtype == torch.float16
-    assert str(model.device) == "cpu"
+    assert str(model.device) == ("cuda" if _native.cuda_available() else "cpu")  # "auto": GPU 0 if there is one
 
 
 def test_quantization_config_is_accepted_and_mapped(checkpoint):
