@@ -5,7 +5,8 @@
 #     bash benches/gpu_check.sh CHECKPOINTS_DIR [RESULTS_DIR]
 #
 # Needs a python3 with torch (CUDA), transformers, pytest, scikit-image and a CUDA build of florence2_rs
-# (`maturin build -r --features python,cuda`). Random checkpoints are built into CHECKPOINTS_DIR when missing.
+# (`maturin build -r --features python,cuda`, or benches/cuda_wheel.sh where the build machine has no CUDA).
+# Random checkpoints are built into CHECKPOINTS_DIR when missing.
 # Logs and JSON go to RESULTS_DIR (default: the current folder); the tables are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."

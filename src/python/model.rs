@@ -49,7 +49,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
                      the CPU only: use device=\"cpu\""
                 )));
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Device::new_cuda(ordinal).map_err(|err| {
+                Error::invalid(format!(
+                    "cannot open device {name:?} ({err}); `nvidia-smi -L` lists the GPUs this machine has"
+                ))
+            })
         }
         other => Err(Error::invalid(format!(
             "device {other:?} is not supported: use \"cpu\" or \"cuda[:N]\""

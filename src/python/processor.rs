@@ -71,6 +71,9 @@ fn answer_to_py<'py>(py: Python<'py>, task: &str, answer: Answer) -> PyResult<Bo
     Ok(out)
 }
 
+/// `(input_ids, attention_mask)` rows, as the processor methods return them.
+type IdsAndMask = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 #[pymethods]
 impl PyProcessorCore {
     /// Loads the processor files of a local checkpoint folder.
@@ -146,6 +149,7 @@ impl PyProcessorCore {
 
     /// Processor text encoding: prompts, layout, padding and truncation. Returns (input_ids, attention_mask).
     #[pyo3(signature = (texts, with_images, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the processor's keyword arguments
     fn encode_prompts(
         &self,
         py: Python<'_>,
@@ -155,7 +159,7 @@ impl PyProcessorCore {
         truncation: Option<bool>,
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
-    ) -> PyResult<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    ) -> PyResult<IdsAndMask> {
         let opts = EncodeOptions {
             padding: padding_of(padding)?,
             truncation,
@@ -168,6 +172,7 @@ impl PyProcessorCore {
 
     /// Plain tokenizer encoding of texts (no task prompts). Returns (input_ids, attention_mask).
     #[pyo3(signature = (texts, add_special_tokens=true, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the processor's keyword arguments
     fn tokenize(
         &self,
         py: Python<'_>,
@@ -177,7 +182,7 @@ impl PyProcessorCore {
         truncation: Option<bool>,
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
-    ) -> PyResult<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    ) -> PyResult<IdsAndMask> {
         let opts = EncodeOptions {
             padding: padding_of(padding)?,
             truncation,

@@ -97,6 +97,12 @@ def test_to_moves_between_devices_and_auto_picks_the_gpu(case):
     assert str(Model.from_pretrained(folder / "hf", device_map="auto").device) == "cuda"
 
 
+def test_a_gpu_that_is_not_there_is_a_value_error(case):
+    folder, _ = case
+    with pytest.raises(ValueError, match="cannot open device"):
+        Model.from_pretrained(folder / "hf", device_map=f"cuda:{torch.cuda.device_count()}")
+
+
 @pytest.fixture(scope="module")
 def pair(end_to_end_checkpoint):
     folder = end_to_end_checkpoint / "hf"
