@@ -79,6 +79,11 @@ pub struct TextConfig {
     pub eos_token_id: u32,
     #[serde(default = "defaults::eos")]
     pub decoder_start_token_id: u32,
+    /// Whether the LM head is the token embedding (transformers' default, true; Microsoft's configs leave it
+    /// out). Decides the LM head of the original layout, whose files store a copy that the remote code
+    /// replaces by the embedding at load.
+    #[serde(default = "defaults::tie_word_embeddings")]
+    pub tie_word_embeddings: bool,
     /// The whole text_config object, for the generation defaults it carries (num_beams ...).
     #[serde(skip)]
     pub raw: Value,
@@ -120,6 +125,9 @@ mod defaults {
     }
     pub fn pad() -> u32 {
         1
+    }
+    pub fn tie_word_embeddings() -> bool {
+        true
     }
     pub fn eos() -> u32 {
         2

@@ -20,6 +20,11 @@ use crate::projector::Florence2MultiModalProjector;
 use crate::quantize::{Linear, Quantization};
 use crate::vision::Florence2VisionBackbone;
 use crate::weights::{Checkpoint, FINAL_LOGITS_BIAS};
+
+/// HF-native names of the LM head and of the embedding copies BART keeps per stack.
+const LM_HEAD: &str = "lm_head.weight";
+const ENCODER_EMBED_TOKENS: &str = "model.language_model.encoder.embed_tokens.weight";
+const DECODER_EMBED_TOKENS: &str = "model.language_model.decoder.embed_tokens.weight";
 use crate::{Error, Result};
 
 /// The encoder's output and the attention mask that goes with it (image tokens included).
@@ -132,10 +137,22 @@ impl Florence2ForConditionalGeneration {
                 ),
             });
         }
-        // transformers drops the tied LM head from HF-native checkpoints; it is the shared embedding then.
-        let tied_head =
-            checkpoint.layout() == Layout::HfNative && !checkpoint.stores("lm_head.weight");
-        let vb = checkpoint.var_builder(dtype, device);
+        // The LM head is the shared token embedding where transformers makes it so. HF-native checkpoints
+        // drop a tied head, and transformers 5 uses a stored one as stored. Microsoft's remote code ties the
+        // head to the embedding after loading whenever the config ties word embeddings (the default),
+        // whatever copy the file holds.
+        let tied_head = match checkpoint.layout() {
+            Layout::HfNative => !checkpoint.stores(LM_HEAD),
+            Layout::Original => config.text.tie_word_embeddings,
+        };
+        // Tensors the model never asks for: BART's per-stack copies of the embedding, which the original
+        // layout stores (the remote code ties them to `shared` too) and a tied head. Reading them ahead
+        // would only raise the peak memory of loading.
+        let mut unread = vec![ENCODER_EMBED_TOKENS, DECODER_EMBED_TOKENS];
+        if tied_head {
+            unread.push(LM_HEAD);
+        }
+        let vb = checkpoint.var_builder(dtype, device, &unread);
         Self::load(config, vb, dtype, device, quantize, tied_head).map_err(|e| Error::Weights {
             path: source,
             msg: e.to_string(),
@@ -164,7 +181,7 @@ impl Florence2ForConditionalGeneration {
         let lm_weight = if tied_head {
             language.shared_weight().clone()
         } else {
-            vb.get((text.vocab_size, text.d_model), "lm_head.weight")?
+            vb.get((text.vocab_size, text.d_model), LM_HEAD)?
         };
         let lm_head = Linear::Dense(candle_nn::Linear::new(lm_weight, None));
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {

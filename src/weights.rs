@@ -239,26 +239,36 @@ impl Checkpoint {
     }
 
     /// A `VarBuilder` over these weights that answers HF-native names, converting to `dtype` on `device`.
-    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        self.prefetch(dtype, device);
+    /// `unread` names (HF-native) tensors the model will not ask for, which are not read ahead.
+    pub fn var_builder(
+        self,
+        dtype: DType,
+        device: &Device,
+        unread: &[&str],
+    ) -> VarBuilder<'static> {
+        let unread: Vec<String> = unread.iter().map(|name| self.stored_name(name)).collect();
+        self.prefetch(dtype, device, &unread);
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    /// Reads every tensor at once, in parallel, when they are stored in `dtype` and go to the CPU. Loading is
-    /// mostly the kernel faulting in and clearing fresh pages for the buffers, work that runs on every core;
+    /// Reads every tensor but `unread` at once, in parallel, when they are stored in `dtype` and go to the CPU.
+    /// Loading is mostly the kernel faulting in and clearing fresh pages for the buffers, work that runs on every core;
     /// the model's constructors ask for tensors one at a time. With a conversion to do, tensors stay read one
     /// at a time: holding all of them in the stored dtype at once would add the whole checkpoint to peak memory.
     /// A tensor that fails to read here is left out, and `load` reads it again and reports the error.
-    fn prefetch(&self, dtype: DType, device: &Device) {
-        let all_in_dtype = self
+    fn prefetch(&self, dtype: DType, device: &Device, unread: &[String]) {
+        let mut names: Vec<&String> = self
             .routing
             .keys()
+            .filter(|name| !unread.contains(name))
+            .collect();
+        let all_in_dtype = names
+            .iter()
             .filter_map(|name| self.info(name))
             .all(|(_, info)| float_dtype(info.dtype).is_none_or(|d| d == dtype));
         if !device.is_cpu() || !all_in_dtype || !POSITIONAL_READS {
             return;
         }
-        let mut names: Vec<&String> = self.routing.keys().collect();
         // Largest first, so that the parallel reads end together.
         names.sort_by_key(|name| {
             std::cmp::Reverse(
@@ -525,6 +535,28 @@ mod tests {
         assert_eq!(weight.to_vec1::<f32>().unwrap(), [1.5, -2.0]);
         let ids = checkpoint.get_unchecked("ids", DType::U8, &cpu).unwrap();
         assert_eq!(ids.to_vec1::<u8>().unwrap(), [7, 9]);
+    }
+
+    #[test]
+    fn prefetch_reads_every_tensor_but_the_unread_ones() {
+        use candle_core::{DType, Device};
+        let (a, b) = ("model.vision_tower.a", "model.vision_tower.b");
+        let header = format!(
+            r#"{{"{a}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}},"{b}":{{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}}}"#
+        );
+        let dir = checkpoint_with(&header, 8);
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        checkpoint.prefetch(DType::F32, &Device::Cpu, &[b.to_string()]);
+        let prefetched = checkpoint.prefetched.lock().unwrap();
+        let mut names: Vec<&String> = prefetched.keys().collect();
+        names.sort();
+        // Positional reads exist on unix and windows; elsewhere nothing is read ahead.
+        let expected: Vec<&str> = if super::POSITIONAL_READS {
+            vec![a]
+        } else {
+            vec![]
+        };
+        assert_eq!(names, expected);
     }
 
     #[test]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import florence2_rs
 from transformers import Florence2ForConditionalGeneration as HFModel
@@ -110,3 +113,29 @@ def test_florence2_model_last_hidden_state_matches_transformers(case):
     ours = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf").model(**inputs)
     assert max_rel_error(ours.last_hidden_state, expected.last_hidden_state) <= 1e-4
     assert max_rel_error(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [None, False])
+def test_original_layout_lm_head_follows_tie_word_embeddings(case, tmp_path, tie):
+    """Microsoft's remote code ties the LM head to the token embedding after loading, unless the config says
+    tie_word_embeddings=false (its configs leave it out: tied), whatever copy of the head the file stores."""
+    _, folder, ref = case
+    copy = tmp_path / "original"
+    shutil.copytree(folder / "original", copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    weights["language_model.lm_head.weight"] = torch.randn_like(weights["language_model.lm_head.weight"])
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    if tie is not None:
+        config = json.loads((copy / "config.json").read_text())
+        config["text_config"]["tie_word_embeddings"] = tie
+        (copy / "config.json").write_text(json.dumps(config))
+    n = int(ref["n_image_tokens"][0])
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(copy)
+    logits = model(input_ids=ref["input_ids"][:, n:].numpy(), pixel_values=ref["pixel_values"].numpy(),
+                   attention_mask=ref["attention_mask"][:, n:].numpy(),
+                   decoder_input_ids=ref["decoder_input_ids"].numpy()).logits
+    error = max_rel_error(logits, ref["logits"][..., :logits.shape[-1]])
+    if tie is None:
+        assert error <= 1e-4  # the stored head is ignored: the embedding is the head
+    else:
+        assert error > 0.1  # the stored (random) head is used
