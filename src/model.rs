@@ -20,12 +20,12 @@ use crate::projector::Florence2MultiModalProjector;
 use crate::quantize::{Linear, Quantization};
 use crate::vision::Florence2VisionBackbone;
 use crate::weights::{Checkpoint, FINAL_LOGITS_BIAS};
+use crate::{Error, Result};
 
 /// HF-native names of the LM head and of the embedding copies BART keeps per stack.
 const LM_HEAD: &str = "lm_head.weight";
 const ENCODER_EMBED_TOKENS: &str = "model.language_model.encoder.embed_tokens.weight";
 const DECODER_EMBED_TOKENS: &str = "model.language_model.decoder.embed_tokens.weight";
-use crate::{Error, Result};
 
 /// The encoder's output and the attention mask that goes with it (image tokens included).
 #[derive(Clone)]

@@ -252,9 +252,10 @@ impl Checkpoint {
     }
 
     /// Reads every tensor but `unread` at once, in parallel, when they are stored in `dtype` and go to the CPU.
-    /// Loading is mostly the kernel faulting in and clearing fresh pages for the buffers, work that runs on every core;
-    /// the model's constructors ask for tensors one at a time. With a conversion to do, tensors stay read one
-    /// at a time: holding all of them in the stored dtype at once would add the whole checkpoint to peak memory.
+    /// Loading is mostly the kernel faulting in and clearing fresh pages for the buffers, work that runs on
+    /// every core; the model's constructors ask for tensors one at a time. With a conversion to do, tensors
+    /// stay read one at a time: holding all of them in the stored dtype at once would add the whole checkpoint
+    /// to peak memory.
     /// A tensor that fails to read here is left out, and `load` reads it again and reports the error.
     fn prefetch(&self, dtype: DType, device: &Device, unread: &[String]) {
         let mut names: Vec<&String> = self

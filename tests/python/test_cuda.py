@@ -15,7 +15,7 @@ import skimage
 import torch
 from PIL import Image
 from test_end_to_end import TASKS, assert_task_equals_transformers
-from test_generation import SETTINGS, original_vocab_reference
+from test_generation import SETTINGS, numpy_inputs, original_vocab_reference
 from test_model_parity import max_rel_error
 
 import florence2_rs
@@ -30,12 +30,9 @@ Model = florence2_rs.Florence2ForConditionalGeneration
 
 
 def _inputs(ref, layout):
-    """The reference inputs as numpy; Microsoft's layout takes no `<image>` placeholders in input_ids."""
-    n = int(ref["n_image_tokens"][0])
-    ids, mask = ref["input_ids"], ref["attention_mask"]
-    if layout == "original":
-        ids, mask = ids[:, n:], mask[:, n:]
-    return dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), pixel_values=ref["pixel_values"].numpy())
+    """The reference inputs as numpy keywords (test_generation's, which drop the original layout's `<image>`s)."""
+    ids, mask, pixels = numpy_inputs(ref, layout)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_uneven"])

@@ -41,7 +41,7 @@ def case(request, reference_checkpoints):
     return folder, ref, references
 
 
-def _inputs(ref, layout):
+def numpy_inputs(ref, layout):
     n = int(ref["n_image_tokens"][0])
     ids, mask = ref["input_ids"], ref["attention_mask"]
     if layout == "original":
@@ -57,7 +57,7 @@ def test_ids_equal_transformers(case, layout, settings):
         expected = references[layout].generate(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"],
                                pixel_values=ref["pixel_values"], **settings).numpy()
     model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / layout)
-    ids, mask, pixels = _inputs(ref, layout)
+    ids, mask, pixels = numpy_inputs(ref, layout)
     got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
     assert isinstance(got, np.ndarray) and got.dtype == np.int64
     np.testing.assert_array_equal(got, expected)
@@ -66,7 +66,7 @@ def test_ids_equal_transformers(case, layout, settings):
 def test_batched_equals_one_at_a_time(case):
     folder, ref, _ = case
     model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
-    ids, mask, pixels = _inputs(ref, "hf")
+    ids, mask, pixels = numpy_inputs(ref, "hf")
     kwargs = dict(max_new_tokens=10, num_beams=3, no_repeat_ngram_size=3)
     batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
     for i in range(ids.shape[0]):
@@ -80,7 +80,7 @@ def test_batched_equals_one_at_a_time(case):
 def test_cached_image_features_give_the_same_ids(case):
     folder, ref, _ = case
     model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "original")
-    ids, mask, pixels = _inputs(ref, "original")
+    ids, mask, pixels = numpy_inputs(ref, "original")
     features = model.get_image_features(pixels).pooler_output
     for kwargs in SETTINGS[:3]:
         from_pixels = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
@@ -118,6 +118,6 @@ def test_return_dict_scores_match_transformers(case):
 def test_bad_generate_kwargs_raise(case, bad, error):
     folder, ref, _ = case
     model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
-    ids, mask, pixels = _inputs(ref, "hf")
+    ids, mask, pixels = numpy_inputs(ref, "hf")
     with pytest.raises(error):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **bad)
