@@ -1,7 +1,7 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
 //! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
 //! few-row product of the decoder's linear layers and LM head (against candle's matmul), and one beam-search
-//! decode step (3 beams).
+//! decode step (3 beams); and the bf16 linear layer against candle's bf16 matmul.
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -111,5 +111,46 @@ fn decode_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, depthwise, skinny, decode_step);
+/// bf16 `x @ wᵀ + b` shapes (rows, in, out): base vision tower stages 0 and 2 (qkv, FFN in and out), the
+/// encoder's FFN, and two decode-step products.
+const BF16_SHAPES: [(usize, usize, usize); 7] = [
+    (36864, 128, 384),
+    (2304, 512, 2048),
+    (2304, 2048, 512),
+    (581, 768, 3072),
+    (581, 3072, 768),
+    (3, 768, 3072),
+    (3, 768, 51289),
+];
+
+fn bf16_linear(c: &mut Criterion) {
+    if !florence2_rs::bf16_linear::available() {
+        eprintln!("bf16 linear: this CPU has no AVX512-BF16, skipped");
+        return;
+    }
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("bf16 linear");
+    group.sample_size(10);
+    for (m, k, n) in BF16_SHAPES {
+        let x = Tensor::randn(0f32, 1., (m, k), &dev).expect("x");
+        let w = Tensor::randn(0f32, 1., (n, k), &dev).expect("w");
+        let b = Tensor::randn(0f32, 1., n, &dev).expect("b");
+        let [x, w, b] = [x, w, b].map(|t| t.to_dtype(DType::BF16).expect("bf16"));
+        let (xs, ws, bs) = (to_vec(&x), to_vec(&w), to_vec(&b));
+        group.bench_function(format!("AVX512-BF16 {m}x{k}x{n}"), |bench| {
+            bench.iter(|| florence2_rs::bf16_linear::linear(&xs, m, k, &ws, n, &bs))
+        });
+        let candle = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        group.bench_function(format!("candle {m}x{k}x{n}"), |bench| {
+            bench.iter(|| candle.forward(&x).expect("linear"))
+        });
+    }
+    group.finish();
+}
+
+fn to_vec(t: &Tensor) -> Vec<half::bf16> {
+    t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+}
+
+criterion_group!(benches, depthwise, skinny, bf16_linear, decode_step);
 criterion_main!(benches);

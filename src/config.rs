@@ -227,13 +227,13 @@ impl Florence2Config {
         }
         for s in 0..stages {
             let dim = v.embed_dim[s];
-            if v.num_heads[s] == 0 || dim % v.num_heads[s] != 0 {
+            if v.num_heads[s] == 0 || !dim.is_multiple_of(v.num_heads[s]) {
                 return Err(format!(
                     "vision_config: stage {s}: embed_dim {dim} is not divisible by num_heads {}",
                     v.num_heads[s]
                 ));
             }
-            if v.num_groups[s] == 0 || dim % v.num_groups[s] != 0 {
+            if v.num_groups[s] == 0 || !dim.is_multiple_of(v.num_groups[s]) {
                 return Err(format!(
                     "vision_config: stage {s}: embed_dim {dim} is not divisible by num_groups {}",
                     v.num_groups[s]
@@ -248,7 +248,7 @@ impl Florence2Config {
         if v.window_size == 0 {
             return Err("vision_config: window_size must be positive".into());
         }
-        if v.embed_dim[stages - 1] % 2 != 0 {
+        if !v.embed_dim[stages - 1].is_multiple_of(2) {
             return Err(
                 "vision_config: the last embed_dim must be even (cosine temporal embedding)".into(),
             );

@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::nn::to_dtype;
+
 /// The op: input `[B, H, W, C]`, taps `[9, C]` (row-major 3×3, channel last), bias `[C]`, all f32 and
 /// contiguous. Output: `input + conv(input)`.
 struct DepthwiseResidual3x3;
@@ -124,9 +126,9 @@ pub fn channels_last_taps(weight: &Tensor) -> Result<Tensor> {
 /// CUDA device, in `xs`'s dtype (computed in f32). `taps` comes from [`channels_last_taps`].
 pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+    let f32c = |t: &Tensor| -> Result<Tensor> { to_dtype(t, DType::F32)?.contiguous() };
     let out = f32c(xs)?.apply_op3_no_bwd(taps, &f32c(bias)?, &DepthwiseResidual3x3)?;
-    out.to_dtype(dtype)
+    to_dtype(&out, dtype)
 }
 
 /// The CUDA side: one thread per output element, the nine taps of its channel in the same order as

@@ -30,15 +30,15 @@ impl ConvGeometry {
 /// (one image, channels last): row `(oy, ox)` holds the input pixels under the kernel at that output position,
 /// ordered `(ky, kx, c)`, zeros where the kernel hangs over the padding. Shape `[rows, kernel² * C]`; with the
 /// weight `[out, C, k, k]` permuted to `[out, k, k, C]` and flattened, `patches @ wᵀ` is the convolution.
-/// CPU and f32 only.
+/// CPU, f32 or bf16.
 pub fn patches(
     tokens: &Tensor,
     geometry: ConvGeometry,
     first: usize,
     rows: usize,
 ) -> Result<Tensor> {
-    if !tokens.device().is_cpu() || tokens.dtype() != DType::F32 {
-        candle_core::bail!("im2col patches take an f32 CPU tensor");
+    if !tokens.device().is_cpu() || !matches!(tokens.dtype(), DType::F32 | DType::BF16) {
+        candle_core::bail!("im2col patches take an f32 or bf16 CPU tensor");
     }
     let (n, _) = tokens.dims2()?;
     let (oh, ow) = geometry.output();
@@ -70,8 +70,21 @@ impl CustomOp1 for Patches {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, self.name())?;
         let (_, c) = layout.shape().dims2()?;
+        let row_len = self.geometry.kernel * self.geometry.kernel * c;
+        let out = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::BF16(data), Some((start, end))) => {
+                CpuStorage::BF16(self.extract(&data[start..end], c))
+            }
+            _ => CpuStorage::F32(self.extract(contiguous_f32(storage, layout, self.name())?, c)),
+        };
+        Ok((out, Shape::from((self.rows, row_len))))
+    }
+}
+
+impl Patches {
+    /// The patch rows from the `c`-channel tokens `src`.
+    fn extract<T: Copy + Default + Send + Sync>(&self, src: &[T], c: usize) -> Vec<T> {
         let ConvGeometry {
             kernel,
             stride,
@@ -81,7 +94,7 @@ impl CustomOp1 for Patches {
         } = self.geometry;
         let (_, ow) = self.geometry.output();
         let row_len = kernel * kernel * c;
-        let mut out = vec![0f32; self.rows * row_len];
+        let mut out = vec![T::default(); self.rows * row_len];
         out.par_chunks_mut(row_len)
             .enumerate()
             .for_each(|(i, row)| {
@@ -106,7 +119,7 @@ impl CustomOp1 for Patches {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((self.rows, row_len))))
+        out
     }
 }
 

@@ -8,10 +8,10 @@
 //! candle-transformers).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Activation, Embedding, VarBuilder};
 
 use crate::config::TextConfig;
-use crate::nn::attention;
+use crate::nn::{attention, layer_norm, LayerNorm};
 use crate::quantize::{Linear, Quantization};
 
 /// BART's learned positions start at row 2 (rows 0 and 1 were reserved for padding in fairseq).
@@ -149,9 +149,9 @@ impl EncoderLayer {
         let d = cfg.d_model;
         Ok(Self {
             self_attn: Attention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), q)?,
-            self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
+            self_attn_layer_norm: layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
             ffn: FeedForward::new(d, cfg.encoder_ffn_dim, act, &vb, q)?,
-            final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
+            final_layer_norm: layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
 
@@ -183,15 +183,11 @@ impl DecoderLayer {
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
             self_attn: Attention::new(d, heads, vb.pp("self_attn"), q)?,
-            self_attn_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
+            self_attn_layer_norm: layer_norm(d, LN_EPS, vb.pp("self_attn_layer_norm"))?,
             encoder_attn: Attention::new(d, heads, vb.pp("encoder_attn"), q)?,
-            encoder_attn_layer_norm: candle_nn::layer_norm(
-                d,
-                LN_EPS,
-                vb.pp("encoder_attn_layer_norm"),
-            )?,
+            encoder_attn_layer_norm: layer_norm(d, LN_EPS, vb.pp("encoder_attn_layer_norm"))?,
             ffn: FeedForward::new(d, cfg.decoder_ffn_dim, act, &vb, q)?,
-            final_layer_norm: candle_nn::layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
+            final_layer_norm: layer_norm(d, LN_EPS, vb.pp("final_layer_norm"))?,
         })
     }
 }
@@ -208,11 +204,7 @@ impl EmbeddingTail {
         let rows = cfg.max_position_embeddings + POSITION_OFFSET;
         Ok(Self {
             embed_positions: candle_nn::embedding(rows, cfg.d_model, vb.pp("embed_positions"))?,
-            layernorm_embedding: candle_nn::layer_norm(
-                cfg.d_model,
-                LN_EPS,
-                vb.pp("layernorm_embedding"),
-            )?,
+            layernorm_embedding: layer_norm(cfg.d_model, LN_EPS, vb.pp("layernorm_embedding"))?,
             max_positions: cfg.max_position_embeddings,
         })
     }

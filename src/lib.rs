@@ -10,7 +10,9 @@
 //! the processor decodes and post-processes the ids. Both released checkpoint layouts (HF-native and
 //! Microsoft's original) load through [`weights`].
 
+pub mod bf16_linear;
 pub mod config;
+mod cpu_attention;
 mod dense;
 pub mod depthwise;
 pub mod error;

@@ -1,13 +1,19 @@
 //! Building blocks shared by the vision tower and the language model.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Activation;
+use half::bf16;
 use rayon::prelude::*;
 
 /// Scaled dot-product attention over the last two dims: `softmax(q @ kᵀ * scale + mask) @ v`.
 ///
 /// The scale is applied after the product, as transformers' eager attention does. `mask` is additive
 /// (0 where attending is allowed, a large negative value elsewhere) and broadcast over the scores.
+///
+/// On the CPU in f32 it is one fused kernel ([`crate::cpu_attention`]). bf16 operands are widened to f32
+/// once and the output rounded once: candle's CPU matmul has no bf16 kernel and widens each product's
+/// operands itself, with copies (the bf16 encoder was 4x slower than transformers'); f32 scores and
+/// probabilities are no less exact than torch's bf16 ones.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -15,6 +21,17 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::BF16 {
+        let [q, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
+        let mask = mask.map(|m| to_dtype(m, DType::F32)).transpose()?;
+        return to_dtype(
+            &attention(&q?, &k?, &v?, scale, mask.as_ref())?,
+            DType::BF16,
+        );
+    }
+    if let Some(out) = crate::cpu_attention::attention(q, k, v, scale, mask)? {
+        return Ok(out);
+    }
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
@@ -37,13 +54,13 @@ pub fn activation(name: &str) -> std::result::Result<Activation, String> {
     }
 }
 
-/// `xs.apply(&act)`. The exact GELU (`gelu`, the released configs' activation) of a CPU f32 tensor uses a
-/// vectorizable erf: candle's `gelu_erf` calls libm's scalar `erf` per element, which made it about a tenth
-/// of the vision tower's time.
+/// `xs.apply(&act)`. The exact GELU (`gelu`, the released configs' activation) of a contiguous CPU f32 or bf16
+/// tensor uses a vectorizable erf: candle's `gelu_erf` calls libm's scalar `erf` per element, which made it
+/// about a tenth of the vision tower's time. bf16 is computed in f32 and rounded once, as torch does.
 pub fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
     if matches!(act, Activation::Gelu)
         && xs.device().is_cpu()
-        && xs.dtype() == DType::F32
+        && matches!(xs.dtype(), DType::F32 | DType::BF16)
         && xs.is_contiguous()
     {
         xs.apply_op1_no_bwd(&GeluErf)
@@ -60,8 +77,30 @@ pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) ->
     }
 }
 
-/// `x · Φ(x) = x/2 · (1 + erf(x/√2))` for contiguous f32 storage.
+/// `x · Φ(x) = x/2 · (1 + erf(x/√2))` for contiguous f32 or bf16 storage.
 struct GeluErf;
+
+impl GeluErf {
+    /// Each output from its input, in parallel blocks compiled for AVX2 where the CPU has it.
+    fn map<T: Copy + Default + Send + Sync>(
+        values: &[T],
+        to: impl Fn(T) -> f32 + Sync,
+        from: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        let mut out = vec![T::default(); values.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(values.par_chunks(1 << 14))
+            .for_each(|(out, xs)| {
+                simd(|| {
+                    for (o, &x) in out.iter_mut().zip(xs) {
+                        let x = to(x);
+                        *o = from(0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)));
+                    }
+                })
+            });
+        out
+    }
+}
 
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
@@ -69,18 +108,338 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let values = contiguous_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; values.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(values.par_chunks(1 << 14))
-            .for_each(|(out, xs)| {
-                simd(|| {
-                    for (o, &x) in out.iter_mut().zip(xs) {
-                        *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let out = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::BF16(data), Some((start, end))) => {
+                CpuStorage::BF16(Self::map(&data[start..end], |x| x.to_f32(), bf16::from_f32))
+            }
+            _ => {
+                let values = contiguous_f32(storage, layout, self.name())?;
+                CpuStorage::F32(Self::map(values, |x| x, |x| x))
+            }
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// `e^x` for f32, branch-free so that loops over it vectorize: `x = n ln2 + r` with `|r| <= ln2 / 2`, a
+/// degree-7 Taylor polynomial for `e^r` (truncation under 1e-8 relative, about f32's own rounding) and `2^n`
+/// put into the exponent bits. 0 below -87.3, where `2^n` would leave the normal range; the callers
+/// (softmax) pass values up to 0.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer (to nearest) in plain SSE2, where `round` is a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.min(88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
+    .iter()
+    .fold(0.0, |acc, &c| acc * r + c);
+    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// LayerNorm over the last dim with weight and bias. On the CPU in f32 and bf16 it takes two vectorized
+/// passes per row in f32 (mean, then the variance about it, as torch computes it) and rounds the output
+/// once; candle's CPU kernel sums `x` and `x²` in one sequential scalar loop, which took ~10 % of the bf16
+/// vision tower. Elsewhere candle's.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    eps: f32,
+}
+
+/// [`LayerNorm`] of `size` features from `vb` (`weight` and `bias`, as candle_nn::layer_norm reads them).
+pub fn layer_norm(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        inner: candle_nn::layer_norm(size, eps, vb)?,
+        eps: eps as f32,
+    })
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = (self.inner.weight(), self.inner.bias());
+        let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == xs.dtype();
+        match bias {
+            Some(bias)
+                if fits(xs)
+                    && fits(weight)
+                    && fits(bias)
+                    && matches!(xs.dtype(), DType::F32 | DType::BF16) =>
+            {
+                xs.contiguous()?.apply_op3_no_bwd(
+                    &weight.contiguous()?,
+                    &bias.contiguous()?,
+                    &LayerNormRows { eps: self.eps },
+                )
+            }
+            _ => self.inner.forward(xs),
+        }
+    }
+}
+
+struct LayerNormRows {
+    eps: f32,
+}
+
+impl LayerNormRows {
+    fn normalize<T: Copy + Default + Send + Sync>(
+        &self,
+        xs: &[T],
+        (weight, bias): (&[T], &[T]),
+        to: impl Fn(T) -> f32 + Sync,
+        from: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        let c = weight.len();
+        let weight: Vec<f32> = weight.iter().map(|&w| to(w)).collect();
+        let bias: Vec<f32> = bias.iter().map(|&b| to(b)).collect();
+        let mut out = vec![T::default(); xs.len()];
+        // Tasks of whole rows, about 16 Ki values each.
+        let rows = (1 << 14) / c.max(1) + 1;
+        let (to, from) = (&to, &from);
+        out.par_chunks_mut(rows * c)
+            .zip(xs.par_chunks(rows * c))
+            .for_each_init(
+                || vec![0f32; c],
+                |row, (out, xs)| {
+                    #[cfg(target_arch = "x86_64")]
+                    if has_avx2_fma() {
+                        // SAFETY: the CPU has AVX2 and FMA.
+                        return unsafe {
+                            self.rows_avx2(xs, out, (&weight, &bias), row, (to, from))
+                        };
                     }
-                })
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+                    self.rows(xs, out, (&weight, &bias), row, (to, from))
+                },
+            );
+        out
+    }
+
+    /// [`Self::rows`] compiled for AVX2 + FMA. (Not through [`simd`]: LLVM declined to inline this much
+    /// code through its closure, which left it compiled for SSE2.)
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_avx2<T: Copy>(
+        &self,
+        xs: &[T],
+        out: &mut [T],
+        params: (&[f32], &[f32]),
+        row: &mut [f32],
+        convert: (impl Fn(T) -> f32, impl Fn(f32) -> T),
+    ) {
+        self.rows(xs, out, params, row, convert)
+    }
+
+    /// The rows of `xs` into `out`, each widened into `row` first.
+    #[inline(always)]
+    fn rows<T: Copy>(
+        &self,
+        xs: &[T],
+        out: &mut [T],
+        (weight, bias): (&[f32], &[f32]),
+        row: &mut [f32],
+        (to, from): (impl Fn(T) -> f32, impl Fn(f32) -> T),
+    ) {
+        let c = weight.len();
+        for (out, xs) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+            row.iter_mut().zip(xs).for_each(|(r, &x)| *r = to(x));
+            let mean = lane_sum(row, |x| x) / c as f32;
+            let var = lane_sum(row, |x| (x - mean) * (x - mean)) / c as f32;
+            let inv_std = 1.0 / (var + self.eps).sqrt();
+            for (((o, &x), &w), &b) in out.iter_mut().zip(row.iter()).zip(weight).zip(bias) {
+                *o = from((x - mean) * inv_std * w + b);
+            }
+        }
+    }
+}
+
+/// `Σ f(x)` in 16 interleaved partial sums, so that the loop vectorizes.
+#[inline(always)]
+pub fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+impl CustomOp3 for LayerNormRows {
+    fn name(&self) -> &'static str {
+        "layer-norm-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = xl.shape().dims().last().copied().unwrap_or(0);
+        if wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!(
+                "layer norm over {c} features with a weight of {} and a bias of {}",
+                wl.shape().elem_count(),
+                bl.shape().elem_count()
+            );
+        }
+        let out = match (xs, w, b) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
+                let [x, w, b] = [(x, xl), (w, wl), (b, bl)].map(|(d, l)| contiguous(d, l));
+                CpuStorage::BF16(self.normalize(x?, (w?, b?), |v| v.to_f32(), bf16::from_f32))
+            }
+            _ => {
+                let x = contiguous_f32(xs, xl, self.name())?;
+                let (w, b) = (
+                    contiguous_f32(w, wl, self.name())?,
+                    contiguous_f32(b, bl, self.name())?,
+                );
+                CpuStorage::F32(self.normalize(x, (w, b), |v| v, |v| v))
+            }
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// Converts a CPU tensor between f32 and bf16 in parallel, vectorized; other cases go to candle's `to_dtype`
+/// (whose CPU conversion is one sequential scalar loop: ~5 % of the bf16 vision tower, which widens its
+/// attention's operands to f32 and back).
+pub fn to_dtype(xs: &Tensor, dtype: DType) -> Result<Tensor> {
+    let pair = (xs.dtype(), dtype);
+    if xs.device().is_cpu() && matches!(pair, (DType::F32, DType::BF16) | (DType::BF16, DType::F32))
+    {
+        xs.contiguous()?.apply_op1_no_bwd(&Convert)
+    } else {
+        xs.to_dtype(dtype)
+    }
+}
+
+/// `a + b` for tensors of one shape; on the CPU in f32 or bf16 in parallel (bf16 summed in f32 and rounded
+/// once, as candle does), elsewhere candle's. The vision tower's residual sums were one sequential pass each.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let cpu = a.device().is_cpu() && b.device().is_cpu();
+    if cpu
+        && a.dtype() == b.dtype()
+        && a.dims() == b.dims()
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+    {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
+    } else {
+        a + b
+    }
+}
+
+struct Add;
+
+impl candle_core::CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "add-parallel"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn map<T: Copy + Default + Send + Sync>(
+            a: &[T],
+            b: &[T],
+            f: impl Fn(T, T) -> T + Sync,
+        ) -> Vec<T> {
+            let mut out = vec![T::default(); a.len()];
+            out.par_chunks_mut(1 << 15)
+                .zip(a.par_chunks(1 << 15).zip(b.par_chunks(1 << 15)))
+                .for_each(|(out, (a, b))| {
+                    simd(|| {
+                        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                            *o = f(x, y);
+                        }
+                    })
+                });
+            out
+        }
+        let out = match (a, b) {
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16(map(contiguous(a, al)?, contiguous(b, bl)?, |x, y| {
+                    bf16::from_f32(x.to_f32() + y.to_f32())
+                }))
+            }
+            _ => CpuStorage::F32(map(
+                contiguous_f32(a, al, self.name())?,
+                contiguous_f32(b, bl, self.name())?,
+                |x, y| x + y,
+            )),
+        };
+        Ok((out, al.shape().clone()))
+    }
+}
+
+/// f32 → bf16 (round to nearest even, as candle and torch convert) or bf16 → f32.
+struct Convert;
+
+impl CustomOp1 for Convert {
+    fn name(&self) -> &'static str {
+        "convert-f32-bf16"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn map<S: Copy + Sync, D: Copy + Default + Send>(
+            src: &[S],
+            f: impl Fn(S) -> D + Sync,
+        ) -> Vec<D> {
+            let mut out = vec![D::default(); src.len()];
+            out.par_chunks_mut(1 << 15)
+                .zip(src.par_chunks(1 << 15))
+                .for_each(|(out, src)| {
+                    simd(|| out.iter_mut().zip(src).for_each(|(o, &s)| *o = f(s)))
+                });
+            out
+        }
+        let out = match storage {
+            CpuStorage::BF16(data) => {
+                CpuStorage::F32(map(contiguous(data, layout)?, |v| v.to_f32()))
+            }
+            _ => CpuStorage::BF16(map(
+                contiguous_f32(storage, layout, self.name())?,
+                bf16::from_f32,
+            )),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// The data of a contiguous operand.
+pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("a custom op takes contiguous tensors"),
     }
 }
 
@@ -112,6 +471,42 @@ fn erf(x: f32) -> f32 {
     p / q
 }
 
+/// An output buffer written by many parallel tasks, each at its own elements.
+pub struct Out<T>(pub *mut T);
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Out<T> {}
+
+// SAFETY: the tasks that share an `Out` write disjoint elements, and the buffer outlives their parallel loop
+// (each user says why at its loop).
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Send> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// The element `offset` values in. (A method, so that closures capture the whole `Out`, which is `Sync`,
+    /// rather than its pointer field.)
+    pub fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Whether this CPU has AVX2 and FMA (always false off x86-64).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Runs `kernel` inside a function compiled for AVX2 + FMA when this x86-64 CPU has them: the default build
 /// targets baseline x86-64 (SSE2), so a plain loop vectorizes 4 floats wide; inlined here it gets 8. The
 /// kernel's own helpers should be `#[inline(always)]` so that they are compiled in this context too.
@@ -123,7 +518,7 @@ pub fn simd<R>(kernel: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(kernel: impl FnOnce() -> R) -> R {
             kernel()
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if has_avx2_fma() {
             // SAFETY: the CPU has the features `avx2` is compiled for.
             return unsafe { avx2(kernel) };
         }
@@ -164,6 +559,20 @@ pub fn tokens_to_nchw(xs: &Tensor, height: usize, width: usize) -> Result<Tensor
         .reshape((b, c, height, width))
 }
 
+/// The largest `|a - b|` of two tensors of one shape, in f32 (for tests).
+#[cfg(test)]
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    (f32(a) - f32(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +588,95 @@ mod tests {
             assert!(
                 (e - g).abs() <= 2e-6 + 1e-6 * e.abs(),
                 "gelu({x}): {g} vs {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_gelu_in_bf16_rounds_the_f32_value() {
+        let xs = (Tensor::arange(-6_000f32, 6_000f32, &Device::Cpu).unwrap() / 1000.).unwrap();
+        let xs = xs.to_dtype(DType::BF16).unwrap();
+        let f32_of_bf16 = activate(&xs.to_dtype(DType::F32).unwrap(), Activation::Gelu).unwrap();
+        let expected: Vec<bf16> = f32_of_bf16
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = activate(&xs, Activation::Gelu).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(got.to_vec1::<bf16>().unwrap(), expected);
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        for i in -100_000..=8_800 {
+            let x = i as f32 / 1000.0;
+            let (got, want) = (exp(x), (x as f64).exp());
+            if x < -87.3 {
+                assert_eq!(got, 0.0, "exp({x})");
+            } else {
+                assert!(
+                    ((got as f64 - want) / want).abs() < 3e-7,
+                    "exp({x}): {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() {
+        let dev = Device::Cpu;
+        for c in [1, 7, 16, 33, 768] {
+            let xs = Tensor::randn(1.5f32, 3., (3, 5, c), &dev).unwrap();
+            let weight = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_dtype(dtype).unwrap());
+                let candle = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), 1e-5);
+                let ours = LayerNorm {
+                    inner: candle.clone(),
+                    eps: 1e-5,
+                };
+                let got = ours.forward(&xs).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let diff = max_abs_diff(&got, &candle.forward(&xs).unwrap());
+                assert!(diff <= tol, "{dtype:?}, {c} features: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn conversions_match_candle() {
+        let xs = Tensor::randn(0f32, 10., 100_003, &Device::Cpu).unwrap();
+        let specials = Tensor::new(
+            &[f32::NAN, f32::INFINITY, -0.0, 1e-40, 3.4e38],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let xs = Tensor::cat(&[&xs, &specials], 0).unwrap();
+        let want: Vec<bf16> = xs.to_dtype(DType::BF16).unwrap().to_vec1().unwrap();
+        let got = to_dtype(&xs, DType::BF16).unwrap();
+        let bits = |v: Vec<bf16>| v.into_iter().map(bf16::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(got.to_vec1().unwrap()), bits(want));
+        let back: Vec<f32> = to_dtype(&got, DType::F32).unwrap().to_vec1().unwrap();
+        let want_back: Vec<f32> = got.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(back), bits(want_back));
+    }
+
+    #[test]
+    fn parallel_add_matches_candle() {
+        let a = Tensor::randn(0f32, 1., (3, 40_000), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., (3, 40_000), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let [a, b] = [&a, &b].map(|t| t.to_dtype(dtype).unwrap());
+            let want = (&a + &b).unwrap().to_dtype(DType::F32).unwrap();
+            let got = add(&a, &b).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let got = got.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
             );
         }
     }

@@ -8,10 +8,10 @@
 //! LayerNorm.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::VisionConfig;
-use crate::nn::nchw_to_tokens;
+use crate::nn::{layer_norm, nchw_to_tokens, LayerNorm};
 use crate::quantize::{Linear, Quantization};
 
 /// transformers' `Florence2MultiModalProjector`.
@@ -42,11 +42,7 @@ impl Florence2MultiModalProjector {
                 vb.pp("image_projection"),
                 q,
             )?,
-            image_proj_norm: candle_nn::layer_norm(
-                cfg.projection_dim,
-                1e-5,
-                vb.pp("image_proj_norm"),
-            )?,
+            image_proj_norm: layer_norm(cfg.projection_dim, 1e-5, vb.pp("image_proj_norm"))?,
             row_embeddings: candle_nn::embedding(max_positions, dim / 2, pos.pp("row_embeddings"))?,
             column_embeddings: candle_nn::embedding(
                 max_positions,

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::nn::contiguous_f32;
+use crate::nn::{contiguous_f32, has_avx2_fma};
 
 /// Up to this many rows of `x` the kernel beats candle's GEMM on every decoder shape measured (3 x 768 x 768 to
 /// 3 x 1024 x 51289); from about 12 rows on it is no faster.
@@ -48,17 +48,6 @@ fn applies(x: &Tensor, w: &Tensor) -> Result<bool> {
         && w.dim(1)? == k
         && k > 0
         && (1..=MAX_ROWS).contains(&(x.elem_count() / k)))
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// `[M, K] x [N, K] → [M, N]`, both contiguous.

@@ -13,11 +13,13 @@
 //! embedding.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Activation, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::config::VisionConfig;
 use crate::im2col::{patches, ConvGeometry};
-use crate::nn::{activate, map_row_chunks, nchw_to_tokens, tokens_to_nchw};
+use crate::nn::{
+    activate, add, layer_norm, map_row_chunks, nchw_to_tokens, to_dtype, tokens_to_nchw, LayerNorm,
+};
 use crate::quantize::{Linear, Quantization};
 use crate::vision_attention::window_attention;
 
@@ -43,8 +45,9 @@ struct FeatureMap {
 
 /// A patch embedding's strided convolution.
 enum PatchConv {
-    /// CPU, f32: channels-last im2col of the tokens and one GEMM per chunk of output rows ([`crate::im2col`]),
-    /// with the weight flattened `(ky, kx, c)`-major to match the patch rows.
+    /// CPU, f32 (and bf16 where [`crate::dense`] has a bf16 kernel): channels-last im2col of the tokens and
+    /// one GEMM per chunk of output rows ([`crate::im2col`]), with the weight flattened `(ky, kx, c)`-major to
+    /// match the patch rows.
     Gemm {
         linear: Linear,
         kernel: usize,
@@ -65,7 +68,7 @@ impl PatchConv {
         vb: VarBuilder,
     ) -> Result<Self> {
         let dtype = vb.dtype();
-        if !(vb.device().is_cpu() && dtype == DType::F32) {
+        if !(vb.device().is_cpu() && crate::dense::cpu_supports(dtype)) {
             let vb = if dtype == DType::BF16 {
                 vb.set_dtype(DType::F32)
             } else {
@@ -180,7 +183,7 @@ impl ConvEmbed {
         )?;
         let pre_norm = cfg.patch_prenorm[stage];
         let norm_dim = if pre_norm { in_channels } else { out_channels };
-        let norm = candle_nn::layer_norm(norm_dim, LN_EPS, vb.pp("norm"))?;
+        let norm = layer_norm(norm_dim, LN_EPS, vb.pp("norm"))?;
         Ok(Self {
             conv,
             norm,
@@ -418,10 +421,8 @@ impl ChannelAttention {
                     let k = by_group(qk.narrow(1, c, c)?)?;
                     // [groups, group_dim, group_dim], summed in f32 whatever the model dtype: one
                     // rounding at the end, as a single product accumulating in f32 would have.
-                    let partial = q
-                        .transpose(1, 2)?
-                        .to_dtype(DType::F32)?
-                        .matmul(&k.to_dtype(DType::F32)?)?;
+                    let partial = to_dtype(&q.transpose(1, 2)?, DType::F32)?
+                        .matmul(&to_dtype(&k, DType::F32)?)?;
                     scores = Some(match scores {
                         Some(sum) => (sum + partial)?,
                         None => partial,
@@ -432,11 +433,21 @@ impl ChannelAttention {
                 };
                 let scores = scores.to_dtype(xs.dtype())?;
                 let probs = candle_nn::ops::softmax_last_dim(&(scores * (n as f64).powf(-0.5))?)?;
-                let probs_t = probs.transpose(1, 2)?.contiguous()?;
+                // On the CPU the product is taken in f32 (candle's CPU matmul would widen a half-precision
+                // one for each chunk anyway, with copies), with one rounding at the end.
+                let product_dtype = if xs.device().is_cpu() {
+                    DType::F32
+                } else {
+                    xs.dtype()
+                };
+                let probs_t = to_dtype(&probs.transpose(1, 2)?, product_dtype)?.contiguous()?;
                 map_row_chunks(&image, rows, |chunk| {
                     let v = by_group(chunk.apply(&self.v)?)?; // [groups, rows, group_dim]
-                    let out = v.matmul(&probs_t)?;
-                    out.transpose(0, 1)?.reshape((chunk.dim(0)?, c))
+                    let out = to_dtype(&v, product_dtype)?.matmul(&probs_t)?;
+                    to_dtype(
+                        &out.transpose(0, 1)?.reshape((chunk.dim(0)?, c))?,
+                        xs.dtype(),
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -478,10 +489,10 @@ impl DualBlock {
         };
         Ok(Self {
             conv1: DepthwiseConv::new(dim, vb.pp("conv1"))?,
-            norm1: candle_nn::layer_norm(dim, LN_EPS, vb.pp("norm1"))?,
+            norm1: layer_norm(dim, LN_EPS, vb.pp("norm1"))?,
             mixer,
             conv2: DepthwiseConv::new(dim, vb.pp("conv2"))?,
-            norm2: candle_nn::layer_norm(dim, LN_EPS, vb.pp("norm2"))?,
+            norm2: layer_norm(dim, LN_EPS, vb.pp("norm2"))?,
             ffn: Mlp::new(cfg, dim, act, vb.pp("ffn"), q)?,
         })
     }
@@ -503,12 +514,13 @@ impl DualBlock {
             }
             Mixer::Channel(attn) => normed.apply(attn)?,
         };
-        let xs = (residual + mixed)?;
+        let xs = add(&residual, &mixed)?;
+        drop((residual, mixed));
 
         let residual = self.conv2.forward_residual(&xs, h, w)?;
         drop(xs);
         let ffn = residual.apply(&self.norm2)?.apply(&self.ffn)?;
-        ffn + residual
+        add(&ffn, &residual)
     }
 }
 

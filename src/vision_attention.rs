@@ -9,103 +9,10 @@
 //! parallel.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::nn::{attention, contiguous_f32};
-
-/// A matrix in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl Mat {
-    /// Rows `row_stride` floats apart, each contiguous.
-    fn rows(ptr: *const f32, row_stride: usize) -> Self {
-        Self {
-            ptr,
-            row_stride: row_stride as isize,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of the same elements.
-    fn t(self) -> Self {
-        Self {
-            ptr: self.ptr,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
-    }
-}
-
-/// The output buffer, written by many tasks at disjoint elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint elements (each its own item and head or group columns) and the buffer outlives
-// the parallel loop.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element `offset` floats in. (A method, so that closures capture the whole `Out`, which is `Sync`,
-    /// rather than its pointer field.)
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// `dst[m x n] = scale * lhs[m x k] @ rhs[k x n]` on this thread, `dst` rows `dst_row_stride` apart.
-///
-/// # Safety
-/// Every element the three matrices address lies inside live allocations.
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    lhs: Mat,
-    rhs: Mat,
-    dst: *mut f32,
-    dst_row_stride: usize,
-    scale: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_row_stride as isize,
-        false,
-        lhs.ptr,
-        lhs.col_stride,
-        lhs.row_stride,
-        rhs.ptr,
-        rhs.col_stride,
-        rhs.row_stride,
-        0.0,
-        scale,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
-/// In-place softmax of each `len`-long row of `rows`.
-fn softmax_rows(rows: &mut [f32], len: usize) {
-    for row in rows.chunks_exact_mut(len) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-}
+use crate::cpu_attention::{matmul, softmax_rows, Mat};
+use crate::nn::{attention, contiguous_f32, to_dtype, Out};
 
 /// The CPU kernel: `heads` heads, scores scaled by `scale`.
 struct StridedWindowAttention {
@@ -116,13 +23,20 @@ struct StridedWindowAttention {
 /// Window attention on `qkv` `[windows, tokens, 3 * C]` (the qkv projection of each window's tokens, laid out
 /// `[3, heads, head_dim]` along the last dim) → `[windows, tokens, C]`, heads concatenated as transformers
 /// does.
+///
+/// On the CPU a half-precision `qkv` is widened to f32 for the kernel and the output rounded back: candle's
+/// CPU matmul widens half-precision operands anyway, for each product and with copies, and the whole
+/// attention in f32 is no less exact than torch's, which rounds the scores and probabilities to bf16.
 pub fn window_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+    if qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         let op = StridedWindowAttention {
             heads,
             scale: scale as f32,
         };
-        return qkv.contiguous()?.apply_op1_no_bwd(&op);
+        let out = to_dtype(qkv, DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?;
+        return to_dtype(&out, qkv.dtype());
     }
     let (windows, tokens, width) = qkv.dims3()?;
     let qkv = qkv
