@@ -111,12 +111,14 @@ fn decode_step(c: &mut Criterion) {
     group.finish();
 }
 
-/// bf16 `x @ wᵀ + b` shapes (rows, in, out): base vision tower stages 0 and 2 (qkv, FFN in and out), the
-/// encoder's FFN, and two decode-step products.
-const BF16_SHAPES: [(usize, usize, usize); 7] = [
+/// bf16 `x @ wᵀ + b` shapes (rows, in, out): base vision tower stages 0 and 2 (qkv, FFN in and out), large's
+/// stage 2 and 3 FFN out, the encoder's FFN, and two decode-step products.
+const BF16_SHAPES: [(usize, usize, usize); 9] = [
     (36864, 128, 384),
     (2304, 512, 2048),
     (2304, 2048, 512),
+    (2304, 4096, 1024),
+    (576, 8192, 2048),
     (581, 768, 3072),
     (581, 3072, 768),
     (3, 768, 3072),

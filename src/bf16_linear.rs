@@ -36,6 +36,10 @@ const PANEL: usize = 32;
 /// pass over it.
 const ROW_BLOCK_BYTES: usize = 192 << 10;
 
+/// But at least this many rows, so that each panel read from memory serves several tiles while it sits in L2:
+/// with one tile per block, 576 x 8192 x 2048 (large's last FFN) ran at a third of the usual rate.
+const MIN_BLOCK_ROWS: usize = 8 * TILE_ROWS;
+
 /// Whether this CPU runs the kernels.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -69,51 +73,88 @@ pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16
     if m <= FEW_ROWS {
         few_rows(x, m, k, w, n, bias, dst);
     } else {
-        many_rows(x, m, k, w, n, bias, dst);
+        panels(x, m, &Packed::new(w, n, k), bias, dst);
     }
     // SAFETY: both kernels write each of the m x n outputs (every row, every column).
     unsafe { out.set_len(m * n) };
     out
 }
 
-/// The weights for the many-row kernel: for panel `p` and pair `j`, 32 `u32`s, lane `c` holding
-/// `w[32p + c][2j]` in its low half and `w[32p + c][2j + 1]` in its high half; columns past `n` and the
-/// half past an odd `k` are zero.
-#[cfg(target_arch = "x86_64")]
-fn pack(w: &[bf16], n: usize, k: usize) -> Vec<u32> {
-    use rayon::prelude::*;
-    let pairs = k.div_ceil(2);
-    let mut packed = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
-    packed
-        .par_chunks_mut(pairs * PANEL)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for c in 0..PANEL.min(n - p * PANEL) {
-                let row = &w[(p * PANEL + c) * k..][..k];
-                // A pair of consecutive bf16 read as one little-endian u32 is the packed pair.
-                let whole: &[[bf16; 2]] = bytemuck::cast_slice(&row[..k / 2 * 2]);
-                for (j, &[low, high]) in whole.iter().enumerate() {
-                    panel[j * PANEL + c] =
-                        u32::from(low.to_bits()) | u32::from(high.to_bits()) << 16;
-                }
-                if k % 2 == 1 {
-                    panel[k / 2 * PANEL + c] = u32::from(row[k - 1].to_bits());
-                }
-            }
-        });
-    packed
+/// [`linear`] with weights packed beforehand (a model's layers pack theirs once, at load): `x[m, k]`,
+/// `bias[n]`, any `m` from 1.
+///
+/// # Panics
+/// If [`available`] is false, or the slices do not hold the shapes given.
+pub fn linear_packed(x: &[bf16], m: usize, w: &Packed, bias: &[bf16]) -> Vec<bf16> {
+    assert!(available(), "bf16_linear::linear_packed needs AVX512-BF16");
+    assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
+    let mut out = Vec::with_capacity(m * w.n);
+    #[cfg(target_arch = "x86_64")]
+    panels(
+        x,
+        m,
+        w,
+        bias,
+        Out(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()),
+    );
+    // SAFETY: the kernel writes each of the m x n outputs.
+    unsafe { out.set_len(m * w.n) };
+    out
 }
 
+/// Weights `w[n, k]` laid out for the many-row kernel: for panel `p` and pair `j`, 32 `u32`s, lane `c`
+/// holding `w[32p + c][2j]` in its low half and `w[32p + c][2j + 1]` in its high half; columns past `n`
+/// and the half past an odd `k` are zero. The same bytes as `w`, give or take the last panel's padding.
+pub struct Packed {
+    panels: Vec<u32>,
+    n: usize,
+    k: usize,
+}
+
+impl Packed {
+    /// Packs row-major `w` of `n` rows and `k` columns (both at least 1).
+    pub fn new(w: &[bf16], n: usize, k: usize) -> Self {
+        use rayon::prelude::*;
+        assert!(n > 0 && k > 0 && w.len() == n * k);
+        let pairs = k.div_ceil(2);
+        let mut panels = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
+        panels
+            .par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * k..][..k];
+                    // A pair of consecutive bf16 read as one little-endian u32 is the packed pair.
+                    let whole: &[[bf16; 2]] = bytemuck::cast_slice(&row[..k / 2 * 2]);
+                    for (j, &[low, high]) in whole.iter().enumerate() {
+                        panel[j * PANEL + c] =
+                            u32::from(low.to_bits()) | u32::from(high.to_bits()) << 16;
+                    }
+                    if k % 2 == 1 {
+                        panel[k / 2 * PANEL + c] = u32::from(row[k - 1].to_bits());
+                    }
+                }
+            });
+        Self { panels, n, k }
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+}
+
+/// The many-row kernel: `x[m, k]` against packed weights.
 #[cfg(target_arch = "x86_64")]
-fn many_rows(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16], out: Out<bf16>) {
+fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: Out<bf16>) {
     use rayon::prelude::*;
-    let packed = pack(w, n, k);
+    let (n, k) = packed.dims();
     let panels = n.div_ceil(PANEL);
     let mut bias_f32: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     bias_f32.resize(panels * PANEL, 0.0);
 
     let block_rows =
-        (ROW_BLOCK_BYTES / (2 * k)).clamp(TILE_ROWS, 16 * TILE_ROWS) / TILE_ROWS * TILE_ROWS;
+        (ROW_BLOCK_BYTES / (2 * k)).clamp(MIN_BLOCK_ROWS, 16 * TILE_ROWS) / TILE_ROWS * TILE_ROWS;
     let row_blocks = m.div_ceil(block_rows);
     // Enough tasks for the threads to balance; when there are few row blocks (the encoder's few hundred
     // rows) the panels are split too.
@@ -127,7 +168,7 @@ fn many_rows(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16]
             let (block, group) = (task / panel_groups, task % panel_groups);
             let rows = block * block_rows..(block * block_rows + block_rows).min(m);
             for p in group * group_panels..((group + 1) * group_panels).min(panels) {
-                let panel = &packed[p * pairs * PANEL..][..pairs * PANEL];
+                let panel = &packed.panels[p * pairs * PANEL..][..pairs * PANEL];
                 let tile = PanelTile {
                     panel,
                     bias: &bias_f32[p * PANEL..][..PANEL],
@@ -392,9 +433,15 @@ mod tests {
             (97, 4096, 40),
         ] {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
-            let got = linear(&x, m, k, &w, n, &bias);
             let want = reference(&x, m, k, &w, n, &bias);
-            for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+            let per_call = linear(&x, m, k, &w, n, &bias);
+            let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias);
+            for (idx, (g, e)) in per_call
+                .iter()
+                .chain(&packed)
+                .zip(want.iter().cycle())
+                .enumerate()
+            {
                 // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
                 // accumulation error on top.
                 let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();

@@ -7,7 +7,10 @@
 //! output is written once by the fill and once by the GEMM. A few rows go to [`crate::skinny`] instead.
 //! bf16 goes to [`crate::bf16_linear`], which starts its sums from the bias too.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use crate::bf16_linear::Packed;
 use gemm::Parallelism;
 
 use crate::nn::{contiguous, contiguous_f32};
@@ -30,19 +33,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
         }));
     }
     let (n, k) = w.dims2()?;
-    let Some(&x_k) = x.dims().last() else {
+    if x.rank() == 0 {
         return Ok(None);
-    };
-    if x_k != k {
-        candle_core::bail!("linear: input has {x_k} features, the weight {k}");
     }
-    let rows = x.elem_count() / k.max(1);
-    if rows == 0 || k == 0 || n == 0 {
+    let (x2, out_dims) = as_rows(x, k, n)?;
+    if x2.dim(0)? == 0 || k == 0 || n == 0 {
         return Ok(None); // nothing to multiply: candle's matmul handles empty shapes
     }
-    let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("x has a last dim") = n;
-    let x2 = x.reshape((rows, k))?.contiguous()?;
     let w = w.contiguous()?;
     // No bias: the output starts at zero, which is a zero bias.
     let b = match b {
@@ -51,6 +48,61 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
     };
     let out = x2.apply_op3_no_bwd(&w, &b, &BiasedMatmulT)?;
     Ok(Some(out.reshape(out_dims)?))
+}
+
+/// `x @ wᵀ + bias` for a CPU bf16 `x` `[..., K]` and weights packed at load (`bias` `[N]`, zeros for none).
+pub fn linear_packed(x: &Tensor, w: &Packed, bias: &[bf16]) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::BF16) {
+        candle_core::bail!(
+            "a bf16 CPU linear layer got a {:?} input on {:?}",
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    let (n, k) = w.dims();
+    let (x2, out_dims) = as_rows(x, k, n)?;
+    let out = if x2.dim(0)? == 0 {
+        Tensor::zeros(out_dims.as_slice(), DType::BF16, x.device())?
+    } else {
+        x2.apply_op1_no_bwd(&PackedMatmulT { w, bias })?
+    };
+    out.reshape(out_dims)
+}
+
+/// `x` `[..., K]` as contiguous rows `[rows, K]`, and the dims of the output with `n` features.
+fn as_rows(x: &Tensor, k: usize, n: usize) -> Result<(Tensor, Vec<usize>)> {
+    let Some(&x_k) = x.dims().last() else {
+        candle_core::bail!("linear: the input is a scalar");
+    };
+    if x_k != k {
+        candle_core::bail!("linear: input has {x_k} features, the weight {k}");
+    }
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    let rows = x.elem_count() / k.max(1);
+    Ok((x.reshape((rows, k))?.contiguous()?, out_dims))
+}
+
+/// `[M, K] x packed [N, K] + bias → [M, N]` in bf16.
+struct PackedMatmulT<'a> {
+    w: &'a Packed,
+    bias: &'a [bf16],
+}
+
+impl CustomOp1 for PackedMatmulT<'_> {
+    fn name(&self) -> &'static str {
+        "packed-bf16-matmul-t"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, _) = xl.shape().dims2()?;
+        let x = match x {
+            CpuStorage::BF16(x) => contiguous(x, xl)?,
+            _ => candle_core::bail!("{} takes a bf16 input", self.name()),
+        };
+        let out = crate::bf16_linear::linear_packed(x, m, self.w, self.bias);
+        Ok((CpuStorage::BF16(out), Shape::from((m, self.w.dims().0))))
+    }
 }
 
 /// Whether [`linear`] has a kernel for `dtype` on this CPU.

@@ -529,21 +529,36 @@ pub fn simd<R>(kernel: impl FnOnce() -> R) -> R {
 /// `f` applied to consecutive slices of at most `rows` along dim 0 of `xs`, the results concatenated.
 /// Row-local work (an MLP, window attention) over a large feature map then keeps its intermediates a few
 /// MiB: small enough to stay in cache and to be reused by the allocator instead of being mapped fresh (and
-/// page-faulted and zeroed) on every call.
+/// page-faulted and zeroed) on every call. Each result is copied into the output as soon as it is made,
+/// rather than all of them kept for one concatenation, which held a second full-size copy at the peak.
 pub fn map_row_chunks(
     xs: &Tensor,
     rows: usize,
     f: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let total = xs.dim(0)?;
+    let rows = rows.max(1);
     if total <= rows {
         return f(xs);
     }
-    let parts = (0..total)
-        .step_by(rows.max(1))
-        .map(|start| f(&xs.narrow(0, start, rows.min(total - start))?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 0)
+    let mut out: Option<Tensor> = None;
+    for start in (0..total).step_by(rows) {
+        let len = rows.min(total - start);
+        let part = f(&xs.narrow(0, start, len)?)?.contiguous()?;
+        if part.dim(0)? != len {
+            candle_core::bail!("map_row_chunks: {len} rows in, {} out", part.dim(0)?);
+        }
+        let out = match &out {
+            Some(out) => out,
+            None => {
+                let mut dims = part.dims().to_vec();
+                dims[0] = total;
+                out.insert(Tensor::zeros(dims, part.dtype(), part.device())?)
+            }
+        };
+        out.slice_set(&part, 0, start)?;
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("map_row_chunks: no rows".into()))
 }
 
 /// `[B, C, H, W]` → `[B, H*W, C]`.

@@ -7,6 +7,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use half::bf16;
+
+use crate::bf16_linear::Packed;
 
 /// How the weights of the linear layers are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +41,13 @@ impl Quantization {
 /// A linear layer `x @ wᵀ + b`, with dense or quantized weights.
 pub enum Linear {
     Dense(candle_nn::Linear),
+    /// bf16 on a CPU with AVX512-BF16: the weights packed once at load for [`crate::bf16_linear`] (packing
+    /// them for each call was ~15 % of the large vision tower: a gigabyte of writes to fresh pages), the
+    /// bias as values (zeros for none). `.to()` reloads the checkpoint, so no tensor of the weights is kept.
+    PackedBf16 {
+        weight: Packed,
+        bias: Vec<bf16>,
+    },
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -70,16 +80,46 @@ impl Linear {
     ) -> Result<Self> {
         let in_dim = weight.dim(1)?;
         let Some(quantize) = quantize else {
-            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+            return Self::dense(weight, bias);
         };
         if in_dim % quantize.ggml().block_size() != 0 {
             // GGML blocks run along the input dim; a layer that does not fill whole blocks stays dense.
-            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+            return Self::dense(weight, bias);
         }
         let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, quantize.ggml())?;
         Ok(Self::Quantized {
             weight: QMatMul::from_qtensor(qtensor)?,
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+}
+
+impl Linear {
+    /// Unquantized: packed for the bf16 kernel where it runs, else candle's layer.
+    fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let packable = weight.device().is_cpu()
+            && weight.dtype() == DType::BF16
+            && crate::bf16_linear::available()
+            && n > 0
+            && k > 0;
+        if !packable {
+            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+        }
+        let values: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
+        let bias = match bias {
+            Some(bias) => bias.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?,
+            None => vec![bf16::ZERO; n],
+        };
+        if bias.len() != n {
+            candle_core::bail!(
+                "linear: bias has {} entries, the weight {n} rows",
+                bias.len()
+            );
+        }
+        Ok(Self::PackedBf16 {
+            weight: Packed::new(&values, n, k),
+            bias,
         })
     }
 }
@@ -94,6 +134,7 @@ impl Module for Linear {
                     None => linear.forward(xs),
                 }
             }
+            Self::PackedBf16 { weight, bias } => crate::dense::linear_packed(xs, weight, bias),
             Self::Quantized { weight, bias } => {
                 // candle's quantized matmul takes f32 activations.
                 let dtype = xs.dtype();

@@ -83,7 +83,7 @@ impl PatchConv {
             .flatten_from(1)?
             .contiguous()?;
         Ok(Self::Gemm {
-            linear: Linear::Dense(candle_nn::Linear::new(flat, Some(vb.get(out_c, "bias")?))),
+            linear: Linear::new(flat, Some(vb.get(out_c, "bias")?), None)?,
             kernel,
             stride: cfg.stride,
             padding: cfg.padding,
@@ -441,17 +441,23 @@ impl ChannelAttention {
                     xs.dtype()
                 };
                 let probs_t = to_dtype(&probs.transpose(1, 2)?, product_dtype)?.contiguous()?;
+                // The output projection is row-local too: applied per chunk, the unprojected output never
+                // exists whole.
                 map_row_chunks(&image, rows, |chunk| {
                     let v = by_group(chunk.apply(&self.v)?)?; // [groups, rows, group_dim]
                     let out = to_dtype(&v, product_dtype)?.matmul(&probs_t)?;
                     to_dtype(
                         &out.transpose(0, 1)?.reshape((chunk.dim(0)?, c))?,
                         xs.dtype(),
-                    )
+                    )?
+                    .apply(&self.proj)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&images, 0)?.apply(&self.proj)
+        match <[Tensor; 1]>::try_from(images) {
+            Ok([image]) => image.unsqueeze(0), // one image: no copy
+            Err(images) => Tensor::stack(&images, 0),
+        }
     }
 }
 
