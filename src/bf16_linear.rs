@@ -7,13 +7,14 @@
 //! bias, accumulate in f32 and are rounded to bf16 once (to nearest even), as torch's oneDNN path does.
 //!
 //! Two kernels, chosen by the number of rows of `x`:
-//! - Many rows (vision tower, encoder): `w` is repacked for each call into panels of 32 output columns with
+//! - Many rows (vision tower, encoder): `w` is repacked ([`Packed`]) into panels of 32 output columns with
 //!   the pairs of `k` interleaved, so that one 64-byte load gives a `vdpbf16ps` operand for 16 columns. A
 //!   task takes a block of rows and a range of panels, and each tile of up to [`TILE_ROWS`] rows x 32
 //!   columns is summed over the whole of `k` in registers, each pair of a row of `x` broadcast to 16 lanes.
-//!   Packing reads the weights once per call, which next to hundreds of rows is little.
-//! - A few rows (decoding): each weight row is read once, where it lies, against all rows of `x`, as
-//!   [`crate::skinny`] does in f32; packing would read and write the weights for each token.
+//!   A model's layers pack their weights once, at load ([`linear_packed`]; a few rows then take the same
+//!   kernel, which reads each panel once); [`linear`] packs for the call.
+//! - A few rows through [`linear`] (the LM head, which is the token embedding and stays row-major): each
+//!   weight row is read once, where it lies, against all rows of `x`, as [`crate::skinny`] does in f32.
 //!
 //! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time; [`available`] is false elsewhere and the
 //! caller keeps candle's matmul.
@@ -22,7 +23,7 @@ use half::bf16;
 
 use crate::nn::Out;
 
-/// Up to this many rows the weights are read in place ([`few_rows`]); above, they are packed.
+/// Up to this many rows [`linear`] reads the weights in place ([`few_rows`]); above, it packs them.
 const FEW_ROWS: usize = 8;
 
 /// Rows in a register tile of the packed kernel: 2 x 12 accumulators, two weight vectors and the broadcast
@@ -124,7 +125,7 @@ impl Packed {
             .for_each(|(p, panel)| {
                 for c in 0..PANEL.min(n - p * PANEL) {
                     let row = &w[(p * PANEL + c) * k..][..k];
-                    // A pair of consecutive bf16 read as one little-endian u32 is the packed pair.
+                    // Each pair of consecutive values: the even one in the low half of its lane.
                     let whole: &[[bf16; 2]] = bytemuck::cast_slice(&row[..k / 2 * 2]);
                     for (j, &[low, high]) in whole.iter().enumerate() {
                         panel[j * PANEL + c] =
