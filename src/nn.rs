@@ -529,36 +529,47 @@ pub fn simd<R>(kernel: impl FnOnce() -> R) -> R {
 /// `f` applied to consecutive slices of at most `rows` along dim 0 of `xs`, the results concatenated.
 /// Row-local work (an MLP, window attention) over a large feature map then keeps its intermediates a few
 /// MiB: small enough to stay in cache and to be reused by the allocator instead of being mapped fresh (and
-/// page-faulted and zeroed) on every call. Each result is copied into the output as soon as it is made,
-/// rather than all of them kept for one concatenation, which held a second full-size copy at the peak.
+/// page-faulted and zeroed) on every call.
 pub fn map_row_chunks(
     xs: &Tensor,
     rows: usize,
     f: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let total = xs.dim(0)?;
-    let rows = rows.max(1);
-    if total <= rows {
+    if total <= rows.max(1) {
         return f(xs);
     }
+    concat_row_chunks(total, rows, |start, len| f(&xs.narrow(0, start, len)?))
+}
+
+/// The rows `0..total` of a result made `rows` at a time by `part(start, len)`, which returns `len` rows.
+/// Each part is copied into the output as soon as it is made, rather than all of them kept for one
+/// concatenation, which held a second full-size copy at the peak.
+pub fn concat_row_chunks(
+    total: usize,
+    rows: usize,
+    part: impl Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let rows = rows.max(1);
     let mut out: Option<Tensor> = None;
     for start in (0..total).step_by(rows) {
         let len = rows.min(total - start);
-        let part = f(&xs.narrow(0, start, len)?)?.contiguous()?;
-        if part.dim(0)? != len {
-            candle_core::bail!("map_row_chunks: {len} rows in, {} out", part.dim(0)?);
+        let piece = part(start, len)?.contiguous()?;
+        if piece.dim(0)? != len {
+            candle_core::bail!("row chunks: {len} rows asked, {} made", piece.dim(0)?);
         }
         let out = match &out {
             Some(out) => out,
+            None if len == total => return Ok(piece),
             None => {
-                let mut dims = part.dims().to_vec();
+                let mut dims = piece.dims().to_vec();
                 dims[0] = total;
-                out.insert(Tensor::zeros(dims, part.dtype(), part.device())?)
+                out.insert(Tensor::zeros(dims, piece.dtype(), piece.device())?)
             }
         };
-        out.slice_set(&part, 0, start)?;
+        out.slice_set(&piece, 0, start)?;
     }
-    out.ok_or_else(|| candle_core::Error::Msg("map_row_chunks: no rows".into()))
+    out.ok_or_else(|| candle_core::Error::Msg("row chunks: no rows".into()))
 }
 
 /// `[B, C, H, W]` → `[B, H*W, C]`.

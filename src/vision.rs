@@ -18,7 +18,8 @@ use candle_nn::{Activation, Conv2d, Conv2dConfig, VarBuilder};
 use crate::config::VisionConfig;
 use crate::im2col::{patches, ConvGeometry};
 use crate::nn::{
-    activate, add, layer_norm, map_row_chunks, nchw_to_tokens, to_dtype, tokens_to_nchw, LayerNorm,
+    activate, add, concat_row_chunks, layer_norm, map_row_chunks, nchw_to_tokens, to_dtype,
+    tokens_to_nchw, LayerNorm,
 };
 use crate::quantize::{Linear, Quantization};
 use crate::vision_attention::window_attention;
@@ -41,6 +42,14 @@ struct FeatureMap {
     tokens: Tensor,
     height: usize,
     width: usize,
+}
+
+/// The images' results `[N, C]` as a batch `[B, N, C]`; one image without a copy.
+fn stack(images: Vec<Tensor>) -> Result<Tensor> {
+    match <[Tensor; 1]>::try_from(images) {
+        Ok([image]) => image.unsqueeze(0),
+        Err(images) => Tensor::stack(&images, 0),
+    }
 }
 
 /// A patch embedding's strided convolution.
@@ -138,17 +147,13 @@ fn conv_as_gemm(tokens: &Tensor, geometry: ConvGeometry, linear: &Linear) -> Res
     let images = (0..tokens.dim(0)?)
         .map(|b| {
             let image = tokens.get(b)?;
-            let parts = (0..outputs)
-                .step_by(chunk)
-                .map(|first| {
-                    patches(&image, geometry, first, chunk.min(outputs - first))?.apply(linear)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
+            concat_row_chunks(outputs, chunk, |first, rows| {
+                patches(&image, geometry, first, rows)?.apply(linear)
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(FeatureMap {
-        tokens: Tensor::stack(&images, 0)?,
+        tokens: stack(images)?,
         height,
         width,
     })
@@ -457,10 +462,7 @@ impl ChannelAttention {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        match <[Tensor; 1]>::try_from(images) {
-            Ok([image]) => image.unsqueeze(0), // one image: no copy
-            Err(images) => Tensor::stack(&images, 0),
-        }
+        stack(images)
     }
 }
 
