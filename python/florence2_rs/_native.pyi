@@ -11,6 +11,10 @@ _Path = Union[str, PathLike[str]]
 
 CUDA_BUILD: bool
 """Whether this build has the `cuda` cargo feature."""
+TASKS_WITHOUT_INPUT: tuple[str, ...]
+"""The processor's tasks whose prompt is the task token alone, in its table order."""
+TASKS_WITH_INPUT: tuple[str, ...]
+"""The processor's tasks that take an input after the token, in its table order."""
 
 def cuda_available() -> bool:
     """True when this is a CUDA build and GPU 0 can be opened."""

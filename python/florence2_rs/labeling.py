@@ -15,23 +15,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import _native
 from .modeling import Florence2ForConditionalGeneration
 from .processing import AutoProcessor
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
-# The two halves of the processor's task table (src/processor/prompts.rs, which Python cannot read; a test
-# checks the processor agrees).
-#: Tasks whose prompt is the task token alone, in the processor's table order; `--task all` runs these.
-TASKS_WITHOUT_INPUT = (
-    "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
-    "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>",
-)
-#: Tasks that read an input after the token (a phrase, or a region given as four <loc_*> tokens).
-TASKS_WITH_INPUT = (
-    "<CAPTION_TO_PHRASE_GROUNDING>", "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>",
-    "<OPEN_VOCABULARY_DETECTION>", "<REGION_TO_CATEGORY>", "<REGION_TO_DESCRIPTION>", "<REGION_TO_OCR>",
-)
+#: Tasks whose prompt is the task token alone, in the processor's table order (src/processor/prompts.rs);
+#: `--task all` runs these. TASKS_WITH_INPUT: tasks that read an input after the token (a phrase, or a region
+#: given as four <loc_*> tokens).
+TASKS_WITHOUT_INPUT: tuple[str, ...] = _native.TASKS_WITHOUT_INPUT
+TASKS_WITH_INPUT: tuple[str, ...] = _native.TASKS_WITH_INPUT
 
 # Location tokens quantize each axis into this many bins (as the post-processor does).
 _BINS = 1000

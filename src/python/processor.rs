@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
+use crate::processor::prompts::{Prompt, TASKS};
 use crate::processor::{
     Answer, EncodeOptions, Florence2Processor, ImageInput, Layout, Padding, RgbImage,
 };
@@ -270,5 +271,15 @@ impl PyProcessorCore {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyProcessorCore>()
+    m.add_class::<PyProcessorCore>()?;
+    // The task table's two halves, in its order, for the labeling tools (python/florence2_rs/labeling.py).
+    let tokens = |with_input: bool| {
+        TASKS
+            .iter()
+            .filter(move |task| matches!(task.prompt, Prompt::WithInput(_)) == with_input)
+            .map(|task| task.token)
+            .collect::<Vec<_>>()
+    };
+    m.add("TASKS_WITHOUT_INPUT", PyTuple::new(m.py(), tokens(false))?)?;
+    m.add("TASKS_WITH_INPUT", PyTuple::new(m.py(), tokens(true))?)
 }
