@@ -80,28 +80,6 @@ pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) ->
 /// `x · Φ(x) = x/2 · (1 + erf(x/√2))` for contiguous f32 or bf16 storage.
 struct GeluErf;
 
-impl GeluErf {
-    /// Each output from its input, in parallel blocks compiled for AVX2 where the CPU has it.
-    fn map<T: Copy + Default + Send + Sync>(
-        values: &[T],
-        to: impl Fn(T) -> f32 + Sync,
-        from: impl Fn(f32) -> T + Sync,
-    ) -> Vec<T> {
-        let mut out = vec![T::default(); values.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(values.par_chunks(1 << 14))
-            .for_each(|(out, xs)| {
-                simd(|| {
-                    for (o, &x) in out.iter_mut().zip(xs) {
-                        let x = to(x);
-                        *o = from(0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)));
-                    }
-                })
-            });
-        out
-    }
-}
-
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu-erf-fast"
@@ -110,12 +88,11 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match (storage, layout.contiguous_offsets()) {
             (CpuStorage::BF16(data), Some((start, end))) => {
-                CpuStorage::BF16(Self::map(&data[start..end], |x| x.to_f32(), bf16::from_f32))
+                CpuStorage::BF16(par_map(&data[start..end], |x| {
+                    bf16::from_f32(gelu(x.to_f32()))
+                }))
             }
-            _ => {
-                let values = contiguous_f32(storage, layout, self.name())?;
-                CpuStorage::F32(Self::map(values, |x| x, |x| x))
-            }
+            _ => CpuStorage::F32(par_map(contiguous_f32(storage, layout, self.name())?, gelu)),
         };
         Ok((out, layout.shape().clone()))
     }
@@ -410,23 +387,11 @@ impl CustomOp1 for Convert {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn map<S: Copy + Sync, D: Copy + Default + Send>(
-            src: &[S],
-            f: impl Fn(S) -> D + Sync,
-        ) -> Vec<D> {
-            let mut out = vec![D::default(); src.len()];
-            out.par_chunks_mut(1 << 15)
-                .zip(src.par_chunks(1 << 15))
-                .for_each(|(out, src)| {
-                    simd(|| out.iter_mut().zip(src).for_each(|(o, &s)| *o = f(s)))
-                });
-            out
-        }
         let out = match storage {
             CpuStorage::BF16(data) => {
-                CpuStorage::F32(map(contiguous(data, layout)?, |v| v.to_f32()))
+                CpuStorage::F32(par_map(contiguous(data, layout)?, |v| v.to_f32()))
             }
-            _ => CpuStorage::BF16(map(
+            _ => CpuStorage::BF16(par_map(
                 contiguous_f32(storage, layout, self.name())?,
                 bf16::from_f32,
             )),
@@ -441,6 +406,24 @@ pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("a custom op takes contiguous tensors"),
     }
+}
+
+/// `f` of each value, in parallel blocks compiled for AVX2 where the CPU has it.
+fn par_map<S: Copy + Sync, D: Copy + Default + Send>(
+    src: &[S],
+    f: impl Fn(S) -> D + Sync,
+) -> Vec<D> {
+    let mut out = vec![D::default(); src.len()];
+    out.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(out, src)| simd(|| out.iter_mut().zip(src).for_each(|(o, &s)| *o = f(s))));
+    out
+}
+
+/// `x · Φ(x)`, the exact GELU.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// erf as an odd rational function of `x` clamped to [-4, 4] (beyond, erf is ±1 in f32): the minimax
