@@ -228,7 +228,10 @@ impl Florence2ForConditionalGeneration {
     }
 
     /// The vision tower's last hidden state `[B, C, H', W']` for `pixel_values` `[B, 3, H, W]` (any float dtype).
-    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    ///
+    /// Takes the pixels by value: the tower drops them once they are laid out as tokens (7 MB per
+    /// 768x768 image in f32, at the tower's peak memory), unless the caller keeps another handle.
+    pub fn vision_features(&self, pixel_values: Tensor) -> Result<Tensor> {
         let (_, channels, _, _) = pixel_values.dims4().map_err(|_| {
             Error::invalid(format!(
                 "pixel_values must have shape [batch, 3, height, width], got {:?}",
@@ -242,11 +245,16 @@ impl Florence2ForConditionalGeneration {
             )));
         }
         let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
-        Ok(self.vision_tower.forward(&pixels)?)
+        drop(pixel_values);
+        let features = self.vision_tower.forward(pixels)?;
+        if self.device.is_cpu() {
+            crate::nn::release_free_memory();
+        }
+        Ok(features)
     }
 
     /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).
-    pub fn get_image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    pub fn get_image_features(&self, pixel_values: Tensor) -> Result<Tensor> {
         Ok(self
             .projector
             .forward(&self.vision_features(pixel_values)?)?)

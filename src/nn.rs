@@ -582,6 +582,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Hands the allocator's free memory back to the system (glibc's `malloc_trim`).
+///
+/// The vision tower makes and frees ~100 MB of intermediates per image, in blocks of a few MiB to 18 MiB.
+/// glibc keeps freed blocks in its heaps, fragmented, and the peak resident set grew with each further image
+/// (base f32, `VmHWM`: 1026 MB after one 768x768 image, 1038 MB after two). Trimmed after the tower, the
+/// resident set is back at ~970 MB between images and the peak stays at the first image's; the tower's time
+/// did not change beyond its run-to-run noise.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it takes the allocator's locks itself.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

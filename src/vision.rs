@@ -12,7 +12,7 @@
 //! between NCHW and tokens around every convolution; here that happens once per stage, around the patch
 //! embedding.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Activation, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::config::VisionConfig;
@@ -99,8 +99,14 @@ impl PatchConv {
         })
     }
 
-    /// Tokens `[B, H*W, C]` of a `height`×`width` map → the output map.
-    fn forward(&self, tokens: &Tensor, height: usize, width: usize) -> Result<FeatureMap> {
+    /// Tokens `[B, H*W, C]` of a `height`×`width` map → the output map, normed by `post_norm` when given.
+    fn forward(
+        &self,
+        tokens: &Tensor,
+        height: usize,
+        width: usize,
+        post_norm: Option<&LayerNorm>,
+    ) -> Result<FeatureMap> {
         match self {
             Self::Nchw { conv, dtype } => {
                 let nchw = tokens_to_nchw(tokens, height, width)?;
@@ -112,8 +118,12 @@ impl PatchConv {
                     nchw.apply(conv)?
                 };
                 let (_, _, height, width) = out.dims4()?;
+                let tokens = nchw_to_tokens(&out)?;
                 Ok(FeatureMap {
-                    tokens: nchw_to_tokens(&out)?,
+                    tokens: match post_norm {
+                        Some(norm) => tokens.apply(norm)?,
+                        None => tokens,
+                    },
                     height,
                     width,
                 })
@@ -131,15 +141,21 @@ impl PatchConv {
                     height,
                     width,
                 };
-                conv_as_gemm(tokens, geometry, linear)
+                conv_as_gemm(tokens, geometry, linear, post_norm)
             }
         }
     }
 }
 
 /// The convolution of tokens `[B, H*W, C]` as patch rows times the flattened weight, in chunks of output rows
-/// that keep the patch matrix a few MiB.
-fn conv_as_gemm(tokens: &Tensor, geometry: ConvGeometry, linear: &Linear) -> Result<FeatureMap> {
+/// that keep the patch matrix a few MiB. A norm after the convolution is row-local and runs per chunk too:
+/// on stage 0 the unnormed output would be another 18 MiB at the tower's peak.
+fn conv_as_gemm(
+    tokens: &Tensor,
+    geometry: ConvGeometry,
+    linear: &Linear,
+    post_norm: Option<&LayerNorm>,
+) -> Result<FeatureMap> {
     let (height, width) = geometry.output();
     let outputs = height * width;
     let row_len = geometry.kernel * geometry.kernel * tokens.dim(2)?;
@@ -148,7 +164,11 @@ fn conv_as_gemm(tokens: &Tensor, geometry: ConvGeometry, linear: &Linear) -> Res
         .map(|b| {
             let image = tokens.get(b)?;
             concat_row_chunks(outputs, chunk, |first, rows| {
-                patches(&image, geometry, first, rows)?.apply(linear)
+                let out = patches(&image, geometry, first, rows)?.apply(linear)?;
+                match post_norm {
+                    Some(norm) => out.apply(norm),
+                    None => Ok(out),
+                }
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -196,17 +216,20 @@ impl ConvEmbed {
         })
     }
 
-    fn forward(&self, map: &FeatureMap) -> Result<FeatureMap> {
-        let tokens = if self.pre_norm {
-            map.tokens.apply(&self.norm)?
+    /// Takes the map by value: its tokens are dropped as soon as the convolution has read them.
+    fn forward(&self, map: FeatureMap) -> Result<FeatureMap> {
+        let FeatureMap {
+            tokens,
+            height,
+            width,
+        } = map;
+        if self.pre_norm {
+            let normed = tokens.apply(&self.norm)?;
+            drop(tokens);
+            self.conv.forward(&normed, height, width, None)
         } else {
-            map.tokens.clone()
-        };
-        let mut out = self.conv.forward(&tokens, map.height, map.width)?;
-        if !self.pre_norm {
-            out.tokens = out.tokens.apply(&self.norm)?;
+            self.conv.forward(&tokens, height, width, Some(&self.norm))
         }
-        Ok(out)
     }
 }
 
@@ -303,41 +326,74 @@ impl WindowAttention {
         })
     }
 
-    /// `xs`: `[B, H, W, C]` → `[B, H*W, C]`. Takes `xs` by value to drop it once the windows are copied out.
-    fn forward(&self, xs: Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = xs.dims4()?;
+    /// `xs + proj(attention(norm(xs)))` for tokens `[B, H*W, C]` of an `h`×`w` map.
+    ///
+    /// Windows never cross a band of `window` image rows, so the block runs band by band (a few bands a
+    /// chunk): the normed tokens, the windows, their q/k/v and the attention output exist for one chunk at a
+    /// time, and only the input and the output are full-size. Done on the whole map, three 18 MiB copies
+    /// were alive at once on stage 0 of a 768x768 image, which set the tower's peak memory.
+    fn forward_residual(
+        &self,
+        xs: &Tensor,
+        h: usize,
+        w: usize,
+        norm: &LayerNorm,
+    ) -> Result<Tensor> {
         let ws = self.window;
-        let pad_w = (ws - w % ws) % ws;
-        let pad_h = (ws - h % ws) % ws;
-        let xs = if pad_w > 0 || pad_h > 0 {
-            let padded = xs
-                .pad_with_zeros(2, 0, pad_w)?
-                .pad_with_zeros(1, 0, pad_h)?;
-            drop(xs);
-            padded
-        } else {
-            xs
-        };
-        let (hp, wp) = (h + pad_h, w + pad_w);
-        let (nh, nw) = (hp / ws, wp / ws);
-        let windows = xs
-            .reshape((b, nh, ws, nw, ws, c))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .contiguous()?
-            .reshape((b * nh * nw, ws * ws, c))?;
-        drop(xs);
-        // Windows are independent: run them in chunks to keep the q/k/v intermediates small.
-        let per_chunk = chunk_floats(windows.device()) / (ws * ws * 3 * c);
-        let out = map_row_chunks(&windows, per_chunk, |w| self.attend(w))?;
-        drop(windows);
+        let band_floats = ws * w.next_multiple_of(ws) * 3 * xs.dim(2)?;
+        let bands = (chunk_floats(xs.device()) / band_floats).max(1);
+        self.forward_in_bands(xs, (h, w), norm, bands)
+    }
 
-        out.reshape((b, nh, nw, ws, ws, c))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .reshape((b, hp, wp, c))?
-            .narrow(1, 0, h)?
-            .narrow(2, 0, w)?
+    /// [`Self::forward_residual`] with chunks of `bands` bands of windows.
+    fn forward_in_bands(
+        &self,
+        xs: &Tensor,
+        (h, w): (usize, usize),
+        norm: &LayerNorm,
+        bands: usize,
+    ) -> Result<Tensor> {
+        let (b, _, c) = xs.dims3()?;
+        let rows = bands * self.window;
+        let images = (0..b)
+            .map(|i| {
+                let image = xs.get(i)?.reshape((h, w * c))?;
+                concat_row_chunks(h, rows, |start, len| {
+                    let tokens = image.narrow(0, start, len)?.reshape((len, w, c))?;
+                    let mixed = self.band(&tokens.apply(norm)?)?;
+                    add(&tokens, &mixed)?.reshape((len, w * c))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        stack(images)?.reshape((b, h * w, c))
+    }
+
+    /// Attention within the windows of `rows` `[R, W, C]` (normed tokens whose first row starts a row of
+    /// windows) → `[R, W, C]`. The map is padded with zeros to whole windows after the norm, as
+    /// transformers pads it.
+    fn band(&self, rows: &Tensor) -> Result<Tensor> {
+        let (h, w, c) = rows.dims3()?;
+        let ws = self.window;
+        let (hp, wp) = (h.next_multiple_of(ws), w.next_multiple_of(ws));
+        let padded = if (hp, wp) != (h, w) {
+            rows.pad_with_zeros(1, 0, wp - w)?
+                .pad_with_zeros(0, 0, hp - h)?
+        } else {
+            rows.clone()
+        };
+        let (nh, nw) = (hp / ws, wp / ws);
+        let windows = padded
+            .reshape((nh, ws, nw, ws, c))?
+            .permute((0, 2, 1, 3, 4))?
             .contiguous()?
-            .reshape((b, h * w, c))
+            .reshape((nh * nw, ws * ws, c))?;
+        drop(padded);
+        self.attend(&windows)?
+            .reshape((nh, nw, ws, ws, c))?
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((hp, wp, c))?
+            .narrow(0, 0, h)?
+            .narrow(1, 0, w)
     }
 }
 
@@ -392,22 +448,23 @@ impl ChannelAttention {
     }
 }
 
-impl Module for ChannelAttention {
-    /// `xs`: `[B, N, C]` → `[B, N, C]`.
+impl ChannelAttention {
+    /// `xs + proj(attention(norm(xs)))` for tokens `[B, N, C]`.
     ///
     /// The scores `qᵀk` of a group sum over the tokens, so they are accumulated over chunks of rows (pass 1,
     /// q and k of one chunk at a time); the output `v softmax(qᵀk * N^-1/2)ᵀ` is again row-local (pass 2, v of
-    /// one chunk at a time). The same products as one pass, but the `[N, 3C]` projection (54 MiB on stage 0
-    /// of a 768x768 image, the tower's largest intermediate) never exists whole.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// one chunk at a time, projected and added to its rows). The same products as one pass, but the
+    /// `[N, 3C]` projection (54 MiB on stage 0 of a 768x768 image) and the normed tokens never exist whole;
+    /// each chunk is normed in both passes instead.
+    fn forward_residual(&self, xs: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
         let c = xs.dim(2)?;
-        self.forward_in_chunks(xs, (chunk_floats(xs.device()) / (2 * c)).max(1))
+        self.forward_in_chunks(xs, norm, (chunk_floats(xs.device()) / (2 * c)).max(1))
     }
 }
 
 impl ChannelAttention {
-    /// [`Module::forward`] with chunks of `rows` tokens.
-    fn forward_in_chunks(&self, xs: &Tensor, rows: usize) -> Result<Tensor> {
+    /// [`Self::forward_residual`] with chunks of `rows` tokens.
+    fn forward_in_chunks(&self, xs: &Tensor, norm: &LayerNorm, rows: usize) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
         let (groups, group_dim) = (self.groups, c / self.groups);
         // [rows, C] → [groups, rows, group_dim]
@@ -424,6 +481,7 @@ impl ChannelAttention {
                 for start in (0..n).step_by(rows) {
                     let qk = image
                         .narrow(0, start, rows.min(n - start))?
+                        .apply(norm)?
                         .apply(&self.qk)?;
                     let q = by_group(qk.narrow(1, 0, c)?)?;
                     let k = by_group(qk.narrow(1, c, c)?)?;
@@ -452,13 +510,14 @@ impl ChannelAttention {
                 // The output projection is row-local too: applied per chunk, the unprojected output never
                 // exists whole.
                 map_row_chunks(&image, rows, |chunk| {
-                    let v = by_group(chunk.apply(&self.v)?)?; // [groups, rows, group_dim]
+                    // [groups, rows, group_dim]
+                    let v = by_group(chunk.apply(norm)?.apply(&self.v)?)?;
                     let out = to_dtype(&v, product_dtype)?.matmul(&probs_t)?;
-                    to_dtype(
+                    let out = to_dtype(
                         &out.transpose(0, 1)?.reshape((chunk.dim(0)?, c))?,
                         xs.dtype(),
-                    )?
-                    .apply(&self.proj)
+                    )?;
+                    add(chunk, &out.apply(&self.proj)?)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -513,20 +572,13 @@ impl DualBlock {
     /// Takes the tokens by value and drops each full-size intermediate as soon as it is used: on stage 0 of a
     /// 768x768 image each is 18 MiB, and how many are alive at once sets the tower's peak memory.
     fn forward(&self, xs: Tensor, h: usize, w: usize) -> Result<Tensor> {
-        let (b, _, c) = xs.dims3()?;
         let residual = self.conv1.forward_residual(&xs, h, w)?;
         drop(xs);
-        let normed = residual.apply(&self.norm1)?;
-        let mixed = match &self.mixer {
-            Mixer::Window(attn) => {
-                let grid = normed.reshape((b, h, w, c))?;
-                drop(normed);
-                attn.forward(grid)?
-            }
-            Mixer::Channel(attn) => normed.apply(attn)?,
+        let xs = match &self.mixer {
+            Mixer::Window(attn) => attn.forward_residual(&residual, h, w, &self.norm1)?,
+            Mixer::Channel(attn) => attn.forward_residual(&residual, &self.norm1)?,
         };
-        let xs = add(&residual, &mixed)?;
-        drop((residual, mixed));
+        drop(residual);
 
         let residual = self.conv2.forward_residual(&xs, h, w)?;
         drop(xs);
@@ -566,15 +618,17 @@ impl Florence2VisionBackbone {
     }
 
     /// Runs the tower; `pixel_values` must already be in the model's dtype.
-    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// Takes the pixels by value, to drop them (unless the caller keeps a handle) once they are tokens.
+    pub fn forward(&self, pixel_values: Tensor) -> Result<Tensor> {
         let (_, _, height, width) = pixel_values.dims4()?;
         let mut map = FeatureMap {
-            tokens: nchw_to_tokens(pixel_values)?,
+            tokens: nchw_to_tokens(&pixel_values)?,
             height,
             width,
         };
+        drop(pixel_values);
         for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
-            map = conv.forward(&map)?;
+            map = conv.forward(map)?;
             let (h, w) = (map.height, map.width);
             for (spatial, channel) in stage_blocks {
                 // Moved through the blocks, so that no block's input outlives its first use.
@@ -589,7 +643,7 @@ impl Florence2VisionBackbone {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Module};
 
     /// The two-pass chunked channel attention against the one-pass formula (transformers'): the whole
     /// projection, `softmax(qᵀk * N^-1/2)` per group, `v` times its transpose.
@@ -610,8 +664,9 @@ mod tests {
             groups,
         };
         let xs = randn(&[b, n, c]);
+        let (norm, normed) = norm_and_reference(&xs);
 
-        let qkv = xs
+        let qkv = normed
             .broadcast_matmul(&w.t().unwrap())
             .unwrap()
             .broadcast_add(&bias)
@@ -627,12 +682,61 @@ mod tests {
         let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         let out = v.matmul(&probs.transpose(2, 3).unwrap()).unwrap(); // [B, g, N, d]
         let out = out.transpose(1, 2).unwrap().reshape((b, n, c)).unwrap();
-        let expected = out.broadcast_matmul(&proj_w.t().unwrap()).unwrap();
+        let expected = (&xs + out.broadcast_matmul(&proj_w.t().unwrap()).unwrap()).unwrap();
 
         for rows in [1, 4, n] {
-            let got = attn.forward_in_chunks(&xs, rows).unwrap();
+            let got = attn.forward_in_chunks(&xs, &norm, rows).unwrap();
             let diff = (got - &expected).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "chunks of {rows}");
+        }
+    }
+
+    /// A LayerNorm over the last dim of `xs` with random affine parameters, and its output by candle's
+    /// LayerNorm.
+    fn norm_and_reference(xs: &Tensor) -> (LayerNorm, Tensor) {
+        let c = xs.dim(2).unwrap();
+        let dev = xs.device();
+        let weight = Tensor::randn(1f32, 0.5, c, dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, c, dev).unwrap();
+        let tensors = std::collections::HashMap::from([
+            ("weight".to_string(), weight.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
+        let norm = layer_norm(c, 1e-5, vb).unwrap();
+        let normed = candle_nn::LayerNorm::new(weight, bias, 1e-5)
+            .forward(xs)
+            .unwrap();
+        (norm, normed)
+    }
+
+    /// Window attention band by band (chunks of one band, with maps that do not fill whole windows) against
+    /// the whole map in one chunk, which pads and splits it as transformers does.
+    #[test]
+    fn window_attention_in_bands_is_the_whole_map_at_once() {
+        let dev = Device::Cpu;
+        let (b, c, heads, window) = (2, 8, 2, 3);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &dev).unwrap();
+        let attn = WindowAttention {
+            qkv: Linear::new(randn(&[3 * c, c]), Some(randn(&[3 * c])), None).unwrap(),
+            proj: Linear::new(randn(&[c, c]), Some(randn(&[c])), None).unwrap(),
+            num_heads: heads,
+            window,
+            scale: ((c / heads) as f64).powf(-0.5),
+        };
+        for (h, w) in [(7, 5), (6, 6), (2, 4)] {
+            let xs = randn(&[b, h * w, c]);
+            let (norm, _) = norm_and_reference(&xs);
+            let whole = attn.forward_in_bands(&xs, (h, w), &norm, h).unwrap();
+            assert_eq!(whole.dims(), &[b, h * w, c]);
+            for bands in [1, 2] {
+                let got = attn.forward_in_bands(&xs, (h, w), &norm, bands).unwrap();
+                let diff = (got - &whole).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    diff.to_scalar::<f32>().unwrap() < 1e-5,
+                    "{h}x{w}, {bands} bands"
+                );
+            }
         }
     }
 }

@@ -32,7 +32,7 @@ fn tiny(spec: &str) -> (Florence2ForConditionalGeneration, Tensor, Tensor, Tenso
     )
     .expect("tiny checkpoint");
     let features = model
-        .get_image_features(&refs["pixel_values"])
+        .get_image_features(refs["pixel_values"].clone())
         .expect("image features");
     (
         model,

@@ -71,7 +71,7 @@ fn tiny_checkpoints_generate_like_transformers() {
                 .unwrap()
                 .contiguous()
                 .unwrap();
-            let features = model.get_image_features(pixels).unwrap();
+            let features = model.get_image_features(pixels.clone()).unwrap();
             for case in cases.as_array().unwrap() {
                 let cfg = generation_config(&fixtures().join(spec).join("hf"), &case["kwargs"]);
                 let want: Vec<Vec<u32>> =

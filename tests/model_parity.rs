@@ -75,8 +75,8 @@ fn run(
     layout: &str,
 ) -> [Tensor; 4] {
     let pixels = reference.get("pixel_values");
-    let vision = model.vision_features(pixels).unwrap();
-    let features = model.get_image_features(pixels).unwrap();
+    let vision = model.vision_features(pixels.clone()).unwrap();
+    let features = model.get_image_features(pixels.clone()).unwrap();
     let (ids, mask) = if layout == "hf" {
         (
             reference.get("input_ids").clone(),
@@ -156,7 +156,7 @@ fn cached_decoding_matches_the_full_forward() {
     let model = load("tiny", "hf", DType::F32);
     let [.., full] = run(&model, &reference, "hf");
     let features = model
-        .get_image_features(reference.get("pixel_values"))
+        .get_image_features(reference.get("pixel_values").clone())
         .unwrap();
     let encoder = model
         .encode(
@@ -256,7 +256,7 @@ fn bad_inputs_are_errors_not_panics() {
     let model = load("tiny", "hf", DType::F32);
     let reference = Reference::load("tiny");
     let pixels = reference.get("pixel_values");
-    let features = model.get_image_features(pixels).unwrap();
+    let features = model.get_image_features(pixels.clone()).unwrap();
     // Too few placeholders for the features.
     let ids = reference.text_only("input_ids");
     assert!(model.encode(&ids, None, Some(&features)).is_err());
@@ -265,12 +265,12 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(model.encode(&ids, None, None).is_err());
     // Wrong pixel shapes.
     assert!(model
-        .vision_features(&Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .vision_features(Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap())
         .is_err());
     assert!(model
-        .vision_features(&Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .vision_features(Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap())
         .is_err());
     // An image too large for the position embedding.
     let big = Tensor::zeros((1, 3, 1024, 1024), DType::F32, &Device::Cpu).unwrap();
-    assert!(model.get_image_features(&big).is_err());
+    assert!(model.get_image_features(big).is_err());
 }

@@ -18,7 +18,7 @@ fn logits(
     refs: &std::collections::HashMap<String, Tensor>,
 ) -> Tensor {
     let features = model
-        .get_image_features(&refs["pixel_values"])
+        .get_image_features(refs["pixel_values"].clone())
         .expect("image features");
     let encoder = model
         .encode(

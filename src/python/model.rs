@@ -153,7 +153,7 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
         let out = self.detached(py, move |m| {
-            HostOutput::from_tensor(&m.vision_features(&pixels.to_tensor()?)?)
+            HostOutput::from_tensor(&m.vision_features(pixels.into_tensor()?)?)
         })?;
         out.into_numpy(py)
     }
@@ -166,7 +166,7 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
         let out = self.detached(py, move |m| {
-            HostOutput::from_tensor(&m.get_image_features(&pixels.to_tensor()?)?)
+            HostOutput::from_tensor(&m.get_image_features(pixels.into_tensor()?)?)
         })?;
         out.into_numpy(py)
     }
@@ -339,8 +339,8 @@ pub(crate) fn features_tensor(
     image_features: Option<HostArray<f32>>,
 ) -> Result<Option<Tensor>> {
     Ok(match (image_features, pixel_values) {
-        (Some(f), _) => Some(f.to_tensor()?),
-        (None, Some(p)) => Some(model.get_image_features(&p.to_tensor()?)?),
+        (Some(f), _) => Some(f.into_tensor()?),
+        (None, Some(p)) => Some(model.get_image_features(p.into_tensor()?)?),
         (None, None) => None,
     })
 }
