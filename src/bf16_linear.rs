@@ -69,12 +69,14 @@ pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16
     assert!(m > 0 && n > 0 && k > 0);
     assert!(x.len() == m * k && w.len() == n * k && bias.len() == n);
     let mut out = Vec::with_capacity(m * n);
-    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
     #[cfg(target_arch = "x86_64")]
-    if m <= FEW_ROWS {
-        few_rows(x, m, k, w, n, bias, dst);
-    } else {
-        panels(x, m, &Packed::new(w, n, k), bias, dst);
+    {
+        let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
+        if m <= FEW_ROWS {
+            few_rows(x, m, k, w, n, bias, dst);
+        } else {
+            panels(x, m, &Packed::new(w, n, k), bias, dst);
+        }
     }
     // SAFETY: both kernels write each of the m x n outputs (every row, every column).
     unsafe { out.set_len(m * n) };

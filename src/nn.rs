@@ -490,16 +490,40 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
-/// Runs `kernel` inside a function compiled for AVX2 + FMA when this x86-64 CPU has them: the default build
-/// targets baseline x86-64 (SSE2), so a plain loop vectorizes 4 floats wide; inlined here it gets 8. The
-/// kernel's own helpers should be `#[inline(always)]` so that they are compiled in this context too.
+/// Whether this CPU has AVX-512 (F, BW, VL) as well as AVX2 and FMA (always false off x86-64).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `kernel` inside a function compiled for AVX-512 or AVX2 + FMA, the widest this x86-64 CPU has: the
+/// default build targets baseline x86-64 (SSE2), so a plain loop vectorizes 4 floats wide; inlined here it
+/// gets 16 or 8. The kernel's own helpers should be `#[inline(always)]` so that they are compiled in this
+/// context too. The results do not depend on the width: each lane computes its own values in the same order.
 #[inline(always)]
 pub fn simd<R>(kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn avx512<R>(kernel: impl FnOnce() -> R) -> R {
+            kernel()
+        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<R>(kernel: impl FnOnce() -> R) -> R {
             kernel()
+        }
+        if has_avx512() {
+            // SAFETY: the CPU has the features `avx512` is compiled for.
+            return unsafe { avx512(kernel) };
         }
         if has_avx2_fma() {
             // SAFETY: the CPU has the features `avx2` is compiled for.
