@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::nn::{exp, has_avx2_fma, lane_sum, Out};
+use crate::nn::{exp, lane_sum, wide_fn, Out};
 
 /// Query rows per task: 64 rows of scores over ~600 keys stay in L2.
 const QUERY_BLOCK: usize = 64;
@@ -188,20 +188,10 @@ pub unsafe fn matmul(
     )
 }
 
-/// In-place softmax of each `len`-long row of `rows`, vectorized (libm's scalar `expf` was ~3 % of the
-/// tower), for AVX2 + FMA where the CPU has them. (Not through `nn::simd`: LLVM declined to inline this
-/// through its closure, which left it compiled for SSE2.)
-pub fn softmax_rows(rows: &mut [f32], len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(rows: &mut [f32], len: usize) {
-            softmax_rows_portable(rows, len)
-        }
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2(rows, len) };
-    }
-    softmax_rows_portable(rows, len)
+wide_fn! {
+    /// In-place softmax of each `len`-long row of `rows`, vectorized (libm's scalar `expf` was ~3 % of the
+    /// tower) for the widest SIMD the CPU has.
+    pub fn softmax_rows(rows: &mut [f32], len: usize) = softmax_rows_portable;
 }
 
 #[inline(always)]

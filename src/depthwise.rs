@@ -54,8 +54,14 @@ impl CustomOp3 for DepthwiseResidual3x3 {
             .enumerate()
             .for_each(|(i, out_row)| {
                 let (image, y) = (i / height, i % height);
-                let plane = &xs[image * height * row..(image + 1) * height * row];
-                crate::nn::simd(|| conv_row(plane, taps, bias, y, height, width, out_row));
+                let plane = Plane {
+                    values: &xs[image * height * row..(image + 1) * height * row],
+                    taps,
+                    bias,
+                    height,
+                    width,
+                };
+                conv_row_wide(&plane, y, out_row);
             });
         Ok((CpuStorage::F32(out), xs_l.shape().clone()))
     }
@@ -74,18 +80,31 @@ impl CustomOp3 for DepthwiseResidual3x3 {
     }
 }
 
+/// One image `[H, W, C]` (channels last) with the convolution's taps `[9, C]` and bias `[C]`.
+struct Plane<'a> {
+    values: &'a [f32],
+    taps: &'a [f32],
+    bias: &'a [f32],
+    height: usize,
+    width: usize,
+}
+
+crate::nn::wide_fn! {
+    /// [`conv_row`] for the widest SIMD the CPU has.
+    fn conv_row_wide(plane: &Plane, y: usize, out_row: &mut [f32]) = conv_row;
+}
+
 /// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
 /// zero outside the map.
 #[inline(always)]
-fn conv_row(
-    plane: &[f32],
-    taps: &[f32],
-    bias: &[f32],
-    y: usize,
-    height: usize,
-    width: usize,
-    out_row: &mut [f32],
-) {
+fn conv_row(plane: &Plane, y: usize, out_row: &mut [f32]) {
+    let Plane {
+        values: plane,
+        taps,
+        bias,
+        height,
+        width,
+    } = *plane;
     let channels = bias.len();
     let row = width * channels;
     for x in 0..width {
