@@ -1,4 +1,4 @@
-//! The processor against the released tokenizer files (skipped where ../shared is absent), and a
+//! The processor against the released tokenizer files (tests/fixtures/release), and a
 //! property test that the parsers and the prompt builder never panic.
 
 use std::path::PathBuf;
@@ -8,21 +8,16 @@ use florence2_rs::processor::{
 };
 use proptest::prelude::*;
 
-fn release(name: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/florence2-release-files")
-        .join(name);
-    dir.is_dir().then_some(dir)
+fn release(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/release")
+        .join(name)
 }
 
 #[test]
 fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {
-    let (Some(msft), Some(onnx)) = (
-        release("microsoft_Florence-2-base"),
-        release("onnx-community_Florence-2-base"),
-    ) else {
-        return;
-    };
+    let msft = release("microsoft_Florence-2-base");
+    let onnx = release("onnx-community_Florence-2-base");
     let ours = Florence2Processor::from_dir(&msft).unwrap();
     let released = Florence2Processor::from_dir(&onnx).unwrap();
     assert_eq!(ours.layout, Layout::Original);

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RELEASE_FILES = ROOT.parent / "shared" / "florence2-release-files"
+RELEASE_FILES = ROOT / "tests" / "fixtures" / "release"
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 
@@ -44,11 +44,9 @@ def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def end_to_end_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_768: tiny shapes with the released vocabulary, 768² images and processor files, both layouts
-    (<root>/hf, <root>/original). Needs the release files folder for the tokenizers."""
+    (<root>/hf, <root>/original), with the released tokenizers of tests/fixtures/release."""
     if _reference_available():
         pytest.skip("transformers/torch not installed")
-    if not RELEASE_FILES.is_dir():
-        pytest.skip(f"{RELEASE_FILES} is absent")
     import make_fixtures
 
     root = tmp_path_factory.mktemp("end_to_end")

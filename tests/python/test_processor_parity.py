@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,8 @@ from florence2_rs import AutoProcessor, Florence2Processor  # noqa: E402
 
 import make_fixtures  # noqa: E402  (tests/fixtures, on sys.path through conftest.py)
 
-RELEASE = Path(__file__).resolve().parents[2] / ".." / "shared" / "florence2-release-files"
-ONNX = RELEASE / "onnx-community_Florence-2-base"
+RELEASE = make_fixtures.RELEASE_FILES
 MSFT = RELEASE / "microsoft_Florence-2-base"
-pytestmark = pytest.mark.skipif(not ONNX.is_dir(), reason="release files folder absent")
 
 TASKS_WITHOUT_INPUT = [
     "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
