@@ -37,7 +37,7 @@ def worker(path: Path, quantize: str | None, new_tokens: int) -> dict:
     settings = json.dumps({"num_beams": 1, "do_sample": False, "min_new_tokens": new_tokens,
                            "max_new_tokens": new_tokens})
     start = time.perf_counter()
-    ids = model.generate(input_ids, None, pixel_values, None, settings)["sequences"][0].tolist()
+    ids = model.generate(input_ids, None, pixel_values, None, kwargs=settings)["sequences"][0].tolist()
     generate = time.perf_counter() - start
     # Logits of the first f32 continuation, so that every variant is scored on the same decoder inputs.
     decoder_ids = np.array([[DECODER_START] + list(range(3, 3 + 15))], dtype=np.int64)

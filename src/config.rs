@@ -46,6 +46,52 @@ pub struct VisionConfig {
     pub max_position_embeddings: usize,
 }
 
+impl VisionConfig {
+    /// The feature-map size after each stage's patch embedding for a `height`×`width` image (PyTorch's
+    /// convolution formula), or what makes the image unusable: an empty image, one smaller than a stage's
+    /// kernel (where torch's convolution fails too), sizes that overflow.
+    pub fn stage_sizes(
+        &self,
+        height: usize,
+        width: usize,
+    ) -> std::result::Result<Vec<(usize, usize)>, String> {
+        if height == 0 || width == 0 {
+            return Err(format!(
+                "pixel_values holds an empty {height}x{width} image; resize images with the processor"
+            ));
+        }
+        let mut size = (height, width);
+        let mut sizes = Vec::with_capacity(self.embed_dim.len());
+        for s in 0..self.embed_dim.len() {
+            let (kernel, stride, padding) = (
+                self.patch_size[s],
+                self.patch_stride[s],
+                self.patch_padding[s],
+            );
+            let side = |n: usize| -> std::result::Result<usize, String> {
+                let padded = padding
+                    .checked_mul(2)
+                    .and_then(|p| p.checked_add(n))
+                    .ok_or_else(|| {
+                        format!("vision_config.patch_padding[{s}] = {padding} is too large")
+                    })?;
+                if padded < kernel {
+                    return Err(format!(
+                        "a {height}x{width} image is too small for the vision tower: stage {s} gets a {}x{} \
+                         map, smaller than its {kernel}x{kernel} patch; use the image size of the checkpoint's \
+                         preprocessor config",
+                        size.0, size.1
+                    ));
+                }
+                Ok((padded - kernel) / stride + 1)
+            };
+            size = (side(size.0)?, side(size.1)?);
+            sizes.push(size);
+        }
+        Ok(sizes)
+    }
+}
+
 /// The BART language model (transformers' `BartConfig` fields that change the computation).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TextConfig {

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("image: {0}")]
     Image(String),
 
+    /// A request for more memory than one call may allocate ([`crate::limits`]).
+    #[error("{0}")]
+    TooLarge(String),
+
     /// An error from the tensor library: a bug here, or an unsupported device/dtype combination.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

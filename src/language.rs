@@ -364,10 +364,11 @@ impl BartDecoder {
         if group == 0 {
             candle_core::bail!("a decoder cache needs at least one row per encoder output");
         }
-        // On the CPU, bf16 attention is computed in f32 (`nn::attention`). The cross-attention keys/values
-        // serve every step, so they are widened once here (exactly: bf16 -> f32 loses nothing) instead of in
-        // every layer at every step (~5.4 M values per step on base).
-        let widen = encoder_states.device().is_cpu() && encoder_states.dtype() == DType::BF16;
+        // On the CPU, half-precision attention is computed in f32 (`nn::attention`). The cross-attention
+        // keys/values serve every step, so they are widened once here (exactly: bf16/f16 -> f32 loses nothing)
+        // instead of in every layer at every step.
+        let widen = encoder_states.device().is_cpu()
+            && matches!(encoder_states.dtype(), DType::BF16 | DType::F16);
         let cross_kv = self
             .layers
             .iter()

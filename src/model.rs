@@ -244,6 +244,7 @@ impl Florence2ForConditionalGeneration {
                 self.config.vision.in_channels
             )));
         }
+        self.check_vision_memory(&pixel_values)?;
         let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         drop(pixel_values);
         let features = self.vision_tower.forward(pixels)?;
@@ -253,11 +254,48 @@ impl Florence2ForConditionalGeneration {
         Ok(features)
     }
 
+    /// The stage geometry of `pixel_values` `[B, 3, H, W]`, and what the tower's largest intermediates need
+    /// (a few f32 copies of a stage's tokens, its map padded to whole windows with q/k/v, one window's
+    /// attention scores per thread) against [`crate::limits`]: window and patch sizes come from the
+    /// checkpoint's config, image sizes from the caller.
+    fn check_vision_memory(&self, pixel_values: &Tensor) -> Result<()> {
+        let (batch, _, height, width) = pixel_values.dims4()?;
+        let vision = &self.config.vision;
+        let sizes = vision.stage_sizes(height, width).map_err(Error::invalid)?;
+        let window = vision.window_size as u128;
+        let threads = rayon::current_num_threads() as u128;
+        let mut largest = Some(0u128);
+        for (&(h, w), &c) in sizes.iter().zip(&vision.embed_dim) {
+            let (h, w, c) = (h as u128, w as u128, c as u128);
+            let padded = |n: u128| n.div_ceil(window).checked_mul(window);
+            let stage = [
+                crate::limits::product(&[8, batch as u128, h, w, c, 4]),
+                padded(h)
+                    .zip(padded(w))
+                    .and_then(|(hp, wp)| crate::limits::product(&[3, hp, wp, c, 4])),
+                crate::limits::product(&[threads, window, window, window, window, 4]),
+            ];
+            for need in stage {
+                largest = largest.zip(need).map(|(a, b)| a.max(b));
+            }
+        }
+        crate::limits::check_alloc(
+            &format!(
+                "the vision tower on {batch} image(s) of {height}x{width} with window_size {}",
+                vision.window_size
+            ),
+            largest,
+        )
+    }
+
     /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).
     pub fn get_image_features(&self, pixel_values: Tensor) -> Result<Tensor> {
-        Ok(self
-            .projector
-            .forward(&self.vision_features(pixel_values)?)?)
+        self.project_image_features(&self.vision_features(pixel_values)?)
+    }
+
+    /// The projector on the vision tower's output (from [`Self::vision_features`]).
+    pub fn project_image_features(&self, vision_features: &Tensor) -> Result<Tensor> {
+        Ok(self.projector.forward(vision_features)?)
     }
 
     /// Runs the encoder on `input_ids` `[B, L]` with `attention_mask` `[B, L]` (all ones when `None`), the
@@ -393,9 +431,45 @@ impl Florence2ForConditionalGeneration {
         cfg: &GenerationConfig,
     ) -> Result<GenerateOutput> {
         let batch = input_ids.dim(0)?;
+        self.check_generate_memory(batch, cfg)?;
         let encoder = self.encode(input_ids, attention_mask, image_features)?;
         let mut state = self.start_decoding_grouped(&encoder, cfg.expand_factor())?;
         crate::generation::generate(&mut state, cfg, batch)
+    }
+
+    /// What the decoding rows of one generate call need at their longest (the self-attention cache of every
+    /// decoder layer and a few f32 score rows over the vocabulary per row), against [`crate::limits`]: the
+    /// row count is the caller's `num_beams` / `num_return_sequences` times the batch.
+    fn check_generate_memory(&self, batch: usize, cfg: &GenerationConfig) -> Result<()> {
+        let plan = cfg.plan()?;
+        let text = &self.config.text;
+        let rows = (batch as u128).checked_mul(cfg.expand_factor() as u128);
+        // Positions past max_position_embeddings are an error before they are cached.
+        let length = plan.max_length.min(text.max_position_embeddings + 1) as u128;
+        let dtype_bytes = self.dtype.size_in_bytes() as u128;
+        let cache = rows.and_then(|rows| {
+            crate::limits::product(&[
+                2 * text.decoder_layers as u128,
+                rows,
+                length,
+                text.d_model as u128,
+                dtype_bytes,
+            ])
+        });
+        // Logits, their log-softmax and the processed scores, in f32.
+        let scores =
+            rows.and_then(|rows| crate::limits::product(&[3, rows, text.vocab_size as u128, 4]));
+        let total = cache.zip(scores).and_then(|(a, b)| a.checked_add(b));
+        crate::limits::check_alloc(
+            &format!(
+                "generate(num_beams={}, num_return_sequences={}) on {batch} prompt(s) (the decoder cache and \
+                 scores of {} rows)",
+                cfg.num_beams.unwrap_or(1),
+                cfg.num_return_sequences.unwrap_or(1),
+                rows.map_or_else(|| "too many".to_string(), |r| r.to_string()),
+            ),
+            total,
+        )
     }
 
     /// Starts decoding from `encoder` (already expanded to the decoding rows).

@@ -21,23 +21,33 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::BF16 {
-        let [q, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
+    let half = matches!(q.dtype(), DType::BF16 | DType::F16);
+    if q.device().is_cpu() && half {
+        let [q32, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
         let mask = mask.map(|m| to_dtype(m, DType::F32)).transpose()?;
         return to_dtype(
-            &attention(&q?, &k?, &v?, scale, mask.as_ref())?,
-            DType::BF16,
+            &attention(&q32?, &k?, &v?, scale, mask.as_ref())?,
+            q.dtype(),
         );
     }
     if let Some(out) = crate::cpu_attention::attention(q, k, v, scale, mask)? {
         return Ok(out);
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    // The queries are scaled before the product, as transformers' BART scales them, so that half-precision
+    // scores stay in range; the softmax of half-precision scores runs in f32.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let scores = if half {
+        scores.to_dtype(DType::F32)?
+    } else {
+        scores
+    };
     let scores = match mask {
-        Some(mask) => scores.broadcast_add(mask)?,
+        Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .to_dtype(q.dtype())?
+        .matmul(v)
 }
 
 /// The activation transformers' `ACT2FN[name]` gives, for the names Florence-2 configs use.

@@ -497,7 +497,9 @@ impl ChannelAttention {
                 let Some(scores) = scores else {
                     candle_core::bail!("channel attention over a feature map without tokens");
                 };
-                let scores = scores.to_dtype(xs.dtype())?;
+                // Scaled and normalized in f32: the unscaled sums over all tokens of a stage leave the
+                // half-precision range where the scaled scores (what the reference computes, with q scaled
+                // first) stay inside it.
                 let probs = candle_nn::ops::softmax_last_dim(&(scores * (n as f64).powf(-0.5))?)?;
                 // On the CPU the product is taken in f32 (candle's CPU matmul would widen a half-precision
                 // one for each chunk anyway, with copies), with one rounding at the end.

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use florence2_rs::config::Layout;
 use florence2_rs::generation::{generate, DecoderSession, EarlyStopping, GenerationConfig};
 use florence2_rs::{Error, Result};
 use serde_json::{json, Value};
@@ -62,6 +63,45 @@ fn released_config_files() {
     let onnx = root.join("onnx-community_Florence-2-base-ft/generation_config.json");
     let cfg = GenerationConfig::from_json(&read(&onnx)).unwrap();
     assert_florence_defaults(&cfg);
+}
+
+#[test]
+fn original_layout_uses_text_config_not_generation_config_json() {
+    // Microsoft's remote code generates with the language model's config (text_config); large-ft's bare
+    // generation_config.json sits beside it and is not read.
+    let ft = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/release/microsoft_Florence-2-large-ft");
+    assert!(ft.join("generation_config.json").is_file());
+    let cfg = GenerationConfig::from_dir(&ft, Layout::Original).unwrap();
+    assert_florence_defaults(&cfg);
+    assert_eq!((cfg.bos_token_id, cfg.pad_token_id), (Some(0), Some(1)));
+    // Microsoft's Florence2LanguageConfig defaults where text_config leaves a key out.
+    let bare = json!({"text_config": {"num_beams": 2}});
+    let cfg = GenerationConfig::from_original_config(&bare).unwrap();
+    assert_eq!(cfg.num_beams, Some(2));
+    assert_eq!(cfg.decoder_start_token_id, Some(2));
+    assert_eq!(cfg.forced_eos_token_id, Some(vec![2]));
+    assert_eq!(cfg.forced_bos_token_id, None);
+    assert_eq!(cfg.no_repeat_ngram_size, None);
+    // The HF-native layout reads the same folder's generation_config.json, as transformers does.
+    let cfg = GenerationConfig::from_dir(&ft, Layout::HfNative).unwrap();
+    assert_eq!(cfg.early_stopping, Some(EarlyStopping::False));
+    assert_eq!(cfg.no_repeat_ngram_size, None);
+}
+
+#[test]
+fn generation_config_objects_are_merged_leniently() {
+    let mut cfg = GenerationConfig::default();
+    let settings = json!({"num_beams": 2, "num_assistant_tokens": 20, "typical_p": 0.5, "transformers_version": "5"});
+    let ignored = cfg.merge_lenient(settings.as_object().unwrap()).unwrap();
+    assert_eq!(cfg.num_beams, Some(2));
+    assert_eq!(
+        ignored,
+        vec!["num_assistant_tokens".to_string(), "typical_p".to_string()]
+    );
+    let wrong_type = json!({"num_beams": "two"});
+    assert!(cfg.merge_lenient(wrong_type.as_object().unwrap()).is_err());
+    assert_eq!(cfg.to_json(), json!({"num_beams": 2}));
 }
 
 #[test]

@@ -37,8 +37,11 @@ class NativeModel:
         """"float32", "float16" or "bfloat16"."""
     def vision_features(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The vision tower's last hidden state [B, C, H', W'] for pixel_values [B, 3, H, W]."""
-    def get_image_features(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """The projected image tokens [B, 1 + H'W', d_model]."""
+    def get_image_features(
+        self, pixel_values: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """One tower pass: (the vision tower's last hidden state [B, C, H', W'], the projected image tokens
+        [B, 1 + H'W', d_model])."""
     def forward(
         self,
         input_ids: npt.NDArray[np.int64],
@@ -55,11 +58,18 @@ class NativeModel:
         attention_mask: Optional[npt.NDArray[np.int64]] = None,
         pixel_values: Optional[npt.NDArray[np.float32]] = None,
         image_features: Optional[npt.NDArray[np.float32]] = None,
-        settings: str = "{}",
+        config: Optional[str] = None,
+        kwargs: str = "{}",
     ) -> dict[str, Any]:
-        """settings: a JSON object of generate() keywords over the checkpoint's generation config. Returns
-        {"sequences": int64 [N, T], "token_scores": float32 [N, T-1], "return_dict_in_generate": bool,
-        "sequences_scores": float32 [N] | None, "scores": list of float32 [rows, vocab] | None}."""
+        """config: a JSON object of generation-config attributes (unknown ones ignored; None: the checkpoint's
+        generation_config); kwargs: one of
+        generate() keywords (unknown ones are errors), applied after config over transformers' global
+        defaults. Returns {"sequences": int64 [N, T], "token_scores": float32 [N, T-1],
+        "return_dict_in_generate": bool, "sequences_scores": float32 [N] | None,
+        "scores": list of float32 [rows, vocab] | None, "ignored": names of the ignored config attributes}."""
+    @property
+    def generation_config(self) -> str:
+        """The checkpoint's generation settings (JSON object) as its layout's code resolves them."""
 
 class ProcessorCore:
     """Tokenizer, image preprocessing, prompts and post-processing of one checkpoint."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class Florence2PreTrainedModel:
         self._device = device
         self._quantize: str | None = None
         self.config = config
-        self.generation_config = GenerationConfig.from_pretrained(folder)
+        # What generate() starts from, resolved as the checkpoint layout's own code does (Microsoft's layout:
+        # its text_config; the HF-native one: generation_config.json); editable, as in transformers.
+        self.generation_config = GenerationConfig(**json.loads(native.generation_config))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any):
@@ -158,8 +161,7 @@ class Florence2PreTrainedModel:
         """
         as_torch = any_torch(pixel_values)
         pixels = as_numpy(pixel_values, np.float32, "pixel_values")
-        vision = self._native.vision_features(pixels)
-        pooled = self._native.get_image_features(pixels)
+        vision, pooled = self._native.get_image_features(pixels)
         dtype = self._native.dtype
         return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
                                           pooler_output=wrap(pooled, as_torch, dtype))
@@ -285,9 +287,12 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             input_ids, attention_mask, pixel_values: as the processor returns them.
             image_features: projected image tokens from `get_image_features(...).pooler_output`, to reuse one
                 encoded image for several prompts (instead of pixel_values).
-            generation_config: a GenerationConfig to use instead of the checkpoint's.
+            generation_config: a GenerationConfig (florence2_rs' or transformers' own). As in transformers, the
+                attributes it sets to other than transformers' global defaults replace the model's
+                `generation_config` values; attributes florence2-rs has no use for are ignored (with a warning
+                for those that are set).
             **kwargs: generation settings (max_new_tokens, num_beams, do_sample, ...), which override the
-                generation config as in transformers.
+                generation config as in transformers; an unknown name is an error.
 
         Returns:
             ids [batch * num_return_sequences, length] (numpy, or torch when the inputs were torch), or a
@@ -302,15 +307,18 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
         if image_features is not None and pixel_values is not None:
             raise ValueError("You cannot pass both: raw pixels and pre-computed embeddings for input images")
         as_torch = any_torch(input_ids, pixel_values, attention_mask)
-        settings = dict(generation_config.to_dict()) if generation_config is not None else {}
-        settings.update(kwargs)
+        settings = self.generation_config.to_dict()
+        if generation_config is not None:
+            settings.update(_set_attributes(generation_config))
         result = self._native.generate(
             as_numpy(input_ids, np.int64, "input_ids"),
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
             json.dumps(settings, default=_json_default),
+            json.dumps(kwargs, default=_json_default),
         )
+        _warn_ignored(result["ignored"])
         sequences = wrap(result["sequences"], as_torch)
         if not result["return_dict_in_generate"]:
             return sequences
@@ -320,6 +328,29 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             scores=None if result.get("scores") is None else tuple(wrap(s, as_torch) for s in result["scores"]),
             token_scores=wrap(result["token_scores"], as_torch),
         )
+
+
+def _set_attributes(generation_config: Any) -> dict:
+    """The attributes a caller's generation config sets: transformers' `to_diff_dict` (what differs from its
+    global defaults, the values transformers lets replace the model's) for a transformers GenerationConfig,
+    every attribute of ours (which holds only what was set)."""
+    if hasattr(generation_config, "to_diff_dict"):
+        return dict(generation_config.to_diff_dict())
+    if hasattr(generation_config, "to_dict"):
+        return dict(generation_config.to_dict())
+    raise TypeError(f"generation_config must be a GenerationConfig, not {type(generation_config).__name__}")
+
+
+_WARNED_IGNORED: set[str] = set()
+
+
+def _warn_ignored(names: list[str]) -> None:
+    """Warns once per attribute name that a generation config set an attribute florence2-rs ignores."""
+    new = sorted(set(names) - _WARNED_IGNORED)
+    if new:
+        _WARNED_IGNORED.update(new)
+        warnings.warn(f"generation_config attributes ignored by florence2-rs (not supported here): {new}",
+                      UserWarning, stacklevel=3)
 
 
 def _json_default(value: Any) -> Any:

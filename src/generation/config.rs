@@ -1,6 +1,14 @@
-//! `GenerationConfig`: the generation settings of transformers' `GenerationConfig`, loaded from
-//! generation_config.json (or, where a checkpoint has none, from config.json and its text_config, as
-//! transformers' `GenerationConfig.from_model_config` does) and overridden by `generate()` keyword arguments.
+//! `GenerationConfig`: the generation settings of transformers' `GenerationConfig`, resolved for a checkpoint
+//! as the code that released its layout resolves them ([`GenerationConfig::from_dir`]), and overridden by a
+//! caller's `generation_config=` and `generate()` keyword arguments.
+//!
+//! - HF-native layout (transformers' own Florence-2): generation_config.json when the checkpoint has one, else
+//!   transformers' `GenerationConfig.from_model_config` on config.json.
+//! - Microsoft's original layout: its remote code generates through `self.language_model.generate(...)`, whose
+//!   generation config transformers builds from the language model's own config when the model is constructed:
+//!   `text_config` over the defaults of Microsoft's `Florence2LanguageConfig`. A generation_config.json (as
+//!   Florence-2-large-ft ships) is loaded onto the outer model only and never reaches that call, so it is not
+//!   read for this layout.
 //!
 //! Every field is an `Option`: `None` means "not set here", exactly like transformers' `None` attributes, so
 //! that the precedence kwargs > generation_config.json > global defaults is a plain overwrite and the global
@@ -8,8 +16,10 @@
 
 use std::path::Path;
 
+use serde::{Serialize, Serializer};
 use serde_json::Value;
 
+use crate::config::Layout;
 use crate::{Error, Result};
 
 /// transformers' `early_stopping`: `True`, `False` or `"never"` (see `_check_early_stop_heuristic`).
@@ -23,8 +33,30 @@ pub enum EarlyStopping {
     Never,
 }
 
+impl Serialize for EarlyStopping {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            EarlyStopping::True => serializer.serialize_bool(true),
+            EarlyStopping::False => serializer.serialize_bool(false),
+            EarlyStopping::Never => serializer.serialize_str("never"),
+        }
+    }
+}
+
+/// A token list as transformers' configs write it: one id as a plain number, several as a list.
+fn one_or_many<S: Serializer>(
+    tokens: &Option<Vec<u32>>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match tokens.as_deref() {
+        Some([one]) => serializer.serialize_u32(*one),
+        other => other.serialize(serializer),
+    }
+}
+
 /// The generation settings transformers' `generate()` reads, in transformers' names and meanings, plus `seed`.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Serialized, it is a JSON object of the settings that are set (the unset ones are left out).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct GenerationConfig {
     pub max_length: Option<usize>,
     pub max_new_tokens: Option<usize>,
@@ -41,6 +73,7 @@ pub struct GenerationConfig {
     pub no_repeat_ngram_size: Option<usize>,
     pub bad_words_ids: Option<Vec<Vec<u32>>>,
     pub forced_bos_token_id: Option<u32>,
+    #[serde(serialize_with = "one_or_many")]
     pub forced_eos_token_id: Option<Vec<u32>>,
     pub suppress_tokens: Option<Vec<u32>>,
     pub begin_suppress_tokens: Option<Vec<u32>>,
@@ -49,6 +82,7 @@ pub struct GenerationConfig {
     pub return_dict_in_generate: Option<bool>,
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
+    #[serde(serialize_with = "one_or_many")]
     pub eos_token_id: Option<Vec<u32>>,
     pub decoder_start_token_id: Option<u32>,
     /// Not in transformers: seeds the sampling RNG (ChaCha8) so that `do_sample=True` is reproducible.
@@ -115,12 +149,16 @@ impl GenerationConfig {
         }
     }
 
-    /// The settings of a checkpoint folder: its generation_config.json and config.json. One deviation from
-    /// transformers: special token ids that generation_config.json lacks are taken from config.json. Microsoft's
-    /// Florence-2-large-ft ships a generation_config.json with only `num_beams` and `early_stopping`, with which
-    /// transformers' generate cannot start ("decoder_start_token_id ... has to be defined").
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// The settings `generate` starts from for a checkpoint folder of `layout` (see the module docs).
+    ///
+    /// HF-native, one deviation from transformers: special token ids that generation_config.json lacks are
+    /// taken from config.json, without which transformers' generate cannot start ("decoder_start_token_id ...
+    /// has to be defined") on a bare generation_config.json.
+    pub fn from_dir(dir: &Path, layout: Layout) -> Result<Self> {
         let config = read_json(&dir.join("config.json"))?;
+        if layout == Layout::Original {
+            return Self::from_original_config(&config);
+        }
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             Some(read_json(&gen_path)?)
@@ -182,6 +220,59 @@ impl GenerationConfig {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The language model's generation config in Microsoft's remote code: `text_config` (null values included:
+    /// they unset) over the defaults `Florence2LanguageConfig.__init__` passes to transformers.
+    pub fn from_original_config(config_json: &Value) -> Result<Self> {
+        let text = config_json
+            .get("text_config")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::invalid("config.json has no `text_config` object"))?;
+        let mut cfg = Self {
+            pad_token_id: Some(1),
+            bos_token_id: Some(0),
+            eos_token_id: Some(vec![2]),
+            decoder_start_token_id: Some(2),
+            forced_eos_token_id: Some(vec![2]),
+            ..Self::default()
+        };
+        for (key, v) in text {
+            cfg.apply(key, v)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies the attributes of a caller's `generation_config=` object. Unlike keyword arguments, attributes
+    /// that are not generation settings here (transformers' assistant or cache options, custom ones) are
+    /// ignored, as transformers keeps them; their names are returned so that the caller can warn.
+    pub fn merge_lenient(
+        &mut self,
+        settings: &serde_json::Map<String, Value>,
+    ) -> Result<Vec<String>> {
+        let mut ignored = Vec::new();
+        for (key, v) in settings {
+            match self.apply(key, v) {
+                Ok(true) => {}
+                Ok(false) => ignored.push(key.clone()),
+                Err(_) if UNSUPPORTED_KEYS.iter().any(|(k, _)| k == key) => {
+                    ignored.push(key.clone())
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(ignored)
+    }
+
+    /// The settings that are set, as a JSON object in transformers' names.
+    pub fn to_json(&self) -> Value {
+        let mut value =
+            serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Default::default()));
+        if let Value::Object(map) = &mut value {
+            map.retain(|_, v| !v.is_null());
+        }
+        value
     }
 
     /// Sets one setting by its transformers name, as `generate(**kwargs)` does; `null` unsets it.
@@ -259,37 +350,9 @@ impl GenerationConfig {
         Ok(())
     }
 
+    /// Whether `key` names no setting that is set (unknown, no-effect and unsupported keys hold nothing).
     fn field_is_none(&self, key: &str) -> bool {
-        match key {
-            "max_length" => self.max_length.is_none(),
-            "max_new_tokens" => self.max_new_tokens.is_none(),
-            "min_length" => self.min_length.is_none(),
-            "min_new_tokens" => self.min_new_tokens.is_none(),
-            "early_stopping" => self.early_stopping.is_none(),
-            "do_sample" => self.do_sample.is_none(),
-            "num_beams" => self.num_beams.is_none(),
-            "temperature" => self.temperature.is_none(),
-            "top_k" => self.top_k.is_none(),
-            "top_p" => self.top_p.is_none(),
-            "repetition_penalty" => self.repetition_penalty.is_none(),
-            "length_penalty" => self.length_penalty.is_none(),
-            "no_repeat_ngram_size" => self.no_repeat_ngram_size.is_none(),
-            "bad_words_ids" => self.bad_words_ids.is_none(),
-            "forced_bos_token_id" => self.forced_bos_token_id.is_none(),
-            "forced_eos_token_id" => self.forced_eos_token_id.is_none(),
-            "suppress_tokens" => self.suppress_tokens.is_none(),
-            "begin_suppress_tokens" => self.begin_suppress_tokens.is_none(),
-            "num_return_sequences" => self.num_return_sequences.is_none(),
-            "output_scores" => self.output_scores.is_none(),
-            "return_dict_in_generate" => self.return_dict_in_generate.is_none(),
-            "pad_token_id" => self.pad_token_id.is_none(),
-            "bos_token_id" => self.bos_token_id.is_none(),
-            "eos_token_id" => self.eos_token_id.is_none(),
-            "decoder_start_token_id" => self.decoder_start_token_id.is_none(),
-            "seed" => self.seed.is_none(),
-            // Unknown, no-effect and unsupported keys hold nothing, so they are never "set".
-            _ => true,
-        }
+        self.to_json().get(key).is_none()
     }
 
     /// Applies one key; `Ok(false)` for a key that is not a generation setting.
@@ -400,12 +463,14 @@ fn type_error(key: &str, expected: &str, v: &Value) -> Error {
 fn count(key: &str, v: &Value) -> Result<usize> {
     v.as_u64()
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| type_error(key, "a non-negative integer", v))
+        .ok_or_else(|| type_error(key, "a non-negative integer below 2^64", v))
 }
 
 fn positive(key: &str, v: &Value) -> Result<usize> {
+    let non_positive = v.as_f64().is_some_and(|x| x <= 0.0);
     match count(key, v) {
         Ok(n) if n > 0 => Ok(n),
+        Err(err) if !non_positive => Err(err),
         _ => Err(Error::invalid(format!(
             "`{key}` must be greater than 0, but is {v}."
         ))),
@@ -501,7 +566,12 @@ impl GenerationConfig {
         self.validate()?;
         let prompt = Self::DECODER_PROMPT_LEN;
         let max_length = match (self.max_new_tokens, self.max_length) {
-            (Some(new), _) => new + prompt,
+            (Some(new), _) => new.checked_add(prompt).ok_or_else(|| {
+                Error::invalid(format!(
+                    "`max_new_tokens` ({new}) is too large: the decoder can generate at most as many tokens as \
+                     its max_position_embeddings"
+                ))
+            })?,
             (None, Some(max)) => max,
             (None, None) => 20 + prompt,
         };

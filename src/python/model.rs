@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::arrays::{HostArray, HostOutput};
+use super::errors::guarded;
 use crate::generation::{GenerateOutput, GenerationConfig};
 use crate::model::Florence2ForConditionalGeneration;
 use crate::quantize::Quantization;
@@ -65,19 +66,20 @@ pub fn parse_device(name: &str) -> Result<Device> {
 #[pyclass(name = "NativeModel", module = "florence2_rs._native", frozen)]
 pub struct PyModel {
     pub(crate) inner: Arc<Florence2ForConditionalGeneration>,
-    /// The checkpoint's generation settings, which generate() kwargs override per call.
+    /// The checkpoint's generation settings: what `model.generation_config` starts as in Python.
     generation: GenerationConfig,
 }
 
 impl PyModel {
-    /// Runs `f` on the model with the GIL released.
+    /// Runs `f` on the model with the GIL released; a panic becomes a RuntimeError naming `call`.
     pub(crate) fn detached<T: Send>(
         &self,
         py: Python<'_>,
+        call: &str,
         f: impl FnOnce(&Florence2ForConditionalGeneration) -> Result<T> + Send,
     ) -> PyResult<T> {
         let model = Arc::clone(&self.inner);
-        Ok(py.detach(move || f(&model))?)
+        py.detach(move || guarded(call, move || f(&model)))
     }
 }
 
@@ -111,14 +113,17 @@ impl PyModel {
             Some(parse_dtype(dtype)?)
         };
         let (model, generation) = py.detach(move || {
-            let dtype = match dtype {
-                Some(dtype) => dtype,
-                None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
-            };
-            let model = Florence2ForConditionalGeneration::from_dir_quantized(
-                &path, dtype, &device, quantize,
-            )?;
-            Ok::<_, Error>((model, GenerationConfig::from_dir(&path)?))
+            guarded("from_pretrained", move || {
+                let dtype = match dtype {
+                    Some(dtype) => dtype,
+                    None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
+                };
+                let model = Florence2ForConditionalGeneration::from_dir_quantized(
+                    &path, dtype, &device, quantize,
+                )?;
+                let generation = GenerationConfig::from_dir(&path, model.config().layout)?;
+                Ok::<_, Error>((model, generation))
+            })
         })?;
         Ok(Self {
             inner: Arc::new(model),
@@ -133,6 +138,13 @@ impl PyModel {
             crate::config::Layout::HfNative => "hf",
             crate::config::Layout::Original => "original",
         }
+    }
+
+    /// The checkpoint's generation settings as a JSON object (the settings that are set): what `generate`
+    /// starts from for this layout (see `GenerationConfig::from_dir`).
+    #[getter]
+    fn generation_config(&self) -> String {
+        self.generation.to_json().to_string()
     }
 
     /// The dtype the model computes in ("float32", "float16", "bfloat16").
@@ -152,23 +164,30 @@ impl PyModel {
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
-        let out = self.detached(py, move |m| {
+        let out = self.detached(py, "vision_features", move |m| {
             HostOutput::from_tensor(&m.vision_features(pixels.into_tensor()?)?)
         })?;
         out.into_numpy(py)
     }
 
-    /// The projected image tokens [B, 1 + H'W', d_model].
+    /// One pass of the vision tower and the projector: (the tower's last hidden state [B, C, H', W'], the
+    /// projected image tokens [B, 1 + H'W', d_model]).
+    #[allow(clippy::type_complexity)]
     fn get_image_features<'py>(
         &self,
         py: Python<'py>,
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
-    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
         let pixels = pixels(&pixel_values)?;
-        let out = self.detached(py, move |m| {
-            HostOutput::from_tensor(&m.get_image_features(pixels.into_tensor()?)?)
+        let (vision, pooled) = self.detached(py, "get_image_features", move |m| {
+            let vision = m.vision_features(pixels.into_tensor()?)?;
+            let pooled = m.project_image_features(&vision)?;
+            Ok((
+                HostOutput::from_tensor(&vision)?,
+                HostOutput::from_tensor(&pooled)?,
+            ))
         })?;
-        out.into_numpy(py)
+        Ok((vision.into_numpy(py)?, pooled.into_numpy(py)?))
     }
 
     /// One forward pass as transformers' `forward`: returns a dict with `last_hidden_state` (the decoder's), `logits`,
@@ -192,7 +211,7 @@ impl PyModel {
         let image_features = image_features
             .map(|f| HostArray::copy(&f, "image_features", 3))
             .transpose()?;
-        let (decoder, logits, encoder, image) = self.detached(py, move |m| {
+        let (decoder, logits, encoder, image) = self.detached(py, "forward", move |m| {
             let features = features_tensor(m, pixel_values, image_features)?;
             let mask = attention_mask
                 .map(|a| a.to_u32_tensor("attention_mask"))
@@ -224,9 +243,13 @@ impl PyModel {
         Ok(out)
     }
 
-    /// transformers' `generate`: `settings` is a JSON object of generate() keyword arguments applied over the
-    /// checkpoint's generation config. Returns a dict (see `generate_output_dict`).
-    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, settings="{}"))]
+    /// transformers' `generate`: `config` is a JSON object of generation-config attributes (the caller's
+    /// generation config over the model's, as the Python layer merges them; unknown attributes are ignored;
+    /// None: the checkpoint's settings) and `kwargs` one of generate() keyword arguments (unknown names are
+    /// errors), applied in that order over transformers' global defaults. Returns a dict (see
+    /// `generate_output_dict`), whose `ignored` lists the attributes of `config` that were ignored.
+    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, config=None, kwargs="{}"))]
+    #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
         py: Python<'py>,
@@ -234,9 +257,10 @@ impl PyModel {
         attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
         pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
         image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
-        settings: &str,
+        config: Option<&str>,
+        kwargs: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let cfg = self::settings(&self.generation, settings)?;
+        let (cfg, ignored) = settings(&self.generation, config, kwargs)?;
         let input_ids = ids(&input_ids, "input_ids")?;
         let attention_mask = attention_mask
             .map(|m| ids(&m, "attention_mask"))
@@ -246,7 +270,7 @@ impl PyModel {
             .map(|f| HostArray::copy(&f, "image_features", 3))
             .transpose()?;
         let run_cfg = cfg.clone();
-        let out = self.detached(py, move |m| {
+        let out = self.detached(py, "generate", move |m| {
             let features = features_tensor(m, pixel_values, image_features)?;
             let mask = attention_mask
                 .map(|a| a.to_u32_tensor("attention_mask"))
@@ -258,23 +282,43 @@ impl PyModel {
                 &run_cfg,
             )
         })?;
-        generate_output_dict(py, out, &cfg)
+        let dict = generate_output_dict(py, out, &cfg)?;
+        dict.set_item("ignored", ignored)?;
+        Ok(dict)
     }
 }
 
-/// Applies generate() keyword arguments (a JSON object) over the checkpoint's settings.
-fn settings(base: &GenerationConfig, json: &str) -> Result<GenerationConfig> {
-    let kwargs: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| Error::invalid(format!("generate() settings are not valid: {e}")))?;
-    let obj = kwargs
-        .as_object()
-        .ok_or_else(|| Error::invalid("generate() settings must be keyword arguments"))?;
-    let mut cfg = base.clone();
-    for (key, value) in obj {
-        cfg.set(key, value.clone())?;
+/// The settings of one generate call: the generation-config attributes `config` (lenient; None: `checkpoint`),
+/// then the keyword arguments `kwargs` (strict), each a JSON object; with the names of the ignored attributes.
+fn settings(
+    checkpoint: &GenerationConfig,
+    config: Option<&str>,
+    kwargs: &str,
+) -> Result<(GenerationConfig, Vec<String>)> {
+    let object = |json: &str, what: &str| -> Result<serde_json::Map<String, serde_json::Value>> {
+        match serde_json::from_str(json) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(_) => Err(Error::invalid(format!(
+                "generate() {what} must be a JSON object"
+            ))),
+            Err(e) => Err(Error::invalid(format!(
+                "generate() {what} are not valid: {e}"
+            ))),
+        }
+    };
+    let (mut cfg, ignored) = match config {
+        Some(config) => {
+            let mut cfg = GenerationConfig::default();
+            let ignored = cfg.merge_lenient(&object(config, "generation config attributes")?)?;
+            (cfg, ignored)
+        }
+        None => (checkpoint.clone(), Vec::new()),
+    };
+    for (key, value) in object(kwargs, "keyword arguments")? {
+        cfg.set(&key, value)?;
     }
     cfg.validate()?;
-    Ok(cfg)
+    Ok((cfg, ignored))
 }
 
 /// `GenerateOutput` as numpy arrays: sequences int64 [N, T]; token_scores f32 [N, T-1]; and, where the

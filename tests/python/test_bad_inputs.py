@@ -40,6 +40,9 @@ def env(end_to_end_checkpoint, tmp_path_factory):
     (copy("corrupt") / "model.safetensors").write_bytes(b"\x00" * 1000)
     edit_config(copy("wider_text"), lambda c: c["text_config"].update(d_model=64))
     edit_config(copy("deeper_vision"), lambda c: c["vision_config"].update(depths=[1, 1, 3, 1]))
+    edit_config(copy("window_100000"), lambda c: c["vision_config"].update(window_size=100000))
+    edit_config(copy("window_2_40"), lambda c: c["vision_config"].update(window_size=2**40))
+    edit_config(copy("padding_1000000"), lambda c: c["vision_config"].update(patch_padding=[1000000, 1, 1, 1]))
     (root / "empty.png").write_bytes(b"")
     (root / "junk.png").write_bytes(b"this is not an image")
     processor = AutoProcessor.from_pretrained(source)
@@ -89,6 +92,27 @@ CASES = [
      lambda e: e["model"].generate(input_ids=e["inputs"]["input_ids"],
                                    pixel_values=np.concatenate([e["inputs"]["pixel_values"]] * 2)),
      ValueError, "image features"),
+    ("num_beams beyond memory", lambda e: e["model"].generate(**e["inputs"], num_beams=10**6), MemoryError,
+     r"num_beams=1000000.*FLORENCE2_MAX_ALLOC_BYTES"),
+    ("num_beams 2**63", lambda e: e["model"].generate(**e["inputs"], num_beams=2**63), MemoryError,
+     "num_beams=9223372036854775808"),
+    ("num_beams 2**64", lambda e: e["model"].generate(**e["inputs"], num_beams=2**64), ValueError,
+     "num_beams.*below 2\\^64"),
+    ("max_new_tokens 2**64 - 1", lambda e: e["model"].generate(**e["inputs"], max_new_tokens=2**64 - 1),
+     ValueError, "max_new_tokens.*too large"),
+    ("window_size 100000", lambda e: load(e["root"] / "window_100000").generate(**e["inputs"]), MemoryError,
+     "window_size 100000"),
+    ("window_size 2**40", lambda e: load(e["root"] / "window_2_40").generate(**e["inputs"]), MemoryError,
+     "window_size 1099511627776"),
+    ("patch_padding 1000000", lambda e: load(e["root"] / "padding_1000000").generate(**e["inputs"]),
+     MemoryError, "vision tower"),
+    ("zero-height pixel_values", lambda e: e["model"].generate(input_ids=e["inputs"]["input_ids"],
+                                                              pixel_values=np.zeros((1, 3, 0, 768), np.float32)),
+     ValueError, "empty 0x768 image"),
+    ("zero-height pixel_values, float16", lambda e: load(e["source"], dtype="float16").get_image_features(
+        np.zeros((1, 3, 0, 768), np.float32)), ValueError, "empty 0x768 image"),
+    ("a panic in native code", lambda e: florence2_rs._native._panic_inside_guard(), RuntimeError,
+     "internal error in _panic_inside_guard.*deliberate panic"),
     ("pipeline task other than image-text-to-text", lambda e: florence2_rs.pipeline("object-detection", model="x"),
      ValueError, "image-text-to-text"),
 ]

@@ -17,7 +17,7 @@ def _inputs():
     rng = np.random.default_rng(0)
     pixel_values = rng.standard_normal((1, 3, 128, 128), dtype=np.float32)
     dense = _native.NativeModel.load(TINY, "float32", "cpu")
-    n_image = dense.get_image_features(pixel_values).shape[1]
+    n_image = dense.get_image_features(pixel_values)[1].shape[1]
     image_token = 70  # image_token_id of the tiny spec
     input_ids = np.array([[image_token] * n_image + [0, 5, 9, 2]], dtype=np.int64)
     return dense, pixel_values, input_ids
@@ -31,7 +31,7 @@ def test_quantized_model_generates_close_to_dense(quantize, bound):
     want = dense.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
     got = model.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
     assert 0 < np.abs(got - want).max() / np.abs(want).max() < bound
-    out = model.generate(input_ids, None, pixel_values, None, '{"max_new_tokens": 8, "num_beams": 3}')
+    out = model.generate(input_ids, None, pixel_values, None, kwargs='{"max_new_tokens": 8, "num_beams": 3}')
     assert out["sequences"].shape[0] == 1
 
 
