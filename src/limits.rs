@@ -47,25 +47,24 @@ fn physical_memory() -> u128 {
     FALLBACK_LIMIT
 }
 
-/// `bytes` (`None`: more than 2^128, an overflow of the caller's arithmetic) against the limit. `what` names
-/// the setting and what the memory is for, e.g. "num_beams=1000000 (the decoder cache and scores of
-/// 1000000 rows)".
-pub fn check_alloc(what: &str, bytes: Option<u128>) -> Result<()> {
+/// Refuses `bytes` for `what` over the limit. `what` names the setting and what the memory is for, e.g.
+/// "num_beams=1000000 (the decoder cache and scores of 1000000 rows)".
+pub fn check_alloc(what: &str, bytes: u128) -> Result<()> {
     let limit = max_alloc_bytes();
-    match bytes {
-        Some(bytes) if bytes <= limit => Ok(()),
-        bytes => Err(Error::TooLarge(format!(
-            "{what} needs {} of memory, more than the {} one call may allocate here; use a smaller value \
-             (or raise the limit with the environment variable {MAX_ALLOC_ENV}, in bytes)",
-            bytes.map_or_else(|| "more than 2^128 bytes".to_string(), human),
-            human(limit),
-        ))),
+    if bytes <= limit {
+        return Ok(());
     }
+    Err(Error::TooLarge(format!(
+        "{what} needs {} of memory, more than the {} one call may allocate here; use a smaller value (or \
+         raise the limit with the environment variable {MAX_ALLOC_ENV}, in bytes)",
+        human(bytes),
+        human(limit),
+    )))
 }
 
-/// The product of `factors` in u128, `None` on overflow: the size arithmetic of [`check_alloc`]'s callers.
-pub fn product(factors: &[u128]) -> Option<u128> {
-    factors.iter().try_fold(1u128, |acc, &f| acc.checked_mul(f))
+/// The product of `factors`, saturating: a size past u128 is over any limit anyway.
+pub fn product(factors: &[u128]) -> u128 {
+    factors.iter().fold(1u128, |acc, &f| acc.saturating_mul(f))
 }
 
 fn human(bytes: u128) -> String {
@@ -89,16 +88,15 @@ mod tests {
 
     #[test]
     fn over_the_limit_names_the_setting() {
-        let err = check_alloc("num_beams=7", Some(u128::MAX)).unwrap_err();
+        let err = check_alloc("num_beams=7", u128::MAX).unwrap_err();
         assert!(matches!(err, Error::TooLarge(_)));
         assert!(err.to_string().contains("num_beams=7"), "{err}");
-        assert!(check_alloc("overflow", None).is_err());
-        assert!(check_alloc("a byte", Some(1)).is_ok());
+        assert!(check_alloc("a byte", 1).is_ok());
     }
 
     #[test]
-    fn product_overflows_to_none() {
-        assert_eq!(product(&[3, 4]), Some(12));
-        assert_eq!(product(&[1 << 64, 1 << 64]), None);
+    fn product_saturates() {
+        assert_eq!(product(&[3, 4]), 12);
+        assert_eq!(product(&[1 << 64, 1 << 64]), u128::MAX);
     }
 }

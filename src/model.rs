@@ -16,6 +16,7 @@ use candle_nn::VarBuilder;
 use crate::config::{Florence2Config, Layout};
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::language::{BartModel, DecoderCache};
+use crate::limits::product;
 use crate::projector::Florence2MultiModalProjector;
 use crate::quantize::{Linear, Quantization};
 use crate::vision::Florence2VisionBackbone;
@@ -264,20 +265,16 @@ impl Florence2ForConditionalGeneration {
         let sizes = vision.stage_sizes(height, width).map_err(Error::invalid)?;
         let window = vision.window_size as u128;
         let threads = rayon::current_num_threads() as u128;
-        let mut largest = Some(0u128);
+        let mut largest = 0u128;
         for (&(h, w), &c) in sizes.iter().zip(&vision.embed_dim) {
             let (h, w, c) = (h as u128, w as u128, c as u128);
-            let padded = |n: u128| n.div_ceil(window).checked_mul(window);
+            let padded = |n: u128| n.div_ceil(window).saturating_mul(window);
             let stage = [
-                crate::limits::product(&[8, batch as u128, h, w, c, 4]),
-                padded(h)
-                    .zip(padded(w))
-                    .and_then(|(hp, wp)| crate::limits::product(&[3, hp, wp, c, 4])),
-                crate::limits::product(&[threads, window, window, window, window, 4]),
+                product(&[8, batch as u128, h, w, c, 4]),
+                product(&[3, padded(h), padded(w), c, 4]),
+                product(&[threads, window, window, window, window, 4]),
             ];
-            for need in stage {
-                largest = largest.zip(need).map(|(a, b)| a.max(b));
-            }
+            largest = stage.into_iter().fold(largest, u128::max);
         }
         crate::limits::check_alloc(
             &format!(
@@ -365,6 +362,12 @@ impl Florence2ForConditionalGeneration {
 
     /// Every id must index the embedding; a bad id would otherwise surface as an opaque index error.
     fn check_token_ids(&self, ids: &Tensor) -> Result<()> {
+        if ids.elem_count() == 0 {
+            return Err(Error::invalid(format!(
+                "input_ids of shape {:?} holds no token; pass the input_ids the processor returns",
+                ids.dims()
+            )));
+        }
         let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max as usize >= self.config.text.vocab_size {
             return Err(Error::invalid(format!(
@@ -443,32 +446,26 @@ impl Florence2ForConditionalGeneration {
     fn check_generate_memory(&self, batch: usize, cfg: &GenerationConfig) -> Result<()> {
         let plan = cfg.plan()?;
         let text = &self.config.text;
-        let rows = (batch as u128).checked_mul(cfg.expand_factor() as u128);
+        let rows = product(&[batch as u128, cfg.expand_factor() as u128]);
         // Positions past max_position_embeddings are an error before they are cached.
         let length = plan.max_length.min(text.max_position_embeddings + 1) as u128;
-        let dtype_bytes = self.dtype.size_in_bytes() as u128;
-        let cache = rows.and_then(|rows| {
-            crate::limits::product(&[
-                2 * text.decoder_layers as u128,
-                rows,
-                length,
-                text.d_model as u128,
-                dtype_bytes,
-            ])
-        });
+        let cache = product(&[
+            2 * text.decoder_layers as u128,
+            rows,
+            length,
+            text.d_model as u128,
+            self.dtype.size_in_bytes() as u128,
+        ]);
         // Logits, their log-softmax and the processed scores, in f32.
-        let scores =
-            rows.and_then(|rows| crate::limits::product(&[3, rows, text.vocab_size as u128, 4]));
-        let total = cache.zip(scores).and_then(|(a, b)| a.checked_add(b));
+        let scores = product(&[3, rows, text.vocab_size as u128, 4]);
         crate::limits::check_alloc(
             &format!(
                 "generate(num_beams={}, num_return_sequences={}) on {batch} prompt(s) (the decoder cache and \
-                 scores of {} rows)",
+                 scores of {rows} rows)",
                 cfg.num_beams.unwrap_or(1),
                 cfg.num_return_sequences.unwrap_or(1),
-                rows.map_or_else(|| "too many".to_string(), |r| r.to_string()),
             ),
-            total,
+            cache.saturating_add(scores),
         )
     }
 

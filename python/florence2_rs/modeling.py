@@ -310,6 +310,8 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
         settings = self.generation_config.to_dict()
         if generation_config is not None:
             settings.update(_set_attributes(generation_config))
+        _check_finite(settings)
+        _check_finite(kwargs)
         result = self._native.generate(
             as_numpy(input_ids, np.int64, "input_ids"),
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
@@ -339,6 +341,14 @@ def _set_attributes(generation_config: Any) -> dict:
     if hasattr(generation_config, "to_dict"):
         return dict(generation_config.to_dict())
     raise TypeError(f"generation_config must be a GenerationConfig, not {type(generation_config).__name__}")
+
+
+def _check_finite(settings: dict) -> None:
+    """JSON, which carries the settings to the native code, has no inf or NaN: name the setting instead of
+    failing there."""
+    for key, value in settings.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"`{key}` must be a finite number, but is {value}")
 
 
 _WARNED_IGNORED: set[str] = set()

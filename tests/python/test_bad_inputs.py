@@ -111,6 +111,10 @@ CASES = [
      ValueError, "empty 0x768 image"),
     ("zero-height pixel_values, float16", lambda e: load(e["source"], dtype="float16").get_image_features(
         np.zeros((1, 3, 0, 768), np.float32)), ValueError, "empty 0x768 image"),
+    ("temperature inf", lambda e: e["model"].generate(**e["inputs"], do_sample=True, temperature=float("inf")),
+     ValueError, "temperature.*finite"),
+    ("empty input_ids", lambda e: e["model"].generate(input_ids=np.zeros((1, 0), np.int64)), ValueError,
+     "holds no token"),
     ("a panic in native code", lambda e: florence2_rs._native._panic_inside_guard(), RuntimeError,
      "internal error in _panic_inside_guard.*deliberate panic"),
     ("pipeline task other than image-text-to-text", lambda e: florence2_rs.pipeline("object-detection", model="x"),
