@@ -20,6 +20,7 @@ pub mod generation;
 pub mod hub;
 mod im2col;
 pub mod language;
+pub mod limits;
 pub mod model;
 mod nn;
 pub mod processor;
