@@ -7,17 +7,15 @@ features (`get_image_features(...).pooler_output`, passed to `generate(image_fea
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from . import _native
 from .modeling import Florence2ForConditionalGeneration
-from .processing import AutoProcessor
+from .processing import AutoProcessor, load_image
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
@@ -42,15 +40,6 @@ def task_token(name: str) -> str:
         choices = ", ".join(t.strip("<>") for t in TASKS_WITHOUT_INPUT + TASKS_WITH_INPUT)
         raise ValueError(f"unknown task {name!r}; choose one of: {choices}, or all")
     return token
-
-
-def load_image(source: Any):
-    """An RGB PIL image from a path, a file object or bytes, turned upright by its EXIF orientation (as
-    transformers' `load_image` does)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(source)
-    with Image.open(source) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
 
 
 def try_load_image(source: Any) -> tuple[Any, str | None]:

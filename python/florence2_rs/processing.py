@@ -6,6 +6,7 @@ module converts Python inputs the way transformers does and shapes the outputs l
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -104,11 +105,22 @@ def _array_to_rgb_uint8(array: np.ndarray) -> tuple[np.ndarray, bool]:
     )
 
 
+def load_image(source):
+    """transformers' `load_image` of a file (a path, a file object or bytes): turned upright by its EXIF
+    orientation, then RGB (an alpha channel is dropped, not composited as for PIL images given directly)."""
+    from PIL import ImageOps
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with _pil().open(source) as opened:
+        width, height = opened.size
+        check_alloc(f"reading a {width}x{height} image", width * height * _PIL_BYTES_PER_PIXEL)
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
 def _to_rgb_uint8(image) -> tuple[np.ndarray, bool]:
     if isinstance(image, (str, os.PathLike)):
-        with _pil().open(image) as opened:
-            opened.load()
-            return _pil_to_rgb(opened), False
+        return np.asarray(load_image(image)), False
     if hasattr(image, "getbands"):
         return _pil_to_rgb(image), False
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor

@@ -278,7 +278,8 @@ CASES = [
     # image files
     ("image file: declares 100000x100000 pixels", _image_call("str(BAD / 'images' / 'bomb.png')"),
      ("DecompressionBombError",), "exceeds limit"),
-    ("image file: corrupt EXIF", _image_call("str(BAD / 'images' / 'bad_exif.png')"), None, ""),
+    ("image file: corrupt EXIF", _image_call("str(BAD / 'images' / 'bad_exif.png')"), ("SyntaxError",),
+     "not a TIFF file"),
     ("image file: truncated", _image_call("str(BAD / 'images' / 'truncated.png')"), ("OSError",), "truncated"),
     ("image file: empty", _image_call("str(BAD / 'images' / 'empty.png')"), ("OSError",), "cannot identify"),
     ("image file: a folder", _image_call("str(BAD / 'images' / 'folder.png')"), ("OSError",), "folder.png"),
@@ -360,6 +361,36 @@ def test_bad_input_ends_in_an_exception_not_a_crash(end_to_end_checkpoint, bad, 
     assert set(expected) & set(outcome["mro"]), f"expected {expected}, got {outcome}"
     assert outcome["message"].strip(), f"an empty message: {outcome}"
     assert re.search(pattern, outcome["message"], flags=re.DOTALL), outcome["message"]
+
+
+def _transparent_png(path: Path) -> None:
+    red = np.zeros((20, 30, 4), np.uint8)
+    red[..., 0] = 200
+    red[:10, ..., 3] = 255  # the top half opaque, the bottom half fully transparent
+    Image.fromarray(red, "RGBA").save(path)
+
+
+def _rotated_jpeg(path: Path) -> None:
+    image = Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    image.save(path, exif=exif.tobytes(), quality=95)
+
+
+@pytest.mark.parametrize("make", [_transparent_png, _rotated_jpeg], ids=["transparent PNG", "EXIF-rotated JPEG"])
+def test_image_files_give_transformers_pixels(end_to_end_checkpoint, tmp_path, make):
+    """A path is read as transformers' load_image reads it: upright by its EXIF orientation, alpha dropped."""
+    from transformers import AutoProcessor as ReferenceProcessor
+
+    from florence2_rs import AutoProcessor
+
+    path = tmp_path / ("image.png" if make is _transparent_png else "image.jpg")
+    make(path)
+    ours = AutoProcessor.from_pretrained(end_to_end_checkpoint / "hf")(
+        text="<OD>", images=str(path), return_tensors="np")["pixel_values"]
+    theirs = ReferenceProcessor.from_pretrained(end_to_end_checkpoint / "hf")(
+        text="<OD>", images=str(path), return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 # Pillow modes a caller may hand the processor; transformers converts each to RGB (transparency onto white).
