@@ -559,7 +559,26 @@ impl<'a> Remote<'a> {
             enabled: self.progress,
             bar: None,
         };
-        match self.api.download_with_progress(file, progress) {
+        // hf-hub builds the snapshot link from the commit the server sends and asserts that it exists: a
+        // server answer it cannot take panics inside hf-hub, which must not take the process down.
+        let download = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.api.download_with_progress(file, progress)
+        }))
+        .map_err(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.io_error(
+                file,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the Hub client failed on the server's answer ({why}): is HF_ENDPOINT a Hugging Face Hub?"),
+                ),
+            )
+        })?;
+        match download {
             Ok(path) => {
                 let depth = Path::new(file).components().count();
                 let dir = path.ancestors().nth(depth).map(Path::to_path_buf).ok_or_else(|| {
