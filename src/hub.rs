@@ -759,10 +759,17 @@ mod tests {
 
     #[test]
     fn revisions_and_filenames_stay_inside_the_cache() {
-        for ok in ["main", "v1.0", "refs/pr/1", "0123456789abcdef0123456789abcdef01234567"] {
+        for ok in [
+            "main",
+            "v1.0",
+            "refs/pr/1",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
             assert!(check_revision(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../../x", "..", "a/../b", "/abs", "a//b", "./x", "a\\..\\b", "C:x", "a\nb"] {
+        for bad in [
+            "", "../../x", "..", "a/../b", "/abs", "a//b", "./x", "a\\..\\b", "C:x", "a\nb",
+        ] {
             let err = check_revision(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidInput(_)), "{bad}");
             assert!(err.to_string().contains("Invalid revision"), "{bad}");
@@ -771,7 +778,10 @@ mod tests {
             assert!(check_filename(ok).is_ok(), "{ok}");
         }
         for bad in ["", "../x", "a/../../x", "/etc/passwd", "a\\b", "C:x"] {
-            assert!(matches!(check_filename(bad), Err(Error::InvalidInput(_))), "{bad}");
+            assert!(
+                matches!(check_filename(bad), Err(Error::InvalidInput(_))),
+                "{bad}"
+            );
         }
         let options = HubOptions {
             revision: Some("../../x".into()),

@@ -25,7 +25,9 @@ fn limit() -> &'static (u128, String) {
             }
         }
         match physical_memory() {
-            Some(bytes) if bytes < DEFAULT_MAX_ALLOC_BYTES => (bytes, "the machine's memory".to_string()),
+            Some(bytes) if bytes < DEFAULT_MAX_ALLOC_BYTES => {
+                (bytes, "the machine's memory".to_string())
+            }
             _ => (DEFAULT_MAX_ALLOC_BYTES, "the default limit".to_string()),
         }
     })
@@ -111,9 +113,14 @@ mod tests {
         let max = DEFAULT_MAX_ALLOC_BYTES;
         assert!(check("a small buffer", 1024, max, "test").is_ok());
         assert!(check("exactly the limit", max, max, "test").is_ok());
-        let err = check("size 100000x100000", bytes_of(100_000 * 100_000, 12), max, "test")
-            .unwrap_err()
-            .to_string();
+        let err = check(
+            "size 100000x100000",
+            bytes_of(100_000 * 100_000, 12),
+            max,
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("size 100000x100000 needs 111.8 GiB"), "{err}");
         assert!(err.contains("64.0 GiB"), "{err}");
         assert!(err.contains(MAX_ALLOC_ENV), "{err}");

@@ -113,7 +113,8 @@ impl Shard {
             .ok()
             .and_then(|start| self.data_start.checked_add(start))
             .ok_or_else(|| self.corrupt("a tensor offset past the end of any file"))?;
-        read_exact_at(&self.file, buf, offset).map_err(|e| self.corrupt(&format!("cannot read ({e})")))
+        read_exact_at(&self.file, buf, offset)
+            .map_err(|e| self.corrupt(&format!("cannot read ({e})")))
     }
 
     fn corrupt(&self, what: &str) -> candle_core::Error {
@@ -128,7 +129,9 @@ impl Shard {
 fn byte_len(info: &TensorInfo) -> candle_core::Result<usize> {
     let (start, end) = info.data_offsets;
     end.checked_sub(start).ok_or_else(|| {
-        candle_core::Error::Msg(format!("data_offsets [{start}, {end}] end before they start"))
+        candle_core::Error::Msg(format!(
+            "data_offsets [{start}, {end}] end before they start"
+        ))
     })
 }
 
@@ -288,10 +291,7 @@ impl Checkpoint {
         }
         // Largest first, so that the parallel reads end together.
         names.sort_by_key(|name| {
-            std::cmp::Reverse(
-                self.info(name)
-                    .map_or(0, |(_, i)| byte_len(i).unwrap_or(0)),
-            )
+            std::cmp::Reverse(self.info(name).map_or(0, |(_, i)| byte_len(i).unwrap_or(0)))
         });
         let read: HashMap<String, Tensor> = names
             .into_par_iter()
@@ -535,8 +535,16 @@ mod tests {
         use proptest::prelude::*;
         let number = prop_oneof![0u64..64, Just(u64::MAX), Just(1 << 62), any::<u64>()];
         let dtype = prop_oneof![
-            Just("F32"), Just("F16"), Just("BF16"), Just("F64"), Just("U8"), Just("I64"), Just("BOOL"),
-            Just("F8_E4M3"), Just("Q7"), Just("")
+            Just("F32"),
+            Just("F16"),
+            Just("BF16"),
+            Just("F64"),
+            Just("U8"),
+            Just("I64"),
+            Just("BOOL"),
+            Just("F8_E4M3"),
+            Just("Q7"),
+            Just("")
         ];
         let entry = (
             "[a-z.]{1,12}",
@@ -550,7 +558,8 @@ mod tests {
                     r#""model.vision_tower.{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}"#
                 )
             });
-        proptest::collection::vec(entry, 0..4).prop_map(|entries| format!("{{{}}}", entries.join(",")))
+        proptest::collection::vec(entry, 0..4)
+            .prop_map(|entries| format!("{{{}}}", entries.join(",")))
     }
 
     /// Opens a checkpoint made of `file`, and where it opens reads every tensor: neither may panic, and every

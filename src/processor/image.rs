@@ -658,16 +658,30 @@ mod tests {
     #[test]
     fn sizes_that_cannot_be_allocated_are_refused_at_load() {
         for (json, setting) in [
-            (serde_json::json!({"size": {"height": 100_000, "width": 100_000}}), "size 100000x100000"),
-            (serde_json::json!({"crop_size": {"height": 1u64 << 40, "width": 1}, "do_center_crop": true}), "crop_size"),
-            (serde_json::json!({"image_seq_length": 1_000_000_000_000u64}), "image_seq_length 1000000000000"),
+            (
+                serde_json::json!({"size": {"height": 100_000, "width": 100_000}}),
+                "size 100000x100000",
+            ),
+            (
+                serde_json::json!({"crop_size": {"height": 1u64 << 40, "width": 1}, "do_center_crop": true}),
+                "crop_size",
+            ),
+            (
+                serde_json::json!({"image_seq_length": 1_000_000_000_000u64}),
+                "image_seq_length 1000000000000",
+            ),
         ] {
-            let err = ImageProcessorConfig::from_json(&json).unwrap_err().to_string();
+            let err = ImageProcessorConfig::from_json(&json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(setting) && err.contains("needs"), "{err}");
         }
         // A size that is not used is not allocated.
-        let unused = serde_json::json!({"size": {"height": 100_000, "width": 100_000}, "do_resize": false});
+        let unused =
+            serde_json::json!({"size": {"height": 100_000, "width": 100_000}, "do_resize": false});
         assert!(ImageProcessorConfig::from_json(&unused).is_ok());
-        assert!(ImageProcessorConfig::from_json(&serde_json::json!({"image_seq_length": 577})).is_ok());
+        assert!(
+            ImageProcessorConfig::from_json(&serde_json::json!({"image_seq_length": 577})).is_ok()
+        );
     }
 }

@@ -122,12 +122,14 @@ impl Florence2Tokenizer {
             });
         }
         // A file that does not load, or loads without the tokens Florence-2 needs, is a broken checkpoint.
-        let broken = |msg: String| Error::Io {
+        let broken = |msg: String| {
+            Error::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("not a usable tokenizer file ({msg}); the file may be truncated or corrupt, download it again"),
             ),
+        }
         };
         let inner = Tokenizer::from_file(path).map_err(|e| broken(e.to_string()))?;
         let config_path = path.with_file_name("tokenizer_config.json");

@@ -209,7 +209,10 @@ impl PyProcessorCore {
     ) -> PyResult<Bound<'py, PyAny>> {
         let copied: u128 = images.iter().map(|(array, _)| array.len() as u128).sum();
         crate::limits::check_alloc(
-            &format!("copying {} images ({copied} bytes of RGB values)", images.len()),
+            &format!(
+                "copying {} images ({copied} bytes of RGB values)",
+                images.len()
+            ),
             copied,
         )?;
         let mut inputs = Vec::with_capacity(images.len());
