@@ -77,6 +77,10 @@ pub fn download(
 ) -> Result<PathBuf> {
     check_repo_id(repo_id)?;
     let revision = options.revision.as_deref().unwrap_or("main");
+    check_revision(revision)?;
+    for file in files.iter().chain(optional_files) {
+        check_filename(file)?;
+    }
     let cache_root = cache_dir(options)?;
     let cache = RepoCache::new(&cache_root, repo_id);
     let cached = cache.snapshot(revision);
@@ -126,8 +130,9 @@ impl RepoCache {
         }
     }
 
-    /// The snapshot folder `revision` points at: a commit hash names it directly, a branch or tag through
-    /// `refs/{revision}`.
+    /// The snapshot folder `revision` (checked by [`check_revision`]) points at: a commit hash names it
+    /// directly, a branch or tag through `refs/{revision}`. A ref file that holds anything but a commit hash
+    /// counts as absent: its content becomes a path, so it must not lead out of `snapshots/`.
     fn snapshot(&self, revision: &str) -> Option<PathBuf> {
         let commit = if is_commit_hash(revision) {
             revision.to_string()
@@ -137,6 +142,9 @@ impl RepoCache {
                 .trim()
                 .to_string()
         };
+        if !is_commit_hash(&commit) {
+            return None;
+        }
         let dir = self.dir.join("snapshots").join(commit);
         dir.is_dir().then_some(dir)
     }
@@ -194,8 +202,46 @@ fn commit_of(snapshot: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// huggingface_hub's `REGEX_COMMIT_HASH`: 40 lowercase hexadecimal digits.
 fn is_commit_hash(revision: &str) -> bool {
-    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+    revision.len() == 40
+        && revision
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A revision names a file under `refs/` and a folder under `snapshots/` (huggingface_hub refuses a
+/// pointer path outside `snapshots/` with ValueError): a branch, tag or commit hash of `/`-separated
+/// segments that are neither empty, `.` nor `..`, without backslashes, colons or control characters.
+fn check_revision(revision: &str) -> Result<()> {
+    let segment_ok = |s: &str| !s.is_empty() && s != "." && s != "..";
+    let valid = revision.split('/').all(segment_ok)
+        && !revision
+            .chars()
+            .any(|c| c.is_control() || c == '\\' || c == ':');
+    if valid {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "Invalid revision {revision:?}: a revision is a branch, a tag or a commit hash (such as \"main\", \"v1.0\" \
+         or \"refs/pr/1\"), without empty, \".\" or \"..\" segments, backslashes or colons"
+    )))
+}
+
+/// huggingface_hub's `_validate_relative_filename`: a file of the repository is a relative
+/// `/`-separated path that stays inside the snapshot folder.
+fn check_filename(file: &str) -> Result<()> {
+    let plain = !file.is_empty()
+        && !file.contains(['\\', ':', '\0'])
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if plain {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "Invalid filename {file:?}: a file of a Hub repository is a relative path without \"..\" segments"
+    )))
 }
 
 /// huggingface_hub's rule for repo ids: `name` or `org/name`, letters, digits, `-`, `_`, `.`, no `--` or
@@ -213,7 +259,8 @@ fn check_repo_id(repo_id: &str) -> Result<()> {
         && parts.len() <= 2
         && parts.iter().all(|p| part_ok(p))
         && !repo_id.contains("--")
-        && !repo_id.contains("..");
+        && !repo_id.contains("..")
+        && !repo_id.ends_with(".git");
     if valid {
         Ok(())
     } else {
@@ -512,12 +559,46 @@ impl<'a> Remote<'a> {
             enabled: self.progress,
             bar: None,
         };
-        match self.api.download_with_progress(file, progress) {
+        // hf-hub builds the snapshot link from the commit the server sends and asserts that it exists: a
+        // server answer it cannot take panics inside hf-hub, which must not take the process down.
+        let download = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.api.download_with_progress(file, progress)
+        }))
+        .map_err(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.io_error(
+                file,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the Hub client failed on the server's answer ({why}): is HF_ENDPOINT a Hugging Face Hub?"),
+                ),
+            )
+        })?;
+        match download {
             Ok(path) => {
                 let depth = Path::new(file).components().count();
                 let dir = path.ancestors().nth(depth).map(Path::to_path_buf).ok_or_else(|| {
                     Error::invalid(format!("internal: {} is not inside a snapshot folder", path.display()))
                 })?;
+                // The folder is named after the commit the server sent: used only where it is a commit hash.
+                let in_snapshots = dir.parent() == Some(self.cache.dir.join("snapshots").as_path());
+                if !in_snapshots || !is_commit_hash(&commit_of(&dir)) {
+                    return Err(self.io_error(
+                        file,
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "the Hub answered with commit {:?}, which is not a commit hash: is HF_ENDPOINT a \
+                                 Hugging Face Hub?",
+                                commit_of(&dir)
+                            ),
+                        ),
+                    ));
+                }
                 Ok(Fetched::In(dir))
             }
             Err(ApiError::RequestError(err)) => match *err {
@@ -670,9 +751,60 @@ mod tests {
             "org/a..b",
             "org/name-",
             "with space/x",
+            "org/name.git",
         ] {
             assert!(check_repo_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn revisions_and_filenames_stay_inside_the_cache() {
+        for ok in [
+            "main",
+            "v1.0",
+            "refs/pr/1",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert!(check_revision(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "../../x", "..", "a/../b", "/abs", "a//b", "./x", "a\\..\\b", "C:x", "a\nb",
+        ] {
+            let err = check_revision(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{bad}");
+            assert!(err.to_string().contains("Invalid revision"), "{bad}");
+        }
+        for ok in ["config.json", "sub/model.safetensors"] {
+            assert!(check_filename(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../x", "a/../../x", "/etc/passwd", "a\\b", "C:x"] {
+            assert!(
+                matches!(check_filename(bad), Err(Error::InvalidInput(_))),
+                "{bad}"
+            );
+        }
+        let options = HubOptions {
+            revision: Some("../../x".into()),
+            local_files_only: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            download("org/name", &["config.json"], &[], &options),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn a_ref_that_is_no_commit_hash_leads_nowhere() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = RepoCache::new(root.path(), "org/name");
+        std::fs::create_dir_all(cache.dir.join("refs")).unwrap();
+        std::fs::create_dir_all(root.path().join("elsewhere")).unwrap();
+        std::fs::write(cache.dir.join("refs/main"), "../../elsewhere").unwrap();
+        assert_eq!(cache.snapshot("main"), None);
+        let upper = "0123456789ABCDEF0123456789ABCDEF01234567";
+        std::fs::create_dir_all(cache.dir.join("snapshots").join(upper)).unwrap();
+        assert_eq!(cache.snapshot(upper), None);
     }
 
     #[test]

@@ -1,85 +1,97 @@
-//! The limit on what one call may allocate. Rust aborts the process when an allocation fails, so sizes a
-//! caller or a checkpoint controls (beams, image and window sizes, token counts) are checked against this
-//! limit before anything that large is allocated, and a request over it is an [`Error::TooLarge`] that names
-//! the setting, instead of an abort.
+//! The most one allocation may take, checked before allocating: a failed allocation aborts a Rust program
+//! (and the Python interpreter around it), so sizes that come from a caller or a checkpoint are checked
+//! here first and refused with an error that names the setting.
 //!
-//! The limit is the machine's physical memory, or `FLORENCE2_MAX_ALLOC_BYTES` (a byte count) when set; it is
-//! read once per process.
+//! The limit is `FLORENCE2_MAX_ALLOC_BYTES` where set (bytes; a suffix `K`, `M`, `G` or `T` counts in
+//! binary units), else the smaller of [`DEFAULT_MAX_ALLOC_BYTES`] and the machine's physical memory. It is
+//! read once, on the first check.
 
 use std::sync::OnceLock;
 
 use crate::{Error, Result};
 
-/// The environment variable that sets the limit, in bytes.
+/// The environment variable that sets the limit.
 pub const MAX_ALLOC_ENV: &str = "FLORENCE2_MAX_ALLOC_BYTES";
+/// The limit without the variable, where the machine has more memory (or its memory is not known).
+pub const DEFAULT_MAX_ALLOC_BYTES: u128 = 64 << 30;
 
-/// Where the machine's memory cannot be read.
-const FALLBACK_LIMIT: u128 = 64 << 30;
-
-/// The limit in bytes.
-pub fn max_alloc_bytes() -> u128 {
-    static LIMIT: OnceLock<u128> = OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        std::env::var(MAX_ALLOC_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<u128>().ok())
-            .unwrap_or_else(physical_memory)
+/// The limit in bytes, and where it came from (for the error message).
+fn limit() -> &'static (u128, String) {
+    static LIMIT: OnceLock<(u128, String)> = OnceLock::new();
+    LIMIT.get_or_init(|| {
+        if let Ok(value) = std::env::var(MAX_ALLOC_ENV) {
+            if let Some(bytes) = parse_bytes(&value) {
+                return (bytes, format!("{MAX_ALLOC_ENV}={value}"));
+            }
+        }
+        match physical_memory() {
+            Some(bytes) if bytes < DEFAULT_MAX_ALLOC_BYTES => {
+                (bytes, "the machine's memory".to_string())
+            }
+            _ => (DEFAULT_MAX_ALLOC_BYTES, "the default limit".to_string()),
+        }
     })
 }
 
-#[cfg(unix)]
-fn physical_memory() -> u128 {
-    // SAFETY: sysconf only reads system settings.
-    let (pages, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    match (u128::try_from(pages), u128::try_from(page_size)) {
-        (Ok(pages), Ok(size)) if pages > 0 && size > 0 => pages * size,
-        _ => FALLBACK_LIMIT,
-    }
-}
-
-#[cfg(not(unix))]
-fn physical_memory() -> u128 {
-    FALLBACK_LIMIT
-}
-
-/// Refuses `bytes` for `what` over the limit. `what` names the setting and what the memory is for, e.g.
-/// "num_beams=1000000 (the decoder cache and scores of 1000000 rows)".
+/// Refuses an allocation of `bytes` for `what` that is over the limit. `what` names the setting and its
+/// value ("size 100000x100000", "num_beams 1000000"), and the message says how to raise the limit.
 pub fn check_alloc(what: &str, bytes: u128) -> Result<()> {
-    let limit = max_alloc_bytes();
-    if bytes <= limit {
+    let (max, source) = limit();
+    check(what, bytes, *max, source)
+}
+
+fn check(what: &str, bytes: u128, max: u128, source: &str) -> Result<()> {
+    if bytes <= max {
         return Ok(());
     }
     Err(Error::TooLarge(format!(
-        "{what} needs {} of memory, more than the {} one call may allocate here; use a smaller value (or \
-         raise the limit with the environment variable {MAX_ALLOC_ENV}, in bytes)",
+        "{what} needs {} of memory, more than the {} one allocation may take here ({source}); use a smaller \
+         value, or set {MAX_ALLOC_ENV} (bytes, or with a K/M/G/T suffix) to allow more",
         human(bytes),
-        human(limit),
+        human(max),
     )))
 }
 
-/// The product of `factors`, saturating: a size past u128 is over any limit anyway.
+/// The product of `factors` (a count of items and the bytes of one, ...), saturating: a size past u128 is over
+/// any limit anyway.
 pub fn product(factors: &[u128]) -> u128 {
     factors.iter().fold(1u128, |acc, &f| acc.saturating_mul(f))
 }
 
+/// "1234", "64G", "512 M" → bytes; `None` for anything else.
+fn parse_bytes(text: &str) -> Option<u128> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 10),
+        (i, 'M' | 'm') => (&text[..i], 20),
+        (i, 'G' | 'g') => (&text[..i], 30),
+        (i, 'T' | 't') => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    digits.trim().parse::<u128>().ok()?.checked_mul(1 << shift)
+}
+
+/// Total physical memory (Linux: `MemTotal` of /proc/meminfo); `None` elsewhere.
+fn physical_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib = line.split_whitespace().nth(1)?.parse::<u128>().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes in the largest binary unit that keeps a number of at least 1 ("120.0 GiB").
 fn human(bytes: u128) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
     let mut unit = 0;
     while value >= 1024.0 && unit + 1 < UNITS.len() {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -87,16 +99,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn over_the_limit_names_the_setting() {
-        let err = check_alloc("num_beams=7", u128::MAX).unwrap_err();
-        assert!(matches!(err, Error::TooLarge(_)));
-        assert!(err.to_string().contains("num_beams=7"), "{err}");
-        assert!(check_alloc("a byte", 1).is_ok());
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_bytes("1234"), Some(1234));
+        assert_eq!(parse_bytes("64G"), Some(64 << 30));
+        assert_eq!(parse_bytes(" 512 m "), Some(512 << 20));
+        assert_eq!(parse_bytes("2T"), Some(2 << 40));
+        for bad in ["", "G", "-1", "1.5G", "lots"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn over_the_limit_is_refused_with_the_setting_named() {
+        let max = DEFAULT_MAX_ALLOC_BYTES;
+        assert!(check("a small buffer", 1024, max, "test").is_ok());
+        assert!(check("exactly the limit", max, max, "test").is_ok());
+        let err = check(
+            "size 100000x100000",
+            product(&[100_000 * 100_000, 12]),
+            max,
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("size 100000x100000 needs 111.8 GiB"), "{err}");
+        assert!(err.contains("64.0 GiB"), "{err}");
+        assert!(err.contains(MAX_ALLOC_ENV), "{err}");
+        // Without the variable, whatever the machine, nothing may take more than the default limit.
+        if std::env::var_os(MAX_ALLOC_ENV).is_none() {
+            assert!(check_alloc("more than the default", DEFAULT_MAX_ALLOC_BYTES + 1).is_err());
+        }
     }
 
     #[test]
     fn product_saturates() {
         assert_eq!(product(&[3, 4]), 12);
         assert_eq!(product(&[1 << 64, 1 << 64]), u128::MAX);
+    }
+
+    #[test]
+    fn units_read_naturally() {
+        assert_eq!(human(512), "512 bytes");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(64 << 30), "64.0 GiB");
     }
 }

@@ -85,7 +85,7 @@ impl Shard {
             // Anything else (rare and small) goes through candle's conversion, which knows every dtype it
             // supports and rejects the others.
             dtype => {
-                let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+                let mut bytes = vec![0u8; byte_len(info)?];
                 self.read_at(&mut bytes, info)?;
                 TensorView::new(dtype, info.shape.clone(), &bytes)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?
@@ -99,21 +99,40 @@ impl Shard {
         info: &TensorInfo,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut data = vec![T::zeroed(); info.shape.iter().product()];
+        // `Metadata` checked at open that the byte range holds exactly shape × dtype bytes and lies in the
+        // file, so the buffer is sized from the range: no larger than the file.
+        let count = byte_len(info)? / std::mem::size_of::<T>();
+        let mut data = vec![T::zeroed(); count];
         self.read_at(bytemuck::cast_slice_mut(&mut data), info)?;
         // safetensors stores little-endian, the byte order of every platform candle runs on.
         Tensor::from_vec(data, info.shape.as_slice(), device)
     }
 
     fn read_at(&self, buf: &mut [u8], info: &TensorInfo) -> candle_core::Result<()> {
-        let offset = self.data_start + info.data_offsets.0 as u64;
-        read_exact_at(&self.file, buf, offset).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: cannot read ({e}); the file may be truncated or corrupt, download it again",
-                self.path.display()
-            ))
-        })
+        let offset = u64::try_from(info.data_offsets.0)
+            .ok()
+            .and_then(|start| self.data_start.checked_add(start))
+            .ok_or_else(|| self.corrupt("a tensor offset past the end of any file"))?;
+        read_exact_at(&self.file, buf, offset)
+            .map_err(|e| self.corrupt(&format!("cannot read ({e})")))
     }
+
+    fn corrupt(&self, what: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{}: {what}; the file may be truncated or corrupt, download it again",
+            self.path.display()
+        ))
+    }
+}
+
+/// The byte length of a tensor's data (`data_offsets` end - start; `Metadata` checked the order at open).
+fn byte_len(info: &TensorInfo) -> candle_core::Result<usize> {
+    let (start, end) = info.data_offsets;
+    end.checked_sub(start).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "data_offsets [{start}, {end}] end before they start"
+        ))
+    })
 }
 
 /// Whether `read_exact_at` leaves the file cursor alone, so that threads may read one file at once.
@@ -272,10 +291,7 @@ impl Checkpoint {
         }
         // Largest first, so that the parallel reads end together.
         names.sort_by_key(|name| {
-            std::cmp::Reverse(
-                self.info(name)
-                    .map_or(0, |(_, i)| i.data_offsets.1 - i.data_offsets.0),
-            )
+            std::cmp::Reverse(self.info(name).map_or(0, |(_, i)| byte_len(i).unwrap_or(0)))
         });
         let read: HashMap<String, Tensor> = names
             .into_par_iter()
@@ -511,6 +527,81 @@ mod tests {
         let overflow =
             format!(r#"{{"{key}":{{"dtype":"U8","shape":[{huge}],"data_offsets":[0,{huge}]}}}}"#);
         assert!(open_err(&checkpoint_with(&overflow, 16)).contains("truncated or corrupt"));
+    }
+
+    /// Any header: a tensor entry with a dtype, a shape and offsets drawn from values that are valid, off by
+    /// a little, or huge.
+    fn header_entries() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let number = prop_oneof![0u64..64, Just(u64::MAX), Just(1 << 62), any::<u64>()];
+        let dtype = prop_oneof![
+            Just("F32"),
+            Just("F16"),
+            Just("BF16"),
+            Just("F64"),
+            Just("U8"),
+            Just("I64"),
+            Just("BOOL"),
+            Just("F8_E4M3"),
+            Just("Q7"),
+            Just("")
+        ];
+        let entry = (
+            "[a-z.]{1,12}",
+            dtype,
+            proptest::collection::vec(number.clone(), 0..4),
+            number.clone(),
+            number,
+        )
+            .prop_map(|(name, dtype, shape, start, end)| {
+                format!(
+                    r#""model.vision_tower.{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}"#
+                )
+            });
+        proptest::collection::vec(entry, 0..4)
+            .prop_map(|entries| format!("{{{}}}", entries.join(",")))
+    }
+
+    /// Opens a checkpoint made of `file`, and where it opens reads every tensor: neither may panic, and every
+    /// failure names the file.
+    fn open_and_read(file: &[u8]) {
+        use candle_core::{DType, Device};
+        use candle_nn::var_builder::SimpleBackend;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), file).unwrap();
+        match Checkpoint::open(dir.path()) {
+            Err(err) => assert!(err.to_string().contains("model.safetensors"), "{err}"),
+            Ok(checkpoint) => {
+                let names: Vec<String> = checkpoint.routing.keys().cloned().collect();
+                for name in names {
+                    if let Err(err) = checkpoint.get_unchecked(&name, DType::F32, &Device::Cpu) {
+                        assert!(!err.to_string().is_empty());
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_open_or_fail_without_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            open_and_read(&bytes);
+        }
+
+        #[test]
+        fn any_header_opens_or_fails_without_a_panic(
+            header in header_entries(),
+            data_len in 0usize..80,
+            length_delta in proptest::prelude::prop_oneof![proptest::prelude::Just(0i64), -8i64..8],
+        ) {
+            let length = (header.len() as i64 + length_delta).max(0) as u64;
+            let mut file = length.to_le_bytes().to_vec();
+            file.extend_from_slice(header.as_bytes());
+            file.resize(file.len() + data_len, 0x3f);
+            open_and_read(&file);
+        }
     }
 
     #[test]

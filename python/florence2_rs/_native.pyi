@@ -19,6 +19,10 @@ TASKS_WITH_INPUT: tuple[str, ...]
 def cuda_available() -> bool:
     """True when this is a CUDA build and GPU 0 can be opened."""
 
+def check_alloc(what: str, bytes: int) -> None:
+    """Raises ValueError naming `what` when `bytes` is more than one allocation may take
+    (FLORENCE2_MAX_ALLOC_BYTES; default the smaller of 64 GiB and the machine's memory)."""
+
 class Florence2Error(Exception):
     """Base class of the errors raised by florence2_rs that are not plain ValueError/OSError."""
 

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from ._native import Florence2Error
 from .draw import draw
-from .labeling import DEFAULT_MODEL, TASKS_WITHOUT_INPUT, Labeler, load_image, task_token
+from .labeling import DEFAULT_MODEL, TASKS_WITHOUT_INPUT, Labeler, task_token, try_load_image
 
 #: File name endings taken from folders (a file named on the command line is tried whatever its ending).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -48,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         labeler = Labeler(args.model, tasks, args.text, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                           num_beams=args.num_beams)
-    except (OSError, ValueError, Florence2Error) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to load is exit status 2 with its reason
         print(f"florence2: {err}", file=sys.stderr)
         return 2
     out = sys.stdout
@@ -58,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = True
     draw_dir = Path(args.draw) if args.draw else None
     if draw_dir is not None:
-        draw_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            draw_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"florence2: --draw {draw_dir}: {err}", file=sys.stderr)
+            return 2
     progress = Progress(len(files), sys.stderr, enabled=not args.quiet and len(files) > 1 and sys.stderr.isatty())
     for batch in _chunks(files, args.batch_size):
         failed |= _label_batch(labeler, batch, out, draw_dir)
@@ -124,28 +127,31 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def _label_batch(labeler: Any, batch: list[Path], out: TextIO, draw_dir: Path | None) -> bool:
     """Labels one batch and prints its lines; returns True when any image of it failed."""
-    images, readable, failed = [], [], False
+    readable, failed = [], False
     for path in batch:
-        try:
-            images.append(load_image(path))
-            readable.append(path)
-        except (OSError, ValueError) as err:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-            _emit(out, {"file": str(path), "error": f"cannot read the image: {err}"})
+        image, error = try_load_image(path)
+        if error is None:
+            readable.append((path, image))
+        else:
+            _emit(out, {"file": str(path), "error": error})
             failed = True
-    if not images:
+    if not readable:
         return failed
-    try:
-        records = labeler.label(images)
-    except Exception as err:  # noqa: BLE001 - one bad batch must not end a long run; its lines say why
-        for path in readable:
-            _emit(out, {"file": str(path), "error": f"{type(err).__name__}: {err}"})
-        return True
-    for path, image, image_records in zip(readable, images, records):
-        for record in image_records:
+    results = labeler.label_or_errors([image for _, image in readable])
+    for (path, image), result in zip(readable, results):
+        if isinstance(result, str):
+            _emit(out, {"file": str(path), "error": result})
+            failed = True
+            continue
+        for record in result:
             _emit(out, {"file": str(path), **record})
         if draw_dir is not None:
-            picture = draw(image, {r["task"]: r["result"] for r in image_records})
-            picture.save(_unused_name(draw_dir, path.stem))
+            try:
+                picture = draw(image, {r["task"]: r["result"] for r in result})
+                picture.save(_unused_name(draw_dir, path.stem))
+            except Exception as err:  # noqa: BLE001 - the labels are printed; only the picture is missing
+                _emit(out, {"file": str(path), "error": f"cannot draw the results: {type(err).__name__}: {err}"})
+                failed = True
     return failed
 
 

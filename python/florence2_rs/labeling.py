@@ -7,17 +7,15 @@ features (`get_image_features(...).pooler_output`, passed to `generate(image_fea
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from . import _native
 from .modeling import Florence2ForConditionalGeneration
-from .processing import AutoProcessor
+from .processing import AutoProcessor, load_image
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
@@ -44,13 +42,17 @@ def task_token(name: str) -> str:
     return token
 
 
-def load_image(source: Any):
-    """An RGB PIL image from a path, a file object or bytes, turned upright by its EXIF orientation (as
-    transformers' `load_image` does)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(source)
-    with Image.open(source) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+def try_load_image(source: Any) -> tuple[Any, str | None]:
+    """`load_image`, with a failure as text: (image, None), or (None, why the file cannot be read).
+
+    Pillow raises more than OSError on bad files: DecompressionBombError (an Exception) for a file that
+    declares more pixels than `PIL.Image.MAX_IMAGE_PIXELS` allows, SyntaxError or ValueError for a corrupt
+    EXIF chunk; each is that file's failure, not the run's.
+    """
+    try:
+        return load_image(source), None
+    except Exception as err:  # noqa: BLE001 - any decoder failure belongs to its file
+        return None, f"cannot read the image: {type(err).__name__}: {err}"
 
 
 class Labeler:
@@ -114,6 +116,16 @@ class Labeler:
                 records[i].append({"task": task, "result": answer,
                                    "timings": {"image": round(image_s, 4), "generate": round(generate_s, 4)}})
         return records
+
+    def label_or_errors(self, images: Sequence[Any]) -> list[list[dict[str, Any]] | str]:
+        """`label`, with each image's failure as its error text in place of its records: a batch that fails
+        is labeled again one image at a time, so that one image the model cannot take fails alone."""
+        try:
+            return self.label(images)
+        except Exception as err:  # noqa: BLE001 - a long run labels the other images; the text says why
+            if len(images) == 1:
+                return [f"{type(err).__name__}: {err}"]
+        return [self.label_or_errors([image])[0] for image in images]
 
     def _generate(self, task: str, features: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Generated ids and the log-probability of each generated token, for `count` images' features."""

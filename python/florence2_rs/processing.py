@@ -6,12 +6,13 @@ module converts Python inputs the way transformers does and shapes the outputs l
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
 
-from ._native import ProcessorCore
+from ._native import ProcessorCore, check_alloc
 from .batch_feature import BatchFeature
 from .hub import resolve_checkpoint
 
@@ -32,9 +33,19 @@ def _pil():
     return Image
 
 
+# Bytes per pixel the conversions below may hold at once, checked before they start (an allocation that
+# fails can take the process down): for a PIL image the RGBA image, the white background and the composite,
+# then the RGB array; for an array, a float64 or int64 working copy per value and two uint8 RGB copies
+# (numpy's and the Rust side's).
+_PIL_BYTES_PER_PIXEL = 4 * 3 + 3
+_ARRAY_BYTES_PER_VALUE = 8 + 2
+
+
 def _pil_to_rgb(image) -> np.ndarray:
     """transformers' `convert_to_rgb`: transparency is composited onto white, then RGB."""
     Image = _pil()
+    width, height = image.size
+    check_alloc(f"converting a {width}x{height} image to RGB", width * height * _PIL_BYTES_PER_PIXEL)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -59,6 +70,11 @@ def _array_to_rgb_uint8(array: np.ndarray) -> tuple[np.ndarray, bool]:
     """A numpy image as transformers brings it to a uint8 PIL image; True when it was float in
     [0, 1] (transformers then rescales the resized values twice, reproduced in Rust)."""
     image = _channels_last(np.asarray(array))
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"Unsupported image dtype {image.dtype}: pass uint8 values, or floats in [0, 1]")
+    check_alloc(f"converting an image array of shape {image.shape}", image.size * _ARRAY_BYTES_PER_VALUE)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError("The image contains NaN or infinite values; pass uint8 values, or floats in [0, 1]")
     channels = image.shape[-1]
     if channels == 1:
         image = np.repeat(image, 3, axis=-1)
@@ -89,11 +105,22 @@ def _array_to_rgb_uint8(array: np.ndarray) -> tuple[np.ndarray, bool]:
     )
 
 
+def load_image(source):
+    """transformers' `load_image` of a file (a path, a file object or bytes): turned upright by its EXIF
+    orientation, then RGB (an alpha channel is dropped, not composited as for PIL images given directly)."""
+    from PIL import ImageOps
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with _pil().open(source) as opened:
+        width, height = opened.size
+        check_alloc(f"reading a {width}x{height} image", width * height * _PIL_BYTES_PER_PIXEL)
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
 def _to_rgb_uint8(image) -> tuple[np.ndarray, bool]:
     if isinstance(image, (str, os.PathLike)):
-        with _pil().open(image) as opened:
-            opened.load()
-            return _pil_to_rgb(opened), False
+        return np.asarray(load_image(image)), False
     if hasattr(image, "getbands"):
         return _pil_to_rgb(image), False
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor
@@ -212,7 +239,7 @@ class Florence2Tokenizer:
             ids = [ids]
         if ids and isinstance(ids[0], list):
             raise ValueError("decode takes one sequence; use batch_decode for a batch")
-        return self._core.batch_decode([ids], skip_special_tokens)[0]
+        return _with_id_range(self._core.batch_decode, [ids], skip_special_tokens)[0]
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
         """Texts of a batch of id sequences."""
@@ -221,7 +248,7 @@ class Florence2Tokenizer:
             batch = [[batch]]
         elif batch and not isinstance(batch[0], list):
             batch = [batch]
-        return self._core.batch_decode(batch, skip_special_tokens)
+        return _with_id_range(self._core.batch_decode, batch, skip_special_tokens)
 
     def convert_tokens_to_ids(self, tokens):
         """Id of a token (or ids of a list of tokens); None for unknown tokens."""
@@ -238,6 +265,19 @@ class Florence2Tokenizer:
             for i in _as_id_list(ids)
             if not (skip_special_tokens and self._core.is_special(int(i)))
         ]
+
+
+_MAX_ID = 2**32 - 1
+
+
+def _with_id_range(call, *args):
+    """`call(*args)`, whose ids the native side takes as u32: an id outside that range is an OverflowError,
+    as in transformers' tokenizers, with a message that gives the range."""
+    try:
+        return call(*args)
+    except OverflowError as err:
+        raise OverflowError(f"a token id is out of range ({err}): token ids are integers from 0 to {_MAX_ID}") \
+            from None
 
 
 def _as_id_list(ids):
@@ -382,7 +422,7 @@ class Florence2Processor:
             sequence = _as_id_list(sequence)
         if image_size is not None:
             image_size = tuple(float(v) for v in image_size)
-        return self._core.post_process_generation(task, text, sequence, image_size)
+        return _with_id_range(self._core.post_process_generation, task, text, sequence, image_size)
 
     def __repr__(self) -> str:
         return f"Florence2Processor(image_token_id={self.image_token_id}, image_seq_length={self.num_image_tokens})"

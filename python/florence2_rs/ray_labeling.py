@@ -5,8 +5,8 @@ batches of images; the same code runs in Ray's local mode on one machine and on 
         [--workers N] [--threads-per-worker N] [--batch-size N] [--address ADDRESS]
 
 Writes JSON lines (one row per image and task: path, task, result as a JSON string, error) into OUTPUT_DIR.
-Files are read as bytes and decoded on the workers, so an unreadable file becomes a row with an error
-instead of failing the job. Needs `pip install "ray[data]"`.
+Files are read as bytes and decoded on the workers, so an unreadable file (or one the model cannot take)
+becomes a row with an error instead of failing the job. Needs `pip install "ray[data]"`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .labeling import DEFAULT_MODEL, Labeler, load_image
+from .labeling import DEFAULT_MODEL, Labeler, try_load_image
 
 #: The columns of the labeled dataset.
 COLUMNS = ("path", "task", "result", "error")
@@ -48,14 +48,18 @@ class RayLabeler:
 
         images, paths = [], []
         for path, data in zip(batch["path"], batch["bytes"]):
-            try:
-                images.append(load_image(data))
+            image, error = try_load_image(data)
+            if error is None:
+                images.append(image)
                 paths.append(str(path))
-            except (OSError, ValueError) as err:
-                add(str(path), None, None, f"cannot read the image: {err}")
+            else:
+                add(str(path), None, None, error)
         if images:
-            for path, records in zip(paths, self.labeler.label(images)):
-                for record in records:
+            for path, result in zip(paths, self.labeler.label_or_errors(images)):
+                if isinstance(result, str):
+                    add(path, None, None, result)
+                    continue
+                for record in result:
                     # Answers differ in shape from task to task; as JSON text they fit one Arrow column.
                     add(path, record["task"], json.dumps(record["result"]), None)
         return rows

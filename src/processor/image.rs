@@ -9,7 +9,14 @@
 
 use serde_json::Value;
 
+use crate::limits::{check_alloc, product};
 use crate::{Error, Result};
+
+/// Bytes of one pixel in `pixel_values`: three float32 channels.
+const PIXEL_BYTES: u128 = 3 * 4;
+/// Bytes of one token id in a prompt: a u32 here, and in Python a list entry (a pointer) to an int
+/// object (at least 28 bytes on 64-bit CPython) or an int64 numpy entry.
+const ID_BYTES: u128 = 4 + 8 + 28;
 
 /// An 8-bit RGB image, rows of `width * 3` bytes (what `np.array(pil_image.convert("RGB"))` holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,7 +386,11 @@ impl Default for ImageProcessorConfig {
 }
 
 fn height_width(v: &Value, key: &str) -> Result<(usize, usize)> {
-    let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as usize);
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+    };
     match (get("height"), get("width")) {
         (Some(h), Some(w)) if h > 0 && w > 0 => Ok((h, w)),
         _ => Err(Error::invalid(format!(
@@ -446,10 +457,32 @@ impl ImageProcessorConfig {
         if let Some(n) = present("image_seq_length") {
             c.image_seq_length = n
                 .as_u64()
-                .ok_or_else(|| Error::invalid("image_seq_length must be a non-negative integer"))?
-                as usize;
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| Error::invalid("image_seq_length must be a non-negative integer"))?;
         }
+        c.check_sizes()?;
         Ok(c)
+    }
+
+    /// Refuses sizes whose buffers could not be allocated: every prompt holds `image_seq_length` ids and
+    /// every image becomes `size` (or `crop_size`) pixels where resizing (or cropping) is on, so these are
+    /// checked once, at load.
+    fn check_sizes(&self) -> Result<()> {
+        let used = [
+            ("size", self.size, self.do_resize),
+            ("crop_size", self.crop_size, self.do_center_crop),
+        ];
+        for (key, (h, w), _) in used.into_iter().filter(|setting| setting.2) {
+            check_alloc(
+                &format!("{key} {h}x{w} (the pixel array of one image)"),
+                product(&[h as u128 * w as u128, PIXEL_BYTES]),
+            )?;
+        }
+        let n = self.image_seq_length;
+        check_alloc(
+            &format!("image_seq_length {n} (the <image> ids of one prompt)"),
+            product(&[n as u128, ID_BYTES]),
+        )
     }
 }
 
@@ -462,6 +495,21 @@ pub struct PixelValues {
 
 /// Resize, center-crop, rescale and normalize, as CLIPImageProcessorPil's `_preprocess`.
 pub fn preprocess(config: &ImageProcessorConfig, images: &[ImageInput]) -> Result<PixelValues> {
+    let pixels: u128 = images
+        .iter()
+        .map(|input| {
+            let (h, w) = if config.do_resize {
+                config.size
+            } else {
+                (input.image.height, input.image.width)
+            };
+            h as u128 * w as u128
+        })
+        .sum();
+    check_alloc(
+        &format!("pixel_values of {} images", images.len()),
+        product(&[pixels, PIXEL_BYTES]),
+    )?;
     let mut data = Vec::new();
     let mut dims: Option<(usize, usize)> = None;
     for input in images {
@@ -605,5 +653,35 @@ mod tests {
         )
         .is_err());
         assert!(RgbImage::new(2, 2, vec![0; 5]).is_err());
+    }
+
+    #[test]
+    fn sizes_that_cannot_be_allocated_are_refused_at_load() {
+        for (json, setting) in [
+            (
+                serde_json::json!({"size": {"height": 100_000, "width": 100_000}}),
+                "size 100000x100000",
+            ),
+            (
+                serde_json::json!({"crop_size": {"height": 1u64 << 40, "width": 1}, "do_center_crop": true}),
+                "crop_size",
+            ),
+            (
+                serde_json::json!({"image_seq_length": 1_000_000_000_000u64}),
+                "image_seq_length 1000000000000",
+            ),
+        ] {
+            let err = ImageProcessorConfig::from_json(&json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(setting) && err.contains("needs"), "{err}");
+        }
+        // A size that is not used is not allocated.
+        let unused =
+            serde_json::json!({"size": {"height": 100_000, "width": 100_000}, "do_resize": false});
+        assert!(ImageProcessorConfig::from_json(&unused).is_ok());
+        assert!(
+            ImageProcessorConfig::from_json(&serde_json::json!({"image_seq_length": 577})).is_ok()
+        );
     }
 }

@@ -62,18 +62,29 @@ impl Florence2Processor {
     /// from processor_config.json, and the layout from config.json and the vocabulary.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tokenizer = Florence2Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let processor_config = read_json(&dir.join("processor_config.json"))?;
-        let image_json = match read_json(&dir.join("preprocessor_config.json"))? {
-            Some(v) => Some(v),
+        let processor_path = dir.join("processor_config.json");
+        let preprocessor_path = dir.join("preprocessor_config.json");
+        let processor_config = read_json(&processor_path)?;
+        let image_json = match read_json(&preprocessor_path)? {
+            Some(v) => Some((v, &preprocessor_path)),
             None => processor_config
                 .as_ref()
                 .and_then(|p| p.get("image_processor"))
-                .cloned(),
+                .cloned()
+                .map(|v| (v, &processor_path)),
+        };
+        // A setting the checkpoint gets wrong is an error of that file, named as such.
+        let in_file = |path: &Path| {
+            let path = path.to_path_buf();
+            move |err: Error| Error::Config {
+                path,
+                msg: err.to_string(),
+            }
         };
         let image_config = match image_json {
-            Some(v) => ImageProcessorConfig::from_json(&v)?,
+            Some((v, path)) => ImageProcessorConfig::from_json(&v).map_err(in_file(path))?,
             None => return Err(Error::NotFound {
-                path: dir.join("preprocessor_config.json"),
+                path: preprocessor_path,
                 hint: "the image settings are in preprocessor_config.json or processor_config.json"
                     .into(),
             }),
@@ -82,7 +93,8 @@ impl Florence2Processor {
             processor_config
                 .as_ref()
                 .and_then(|p| p.get("post_processor_config")),
-        )?;
+        )
+        .map_err(in_file(&processor_path))?;
         let original_config = read_json(&dir.join("config.json"))?
             .and_then(|c| {
                 c.pointer("/vision_config/model_type")

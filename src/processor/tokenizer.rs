@@ -121,8 +121,17 @@ impl Florence2Tokenizer {
                 hint: "a Florence-2 checkpoint folder holds tokenizer.json".into(),
             });
         }
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // A file that does not load, or loads without the tokens Florence-2 needs, is a broken checkpoint.
+        let broken = |msg: String| {
+            Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a usable tokenizer file ({msg}); the file may be truncated or corrupt, download it again"),
+            ),
+        }
+        };
+        let inner = Tokenizer::from_file(path).map_err(|e| broken(e.to_string()))?;
         let config_path = path.with_file_name("tokenizer_config.json");
         let model_max_length = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
@@ -138,7 +147,7 @@ impl Florence2Tokenizer {
         } else {
             LARGE_INTEGER + 1
         };
-        Self::new(inner, model_max_length)
+        Self::new(inner, model_max_length).map_err(|e| broken(e.to_string()))
     }
 
     /// Wraps a loaded tokenizer, adding Florence-2's tokens if `<loc_0>` is missing.

@@ -207,6 +207,14 @@ impl PyProcessorCore {
         py: Python<'py>,
         images: Vec<(PyReadonlyArray3<'py, u8>, bool)>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let copied: u128 = images.iter().map(|(array, _)| array.len() as u128).sum();
+        crate::limits::check_alloc(
+            &format!(
+                "copying {} images ({copied} bytes of RGB values)",
+                images.len()
+            ),
+            copied,
+        )?;
         let mut inputs = Vec::with_capacity(images.len());
         for (array, from_unit_float) in &images {
             let shape = array.shape();
@@ -270,8 +278,16 @@ impl PyProcessorCore {
     }
 }
 
+/// Raises ValueError when `what` would need more than `bytes` of memory allowed for one allocation
+/// (`FLORENCE2_MAX_ALLOC_BYTES`): the Python side checks the copies it makes of a caller's image with it.
+#[pyfunction]
+fn check_alloc(what: &str, bytes: u128) -> PyResult<()> {
+    Ok(crate::limits::check_alloc(what, bytes)?)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyProcessorCore>()?;
+    m.add_function(wrap_pyfunction!(check_alloc, m)?)?;
     // The task table's two halves, in its order, for the labeling tools (python/florence2_rs/labeling.py).
     let tokens = |with_input: bool| {
         TASKS

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 
 from florence2_rs.cli import Progress, expand_inputs
 from florence2_rs import AutoProcessor
-from florence2_rs.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
+from florence2_rs.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, Labeler
 
 ROOT = Path(__file__).resolve().parents[2]
 # Short generations: random weights would otherwise run to the 1024-token default.
@@ -75,6 +76,38 @@ def test_a_line_per_image_and_task_and_a_failure_does_not_stop_the_run(end_to_en
         assert isinstance(record["result"], str if record["task"] in ("<OCR>", "<CAPTION>", "<DETAILED_CAPTION>",
                                                                      "<MORE_DETAILED_CAPTION>") else dict)
         assert record["timings"]["image"] > 0 and record["timings"]["generate"] > 0
+
+
+def test_files_pillow_refuses_are_failures_of_their_own(end_to_end_checkpoint, tmp_path):
+    """A file that declares more pixels than Pillow allows (DecompressionBombError) and one with a corrupt EXIF
+    chunk (SyntaxError from exif_transpose) each get their error line; the images after them are labeled."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a_bomb.png")
+    bomb = bytearray((tmp_path / "a_bomb.png").read_bytes())
+    bomb[16:24] = (100000).to_bytes(4, "big") * 2  # IHDR width and height; Pillow checks the size at open
+    bomb[29:33] = zlib.crc32(bomb[12:29]).to_bytes(4, "big")  # the IHDR chunk's checksum
+    (tmp_path / "a_bomb.png").write_bytes(bytes(bomb))
+    Image.new("RGB", (8, 8)).save(tmp_path / "b_exif.png", exif=b"not a TIFF header")
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "c_coffee.png")
+    result = run("--model", end_to_end_checkpoint / "hf", "--task", "CAPTION", "--batch-size", "2", *FAST, tmp_path)
+    assert result.returncode == 1, result.stderr
+    records = {Path(r["file"]).name: r for r in lines(result)}
+    assert "DecompressionBombError" in records["a_bomb.png"]["error"]
+    assert "SyntaxError" in records["b_exif.png"]["error"]
+    assert records["c_coffee.png"]["task"] == "<CAPTION>" and "error" not in records["c_coffee.png"]
+
+
+def test_a_batch_that_fails_is_labeled_again_image_by_image():
+    class Picky(Labeler):
+        def __init__(self):  # no model: label() below stands for it
+            pass
+
+        def label(self, images):
+            if "bad" in images:
+                raise ValueError("the model cannot take this one")
+            return [[{"task": "<OD>", "image": image}] for image in images]
+
+    assert Picky().label_or_errors(["a", "bad", "b"]) == [
+        [{"task": "<OD>", "image": "a"}], "ValueError: the model cannot take this one", [{"task": "<OD>", "image": "b"}]]
 
 
 def test_success_exits_zero_with_globs_and_the_original_layout(end_to_end_checkpoint, images):

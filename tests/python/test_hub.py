@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import http.server
 import re
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
+from florence2_rs import AutoProcessor, Florence2ForConditionalGeneration
 from florence2_rs.hub import WEIGHTS, resolve_checkpoint
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "hf"
@@ -34,6 +36,7 @@ class FakeHub:
         self.truncate_once: set[str] = set()  # the next full download of these stops half-way
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.port = 0
+        self.commit = COMMIT  # what the X-Repo-Commit headers say
 
     @property
     def endpoint(self) -> str:
@@ -75,7 +78,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if m["file"] in hub.lfs:
             self.send_response(302)
             self.send_header("Location", f"{hub.endpoint}/cdn/{m['repo']}/{m['file']}")
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", self.hub.commit)
             self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("X-Linked-Size", str(len(data)))
             self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
@@ -93,7 +96,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         part = data[start : end + 1]
         self.send_response(206 if ranged else 200)
         self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("X-Repo-Commit", self.hub.commit)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(part)))
         if ranged:
@@ -116,7 +119,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Error-Code", error_code)
         self.send_header("X-Error-Message", error_code)
         if commit:
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", self.hub.commit)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -280,6 +283,26 @@ def test_hf_hub_cache_overrides_hf_home(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     folder = resolve_checkpoint(REPO, files=("config.json",))
     assert folder == tmp_path / "hub_cache" / "models--org--tiny" / "snapshots" / COMMIT
+
+
+@pytest.mark.parametrize("revision", ["../../x", "refs/../../x", "..\\..\\x", "a//b", "C:x"])
+def test_revisions_that_leave_the_cache_are_refused_before_any_request(hub, tmp_path, revision):
+    """As huggingface_hub refuses a pointer path outside snapshots/: ValueError, from the model and the
+    processor alike, even where the path they lead to holds a checkpoint."""
+    shutil.copytree(TINY, tmp_path / "hf_home" / "x")
+    for load in (resolve_checkpoint, Florence2ForConditionalGeneration.from_pretrained, AutoProcessor.from_pretrained):
+        with pytest.raises(ValueError, match="Invalid revision"):
+            load(REPO, revision=revision)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("commit, error", [("not-a-hash", "not a commit hash"),
+                                           ("../../../elsewhere", "failed on the server's answer")])
+def test_a_commit_that_is_no_hash_is_not_used(hub, commit, error):
+    """The server names the commit; an answer that is no commit hash is an OSError, never a snapshot path."""
+    hub.commit = commit
+    with pytest.raises(OSError, match=error):
+        resolve_checkpoint(REPO, files=("config.json",))
 
 
 def test_not_a_folder_nor_a_repo_id(hub, tmp_path):

@@ -138,3 +138,23 @@ def test_prompt_builder_matches(pair, text):
         assert str(ours_err.value) == str(err)
         return
     assert ours._core.build_prompts([text]) == want
+
+
+# Sizes a caller may pass as image_size: zero, negative, huge, infinite and NaN included.
+odd_sizes = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70))
+odd_soup = st.lists(
+    st.one_of(token_soup, st.sampled_from(["<loc_99999999999999999999>", "<loc_-1>", "<loc_1000>", "<loc_0>"])),
+    max_size=8,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=odd_soup, task=st.sampled_from(TASKS), size=st.tuples(odd_sizes, odd_sizes),
+       sequence=st.lists(st.integers(0, 2**32 - 1), max_size=30))
+def test_odd_sizes_and_ids_only_value_errors(pair, text, task, size, sequence):
+    _, ours = pair
+    for given_input in ({"text": text}, {"sequence": sequence}):
+        try:
+            ours.post_process_generation(**given_input, task=task, image_size=size)
+        except ValueError:
+            pass
