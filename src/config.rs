@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::limits::product;
 use crate::{Error, Result};
 
 /// Which released checkpoint layout a config (and its weights) follow.
@@ -89,6 +90,34 @@ impl VisionConfig {
             sizes.push(size);
         }
         Ok(sizes)
+    }
+
+    /// What the tower's largest intermediates need for `batch` images of `height`×`width` (a few f32 copies of
+    /// a stage's tokens, its map padded to whole windows with q/k/v, one window's attention scores per thread),
+    /// against [`crate::limits`]: window and patch sizes come from a checkpoint, image sizes from a caller.
+    pub fn check_memory(&self, batch: usize, height: usize, width: usize) -> Result<()> {
+        let sizes = self.stage_sizes(height, width).map_err(Error::invalid)?;
+        let window = self.window_size as u128;
+        let threads = rayon::current_num_threads() as u128;
+        let mut largest = 0u128;
+        for (&(h, w), &c) in sizes.iter().zip(&self.embed_dim) {
+            let (h, w, c) = (h as u128, w as u128, c as u128);
+            let padded = |n: u128| n.div_ceil(window).saturating_mul(window);
+            let stage = [
+                product(&[8, batch as u128, h, w, c, 4]),
+                product(&[3, padded(h), padded(w), c, 4]),
+                product(&[threads, window, window, window, window, 4]),
+            ];
+            largest = stage.into_iter().fold(largest, u128::max);
+        }
+        crate::limits::check_alloc(
+            &format!(
+                "the vision tower on {batch} image(s) of {height}x{width} with window_size {} and \
+                 patch_padding {:?}",
+                self.window_size, self.patch_padding
+            ),
+            largest,
+        )
     }
 }
 

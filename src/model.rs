@@ -67,6 +67,25 @@ pub struct Florence2ForConditionalGeneration {
     device: Device,
 }
 
+/// The image size the checkpoint's processor makes (preprocessor_config.json's `size`), else Florence-2's
+/// 768x768.
+fn processor_image_size(dir: &Path) -> (usize, usize) {
+    const RELEASED: (usize, usize) = (768, 768);
+    let Some(size) = std::fs::read_to_string(dir.join("preprocessor_config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|config| config.get("size").cloned())
+    else {
+        return RELEASED;
+    };
+    let side = |key: &str| {
+        size.get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+    };
+    side("height").zip(side("width")).unwrap_or(RELEASED)
+}
+
 impl Florence2ForConditionalGeneration {
     /// Loads `config.json` and the safetensors weights from a checkpoint folder of either layout.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -89,7 +108,17 @@ impl Florence2ForConditionalGeneration {
                         .into(),
             });
         }
-        let config = Florence2Config::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = Florence2Config::from_file(&config_path)?;
+        // A vision config that cannot run on the checkpoint's own image size is refused at load.
+        let (height, width) = processor_image_size(dir);
+        config
+            .vision
+            .check_memory(1, height, width)
+            .map_err(|err| Error::Config {
+                path: config_path,
+                msg: err.to_string(),
+            })?;
         let checkpoint = Checkpoint::open(dir)?;
         Self::build(config, checkpoint, dtype, device, quantize)
     }
@@ -245,7 +274,8 @@ impl Florence2ForConditionalGeneration {
                 self.config.vision.in_channels
             )));
         }
-        self.check_vision_memory(&pixel_values)?;
+        let (batch, _, height, width) = pixel_values.dims4()?;
+        self.config.vision.check_memory(batch, height, width)?;
         let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         drop(pixel_values);
         let features = self.vision_tower.forward(pixels)?;
@@ -253,36 +283,6 @@ impl Florence2ForConditionalGeneration {
             crate::nn::release_free_memory();
         }
         Ok(features)
-    }
-
-    /// The stage geometry of `pixel_values` `[B, 3, H, W]`, and what the tower's largest intermediates need
-    /// (a few f32 copies of a stage's tokens, its map padded to whole windows with q/k/v, one window's
-    /// attention scores per thread) against [`crate::limits`]: window and patch sizes come from the
-    /// checkpoint's config, image sizes from the caller.
-    fn check_vision_memory(&self, pixel_values: &Tensor) -> Result<()> {
-        let (batch, _, height, width) = pixel_values.dims4()?;
-        let vision = &self.config.vision;
-        let sizes = vision.stage_sizes(height, width).map_err(Error::invalid)?;
-        let window = vision.window_size as u128;
-        let threads = rayon::current_num_threads() as u128;
-        let mut largest = 0u128;
-        for (&(h, w), &c) in sizes.iter().zip(&vision.embed_dim) {
-            let (h, w, c) = (h as u128, w as u128, c as u128);
-            let padded = |n: u128| n.div_ceil(window).saturating_mul(window);
-            let stage = [
-                product(&[8, batch as u128, h, w, c, 4]),
-                product(&[3, padded(h), padded(w), c, 4]),
-                product(&[threads, window, window, window, window, 4]),
-            ];
-            largest = stage.into_iter().fold(largest, u128::max);
-        }
-        crate::limits::check_alloc(
-            &format!(
-                "the vision tower on {batch} image(s) of {height}x{width} with window_size {}",
-                vision.window_size
-            ),
-            largest,
-        )
     }
 
     /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).

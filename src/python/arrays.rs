@@ -22,6 +22,10 @@ impl<T: numpy::Element + Copy> HostArray<T> {
                 "{name} must have {rank} dimensions, got shape {shape:?}"
             )));
         }
+        crate::limits::check_alloc(
+            &format!("copying {name} of shape {shape:?}"),
+            crate::limits::product(&[array.len() as u128, std::mem::size_of::<T>() as u128]),
+        )?;
         let data = array.as_array().iter().copied().collect();
         Ok(Self { data, shape })
     }

@@ -17,7 +17,11 @@ create_exception!(
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
-        let msg = err.to_string();
+        // candle attaches a backtrace when RUST_BACKTRACE is set; the exception says what went wrong only.
+        let msg = match &err {
+            Error::Candle(candle_core::Error::WithBacktrace { inner, .. }) => inner.to_string(),
+            _ => err.to_string(),
+        };
         match err {
             Error::NotFound { .. } => PyFileNotFoundError::new_err(msg),
             Error::Io { .. } => PyOSError::new_err(msg),

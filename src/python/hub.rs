@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 
+use super::errors::guarded;
+
 use crate::hub::{self, Auth, HubOptions};
 
 /// Makes sure the Hugging Face cache holds the files of a Hub repository and returns the snapshot folder.
@@ -55,12 +57,13 @@ fn hub_download(
         local_files_only,
         force_download,
     };
-    let snapshot = py.detach(move || {
-        let files: Vec<&str> = files.iter().map(String::as_str).collect();
-        let optional: Vec<&str> = optional_files.iter().map(String::as_str).collect();
-        hub::download(&repo_id, &files, &optional, &options)
-    })?;
-    Ok(snapshot)
+    py.detach(move || {
+        guarded("the Hub download", || {
+            let files: Vec<&str> = files.iter().map(String::as_str).collect();
+            let optional: Vec<&str> = optional_files.iter().map(String::as_str).collect();
+            hub::download(&repo_id, &files, &optional, &options)
+        })
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

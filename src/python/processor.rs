@@ -7,6 +7,8 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+use super::errors::guarded;
+
 use crate::processor::prompts::{Prompt, TASKS};
 use crate::processor::{
     Answer, EncodeOptions, Florence2Processor, ImageInput, Layout, Padding, RgbImage,
@@ -80,7 +82,11 @@ impl PyProcessorCore {
     /// Loads the processor files of a local checkpoint folder.
     #[staticmethod]
     fn from_dir(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| Florence2Processor::from_dir(&path))?;
+        let inner = py.detach(|| {
+            guarded("AutoProcessor.from_pretrained", || {
+                Florence2Processor::from_dir(&path)
+            })
+        })?;
         Ok(Self { inner })
     }
 
@@ -167,7 +173,11 @@ impl PyProcessorCore {
             max_length,
             pad_to_multiple_of,
         };
-        let batch = py.detach(|| self.inner.encode_texts(&texts, with_images, &opts))?;
+        let batch = py.detach(|| {
+            guarded("the processor's text encoding", || {
+                self.inner.encode_texts(&texts, with_images, &opts)
+            })
+        })?;
         Ok((batch.input_ids, batch.attention_mask))
     }
 
@@ -192,11 +202,13 @@ impl PyProcessorCore {
         };
         let tok = &self.inner.tokenizer;
         let batch = py.detach(|| {
-            let seqs = texts
-                .iter()
-                .map(|t| tok.encode(t, add_special_tokens))
-                .collect::<Result<Vec<_>, _>>()?;
-            tok.pad_batch(seqs, &opts)
+            guarded("the tokenizer", || {
+                let seqs = texts
+                    .iter()
+                    .map(|t| tok.encode(t, add_special_tokens))
+                    .collect::<Result<Vec<_>, _>>()?;
+                tok.pad_batch(seqs, &opts)
+            })
         })?;
         Ok((batch.input_ids, batch.attention_mask))
     }
@@ -230,7 +242,11 @@ impl PyProcessorCore {
                 from_unit_float: *from_unit_float,
             });
         }
-        let pv = py.detach(|| self.inner.preprocess_images(&inputs))?;
+        let pv = py.detach(|| {
+            guarded("the image processor", || {
+                self.inner.preprocess_images(&inputs)
+            })
+        })?;
         let flat = PyArray1::from_vec(py, pv.data);
         Ok(flat.reshape(pv.shape)?.into_any())
     }
@@ -241,7 +257,11 @@ impl PyProcessorCore {
         sequences: Vec<Vec<u32>>,
         skip_special_tokens: bool,
     ) -> PyResult<Vec<String>> {
-        Ok(py.detach(|| self.inner.batch_decode(&sequences, skip_special_tokens))?)
+        py.detach(|| {
+            guarded("batch_decode", || {
+                self.inner.batch_decode(&sequences, skip_special_tokens)
+            })
+        })
     }
 
     fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -267,18 +287,20 @@ impl PyProcessorCore {
         image_size: Option<(f64, f64)>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let answer = py.detach(|| {
-            self.inner.post_process_generation(
-                text.as_deref(),
-                sequence.as_deref(),
-                task,
-                image_size,
-            )
+            guarded("post_process_generation", || {
+                self.inner.post_process_generation(
+                    text.as_deref(),
+                    sequence.as_deref(),
+                    task,
+                    image_size,
+                )
+            })
         })?;
         answer_to_py(py, task, answer)
     }
 }
 
-/// Raises ValueError when `what` would need more than `bytes` of memory allowed for one allocation
+/// Raises MemoryError when `what` would need more than `bytes` of memory allowed for one allocation
 /// (`FLORENCE2_MAX_ALLOC_BYTES`): the Python side checks the copies it makes of a caller's image with it.
 #[pyfunction]
 fn check_alloc(what: &str, bytes: u128) -> PyResult<()> {
