@@ -16,8 +16,8 @@
 //! - A few rows through [`linear`] (the LM head, which is the token embedding and stays row-major): each
 //!   weight row is read once, where it lies, against all rows of `x`, as [`crate::skinny`] does in f32.
 //!
-//! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time; [`available`] is false elsewhere and the
-//! caller keeps candle's matmul.
+//! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time, at the AVX-512 tier ([`crate::nn::cpu_tier`]);
+//! [`available`] is false elsewhere and the caller keeps candle's matmul.
 
 use half::bf16;
 
@@ -41,23 +41,9 @@ const ROW_BLOCK_BYTES: usize = 192 << 10;
 /// with one tile per block, 576 x 8192 x 2048 (large's last FFN) ran at a third of the usual rate.
 const MIN_BLOCK_ROWS: usize = 8 * TILE_ROWS;
 
-/// Whether this CPU runs the kernels.
+/// Whether the kernels run here ([`crate::nn::has_avx512_bf16`]).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::nn::has_avx512_bf16()
 }
 
 /// `x[m, k] @ w[n, k]ᵀ + bias[n]`, row-major `[m, n]`; `m`, `n` and `k` are at least 1.

@@ -488,16 +488,96 @@ impl<T> Out<T> {
     }
 }
 
-/// Whether this CPU has AVX2 and FMA (always false off x86-64).
+/// The kernel families of our CPU code, narrowest first. Every kernel with a wide version asks [`cpu_tier`]
+/// (through [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`]); no other code detects CPU features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuTier {
+    /// The target's baseline (SSE2 on x86-64; every CPU off x86-64).
+    Scalar,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F, BW and VL, with AVX2 and FMA.
+    Avx512,
+}
+
+/// The environment variable that lowers the tier below the CPU's (`scalar`, `avx2` or `avx512`; empty or
+/// unset: the CPU's). It is read once, at the first kernel call, so that every kernel of a process runs at
+/// the same tier.
+pub const CPU_TIER_VAR: &str = "FLORENCE2_CPU_TIER";
+
+impl CpuTier {
+    const ALL: [(CpuTier, &'static str); 3] = [
+        (CpuTier::Scalar, "scalar"),
+        (CpuTier::Avx2, "avx2"),
+        (CpuTier::Avx512, "avx512"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(tier, _)| *tier == self).unwrap().1
+    }
+
+    /// The widest tier this CPU runs.
+    fn detected() -> CpuTier {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            match (avx2, avx512) {
+                (true, true) => CpuTier::Avx512,
+                (true, false) => CpuTier::Avx2,
+                _ => CpuTier::Scalar,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuTier::Scalar
+        }
+    }
+
+    /// The tier that `requested` (the value of [`CPU_TIER_VAR`], if set) asks for on a CPU whose widest is
+    /// `detected`. A tier the CPU lacks is an error: its instructions would crash the process.
+    fn choose(detected: CpuTier, requested: Option<&str>) -> std::result::Result<CpuTier, String> {
+        let Some(name) = requested.map(str::trim).filter(|name| !name.is_empty()) else {
+            return Ok(detected);
+        };
+        let names = Self::ALL.map(|(_, name)| name).join(", ");
+        let tier = Self::ALL
+            .iter()
+            .find(|(_, known)| known.eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("{CPU_TIER_VAR}={name:?}: expected one of {names}"))?
+            .0;
+        if tier > detected {
+            return Err(format!(
+                "{CPU_TIER_VAR}={name:?}: this CPU runs at most {:?}",
+                detected.name()
+            ));
+        }
+        Ok(tier)
+    }
+}
+
+/// The tier every kernel runs at: the CPU's widest, or the one [`CPU_TIER_VAR`] forces.
+///
+/// # Panics
+/// If [`CPU_TIER_VAR`] names no tier, or one this CPU lacks (in Python: the call raises with the message).
+pub fn cpu_tier() -> CpuTier {
+    use std::sync::OnceLock;
+    static TIER: OnceLock<std::result::Result<CpuTier, String>> = OnceLock::new();
+    let tier = TIER.get_or_init(|| {
+        let requested = std::env::var_os(CPU_TIER_VAR).map(|v| v.to_string_lossy().into_owned());
+        CpuTier::choose(CpuTier::detected(), requested.as_deref())
+    });
+    match tier {
+        Ok(tier) => *tier,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// Whether the kernels may use AVX2 and FMA (always false off x86-64).
 pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu_tier() >= CpuTier::Avx2
 }
 
 /// `$vis fn $name(args) -> ret` that calls `$kernel(args)` (an `#[inline(always)]` function) compiled for
@@ -534,14 +614,16 @@ macro_rules! wide_fn {
 }
 pub(crate) use wide_fn;
 
-/// Whether this CPU has AVX-512 (F, BW, VL) as well as AVX2 and FMA (always false off x86-64).
+/// Whether the kernels may use AVX-512 (F, BW, VL) as well as AVX2 and FMA (always false off x86-64).
 pub fn has_avx512() -> bool {
+    cpu_tier() >= CpuTier::Avx512
+}
+
+/// Whether the kernels may use AVX512-BF16 ([`crate::bf16_linear`]): the AVX-512 tier on a CPU that has it.
+pub fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_avx2_fma()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
+        has_avx512() && is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -669,6 +751,21 @@ pub fn release_free_memory() {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn cpu_tier_is_the_cpus_or_a_lower_one_named() {
+        use CpuTier::*;
+        for requested in [None, Some(""), Some(" ")] {
+            assert_eq!(CpuTier::choose(Avx2, requested), Ok(Avx2));
+        }
+        assert_eq!(CpuTier::choose(Avx512, Some("avx2")), Ok(Avx2));
+        assert_eq!(CpuTier::choose(Avx512, Some("Scalar")), Ok(Scalar));
+        assert_eq!(CpuTier::choose(Avx512, Some("avx512")), Ok(Avx512));
+        let above = CpuTier::choose(Avx2, Some("avx512")).unwrap_err();
+        assert!(above.contains("at most \"avx2\""), "{above}");
+        let unknown = CpuTier::choose(Avx512, Some("sse4")).unwrap_err();
+        assert!(unknown.contains("expected one of scalar, avx2, avx512"), "{unknown}");
+    }
 
     #[test]
     fn fast_gelu_matches_candle_gelu_erf() {
