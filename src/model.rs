@@ -108,6 +108,7 @@ impl Florence2ForConditionalGeneration {
                         .into(),
             });
         }
+        crate::nn::check_cpu_tier().map_err(Error::invalid)?;
         let config_path = dir.join("config.json");
         let config = Florence2Config::from_file(&config_path)?;
         // A vision config that cannot run on the checkpoint's own image size is refused at load.

@@ -558,20 +558,29 @@ impl CpuTier {
     }
 }
 
-/// The tier every kernel runs at: the CPU's widest, or the one [`CPU_TIER_VAR`] forces.
-///
-/// # Panics
-/// If [`CPU_TIER_VAR`] names no tier, or one this CPU lacks (in Python: the call raises with the message).
-pub fn cpu_tier() -> CpuTier {
+/// The tier [`CPU_TIER_VAR`] and the CPU give, decided once per process; the message of a setting that
+/// cannot be honoured (an unknown name, a tier the CPU lacks).
+fn tier_setting() -> &'static std::result::Result<CpuTier, String> {
     use std::sync::OnceLock;
     static TIER: OnceLock<std::result::Result<CpuTier, String>> = OnceLock::new();
-    let tier = TIER.get_or_init(|| {
+    TIER.get_or_init(|| {
         let requested = std::env::var_os(CPU_TIER_VAR).map(|v| v.to_string_lossy().into_owned());
         CpuTier::choose(CpuTier::detected(), requested.as_deref())
-    });
-    match tier {
+    })
+}
+
+/// Refuses a [`CPU_TIER_VAR`] setting that cannot be honoured: model loading calls this, so that a bad
+/// setting is an error there rather than a silent fallback.
+pub fn check_cpu_tier() -> std::result::Result<(), String> {
+    tier_setting().as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+/// The tier every kernel runs at: the CPU's widest, or the one [`CPU_TIER_VAR`] forces. Under a setting that
+/// cannot be honoured (refused at model load by [`check_cpu_tier`]) the baseline, which every CPU runs.
+pub fn cpu_tier() -> CpuTier {
+    match tier_setting() {
         Ok(tier) => *tier,
-        Err(message) => panic!("{message}"),
+        Err(_) => CpuTier::Scalar,
     }
 }
 
@@ -764,7 +773,10 @@ mod tests {
         let above = CpuTier::choose(Avx2, Some("avx512")).unwrap_err();
         assert!(above.contains("at most \"avx2\""), "{above}");
         let unknown = CpuTier::choose(Avx512, Some("sse4")).unwrap_err();
-        assert!(unknown.contains("expected one of scalar, avx2, avx512"), "{unknown}");
+        assert!(
+            unknown.contains("expected one of scalar, avx2, avx512"),
+            "{unknown}"
+        );
     }
 
     #[test]

@@ -103,9 +103,11 @@ def test_a_tier_the_cpu_lacks_is_refused(tier, tmp_path):
     done = run(tier, "float32", tmp_path / "out.npz")
     assert done.returncode != 0
     assert f'FLORENCE2_CPU_TIER="{tier}": this CPU runs at most "{HAVE[-1]}"' in done.stderr
+    assert "ValueError" in done.stderr and "PanicException" not in done.stderr, "refused at load, not a panic"
 
 
 def test_an_unknown_tier_is_refused(tmp_path):
     done = run("sse9", "float32", tmp_path / "out.npz")
     assert done.returncode != 0
     assert 'FLORENCE2_CPU_TIER="sse9": expected one of scalar, avx2, avx512' in done.stderr
+    assert "ValueError" in done.stderr and "PanicException" not in done.stderr, "refused at load, not a panic"
