@@ -540,8 +540,8 @@ impl<'a> Remote<'a> {
         }
     }
 
-    /// A HEAD request without following redirects: whether the revision has `file`, without downloading it.
-    fn exists_remotely(&self, file: &str) -> bool {
+    /// A HEAD request for `file` at the revision, without following redirects.
+    fn head(&self, file: &str) -> std::result::Result<ureq::Response, Box<ureq::Error>> {
         let agent = ureq::AgentBuilder::new()
             .try_proxy_from_env(true)
             .redirects(0)
@@ -550,11 +550,41 @@ impl<'a> Remote<'a> {
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }
-        request.call().is_ok_and(|r| r.status() < 400)
+        request.call().map_err(Box::new)
+    }
+
+    /// Whether the revision has `file`, without downloading it.
+    fn exists_remotely(&self, file: &str) -> bool {
+        self.head(file).is_ok_and(|r| r.status() < 400)
+    }
+
+    /// hf-hub names the snapshot folder and writes `refs/{revision}` after the commit the server sends, before
+    /// anything here could look at it: a commit that is no hash (`../../x`) would make it write outside the
+    /// cache. So the commit of the server's answer is checked first. A server that cannot be asked is left
+    /// to the download, which reports it.
+    fn check_server_commit(&self, file: &str) -> Result<()> {
+        let response = match self.head(file).map_err(|err| *err) {
+            Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+            Err(ureq::Error::Transport(_)) => return Ok(()),
+        };
+        match response.header("x-repo-commit") {
+            Some(commit) if !is_commit_hash(commit) => Err(self.io_error(
+                file,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the Hub answered with commit {commit:?}, which is not a commit hash: is HF_ENDPOINT a \
+                         Hugging Face Hub?"
+                    ),
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Downloads one file into the cache (hf-hub: blob, then snapshot link, then `refs/{revision}`).
     fn fetch(&self, file: &str) -> Result<Fetched> {
+        self.check_server_commit(file)?;
         let progress = BigFileProgress {
             enabled: self.progress,
             bar: None,
@@ -565,11 +595,7 @@ impl<'a> Remote<'a> {
             self.api.download_with_progress(file, progress)
         }))
         .map_err(|panic| {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = crate::error::panic_message(panic.as_ref());
             self.io_error(
                 file,
                 io::Error::new(

@@ -44,11 +44,7 @@ pub(crate) fn guarded<T>(call: &str, f: impl FnOnce() -> crate::Result<T>) -> Py
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(result) => Ok(result?),
         Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_string());
+            let what = crate::error::panic_message(payload.as_ref());
             Err(PyRuntimeError::new_err(format!(
                 "florence2_rs: internal error in {call}: {what}. This is a bug in florence2-rs: please report \
                  it with the input that caused it."
