@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use florence2_rs::depthwise::{channels_last_taps, depthwise_conv3x3_residual};
 use florence2_rs::generation::DecoderSession;
+use florence2_rs::kernels::cpu::depthwise::{channels_last_taps, depthwise_conv3x3_residual};
 use florence2_rs::model::Florence2ForConditionalGeneration;
 
 /// The stage shapes of Florence-2-base's vision tower at 768x768 (channels, side).
@@ -58,15 +58,15 @@ const SKINNY_SHAPES: [(usize, usize, usize); 4] = [
     (3, 768, 51289),
 ];
 
-fn skinny(c: &mut Criterion) {
+fn few_rows(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut group = c.benchmark_group("few-row matmul");
     group.sample_size(20);
     for (m, k, n) in SKINNY_SHAPES {
         let x = Tensor::randn(0f32, 1., (m, k), &dev).expect("x");
         let w = Tensor::randn(0f32, 1., (n, k), &dev).expect("w");
-        group.bench_function(format!("skinny {m}x{k}x{n}"), |b| {
-            b.iter(|| florence2_rs::skinny::matmul_t(&x, &w).expect("matmul"))
+        group.bench_function(format!("few rows {m}x{k}x{n}"), |b| {
+            b.iter(|| florence2_rs::kernels::cpu::few_rows::matmul_t(&x, &w).expect("matmul"))
         });
         group.bench_function(format!("candle matmul {m}x{k}x{n}"), |b| {
             b.iter(|| x.matmul(&w.t().expect("t")).expect("matmul"))
@@ -125,8 +125,8 @@ const BF16_SHAPES: [(usize, usize, usize); 9] = [
     (3, 768, 51289),
 ];
 
-fn bf16_linear(c: &mut Criterion) {
-    if !florence2_rs::bf16_linear::available() {
+fn bf16_gemm(c: &mut Criterion) {
+    if !florence2_rs::kernels::cpu::bf16_gemm::available() {
         eprintln!("bf16 linear: this CPU has no AVX512-BF16, skipped");
         return;
     }
@@ -140,7 +140,7 @@ fn bf16_linear(c: &mut Criterion) {
         let [x, w, b] = [x, w, b].map(|t| t.to_dtype(DType::BF16).expect("bf16"));
         let (xs, ws, bs) = (to_vec(&x), to_vec(&w), to_vec(&b));
         group.bench_function(format!("AVX512-BF16 {m}x{k}x{n}"), |bench| {
-            bench.iter(|| florence2_rs::bf16_linear::linear(&xs, m, k, &ws, n, &bs))
+            bench.iter(|| florence2_rs::kernels::cpu::bf16_gemm::linear(&xs, m, k, &ws, n, &bs))
         });
         let candle = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         group.bench_function(format!("candle {m}x{k}x{n}"), |bench| {
@@ -154,5 +154,5 @@ fn to_vec(t: &Tensor) -> Vec<half::bf16> {
     t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
 }
 
-criterion_group!(benches, depthwise, skinny, bf16_linear, decode_step);
+criterion_group!(benches, depthwise, few_rows, bf16_gemm, decode_step);
 criterion_main!(benches);

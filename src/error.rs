@@ -1,5 +1,5 @@
 //! The crate's one error type. Every fallible path returns [`Error`]; the Python layer maps each
-//! variant to the exception a transformers user would expect (see `python/errors.rs`).
+//! variant to the exception a transformers user would expect (see `bindings/errors.rs`).
 
 use std::path::PathBuf;
 
@@ -22,9 +22,19 @@ pub enum Error {
     #[error("invalid configuration in {path}: {msg}")]
     Config { path: PathBuf, msg: String },
 
-    /// The weights do not fit the config: a missing tensor, a wrong shape, a truncated or corrupt file.
+    /// A weights file that cannot be read as a Florence-2 checkpoint: a truncated or corrupt file or shard
+    /// index, tensor names of neither layout, a layout other than the config's.
     #[error("weights {path}: {msg}")]
     Weights { path: PathBuf, msg: String },
+
+    /// A readable weights file from which the model cannot be built (a tensor the config needs is missing or
+    /// has another shape): the tensor library's error, kept as the cause, and the file.
+    #[error("weights {path}: {source}")]
+    WeightsLoad {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
 
     /// A bad argument from the caller (wrong shape, unknown task, out of range value ...).
     #[error("{0}")]

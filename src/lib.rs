@@ -5,33 +5,27 @@
 //! answers as transformers' `Florence2ForConditionalGeneration` and `Florence2Processor`.
 //!
 //! Data flow: [`processor`] turns images and task prompts into `pixel_values` and `input_ids`;
-//! [`model::Florence2ForConditionalGeneration`] runs the DaViT vision tower ([`vision`]), the multimodal
-//! projector ([`projector`]) and the BART encoder/decoder ([`language`]); [`generation`] drives the decoder;
-//! the processor decodes and post-processes the ids. Both released checkpoint layouts (HF-native and
-//! Microsoft's original) load through [`weights`].
+//! [`model::Florence2ForConditionalGeneration`] runs the DaViT vision tower ([`model::vision`]), the
+//! multimodal projector ([`model::projector`]) and the BART encoder/decoder ([`model::bart`]);
+//! [`generation`] drives the decoder; the processor decodes and post-processes the ids. Both released
+//! checkpoint layouts (HF-native and Microsoft's original) load through [`io::checkpoint`].
+//!
+//! Dependencies point one way: the Python bindings (`bindings`) → [`model`] → [`layers`] → [`kernels`];
+//! the model also drives [`generation`]; [`processor`] and [`generation`] stand beside it and use only
+//! [`io`] (checkpoint files and layouts) and [`limits`]. docs/architecture.md describes the layout.
 
-pub mod bf16_linear;
-pub mod config;
-mod cpu_attention;
-mod dense;
-pub mod depthwise;
 pub mod error;
 pub mod generation;
-pub mod hub;
-mod im2col;
-pub mod language;
+pub mod io;
+/// The compute kernels. Not part of the API: public so that benches/kernels.rs can measure them alone.
+#[doc(hidden)]
+pub mod kernels;
+pub mod layers;
 pub mod limits;
 pub mod model;
-mod nn;
 pub mod processor;
-pub mod projector;
-pub mod quantize;
-pub mod skinny;
-pub mod vision;
-mod vision_attention;
-pub mod weights;
 
 #[cfg(feature = "python")]
-mod python;
+mod bindings;
 
 pub use error::{Error, Result};

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use florence2_rs::config::Layout;
 use florence2_rs::generation::{generate, DecoderSession, EarlyStopping, GenerationConfig};
+use florence2_rs::io::Layout;
 use florence2_rs::{Error, Result};
 use serde_json::{json, Value};
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use florence2_rs::processor::{
-    postprocess, prompts, EncodeOptions, Florence2Processor, Layout, PostProcessorConfig,
+    postprocess, prompts, EncodeOptions, Florence2Processor, PostProcessorConfig,
 };
 use proptest::prelude::*;
 
@@ -20,7 +20,7 @@ fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {
     let onnx = release("onnx-community_Florence-2-base");
     let ours = Florence2Processor::from_dir(&msft).unwrap();
     let released = Florence2Processor::from_dir(&onnx).unwrap();
-    assert_eq!(ours.layout, Layout::Original);
+    assert_eq!(ours.image_token_id, None);
     for token in ["<od>", "<loc_0>", "<loc_999>", "<poly>", "<and>"] {
         assert_eq!(
             ours.tokenizer.token_to_id(token),

@@ -1,11 +1,11 @@
 //! Weight-only quantization (`quantize="int8"|"int4"`): the model loads, its logits stay close to the
-//! dense f32 ones, and generation runs. Agreement on full-size checkpoints is in README "Performance".
+//! dense f32 ones, and generation runs. Agreement on full-size checkpoints is in docs/performance.md.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use florence2_rs::layers::linear::Quantization;
 use florence2_rs::model::Florence2ForConditionalGeneration;
-use florence2_rs::quantize::Quantization;
 
 fn fixture(spec: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,4 +1,4 @@
-"""Type stubs of the native module `florence2_rs._native` (src/python/*.rs). Import `florence2_rs`, not this."""
+"""Type stubs of the native module `florence2_rs._native` (src/bindings/*.rs). Import `florence2_rs`, not this."""
 
 from os import PathLike
 from pathlib import Path
@@ -11,6 +11,12 @@ _Path = Union[str, PathLike[str]]
 
 CUDA_BUILD: bool
 """Whether this build has the `cuda` cargo feature."""
+LOCATION_BINS: int
+"""How many bins location tokens quantize each axis into (`<loc_0>` .. `<loc_999>`)."""
+WEIGHTS: str
+"""The weights file of a checkpoint folder (`model.safetensors`)."""
+WEIGHTS_INDEX: str
+"""The index of a checkpoint's sharded weights (`model.safetensors.index.json`)."""
 TASKS_WITHOUT_INPUT: tuple[str, ...]
 """The processor's tasks whose prompt is the task token alone, in its table order."""
 TASKS_WITH_INPUT: tuple[str, ...]

@@ -15,8 +15,8 @@ from typing import Any, Iterable
 from . import _native
 
 #: In `files`, the model weights: model.safetensors, or model.safetensors.index.json and every shard it lists.
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS: str = _native.WEIGHTS
+WEIGHTS_INDEX: str = _native.WEIGHTS_INDEX
 
 
 def resolve_checkpoint(

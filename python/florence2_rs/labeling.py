@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _native
+from ._native import LOCATION_BINS
 from .modeling import Florence2ForConditionalGeneration
 from .processing import AutoProcessor, load_image
 
@@ -25,8 +26,6 @@ DEFAULT_MODEL = "microsoft/Florence-2-base"
 TASKS_WITHOUT_INPUT: tuple[str, ...] = _native.TASKS_WITHOUT_INPUT
 TASKS_WITH_INPUT: tuple[str, ...] = _native.TASKS_WITH_INPUT
 
-# Location tokens quantize each axis into this many bins (as the post-processor does).
-_BINS = 1000
 # Answer keys that hold boxes with one score each, and how many location tokens make one of them.
 _SCORED_KEYS = {"bboxes": ("scores", 4), "quad_boxes": ("scores", 8)}
 
@@ -146,7 +145,7 @@ def _image_size(image: Any) -> tuple[int, int]:
 
 def _location_bins(processor: Any) -> dict[int, int]:
     """Token id → bin of the 1000 `<loc_*>` tokens."""
-    ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{b}>" for b in range(_BINS)])
+    ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{b}>" for b in range(LOCATION_BINS)])
     return {token_id: b for b, token_id in enumerate(ids) if token_id is not None}
 
 
@@ -201,6 +200,6 @@ def _location_windows(tokens: list[int], log_probs: Sequence[float], loc_bins: d
 
 def _dequantize(bins: Sequence[int], image_size: tuple[float, float]) -> list[int]:
     """Bins → pixels with the post-processor's float32 arithmetic, so coordinates compare equal."""
-    per_bin = np.array([image_size[0] / _BINS, image_size[1] / _BINS], np.float32)
+    per_bin = np.array([image_size[0] / LOCATION_BINS, image_size[1] / LOCATION_BINS], np.float32)
     values = (np.asarray(bins, np.float32) + np.float32(0.5)) * np.resize(per_bin, len(bins))
     return values.astype(np.int32).tolist()

@@ -19,7 +19,8 @@ use std::path::Path;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
-use crate::config::Layout;
+use crate::io::json::read_json;
+use crate::io::Layout;
 use crate::{Error, Result};
 
 /// transformers' `early_stopping`: `True`, `False` or `"never"` (see `_check_early_stop_heuristic`).
@@ -605,15 +606,4 @@ impl GenerationConfig {
             seed: self.seed,
         })
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        msg: format!("not valid JSON: {e}"),
-    })
 }

@@ -14,22 +14,14 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-use serde_json::Value;
 
 pub use image::{ImageInput, ImageProcessorConfig, PixelValues, RgbImage};
 pub use postprocess::{Answer, PostProcessorConfig};
 pub use tokenizer::{BatchEncoding, EncodeOptions, Florence2Tokenizer, Padding};
 
+use crate::io::json::read_json_if_present;
+use crate::io::Layout;
 use crate::{Error, Result};
-
-/// Where the image features enter the encoder input, which decides the prompt layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// transformers' HF-native checkpoints: `image_seq_length` `<image>` tokens, then `<s>` prompt `</s>`.
-    HfNative { image_token_id: u32 },
-    /// Microsoft's original checkpoints: the model prepends the image features itself; `<s>` prompt `</s>`.
-    Original,
-}
 
 /// Everything needed to turn (text, images) into model inputs and generated ids back into answers.
 #[derive(Debug, Clone)]
@@ -37,23 +29,10 @@ pub struct Florence2Processor {
     pub tokenizer: Florence2Tokenizer,
     pub image_config: ImageProcessorConfig,
     pub post_config: PostProcessorConfig,
-    pub layout: Layout,
-}
-
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+    /// `<image>`'s id where the prompt starts with `image_seq_length` image placeholders (transformers'
+    /// HF-native layout; the model puts the image features in their place); `None` in Microsoft's layout, whose
+    /// model prepends the image features itself. Either way the text is `<s>` prompt `</s>`.
+    pub image_token_id: Option<u32>,
 }
 
 impl Florence2Processor {
@@ -64,8 +43,8 @@ impl Florence2Processor {
         let tokenizer = Florence2Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let processor_path = dir.join("processor_config.json");
         let preprocessor_path = dir.join("preprocessor_config.json");
-        let processor_config = read_json(&processor_path)?;
-        let image_json = match read_json(&preprocessor_path)? {
+        let processor_config = read_json_if_present(&processor_path)?;
+        let image_json = match read_json_if_present(&preprocessor_path)? {
             Some(v) => Some((v, &preprocessor_path)),
             None => processor_config
                 .as_ref()
@@ -95,22 +74,16 @@ impl Florence2Processor {
                 .and_then(|p| p.get("post_processor_config")),
         )
         .map_err(in_file(&processor_path))?;
-        let original_config = read_json(&dir.join("config.json"))?
-            .and_then(|c| {
-                c.pointer("/vision_config/model_type")
-                    .and_then(Value::as_str)
-                    .map(|t| t == "davit")
-            })
-            .unwrap_or(false);
-        let layout = match tokenizer.image_token_id {
-            Some(image_token_id) if !original_config => Layout::HfNative { image_token_id },
-            _ => Layout::Original,
-        };
+        let layout = read_json_if_present(&dir.join("config.json"))?
+            .map_or(Layout::HfNative, |config| Layout::of_config(&config));
+        let image_token_id = tokenizer
+            .image_token_id
+            .filter(|_| layout == Layout::HfNative);
         Ok(Self {
             tokenizer,
             image_config,
             post_config,
-            layout,
+            image_token_id,
         })
     }
 
@@ -135,16 +108,14 @@ impl Florence2Processor {
         let mut sequences = Vec::with_capacity(prompts.len());
         let mut image_counts = Vec::with_capacity(prompts.len());
         for prompt in &prompts {
-            let ids = match (self.layout, with_images) {
-                (Layout::HfNative { image_token_id }, true) => {
+            let ids = match (self.image_token_id, with_images) {
+                (Some(image_token_id), true) => {
                     let mut ids = vec![image_token_id; self.image_config.image_seq_length];
                     ids.extend(self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?);
                     ids
                 }
-                (Layout::HfNative { .. }, false) => self.tokenizer.encode(prompt, false)?,
-                (Layout::Original, _) => {
-                    self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?
-                }
+                (Some(_), false) => self.tokenizer.encode(prompt, false)?,
+                (None, _) => self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?,
             };
             image_counts.push(self.count_image_tokens(&ids));
             sequences.push(ids);
@@ -165,11 +136,9 @@ impl Florence2Processor {
     }
 
     fn count_image_tokens(&self, ids: &[u32]) -> usize {
-        match self.layout {
-            Layout::HfNative { image_token_id } => {
-                ids.iter().filter(|&&i| i == image_token_id).count()
-            }
-            Layout::Original => 0,
+        match self.image_token_id {
+            Some(image_token_id) => ids.iter().filter(|&&i| i == image_token_id).count(),
+            None => 0,
         }
     }
 

@@ -17,8 +17,9 @@ use super::prompts::{parse_type_for, ParseType};
 use super::pytext::{is_py_space, py_strip};
 use crate::{Error, Result};
 
-/// Location tokens quantize each axis into this many bins.
-const BINS: f64 = 1000.0;
+/// Location tokens (`<loc_0>` .. `<loc_999>`) quantize each axis into this many bins.
+pub const LOCATION_BINS: usize = 1000;
+const BINS: f64 = LOCATION_BINS as f64;
 
 /// transformers' default OCR pattern; the only one this parser implements.
 const DEFAULT_OCR_PATTERN: &str = r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>";

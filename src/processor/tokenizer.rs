@@ -41,7 +41,7 @@ pub fn florence2_extra_tokens() -> Vec<String> {
     ["<od>", "</od>", "<ocr>", "</ocr>"]
         .iter()
         .map(|s| s.to_string())
-        .chain((0..1000).map(|i| format!("<loc_{i}>")))
+        .chain((0..super::postprocess::LOCATION_BINS).map(|i| format!("<loc_{i}>")))
         .chain(TRAILING_TOKENS.iter().map(|s| s.to_string()))
         .collect()
 }

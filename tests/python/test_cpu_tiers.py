@@ -23,7 +23,7 @@ TIERS = ["scalar", "avx2", "avx512"]
 NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}}
 # Tiers differ only in rounding (fused multiply-adds, the order of sums): far inside the parity bound.
 TIER_BOUND = 1e-5
-# The parity bounds against transformers' float32 logits (README, "How parity is tested").
+# The parity bounds against transformers' float32 logits (docs/architecture.md, "How parity is tested").
 PARITY_BOUND = {"float32": 1e-4, "bfloat16": 6e-2}
 
 X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from transformers import Florence2ForConditionalGeneration as HFModel
 
 FLOAT16_MAX = 65504.0
-# The README's tolerances: max |ours - transformers' f32| / max |transformers' f32|.
+# The tolerances of docs/architecture.md ("How parity is tested"):
+# max |ours - transformers' f32| / max |transformers' f32|.
 TOLERANCE = {"float16": 1e-2, "bfloat16": 6e-2}
 # Added to the stage-0 channel attention's q and k biases: q·k then sums to about 36864 * 1.5² over the tokens.
 QK_BIAS_SHIFT = 1.5

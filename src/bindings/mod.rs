@@ -1,0 +1,29 @@
+//! PyO3 bindings: thin wrappers only, one file per exposed class. Model logic lives in the crate.
+
+use pyo3::prelude::*;
+
+mod arrays;
+mod errors;
+mod hub;
+mod model;
+mod processor;
+
+/// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<model::PyModel>()?;
+    processor::register(m)?;
+    hub::register(m)?;
+    // Whether this build has the `cuda` cargo feature: the tests that need a GPU build skip without it.
+    m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
+    // Constants the Python side needs, defined once, here.
+    m.add(
+        "LOCATION_BINS",
+        crate::processor::postprocess::LOCATION_BINS,
+    )?;
+    m.add("WEIGHTS", crate::io::checkpoint::WEIGHTS)?;
+    m.add("WEIGHTS_INDEX", crate::io::checkpoint::WEIGHTS_INDEX)?;
+    m.add_function(wrap_pyfunction!(model::cuda_available, m)?)?;
+    Ok(())
+}

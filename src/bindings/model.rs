@@ -1,0 +1,390 @@
+//! `NativeModel`: the Rust model behind `florence2_rs.Florence2ForConditionalGeneration`. Every heavy call
+//! copies its inputs, releases the GIL, and runs; the model is immutable, so threads may share it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::arrays::{HostArray, HostOutput};
+use super::errors::guarded;
+use crate::generation::{GenerateOutput, GenerationConfig};
+use crate::layers::linear::Quantization;
+use crate::model::Florence2ForConditionalGeneration;
+use crate::{Error, Result};
+
+/// Parses a dtype name as the Python layer normalizes them ("float32", "float16", "bfloat16").
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "float16" => Ok(DType::F16),
+        "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::invalid(format!(
+            "dtype {other:?} is not supported: use float32, float16 or bfloat16"
+        ))),
+    }
+}
+
+/// True when this is a CUDA build and GPU 0 can be opened: what `device_map="auto"` picks the GPU on.
+#[pyfunction]
+pub fn cuda_available(py: Python<'_>) -> bool {
+    // Opening the device creates (or retains) its CUDA context: slow the first time, so without the GIL.
+    candle_core::utils::cuda_is_available() && py.detach(|| Device::new_cuda(0).is_ok())
+}
+
+/// Parses "cpu", "cuda" or "cuda:N".
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = cuda.strip_prefix("cuda:").map_or(Ok(0), |n| {
+                n.parse::<usize>()
+                    .map_err(|_| Error::invalid(format!("bad device {name:?}")))
+            })?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::invalid(format!(
+                    "device {name:?} needs a CUDA build of florence2-rs (cargo feature `cuda`); this build runs on \
+                     the CPU only: use device=\"cpu\""
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|err| {
+                Error::invalid(format!(
+                    "cannot open device {name:?} ({err}); `nvidia-smi -L` lists the GPUs this machine has"
+                ))
+            })
+        }
+        other => Err(Error::invalid(format!(
+            "device {other:?} is not supported: use \"cpu\" or \"cuda[:N]\""
+        ))),
+    }
+}
+
+/// The loaded model.
+#[pyclass(name = "NativeModel", module = "florence2_rs._native", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Arc<Florence2ForConditionalGeneration>,
+    /// The checkpoint's generation settings: what `model.generation_config` starts as in Python.
+    generation: GenerationConfig,
+}
+
+impl PyModel {
+    /// Runs `f` on the model with the GIL released; a panic becomes a RuntimeError naming `call`.
+    pub(crate) fn detached<T: Send>(
+        &self,
+        py: Python<'_>,
+        call: &str,
+        f: impl FnOnce(&Florence2ForConditionalGeneration) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        let model = Arc::clone(&self.inner);
+        py.detach(move || guarded(call, move || f(&model)))
+    }
+}
+
+fn pixels(array: &PyReadonlyArrayDyn<'_, f32>) -> Result<HostArray<f32>> {
+    HostArray::copy(array, "pixel_values", 4)
+}
+
+fn ids(array: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<HostArray<i64>> {
+    HostArray::copy(array, name, 2)
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a checkpoint folder (config.json + model.safetensors, either layout). `dtype` "auto" follows
+    /// transformers: the config's dtype, else the stored weights'. `quantize` "int8" or "int4" stores the
+    /// linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
+    #[staticmethod]
+    #[pyo3(signature = (path, dtype, device, quantize=None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        dtype: &str,
+        device: &str,
+        quantize: Option<&str>,
+    ) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let quantize = quantize.map(Quantization::parse).transpose()?;
+        let dtype = if dtype == "auto" {
+            None
+        } else {
+            Some(parse_dtype(dtype)?)
+        };
+        let (model, generation) = py.detach(move || {
+            guarded("from_pretrained", move || {
+                let dtype = match dtype {
+                    Some(dtype) => dtype,
+                    None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
+                };
+                let model = Florence2ForConditionalGeneration::from_dir_quantized(
+                    &path, dtype, &device, quantize,
+                )?;
+                let generation = GenerationConfig::from_dir(&path, model.config().layout)?;
+                Ok::<_, Error>((model, generation))
+            })
+        })?;
+        Ok(Self {
+            inner: Arc::new(model),
+            generation,
+        })
+    }
+
+    /// "hf" or "original": the checkpoint layout.
+    #[getter]
+    fn layout(&self) -> &'static str {
+        match self.inner.config().layout {
+            crate::io::Layout::HfNative => "hf",
+            crate::io::Layout::Original => "original",
+        }
+    }
+
+    /// The checkpoint's generation settings as a JSON object (the settings that are set): what `generate`
+    /// starts from for this layout (see `GenerationConfig::from_dir`).
+    #[getter]
+    fn generation_config(&self) -> String {
+        self.generation.to_json().to_string()
+    }
+
+    /// The dtype the model computes in ("float32", "float16", "bfloat16").
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match self.inner.dtype() {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        }
+    }
+
+    /// The vision tower's last hidden state for `pixel_values` [B, 3, H, W].
+    fn vision_features<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let pixels = pixels(&pixel_values)?;
+        let out = self.detached(py, "vision_features", move |m| {
+            HostOutput::from_tensor(&m.vision_features(pixels.into_tensor()?)?)
+        })?;
+        out.into_numpy(py)
+    }
+
+    /// One pass of the vision tower and the projector: (the tower's last hidden state [B, C, H', W'], the
+    /// projected image tokens [B, 1 + H'W', d_model]).
+    #[allow(clippy::type_complexity)]
+    fn get_image_features<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+        let pixels = pixels(&pixel_values)?;
+        let (vision, pooled) = self.detached(py, "get_image_features", move |m| {
+            let vision = m.vision_features(pixels.into_tensor()?)?;
+            let pooled = m.project_image_features(&vision)?;
+            Ok((
+                HostOutput::from_tensor(&vision)?,
+                HostOutput::from_tensor(&pooled)?,
+            ))
+        })?;
+        Ok((vision.into_numpy(py)?, pooled.into_numpy(py)?))
+    }
+
+    /// One forward pass as transformers' `forward`: returns a dict with `last_hidden_state` (the decoder's), `logits`,
+    /// `encoder_last_hidden_state` and `image_hidden_states` (None without pixels).
+    #[pyo3(signature = (input_ids, decoder_input_ids, attention_mask=None, pixel_values=None, image_features=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        decoder_input_ids: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let input_ids = ids(&input_ids, "input_ids")?;
+        let decoder_input_ids = ids(&decoder_input_ids, "decoder_input_ids")?;
+        let attention_mask = attention_mask
+            .map(|m| ids(&m, "attention_mask"))
+            .transpose()?;
+        let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
+        let image_features = image_features
+            .map(|f| HostArray::copy(&f, "image_features", 3))
+            .transpose()?;
+        let (decoder, logits, encoder, image) = self.detached(py, "forward", move |m| {
+            let features = features_tensor(m, pixel_values, image_features)?;
+            let mask = attention_mask
+                .map(|a| a.to_u32_tensor("attention_mask"))
+                .transpose()?;
+            let encoder = m.encode(
+                &input_ids.to_u32_tensor("input_ids")?,
+                mask.as_ref(),
+                features.as_ref(),
+            )?;
+            let (decoder, logits) = m.decoder_forward(
+                &decoder_input_ids.to_u32_tensor("decoder_input_ids")?,
+                &encoder,
+            )?;
+            Ok((
+                HostOutput::from_tensor(&decoder)?,
+                HostOutput::from_tensor(&logits)?,
+                HostOutput::from_tensor(&encoder.hidden_states)?,
+                features.as_ref().map(HostOutput::from_tensor).transpose()?,
+            ))
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("last_hidden_state", decoder.into_numpy(py)?)?;
+        out.set_item("logits", logits.into_numpy(py)?)?;
+        out.set_item("encoder_last_hidden_state", encoder.into_numpy(py)?)?;
+        out.set_item(
+            "image_hidden_states",
+            image.map(|i| i.into_numpy(py)).transpose()?,
+        )?;
+        Ok(out)
+    }
+
+    /// transformers' `generate`: `config` is a JSON object of generation-config attributes (the caller's
+    /// generation config over the model's, as the Python layer merges them; unknown attributes are ignored;
+    /// None: the checkpoint's settings) and `kwargs` one of generate() keyword arguments (unknown names are
+    /// errors), applied in that order over transformers' global defaults. Returns a dict (see
+    /// `generate_output_dict`), whose `ignored` lists the attributes of `config` that were ignored.
+    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, config=None, kwargs="{}"))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
+        config: Option<&str>,
+        kwargs: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (cfg, ignored) = settings(&self.generation, config, kwargs)?;
+        let input_ids = ids(&input_ids, "input_ids")?;
+        let attention_mask = attention_mask
+            .map(|m| ids(&m, "attention_mask"))
+            .transpose()?;
+        let pixel_values = pixel_values.map(|p| pixels(&p)).transpose()?;
+        let image_features = image_features
+            .map(|f| HostArray::copy(&f, "image_features", 3))
+            .transpose()?;
+        let run_cfg = cfg.clone();
+        let out = self.detached(py, "generate", move |m| {
+            let features = features_tensor(m, pixel_values, image_features)?;
+            let mask = attention_mask
+                .map(|a| a.to_u32_tensor("attention_mask"))
+                .transpose()?;
+            m.generate(
+                &input_ids.to_u32_tensor("input_ids")?,
+                mask.as_ref(),
+                features.as_ref(),
+                &run_cfg,
+            )
+        })?;
+        let dict = generate_output_dict(py, out, &cfg)?;
+        dict.set_item("ignored", ignored)?;
+        Ok(dict)
+    }
+}
+
+/// The settings of one generate call: the generation-config attributes `config` (lenient; None: `checkpoint`),
+/// then the keyword arguments `kwargs` (strict), each a JSON object; with the names of the ignored attributes.
+fn settings(
+    checkpoint: &GenerationConfig,
+    config: Option<&str>,
+    kwargs: &str,
+) -> Result<(GenerationConfig, Vec<String>)> {
+    let object = |json: &str, what: &str| -> Result<serde_json::Map<String, serde_json::Value>> {
+        match serde_json::from_str(json) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(_) => Err(Error::invalid(format!(
+                "generate() {what} must be a JSON object"
+            ))),
+            Err(e) => Err(Error::invalid(format!(
+                "generate() {what} are not valid: {e}"
+            ))),
+        }
+    };
+    let (mut cfg, ignored) = match config {
+        Some(config) => {
+            let mut cfg = GenerationConfig::default();
+            let ignored = cfg.merge_lenient(&object(config, "generation config attributes")?)?;
+            (cfg, ignored)
+        }
+        None => (checkpoint.clone(), Vec::new()),
+    };
+    for (key, value) in object(kwargs, "keyword arguments")? {
+        cfg.set(&key, value)?;
+    }
+    cfg.validate()?;
+    Ok((cfg, ignored))
+}
+
+/// `GenerateOutput` as numpy arrays: sequences int64 [N, T]; token_scores f32 [N, T-1]; and, where the
+/// settings asked for them, sequences_scores f32 [N] (beam search) and scores (a list of f32 [rows, vocab]).
+fn generate_output_dict<'py>(
+    py: Python<'py>,
+    out: GenerateOutput,
+    cfg: &GenerationConfig,
+) -> PyResult<Bound<'py, PyDict>> {
+    let rows = out.sequences.len();
+    let len = out.sequences.first().map_or(0, Vec::len);
+    let ids: Vec<i64> = out
+        .sequences
+        .iter()
+        .flatten()
+        .map(|&t| i64::from(t))
+        .collect();
+    let dict = PyDict::new(py);
+    dict.set_item(
+        "sequences",
+        numpy::PyArray1::from_vec(py, ids).reshape([rows, len])?,
+    )?;
+    let token_scores: Vec<f32> = out.token_scores.iter().flatten().copied().collect();
+    let width = out.token_scores.first().map_or(0, Vec::len);
+    dict.set_item(
+        "token_scores",
+        numpy::PyArray1::from_vec(py, token_scores).reshape([rows, width])?,
+    )?;
+    let output_scores = cfg.output_scores.unwrap_or(false);
+    dict.set_item(
+        "return_dict_in_generate",
+        cfg.return_dict_in_generate.unwrap_or(false),
+    )?;
+    dict.set_item(
+        "sequences_scores",
+        out.sequences_scores
+            .filter(|_| output_scores)
+            .map(|s| numpy::PyArray1::from_vec(py, s)),
+    )?;
+    let scores = match out.scores {
+        Some(steps) if output_scores => Some(
+            steps
+                .into_iter()
+                .map(|step| {
+                    let (r, v) = (step.len(), step.first().map_or(0, Vec::len));
+                    numpy::PyArray1::from_vec(py, step.into_iter().flatten().collect())
+                        .reshape([r, v])
+                })
+                .collect::<PyResult<Vec<_>>>()?,
+        ),
+        _ => None,
+    };
+    dict.set_item("scores", scores)?;
+    Ok(dict)
+}
+
+/// The image tokens to merge: given features win over pixels (transformers refuses both; the Python layer
+/// checks that), none without either.
+pub(crate) fn features_tensor(
+    model: &Florence2ForConditionalGeneration,
+    pixel_values: Option<HostArray<f32>>,
+    image_features: Option<HostArray<f32>>,
+) -> Result<Option<Tensor>> {
+    Ok(match (image_features, pixel_values) {
+        (Some(f), _) => Some(f.into_tensor()?),
+        (None, Some(p)) => Some(model.get_image_features(p.into_tensor()?)?),
+        (None, None) => None,
+    })
+}

@@ -1,0 +1,467 @@
+//! `x @ wᵀ + b` in bf16 on the CPU with AVX512-BF16's pair dot product (`vdpbf16ps`).
+//!
+//! candle 0.11 has no bf16 GEMM on the CPU: it widens both operands to f32, multiplies and rounds back, which
+//! makes bf16 slower than f32, while torch's bf16 is faster than its f32 on a CPU with AVX512-BF16.
+//! `vdpbf16ps` multiplies 16 pairs of bf16 and adds them to 16 f32 sums in one instruction, twice the
+//! products of an f32 FMA of the same width. The sums start from the bias, accumulate in f32 and are rounded
+//! to bf16 once (to nearest even), as torch's oneDNN path does.
+//!
+//! Two kernels, chosen by the number of rows of `x`:
+//! - Many rows (vision tower, encoder): `w` is repacked ([`Packed`]) into panels of 32 output columns with
+//!   the pairs of `k` interleaved, so that one 64-byte load gives a `vdpbf16ps` operand for 16 columns. A
+//!   task takes a block of rows and a range of panels, and each tile of up to [`TILE_ROWS`] rows x 32
+//!   columns is summed over the whole of `k` in registers, each pair of a row of `x` broadcast to 16 lanes.
+//!   A model's layers pack their weights once, at load ([`linear_packed`]; a few rows then take the same
+//!   kernel, which reads each panel once); [`linear`] packs for the call.
+//! - A few rows through [`linear`] (the LM head, which is the token embedding and stays row-major): each
+//!   weight row is read once, where it lies, against all rows of `x`, as [`super::few_rows`] does in f32.
+//!
+//! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
+//! [`available`] is false elsewhere and the caller keeps candle's matmul.
+
+use half::bf16;
+
+#[cfg(target_arch = "x86_64")]
+use super::few_rows::{row_tiles, MAX_ROWS as FEW_ROWS, WEIGHT_ROWS_PER_TASK};
+#[cfg(target_arch = "x86_64")]
+use super::parallel::TaskPtr;
+
+/// Rows in a register tile of the packed kernel: 2 x 12 accumulators, two weight vectors and the broadcast
+/// fill 27 of the 32 AVX-512 registers.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 12;
+
+/// Output columns in a panel: two 16-lane vectors.
+const PANEL: usize = 32;
+
+/// A task's block of rows of `x` is at most this many bytes, so that it stays in L2 while the task's panels
+/// pass over it.
+#[cfg(target_arch = "x86_64")]
+const ROW_BLOCK_BYTES: usize = 192 << 10;
+
+/// But at least this many rows, so that each panel read from memory serves several tiles while it sits in L2
+/// (with one tile per block, a large FFN runs at a fraction of the usual rate).
+#[cfg(target_arch = "x86_64")]
+const MIN_BLOCK_ROWS: usize = 8 * TILE_ROWS;
+
+/// Whether the kernels run here ([`super::features::has_avx512_bf16`]).
+pub fn available() -> bool {
+    super::features::has_avx512_bf16()
+}
+
+/// `x[m, k] @ w[n, k]ᵀ + bias[n]`, row-major `[m, n]`; `m`, `n` and `k` are at least 1.
+///
+/// # Panics
+/// If [`available`] is false, or the slices do not hold the shapes given.
+pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16]) -> Vec<bf16> {
+    assert!(available(), "bf16_gemm::linear needs AVX512-BF16");
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(x.len() == m * k && w.len() == n * k && bias.len() == n);
+    let mut out = Vec::with_capacity(m * n);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `out` has room for m x n values and lives past the kernels, whose tasks write disjoint
+        // outputs.
+        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
+        if m <= FEW_ROWS {
+            few_rows(x, m, k, w, n, bias, dst);
+        } else {
+            panels(x, m, &Packed::new(w, n, k), bias, dst);
+        }
+    }
+    // SAFETY: both kernels write each of the m x n outputs (every row, every column).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// [`linear`] with weights packed beforehand (a model's layers pack theirs once, at load): `x[m, k]`,
+/// `bias[n]`, any `m` from 1.
+///
+/// # Panics
+/// If [`available`] is false, or the slices do not hold the shapes given.
+pub fn linear_packed(x: &[bf16], m: usize, w: &Packed, bias: &[bf16]) -> Vec<bf16> {
+    assert!(available(), "bf16_gemm::linear_packed needs AVX512-BF16");
+    assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
+    let mut out = Vec::with_capacity(m * w.n);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
+        // outputs.
+        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
+        panels(x, m, w, bias, dst);
+    }
+    // SAFETY: the kernel writes each of the m x n outputs.
+    unsafe { out.set_len(m * w.n) };
+    out
+}
+
+/// Weights `w[n, k]` laid out for the many-row kernel: for panel `p` and pair `j`, 32 `u32`s, lane `c`
+/// holding `w[32p + c][2j]` in its low half and `w[32p + c][2j + 1]` in its high half; columns past `n`
+/// and the half past an odd `k` are zero. The same bytes as `w`, give or take the last panel's padding.
+pub struct Packed {
+    panels: Vec<u32>,
+    n: usize,
+    k: usize,
+}
+
+impl Packed {
+    /// Packs row-major `w` of `n` rows and `k` columns (both at least 1).
+    pub fn new(w: &[bf16], n: usize, k: usize) -> Self {
+        use rayon::prelude::*;
+        assert!(n > 0 && k > 0 && w.len() == n * k);
+        let pairs = k.div_ceil(2);
+        let mut panels = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
+        panels
+            .par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * k..][..k];
+                    // Each pair of consecutive values: the even one in the low half of its lane.
+                    let whole: &[[bf16; 2]] = bytemuck::cast_slice(&row[..k / 2 * 2]);
+                    for (j, &[low, high]) in whole.iter().enumerate() {
+                        panel[j * PANEL + c] =
+                            u32::from(low.to_bits()) | u32::from(high.to_bits()) << 16;
+                    }
+                    if k % 2 == 1 {
+                        panel[k / 2 * PANEL + c] = u32::from(row[k - 1].to_bits());
+                    }
+                }
+            });
+        Self { panels, n, k }
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+}
+
+/// The many-row kernel: `x[m, k]` against packed weights.
+#[cfg(target_arch = "x86_64")]
+fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf16>) {
+    use rayon::prelude::*;
+    let (n, k) = packed.dims();
+    let panels = n.div_ceil(PANEL);
+    let mut bias_f32: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
+    bias_f32.resize(panels * PANEL, 0.0);
+
+    let block_rows =
+        (ROW_BLOCK_BYTES / (2 * k)).clamp(MIN_BLOCK_ROWS, 16 * TILE_ROWS) / TILE_ROWS * TILE_ROWS;
+    let row_blocks = m.div_ceil(block_rows);
+    // Enough tasks for the threads to balance; when there are few row blocks (the encoder's few hundred
+    // rows) the panels are split too.
+    let want = 4 * rayon::current_num_threads();
+    let panel_groups = want.div_ceil(row_blocks).clamp(1, panels);
+    let group_panels = panels.div_ceil(panel_groups);
+    let pairs = k.div_ceil(2);
+    (0..row_blocks * panel_groups)
+        .into_par_iter()
+        .for_each(|task| {
+            let (block, group) = (task / panel_groups, task % panel_groups);
+            let rows = block * block_rows..(block * block_rows + block_rows).min(m);
+            for p in group * group_panels..((group + 1) * group_panels).min(panels) {
+                let panel = &packed.panels[p * pairs * PANEL..][..pairs * PANEL];
+                let tile = PanelTile {
+                    panel,
+                    bias: &bias_f32[p * PANEL..][..PANEL],
+                    k,
+                    n,
+                    cols: PANEL.min(n - p * PANEL),
+                };
+                let mut r = rows.start;
+                while r < rows.end {
+                    let size = TILE_ROWS.min(rows.end - r);
+                    let a = &x[r * k..(r + size) * k];
+                    let dst = out.at(r * n + p * PANEL);
+                    // SAFETY: `available` checked the CPU; `a` holds `size` rows and `dst` addresses rows
+                    // r..r + size, columns col..col + cols of the m x n output.
+                    unsafe { tile.run(a, size, dst) };
+                    r += size;
+                }
+            }
+        });
+}
+
+/// One panel of packed weights and where its outputs go.
+#[cfg(target_arch = "x86_64")]
+struct PanelTile<'a> {
+    panel: &'a [u32],
+    bias: &'a [f32],
+    k: usize,
+    /// Row stride of the output.
+    n: usize,
+    /// Valid columns in this panel (the last one may be partial).
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelTile<'_> {
+    /// `rows` (1 to [`TILE_ROWS`]) rows of `a` against the panel.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16; `dst` addresses `rows` output rows of `self.n` values from this panel's column.
+    unsafe fn run(&self, a: &[bf16], rows: usize, dst: *mut bf16) {
+        match rows {
+            1 => self.tile::<1>(a, dst),
+            2 => self.tile::<2>(a, dst),
+            3 => self.tile::<3>(a, dst),
+            4 => self.tile::<4>(a, dst),
+            5 => self.tile::<5>(a, dst),
+            6 => self.tile::<6>(a, dst),
+            7 => self.tile::<7>(a, dst),
+            8 => self.tile::<8>(a, dst),
+            9 => self.tile::<9>(a, dst),
+            10 => self.tile::<10>(a, dst),
+            11 => self.tile::<11>(a, dst),
+            _ => self.tile::<TILE_ROWS>(a, dst),
+        }
+    }
+
+    /// [`Self::run`] for `R` rows.
+    ///
+    /// # Safety
+    /// As [`Self::run`], with `rows` = `R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile<const R: usize>(&self, a: &[bf16], dst: *mut bf16) {
+        use std::arch::x86_64::{
+            __m256i, __m512bh, __mmask16, _mm256_mask_storeu_epi16, _mm512_cvtneps_pbh,
+            _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_set1_epi32,
+        };
+        let k = self.k;
+        let rows: [*const bf16; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        let panel = self.panel.as_ptr();
+        let mut lo = [_mm512_loadu_ps(self.bias.as_ptr()); R];
+        let mut hi = [_mm512_loadu_ps(self.bias.as_ptr().add(16)); R];
+        for j in 0..k / 2 {
+            let w_lo: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL).cast()));
+            let w_hi: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL + 16).cast()));
+            for r in 0..R {
+                let pair = rows[r].add(2 * j).cast::<i32>().read_unaligned();
+                let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                lo[r] = _mm512_dpbf16_ps(lo[r], pair, w_lo);
+                hi[r] = _mm512_dpbf16_ps(hi[r], pair, w_hi);
+            }
+        }
+        if k % 2 == 1 {
+            // The last pair holds one value; the packed weights' high half is zero there, and so is this one.
+            let j = k / 2;
+            let w_lo: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL).cast()));
+            let w_hi: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL + 16).cast()));
+            for r in 0..R {
+                let single = i32::from((*rows[r].add(k - 1)).to_bits());
+                let single: __m512bh = std::mem::transmute(_mm512_set1_epi32(single));
+                lo[r] = _mm512_dpbf16_ps(lo[r], single, w_lo);
+                hi[r] = _mm512_dpbf16_ps(hi[r], single, w_hi);
+            }
+        }
+        let mask = |from: usize| -> __mmask16 {
+            let valid = self.cols.saturating_sub(from).min(16);
+            ((1u32 << valid) - 1) as __mmask16
+        };
+        let (mask_lo, mask_hi) = (mask(0), mask(16));
+        for r in 0..R {
+            let row = dst.add(r * self.n).cast::<i16>();
+            let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo[r]));
+            let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi[r]));
+            _mm256_mask_storeu_epi16(row, mask_lo, lo);
+            _mm256_mask_storeu_epi16(row.add(16), mask_hi, hi);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn few_rows(
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    bias: &[bf16],
+    out: TaskPtr<bf16>,
+) {
+    use rayon::prelude::*;
+    w.par_chunks(WEIGHT_ROWS_PER_TASK * k)
+        .enumerate()
+        .for_each(|(task, w)| {
+            let first = task * WEIGHT_ROWS_PER_TASK;
+            let dots = Dots {
+                x,
+                m,
+                k,
+                w,
+                bias: &bias[first..first + w.len() / k],
+                // SAFETY: a sub-range of `out`, under its contract.
+                out: unsafe { TaskPtr::new(out.at(first)) },
+                n,
+            };
+            // SAFETY: `available` checked the CPU; `out` addresses columns first.. of the m x n output.
+            unsafe { dots.all() };
+        });
+}
+
+/// The rows of `x` against a run of weight rows, each output a horizontal sum of `vdpbf16ps` lanes.
+#[cfg(target_arch = "x86_64")]
+struct Dots<'a> {
+    x: &'a [bf16],
+    m: usize,
+    k: usize,
+    w: &'a [bf16],
+    bias: &'a [bf16],
+    /// Column 0 of this run's outputs, in row 0.
+    out: TaskPtr<bf16>,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Dots<'_> {
+    /// `x` in the tiles of [`super::few_rows::row_tiles`].
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16; `out` addresses, in each of the `m` output rows (`n` values apart), the
+    /// columns of this run's weight rows, and no other thread writes them during the call.
+    unsafe fn all(&self) {
+        for (first, size) in row_tiles(self.m) {
+            match size {
+                1 => self.weight_rows::<1, 8>(first),
+                2 => self.weight_rows::<2, 6>(first),
+                3 => self.weight_rows::<3, 5>(first),
+                _ => self.weight_rows::<4, 4>(first),
+            }
+        }
+    }
+
+    /// Rows `first..first + MR` of `x` against all the weight rows, `NR` at a time.
+    ///
+    /// # Safety
+    /// As [`Self::all`], with `first + MR <= m`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn weight_rows<const MR: usize, const NR: usize>(&self, first: usize) {
+        let rows = self.w.len() / self.k;
+        let mut r = 0;
+        while r + NR <= rows {
+            self.block::<MR, NR>(first, r);
+            r += NR;
+        }
+        while r < rows {
+            self.block::<MR, 1>(first, r);
+            r += 1;
+        }
+    }
+
+    /// Weight rows `r0..r0 + NR` against rows `first..first + MR` of `x`.
+    ///
+    /// # Safety
+    /// As [`Self::weight_rows`], with `r0 + NR` at most this run's weight rows; called only from a function
+    /// compiled with AVX512-BF16.
+    #[inline(always)]
+    unsafe fn block<const MR: usize, const NR: usize>(&self, first: usize, r0: usize) {
+        use std::arch::x86_64::{
+            __m512bh, __mmask32, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps,
+            _mm512_setzero_ps,
+        };
+        let k = self.k;
+        let xs: [*const bf16; MR] = std::array::from_fn(|i| self.x.as_ptr().add((first + i) * k));
+        let ws: [*const bf16; NR] = std::array::from_fn(|r| self.w.as_ptr().add((r0 + r) * k));
+        let mut acc = [[_mm512_setzero_ps(); MR]; NR];
+        let mut at = 0;
+        while at < k {
+            // 32 values at a time; the last step loads the remainder and zeros past it.
+            let mask: __mmask32 = if k - at >= 32 {
+                !0
+            } else {
+                (1u32 << (k - at)) - 1
+            };
+            let xv: [__m512bh; MR] = std::array::from_fn(|i| {
+                std::mem::transmute(_mm512_maskz_loadu_epi16(mask, xs[i].add(at).cast()))
+            });
+            for r in 0..NR {
+                let wv: __m512bh =
+                    std::mem::transmute(_mm512_maskz_loadu_epi16(mask, ws[r].add(at).cast()));
+                for i in 0..MR {
+                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xv[i], wv);
+                }
+            }
+            at += 32;
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            let bias = self.bias[r0 + r].to_f32();
+            for (i, &sum) in sums.iter().enumerate() {
+                let sum = _mm512_reduce_add_ps(sum) + bias;
+                *self.out.at((first + i) * self.n + r0 + r) = bf16::from_f32(sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product in f64 from the same bf16 values.
+    fn reference(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16]) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|t| x[i * k + t].to_f64() * w[j * k + t].to_f64())
+                    .sum();
+                out[i * n + j] = dot + bias[j].to_f64();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<bf16> {
+        // A cheap deterministic spread of values in [-2, 2).
+        (0..len as u32)
+            .map(|i| {
+                let h = (i ^ seed).wrapping_mul(2_654_435_761).rotate_left(13);
+                bf16::from_f32((h % 4096) as f32 / 1024.0 - 2.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_exact_product() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 33, 50),
+            (8, 768, 17),
+            (9, 7, 31),
+            (13, 147, 33),
+            (40, 64, 96),
+            (300, 128, 70),
+            (97, 4096, 40),
+        ] {
+            let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+            let want = reference(&x, m, k, &w, n, &bias);
+            let per_call = linear(&x, m, k, &w, n, &bias);
+            let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias);
+            for (idx, (g, e)) in per_call
+                .iter()
+                .chain(&packed)
+                .zip(want.iter().cycle())
+                .enumerate()
+            {
+                // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
+                // accumulation error on top.
+                let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();
+                assert!(
+                    (g.to_f64() - e).abs() <= tol,
+                    "{m}x{k}x{n} at {idx}: {} vs {e}",
+                    g.to_f64()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! A direct 3×3 depthwise convolution (stride 1, padding 1) plus its input, on channels-last maps, for the CPU.
+//!
+//! DaViT runs four of these per block (conditional position encodings, `x + conv(x)`). candle's grouped
+//! `conv2d` lowers them to im2col + one small matmul per channel, many times slower than the direct
+//! convolution (benches/kernels.rs measures both). The vision tower keeps its
+//! activations as tokens (`[B, H, W, C]`, channels last) inside a stage, so the kernel works on that layout:
+//! each output pixel is nine multiply-adds over a contiguous run of channels, which the compiler vectorizes,
+//! and the residual is added in the same pass. No transposes to NCHW and back are needed.
+//!
+//! The op is one candle op for both devices: on CUDA it runs as one small kernel
+//! (`kernels::cuda::depthwise`), compiled with NVRTC at first use (candle's grouped `conv2d` runs one
+//! convolution per channel there too, thousands of kernel launches per conv).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The op: input `[B, H, W, C]`, taps `[9, C]` (row-major 3×3, channel last), bias `[C]`, all f32 and
+/// contiguous. Output: `input + conv(input)`.
+struct DepthwiseResidual3x3;
+
+impl CustomOp3 for DepthwiseResidual3x3 {
+    fn name(&self) -> &'static str {
+        "depthwise-conv3x3-residual-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(xs), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, w, b) else {
+            candle_core::bail!("depthwise-conv3x3 takes f32 tensors");
+        };
+        let (Some((xo, _)), Some((wo, _)), Some((bo, _))) = (
+            xs_l.contiguous_offsets(),
+            w_l.contiguous_offsets(),
+            b_l.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("depthwise-conv3x3 takes contiguous tensors");
+        };
+        let (batch, height, width, channels) = xs_l.shape().dims4()?;
+        let row = width * channels;
+        let xs = &xs[xo..xo + batch * height * row];
+        let taps = &w[wo..wo + 9 * channels];
+        let bias = &b[bo..bo + channels];
+
+        let mut out = vec![0f32; batch * height * row];
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(i, out_row)| {
+                let (image, y) = (i / height, i % height);
+                let plane = Plane {
+                    values: &xs[image * height * row..(image + 1) * height * row],
+                    taps,
+                    bias,
+                    height,
+                    width,
+                };
+                conv_row_wide(&plane, y, out_row);
+            });
+        Ok((CpuStorage::F32(out), xs_l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xs_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+        b: &candle_core::CudaStorage,
+        b_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::cuda::depthwise::forward((xs, xs_l), (w, w_l), (b, b_l))
+    }
+}
+
+/// One image `[H, W, C]` (channels last) with the convolution's taps `[9, C]` and bias `[C]`.
+struct Plane<'a> {
+    values: &'a [f32],
+    taps: &'a [f32],
+    bias: &'a [f32],
+    height: usize,
+    width: usize,
+}
+
+super::features::wide_fn! {
+    /// [`conv_row`] for the widest SIMD the CPU has.
+    fn conv_row_wide(plane: &Plane, y: usize, out_row: &mut [f32]) = conv_row;
+}
+
+/// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
+/// zero outside the map.
+#[inline(always)]
+fn conv_row(plane: &Plane, y: usize, out_row: &mut [f32]) {
+    let Plane {
+        values: plane,
+        taps,
+        bias,
+        height,
+        width,
+    } = *plane;
+    let channels = bias.len();
+    let row = width * channels;
+    for x in 0..width {
+        let out = &mut out_row[x * channels..(x + 1) * channels];
+        let centre = &plane[y * row + x * channels..y * row + (x + 1) * channels];
+        for ((o, &v), &bv) in out.iter_mut().zip(centre).zip(bias) {
+            *o = v + bv;
+        }
+        for dy in 0..3 {
+            let Some(src_y) = (y + dy).checked_sub(1).filter(|&s| s < height) else {
+                continue;
+            };
+            for dx in 0..3 {
+                let Some(src_x) = (x + dx).checked_sub(1).filter(|&s| s < width) else {
+                    continue;
+                };
+                let start = src_y * row + src_x * channels;
+                let input = &plane[start..start + channels];
+                let tap = &taps[(dy * 3 + dx) * channels..(dy * 3 + dx + 1) * channels];
+                for ((o, &v), &t) in out.iter_mut().zip(input).zip(tap) {
+                    *o += t * v;
+                }
+            }
+        }
+    }
+}
+
+/// The taps of a `[C, 1, 3, 3]` depthwise weight as `[9, C]` f32, the layout the kernel reads.
+pub fn channels_last_taps(weight: &Tensor) -> Result<Tensor> {
+    weight
+        .to_dtype(DType::F32)?
+        .flatten_from(1)?
+        .t()?
+        .contiguous()
+}
+
+/// `xs + conv2d(xs, weight, bias, padding=1, groups=C)` for f32 channels-last `xs` `[B, H, W, C]` on the CPU
+/// or a CUDA device; `taps` comes from [`channels_last_taps`], `bias` is f32 `[C]`.
+pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op3_no_bwd(taps, &bias.contiguous()?, &DepthwiseResidual3x3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    #[test]
+    fn matches_candle_grouped_conv_plus_input() {
+        let dev = Device::Cpu;
+        for (c, h, w) in [
+            (3, 5, 7),
+            (4, 1, 1),
+            (2, 1, 6),
+            (5, 6, 1),
+            (8, 12, 12),
+            (17, 9, 4),
+        ] {
+            let nchw = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., c, &dev).unwrap();
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                groups: c,
+                ..Default::default()
+            };
+            let expected = (candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg)
+                .forward(&nchw)
+                .unwrap()
+                + &nchw)
+                .unwrap();
+            let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let taps = channels_last_taps(&weight).unwrap();
+            let got = depthwise_conv3x3_residual(&nhwc, &taps, &bias)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            let err = (got - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{c}x{h}x{w}");
+        }
+    }
+}

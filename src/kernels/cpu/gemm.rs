@@ -1,0 +1,242 @@
+//! `x @ wᵀ + b` on the CPU, in f32 and (where the CPU has AVX512-BF16) in bf16: the kernel behind the linear
+//! layer of unquantized weights.
+//!
+//! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
+//! passes over every output, and the vision tower's linear layers write gigabytes of outputs per image. Here
+//! the output buffer starts as the bias repeated on each row and the GEMM (the gemm crate) accumulates the
+//! product into it (`dst = dst + x @ wᵀ`), so each output is written once by the fill and once by the GEMM.
+//! Up to [`super::few_rows::MAX_ROWS`] rows go to [`super::few_rows`] instead. bf16 goes to
+//! [`super::bf16_gemm`], which starts its sums from the bias too.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use gemm::Parallelism;
+
+use super::bf16_gemm::{self, Packed};
+use super::few_rows;
+use super::storage::{contiguous, contiguous_f32};
+
+/// `x @ wᵀ + b` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, all f32 (or all bf16) on the CPU; `None` where
+/// this path does not apply (another device or dtype, bf16 without AVX512-BF16), for candle's.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let supported = cpu_supports(dtype);
+    let cpu_same_dtype = |t: &Tensor| t.device().is_cpu() && t.dtype() == dtype;
+    if !(supported && cpu_same_dtype(x) && cpu_same_dtype(w) && b.is_none_or(cpu_same_dtype))
+        || w.rank() != 2
+    {
+        return Ok(None);
+    }
+    if let Some(ys) = few_rows::matmul_t(x, w)? {
+        return Ok(Some(match b {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        }));
+    }
+    let (n, k) = w.dims2()?;
+    if x.rank() == 0 {
+        return Ok(None);
+    }
+    let (x2, out_dims) = as_rows(x, k, n)?;
+    if x2.dim(0)? == 0 || k == 0 || n == 0 {
+        return Ok(None); // nothing to multiply: candle's matmul handles empty shapes
+    }
+    let w = w.contiguous()?;
+    // No bias: the output starts at zero, which is a zero bias.
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(n, dtype, x.device())?,
+    };
+    let out = x2.apply_op3_no_bwd(&w, &b, &BiasedMatmulT)?;
+    Ok(Some(out.reshape(out_dims)?))
+}
+
+/// `x @ wᵀ + bias` for a CPU bf16 `x` `[..., K]` and weights packed at load (`bias` `[N]`, zeros for none).
+pub fn linear_packed(x: &Tensor, w: &Packed, bias: &[bf16]) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::BF16) {
+        candle_core::bail!(
+            "a bf16 CPU linear layer got a {:?} input on {:?}",
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    let (n, k) = w.dims();
+    let (x2, out_dims) = as_rows(x, k, n)?;
+    let out = if x2.dim(0)? == 0 {
+        Tensor::zeros(out_dims.as_slice(), DType::BF16, x.device())?
+    } else {
+        x2.apply_op1_no_bwd(&PackedMatmulT { w, bias })?
+    };
+    out.reshape(out_dims)
+}
+
+/// `x` `[..., K]` as contiguous rows `[rows, K]`, and the dims of the output with `n` features.
+fn as_rows(x: &Tensor, k: usize, n: usize) -> Result<(Tensor, Vec<usize>)> {
+    let Some(&x_k) = x.dims().last() else {
+        candle_core::bail!("linear: the input is a scalar");
+    };
+    if x_k != k {
+        candle_core::bail!("linear: input has {x_k} features, the weight {k}");
+    }
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    let rows = x.elem_count() / k.max(1);
+    Ok((x.reshape((rows, k))?.contiguous()?, out_dims))
+}
+
+/// `[M, K] x packed [N, K] + bias → [M, N]` in bf16.
+struct PackedMatmulT<'a> {
+    w: &'a Packed,
+    bias: &'a [bf16],
+}
+
+impl CustomOp1 for PackedMatmulT<'_> {
+    fn name(&self) -> &'static str {
+        "packed-bf16-matmul-t"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, _) = xl.shape().dims2()?;
+        let x = match x {
+            CpuStorage::BF16(x) => contiguous(x, xl)?,
+            _ => candle_core::bail!("{} takes a bf16 input", self.name()),
+        };
+        let out = bf16_gemm::linear_packed(x, m, self.w, self.bias);
+        Ok((CpuStorage::BF16(out), Shape::from((m, self.w.dims().0))))
+    }
+}
+
+/// Whether [`linear`] has a kernel for `dtype` on this CPU.
+pub fn cpu_supports(dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => true,
+        DType::BF16 => bf16_gemm::available(),
+        _ => false,
+    }
+}
+
+/// `[M, K] x [N, K] + [N] → [M, N]`, contiguous operands, f32 or bf16.
+struct BiasedMatmulT;
+
+impl BiasedMatmulT {
+    fn run(
+        x: (&[f32], &Layout),
+        w: (&[f32], &Layout),
+        bias: &[f32],
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = x.1.shape().dims2()?;
+        let (n, _) = w.1.shape().dims2()?;
+        let mut out = Vec::with_capacity(m * n);
+        (0..m).for_each(|_| out.extend_from_slice(bias));
+        // SAFETY: `out` holds m x n floats, `x` m x k and `w` n x k, all row-major; wᵀ is read through strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.0.as_ptr(),
+                1,
+                k as isize,
+                w.0.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+impl CustomOp3 for BiasedMatmulT {
+    fn name(&self) -> &'static str {
+        "biased-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, _) = wl.shape().dims2()?;
+        if bl.shape().elem_count() != n {
+            candle_core::bail!(
+                "linear: bias has {} entries, the weight {n} rows",
+                bl.shape().elem_count()
+            );
+        }
+        if let (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) = (x, w, b) {
+            let (x, w, b) = (contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?);
+            let out = bf16_gemm::linear(x, m, k, w, n, b);
+            return Ok((CpuStorage::BF16(out), Shape::from((m, n))));
+        }
+        let bias = contiguous_f32(b, bl, self.name())?;
+        let (x, w) = (
+            contiguous_f32(x, xl, self.name())?,
+            contiguous_f32(w, wl, self.name())?,
+        );
+        Self::run((x, xl), (w, wl), bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    #[test]
+    fn matches_candle_linear() {
+        let dev = Device::Cpu;
+        let mut dtypes = vec![(DType::F32, 1e-5)];
+        if bf16_gemm::available() {
+            // Both sum in f32; candle rounds the product and then the sum with the bias to bf16, this path
+            // rounds once.
+            dtypes.push((DType::BF16, 1e-2));
+        }
+        for (dtype, tol) in dtypes {
+            for (rows, k, n) in [(1, 7, 5), (20, 33, 17), (2 * 65, 64, 96)] {
+                let x = Tensor::randn(0f32, 1., (2, rows / 2 + 1, k), &dev).unwrap();
+                let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
+                let b = Tensor::randn(0f32, 1., n, &dev).unwrap();
+                let [x, w, b] = [x, w, b].map(|t| t.to_dtype(dtype).unwrap());
+                for bias in [Some(&b), None] {
+                    let expected = candle_nn::Linear::new(w.clone(), bias.cloned())
+                        .forward(&x)
+                        .unwrap();
+                    let got = linear(&x, &w, bias).unwrap().unwrap();
+                    assert_eq!(got.dims(), expected.dims());
+                    assert_eq!(got.dtype(), dtype);
+                    let scalar =
+                        |t: Tensor| t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+                    let diff = scalar(
+                        (&got - &expected)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap(),
+                    );
+                    let scale = scalar(expected.abs().unwrap().max_all().unwrap());
+                    assert!(
+                        diff <= tol * scale,
+                        "{dtype:?} {rows}x{k}x{n}: {diff} of {scale}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Scalar math written so that loops over it vectorize: branch-free `exp`, `erf` and GELU, and a sum in
+//! interleaved partial sums. Called from kernels compiled through [`super::features::wide_fn!`].
+
+/// `e^x` for f32, branch-free so that loops over it vectorize: `x = n ln2 + r` with `|r| <= ln2 / 2`, a
+/// degree-7 Taylor polynomial for `e^r` (truncation under 1e-8 relative, about f32's own rounding) and `2^n`
+/// put into the exponent bits. 0 below -87.3, where `2^n` would leave the normal range; the callers
+/// (softmax) pass values up to 0.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer (to nearest) in plain SSE2, where `round` is a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.min(88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
+    .iter()
+    .fold(0.0, |acc, &c| acc * r + c);
+    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// `Σ f(x)` in 16 interleaved partial sums, so that the loop vectorizes.
+#[inline(always)]
+pub fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `x · Φ(x)`, the exact GELU.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// erf as an odd rational function of `x` clamped to [-4, 4] (beyond, erf is ±1 in f32): the minimax
+/// approximation Eigen and XLA use for f32, within a few ulp of the exact value. Branch-free, so loops over
+/// it vectorize.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    const ALPHA: [f32; 7] = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ];
+    const BETA: [f32; 5] = [
+        -1.456_607_2e-5,
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329_2e-3,
+        -1.426_474e-2,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = ALPHA.iter().fold(0.0, |acc, &a| acc * x2 + a) * x;
+    let q = BETA.iter().fold(0.0, |acc, &b| acc * x2 + b);
+    p / q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        for i in -100_000..=8_800 {
+            let x = i as f32 / 1000.0;
+            let (got, want) = (exp(x), (x as f64).exp());
+            if x < -87.3 {
+                assert_eq!(got, 0.0, "exp({x})");
+            } else {
+                assert!(
+                    ((got as f64 - want) / want).abs() < 3e-7,
+                    "exp({x}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Scaled dot-product attention: the BART layers' (any mask) and the vision tower's window attention (the
+//! core between its qkv and output projections). Each takes the CPU kernel where it applies and candle's
+//! tensor ops elsewhere.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::ops::to_dtype;
+use crate::kernels::cpu::attention as cpu_attention;
+use crate::kernels::cpu::window_attention as cpu_window_attention;
+
+/// Scaled dot-product attention over the last two dims: `softmax(q @ kᵀ * scale + mask) @ v`.
+///
+/// The scale is applied after the product, as transformers' eager attention does. `mask` is additive
+/// (0 where attending is allowed, a large negative value elsewhere) and broadcast over the scores.
+///
+/// On the CPU in f32 it is one fused kernel ([`cpu_attention::fused_attention`]). Half-precision operands are
+/// widened to f32 once and the output rounded once: candle's CPU matmul has no bf16 kernel and widens each
+/// product's operands itself, with copies; f32 scores and probabilities are no less exact than torch's bf16
+/// ones.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let half = matches!(q.dtype(), DType::BF16 | DType::F16);
+    if q.device().is_cpu() && half {
+        let [q32, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
+        let mask = mask.map(|m| to_dtype(m, DType::F32)).transpose()?;
+        return to_dtype(
+            &attention(&q32?, &k?, &v?, scale, mask.as_ref())?,
+            q.dtype(),
+        );
+    }
+    if let Some(out) = cpu_attention::fused_attention(q, k, v, scale, mask)? {
+        return Ok(out);
+    }
+    // The queries are scaled before the product, as transformers' BART scales them, so that half-precision
+    // scores stay in range; the softmax of half-precision scores runs in f32.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let scores = if half {
+        scores.to_dtype(DType::F32)?
+    } else {
+        scores
+    };
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .to_dtype(q.dtype())?
+        .matmul(v)
+}
+
+/// Window attention on `qkv` `[windows, tokens, 3 * C]` (the qkv projection of each window's tokens, laid out
+/// `[3, heads, head_dim]` along the last dim) → `[windows, tokens, C]`, heads concatenated as transformers
+/// does.
+///
+/// On the CPU a half-precision `qkv` is widened to f32 for the kernel and the output rounded back: candle's
+/// CPU matmul widens half-precision operands anyway, for each product and with copies, and the whole
+/// attention in f32 is no less exact than torch's, which rounds the scores and probabilities to bf16.
+pub fn window_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        let out =
+            cpu_window_attention::window_attention(&to_dtype(qkv, DType::F32)?, heads, scale)?;
+        return to_dtype(&out, qkv.dtype());
+    }
+    let (windows, tokens, width) = qkv.dims3()?;
+    let qkv = qkv
+        .reshape((windows, tokens, 3, heads, width / 3 / heads))?
+        .permute((2, 0, 3, 1, 4))?; // [3, windows, heads, tokens, head_dim]
+    let [q, k, v] = [0, 1, 2].map(|i| qkv.get(i).and_then(|t| t.contiguous()));
+    attention(&q?, &k?, &v?, scale, None)?
+        .transpose(1, 2)?
+        .reshape((windows, tokens, width / 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The tensor-op formulation, which other devices and dtypes run (here in f64, which the kernel declines).
+    fn by_ops(qkv: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Vec<f32> {
+        let out = f(&qkv.to_dtype(DType::F64).unwrap()).unwrap();
+        out.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn assert_close(got: &Tensor, expected: &[f32], what: &str) {
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), expected.len(), "{what}");
+        for (g, e) in got.iter().zip(expected) {
+            assert!(
+                (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "{what}: {g} vs {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_matches_the_tensor_ops() {
+        let dev = Device::Cpu;
+        // Odd sizes: 3 windows of 5 tokens, 2 heads of 3.
+        let qkv = Tensor::randn(0f32, 1., (3, 5, 18), &dev).unwrap();
+        let expected = by_ops(&qkv, |t| window_attention(t, 2, 0.3));
+        assert_close(
+            &window_attention(&qkv, 2, 0.3).unwrap(),
+            &expected,
+            "window",
+        );
+    }
+
+    #[test]
+    fn fused_kernel_matches_the_tensor_ops() {
+        let dev = Device::Cpu;
+        // Query lengths around the block size, one query (decoding), grouped beams' stacked queries.
+        for (b, h, t, s, d) in [(2, 3, 70, 50, 8), (1, 2, 1, 33, 16), (2, 1, 129, 129, 4)] {
+            let q = Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1., (b, h, s, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1., (b, h, s, d), &dev).unwrap();
+            let padding = Tensor::randn(0f32, 1., (b, 1, 1, s), &dev)
+                .unwrap()
+                .ge(0.5)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(-1e9, 0.)
+                .unwrap();
+            let causal = Tensor::randn(0f32, 3., (t, s), &dev).unwrap();
+            for mask in [None, Some(&padding), Some(&causal)] {
+                let got = cpu_attention::fused_attention(&q, &k, &v, 0.3, mask)
+                    .unwrap()
+                    .unwrap();
+                // The reference: the tensor ops in f64, which the kernel declines.
+                let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let mask64 = mask.map(f64);
+                let want = super::attention(&f64(&q), &f64(&k), &f64(&v), 0.3, mask64.as_ref())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let diff = super::super::max_abs_diff(&got, &want);
+                assert!(
+                    diff < 1e-5,
+                    "{b}x{h}x{t}x{s}x{d}, mask {}: {diff}",
+                    mask.is_some()
+                );
+            }
+        }
+    }
+}

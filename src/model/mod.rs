@@ -1,0 +1,12 @@
+//! Florence-2 itself, named as transformers names it: the configuration ([`config`]), the DaViT vision tower
+//! ([`vision`]), the multimodal projector ([`projector`]), the BART encoder-decoder ([`bart`]) and the whole
+//! model with its generation entry points ([`florence2`]).
+
+pub mod bart;
+pub mod config;
+pub mod florence2;
+pub mod projector;
+pub mod vision;
+
+pub use config::Florence2Config;
+pub use florence2::{DecoderState, EncoderOutput, Florence2ForConditionalGeneration};
