@@ -17,6 +17,8 @@ WEIGHTS: str
 """The weights file of a checkpoint folder (`model.safetensors`)."""
 WEIGHTS_INDEX: str
 """The index of a checkpoint's sharded weights (`model.safetensors.index.json`)."""
+PYTORCH_WEIGHTS: str
+"""The PyTorch weights file read where a checkpoint has no safetensors (`pytorch_model.bin`)."""
 TASKS_WITHOUT_INPUT: tuple[str, ...]
 """The processor's tasks whose prompt is the task token alone, in its table order."""
 TASKS_WITH_INPUT: tuple[str, ...]

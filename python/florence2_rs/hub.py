@@ -14,9 +14,11 @@ from typing import Any, Iterable
 
 from . import _native
 
-#: In `files`, the model weights: model.safetensors, or model.safetensors.index.json and every shard it lists.
+#: In `files`, the model weights: model.safetensors, or model.safetensors.index.json and every shard it lists,
+#: or else pytorch_model.bin.
 WEIGHTS: str = _native.WEIGHTS
 WEIGHTS_INDEX: str = _native.WEIGHTS_INDEX
+PYTORCH_WEIGHTS: str = _native.PYTORCH_WEIGHTS
 
 
 def resolve_checkpoint(
@@ -32,7 +34,8 @@ def resolve_checkpoint(
 
     Args:
         name_or_path: a checkpoint folder, or a Hub id such as "microsoft/Florence-2-base".
-        files: files that must be there; "model.safetensors" also accepts sharded safetensors weights.
+        files: files that must be there; "model.safetensors" also accepts sharded safetensors weights and,
+            where there are no safetensors, pytorch_model.bin.
         optional_files: files used where the checkpoint has them (generation_config.json ...).
         **hub_kwargs: transformers' `from_pretrained` keywords for the Hub: revision, token (a string, or
             False to send none; use_auth_token is its old name), cache_dir, local_files_only,
@@ -59,7 +62,7 @@ def resolve_checkpoint(
 def _has_local(folder: Path, name: str) -> bool:
     if name == WEIGHTS:
         # Sharded weights are complete only with every shard; the weights loader checks those and says which.
-        return (folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()
+        return any((folder / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX, PYTORCH_WEIGHTS))
     return (folder / name).is_file()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from .adapters import PeftAdapterMixin, adapter_base, resolve_adapter
 from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, torch_module, wrap
 from .configuration import Florence2Config, GenerationConfig
 from .hub import WEIGHTS, resolve_checkpoint
@@ -27,7 +28,7 @@ _HUB_KWARGS = {"revision", "token", "cache_dir", "local_files_only", "force_down
                "use_auth_token", "resume_download"}
 
 
-class Florence2PreTrainedModel:
+class Florence2PreTrainedModel(PeftAdapterMixin):
     """Shared loading, device and dtype handling of the Florence-2 model classes."""
 
     def __init__(self, native: Any, folder: Path, config: Florence2Config, device: str) -> None:
@@ -35,6 +36,7 @@ class Florence2PreTrainedModel:
         self._folder = folder
         self._device = device
         self._quantize: str | None = None
+        self._init_adapters()
         self.config = config
         # What generate() starts from, resolved as the checkpoint layout's own code does (Microsoft's layout:
         # its text_config; the HF-native one: generation_config.json); editable, as in transformers.
@@ -69,7 +71,8 @@ class Florence2PreTrainedModel:
             if len(devices) != 1:
                 raise ValueError("device_map must place the whole model on one device")
             device_map = devices.pop()
-        quantize = quantize_mode(kwargs.pop("quantization_config", None))
+        quantization_config = kwargs.pop("quantization_config", None)
+        quantize = quantize_mode(quantization_config)
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         for key in list(kwargs):
             if key in _ACCEPTED_NO_EFFECT:
@@ -80,8 +83,20 @@ class Florence2PreTrainedModel:
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
 
-        folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json", WEIGHTS),
-                                    optional_files=("generation_config.json",), **hub_kwargs)
+        try:
+            folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json", WEIGHTS),
+                                        optional_files=("generation_config.json",), **hub_kwargs)
+        except OSError:
+            # A PEFT adapter rather than a model: its base model with the adapter, as transformers loads it
+            # when peft is installed.
+            adapter = resolve_adapter(pretrained_model_name_or_path, **hub_kwargs)
+            if adapter is None:
+                raise
+            model = cls.from_pretrained(adapter_base(adapter), dtype=dtype, device_map=device_map, device=device,
+                                        quantization_config=quantization_config, config=config_overrides,
+                                        **hub_kwargs)
+            model.load_adapter(adapter)
+            return model
         device = device_name(device if device is not None else device_map)
         native = _load_native(folder, dtype_name(dtype), device, quantize)
         model = cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
@@ -114,9 +129,14 @@ class Florence2PreTrainedModel:
         new_device = device_name(device) if device is not None else self._device
         new_dtype = dtype_name(dtype, allow_auto=False) if dtype is not None else self._native.dtype
         if new_device != self._device or new_dtype != self._native.dtype:
-            self._native = _load_native(self._folder, new_dtype, new_device, self._quantize)
+            self._native = _load_native(self._folder, new_dtype, new_device, self._quantize, self._adapter_folder())
             self._device = new_device
         return self
+
+    def _reload(self) -> None:
+        """Loads the weights again, in the same dtype and on the same device, with the adapter now chosen."""
+        self._native = _load_native(self._folder, self._native.dtype, self._device, self._quantize,
+                                    self._adapter_folder())
 
     def eval(self):
         """No-op (the model is always in inference mode); returns self like torch."""
@@ -372,10 +392,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"generate() got a value of type {type(value).__name__} that is not a setting: {value!r}")
 
 
-def _load_native(folder: Path, dtype: str, device: str, quantize: str | None) -> Any:
+def _load_native(folder: Path, dtype: str, device: str, quantize: str | None, adapter: Path | None = None) -> Any:
     """Loads the Rust model: the one place every model class loads weights through.
 
     `quantize` ("int8", "int4" or None) comes from `quantization_config`: the linear layers' weights are
-    quantized (candle's Q8_0 / Q4_0), the embeddings and LM head stay in `dtype`.
+    quantized (candle's Q8_0 / Q4_0), the embeddings and LM head stay in `dtype`. `adapter`: a PEFT LoRA
+    adapter folder, merged into the weights as they load.
     """
-    return _native.NativeModel.load(folder, dtype, device, quantize=quantize)
+    return _native.NativeModel.load(folder, dtype, device, quantize=quantize,
+                                    adapter=None if adapter is None else str(adapter))
+

@@ -24,6 +24,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("WEIGHTS", crate::io::checkpoint::WEIGHTS)?;
     m.add("WEIGHTS_INDEX", crate::io::checkpoint::WEIGHTS_INDEX)?;
+    m.add("PYTORCH_WEIGHTS", crate::io::pytorch::PYTORCH_WEIGHTS)?;
     m.add_function(wrap_pyfunction!(model::cuda_available, m)?)?;
     Ok(())
 }

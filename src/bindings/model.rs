@@ -13,7 +13,7 @@ use super::arrays::{HostArray, HostOutput};
 use super::errors::guarded;
 use crate::generation::{GenerateOutput, GenerationConfig};
 use crate::layers::linear::Quantization;
-use crate::model::Florence2ForConditionalGeneration;
+use crate::model::{Florence2ForConditionalGeneration, LoadOptions};
 use crate::{Error, Result};
 
 /// Parses a dtype name as the Python layer normalizes them ("float32", "float16", "bfloat16").
@@ -93,20 +93,25 @@ fn ids(array: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<HostArray<i64>
 
 #[pymethods]
 impl PyModel {
-    /// Loads a checkpoint folder (config.json + model.safetensors, either layout). `dtype` "auto" follows
-    /// transformers: the config's dtype, else the stored weights'. `quantize` "int8" or "int4" stores the
-    /// linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
+    /// Loads a checkpoint folder (config.json + model.safetensors or pytorch_model.bin, either layout).
+    /// `dtype` "auto" follows transformers: the config's dtype, else the stored weights'. `quantize` "int8" or
+    /// "int4" stores the linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
+    /// `adapter`: a PEFT LoRA adapter folder merged into the weights.
     #[staticmethod]
-    #[pyo3(signature = (path, dtype, device, quantize=None))]
+    #[pyo3(signature = (path, dtype, device, quantize=None, adapter=None))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         dtype: &str,
         device: &str,
         quantize: Option<&str>,
+        adapter: Option<PathBuf>,
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
-        let quantize = quantize.map(Quantization::parse).transpose()?;
+        let options = LoadOptions {
+            quantize: quantize.map(Quantization::parse).transpose()?,
+            adapter,
+        };
         let dtype = if dtype == "auto" {
             None
         } else {
@@ -118,9 +123,8 @@ impl PyModel {
                     Some(dtype) => dtype,
                     None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
                 };
-                let model = Florence2ForConditionalGeneration::from_dir_quantized(
-                    &path, dtype, &device, quantize,
-                )?;
+                let model =
+                    Florence2ForConditionalGeneration::from_dir_with(&path, dtype, &device, &options)?;
                 let generation = GenerationConfig::from_dir(&path, model.config().layout)?;
                 Ok::<_, Error>((model, generation))
             })

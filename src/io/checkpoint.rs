@@ -1,5 +1,6 @@
-//! Checkpoint weights: safetensors files (single or sharded), the layout they follow, and a
-//! candle `VarBuilder` that serves them under HF-native names whatever the layout.
+//! Checkpoint weights: safetensors files (single or sharded) or, in folders without them, a PyTorch
+//! `pytorch_model.bin` ([`super::pytorch`]); the layout they follow; and a candle `VarBuilder` that serves them
+//! under HF-native names whatever the layout.
 //!
 //! The model code asks for every tensor by its HF-native name (`model.vision_tower.convs.0.conv.weight`).
 //! For Microsoft's original layout [`Checkpoint`] maps that name to the stored one
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
@@ -26,6 +27,8 @@ use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensorError};
 
 use super::layout::Layout;
+use super::adapter::Adapter;
+use super::pytorch::PYTORCH_WEIGHTS;
 use crate::{Error, Result};
 
 /// The weights file of a checkpoint folder.
@@ -173,38 +176,52 @@ fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
     file.read_exact(buf)
 }
 
+/// Where a checkpoint's tensors are.
+enum Stored {
+    /// safetensors files, read a tensor at a time into the tensor's own buffer.
+    Safetensors {
+        shards: Vec<Shard>,
+        /// Which shard stores each tensor.
+        routing: HashMap<String, usize>,
+    },
+    /// A PyTorch archive, read whole at open (its storages are not laid out to be read in place), on the CPU
+    /// in the stored dtypes.
+    Pytorch(HashMap<String, Tensor>),
+}
+
 /// The weights of one checkpoint.
 pub struct Checkpoint {
-    shards: Vec<Shard>,
-    /// Which shard stores each tensor.
-    routing: HashMap<String, usize>,
+    stored: Stored,
     layout: Layout,
     /// What to name in error messages: the file, or the folder for sharded checkpoints.
     source: PathBuf,
     /// Tensors read ahead in parallel (stored names), each taken out by the first `load` that asks for it.
     prefetched: Mutex<HashMap<String, Tensor>>,
+    /// A LoRA adapter merged into each tensor as it is loaded.
+    adapter: Option<Arc<Adapter>>,
 }
 
 impl Checkpoint {
     /// Opens the weights in `dir`: `model.safetensors`, or the shards listed in
-    /// `model.safetensors.index.json`.
+    /// `model.safetensors.index.json`, or else `pytorch_model.bin` (safetensors first, as transformers
+    /// prefers them).
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join(WEIGHTS);
         let index = dir.join(WEIGHTS_INDEX);
+        let pytorch = dir.join(PYTORCH_WEIGHTS);
         let (files, source) = if single.is_file() {
             (vec![single.clone()], single)
         } else if index.is_file() {
             (shard_files(&index)?, index)
+        } else if pytorch.is_file() {
+            let tensors = super::pytorch::read_state_dict(&pytorch)?;
+            return Self::new(Stored::Pytorch(tensors), pytorch);
         } else {
-            let hint = if dir.join("pytorch_model.bin").exists() {
-                "Only safetensors weights are supported; this folder has pytorch_model.bin. Convert it with \
-                 `safetensors.torch.save_file(torch.load(...), \"model.safetensors\")` or download model.safetensors."
-            } else {
-                "Expected model.safetensors or model.safetensors.index.json in the checkpoint folder."
-            };
             return Err(Error::NotFound {
                 path: single,
-                hint: hint.into(),
+                hint: format!(
+                    "Expected {WEIGHTS}, {WEIGHTS_INDEX} or {PYTORCH_WEIGHTS} in the checkpoint folder."
+                ),
             });
         };
         let shards = files
@@ -225,17 +242,29 @@ impl Checkpoint {
                 routing.insert(name, i);
             }
         }
-        let layout = Layout::of_weight_names(routing.keys()).ok_or_else(|| Error::Weights {
+        Self::new(Stored::Safetensors { shards, routing }, source)
+    }
+
+    fn new(stored: Stored, source: PathBuf) -> Result<Self> {
+        let layout = Layout::of_weight_names(stored.names()).ok_or_else(|| Error::Weights {
             path: source.clone(),
             msg: "no Florence-2 weights found (expected `model.vision_tower.*` or `vision_tower.*` keys)".into(),
         })?;
         Ok(Checkpoint {
-            shards,
-            routing,
+            stored,
             layout,
             source,
             prefetched: Mutex::default(),
+            adapter: None,
         })
+    }
+
+    /// These weights with `adapter` merged into every tensor it changes, as the model loads them.
+    pub fn with_adapter(self, adapter: Arc<Adapter>) -> Self {
+        Self {
+            adapter: Some(adapter),
+            ..self
+        }
     }
 
     /// The layout the stored key names follow.
@@ -248,18 +277,19 @@ impl Checkpoint {
         &self.source
     }
 
-    /// Whether the checkpoint stores `hf_name` (an HF-native name).
+    /// Whether the checkpoint stores `hf_name` (an HF-native name), or its adapter a replacement of it.
     pub fn stores(&self, hf_name: &str) -> bool {
-        self.info(&self.stored_name(hf_name)).is_some()
+        self.stored.has(&self.stored_name(hf_name))
+            || self.adapter.as_ref().is_some_and(|a| a.replaces(hf_name))
     }
 
     /// The floating dtype of the stored weights (the first floating tensor's), used by `dtype="auto"`.
     pub fn stored_dtype(&self) -> Option<DType> {
-        let mut names: Vec<_> = self.routing.keys().collect();
+        let mut names: Vec<_> = self.stored.names().collect();
         names.sort();
         names
             .into_iter()
-            .find_map(|name| float_dtype(self.info(name)?.1.dtype))
+            .find_map(|name| self.stored.float_dtype(name))
     }
 
     /// A `VarBuilder` over these weights that answers HF-native names, converting to `dtype` on `device`.
@@ -282,15 +312,17 @@ impl Checkpoint {
     /// to peak memory.
     /// A tensor that fails to read here is left out, and `load` reads it again and reports the error.
     fn prefetch(&self, dtype: DType, device: &Device, unread: &[String]) {
-        let mut names: Vec<&String> = self
-            .routing
+        let Stored::Safetensors { routing, .. } = &self.stored else {
+            return; // read whole at open
+        };
+        let mut names: Vec<&String> = routing
             .keys()
             .filter(|name| !unread.contains(name))
             .collect();
         let all_in_dtype = names
             .iter()
             .filter_map(|name| self.info(name))
-            .all(|(_, info)| float_dtype(info.dtype).is_none_or(|d| d == dtype));
+            .all(|(_, info)| safetensors_float_dtype(info.dtype).is_none_or(|d| d == dtype));
         if !device.is_cpu() || !all_in_dtype || !POSITIONAL_READS {
             return;
         }
@@ -316,34 +348,52 @@ impl Checkpoint {
         }
     }
 
-    /// The shard and header entry of a stored tensor name.
+    /// The shard and header entry of a stored tensor name in safetensors files.
     fn info(&self, stored: &str) -> Option<(&Shard, &TensorInfo)> {
-        let shard = &self.shards[*self.routing.get(stored)?];
-        Some((shard, shard.metadata.info(stored)?))
+        self.stored.info(stored)
     }
 
     fn load(&self, hf_name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let stored = self.stored_name(hf_name);
-        let (shard, info) = self.info(&stored).ok_or_else(|| {
+        let missing = || {
             candle_core::Error::Msg(format!(
                 "{}: missing tensor `{stored}`; the weights do not match this Florence-2 config",
                 self.source.display()
             ))
-        })?;
-        let prefetched = self
-            .prefetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&stored);
-        let tensor = match prefetched {
-            Some(tensor) => tensor,
-            None => shard.read(info, device)?,
         };
-        if self.layout == Layout::Original && stored == "image_projection" {
-            // Microsoft stores the projection as [vision_dim, projection_dim] and multiplies `x @ W`.
-            return tensor.t()?.contiguous();
+        if !self.stored.has(&stored) {
+            // Not in the base: only an adapter's whole replacement can stand for it.
+            let replacement = match &self.adapter {
+                Some(adapter) => adapter.replacement(hf_name)?,
+                None => None,
+            };
+            return replacement.ok_or_else(missing)?.to_device(device);
         }
-        Ok(tensor)
+        let tensor = match &self.stored {
+            Stored::Pytorch(tensors) => tensors.get(&stored).ok_or_else(missing)?.to_device(device)?,
+            Stored::Safetensors { .. } => {
+                let (shard, info) = self.info(&stored).ok_or_else(missing)?;
+                let prefetched = self
+                    .prefetched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&stored);
+                match prefetched {
+                    Some(tensor) => tensor,
+                    None => shard.read(info, device)?,
+                }
+            }
+        };
+        let tensor = if self.layout == Layout::Original && stored == "image_projection" {
+            // Microsoft stores the projection as [vision_dim, projection_dim] and multiplies `x @ W`.
+            tensor.t()?.contiguous()?
+        } else {
+            tensor
+        };
+        match &self.adapter {
+            Some(adapter) => adapter.apply(hf_name, tensor),
+            None => Ok(tensor),
+        }
     }
 }
 
@@ -378,8 +428,42 @@ impl SimpleBackend for Checkpoint {
     }
 }
 
+impl Stored {
+    /// The stored tensor names.
+    fn names(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+        match self {
+            Stored::Safetensors { routing, .. } => Box::new(routing.keys()),
+            Stored::Pytorch(tensors) => Box::new(tensors.keys()),
+        }
+    }
+
+    fn has(&self, stored: &str) -> bool {
+        match self {
+            Stored::Safetensors { .. } => self.info(stored).is_some(),
+            Stored::Pytorch(tensors) => tensors.contains_key(stored),
+        }
+    }
+
+    /// The dtype of a stored tensor when it is a floating one.
+    fn float_dtype(&self, stored: &str) -> Option<DType> {
+        match self {
+            Stored::Safetensors { .. } => safetensors_float_dtype(self.info(stored)?.1.dtype),
+            Stored::Pytorch(tensors) => Some(tensors.get(stored)?.dtype()).filter(|d| d.is_float()),
+        }
+    }
+
+    /// The shard and header entry of a stored tensor name in safetensors files.
+    fn info(&self, stored: &str) -> Option<(&Shard, &TensorInfo)> {
+        let Stored::Safetensors { shards, routing } = self else {
+            return None;
+        };
+        let shard = &shards[*routing.get(stored)?];
+        Some((shard, shard.metadata.info(stored)?))
+    }
+}
+
 /// The candle dtype of a stored floating dtype; `None` for integer and other dtypes.
-fn float_dtype(dtype: Dtype) -> Option<DType> {
+fn safetensors_float_dtype(dtype: Dtype) -> Option<DType> {
     match dtype {
         Dtype::F32 => Some(DType::F32),
         Dtype::F16 => Some(DType::F16),
@@ -567,7 +651,7 @@ mod tests {
         match Checkpoint::open(dir.path()) {
             Err(err) => assert!(err.to_string().contains("model.safetensors"), "{err}"),
             Ok(checkpoint) => {
-                let names: Vec<String> = checkpoint.routing.keys().cloned().collect();
+                let names: Vec<String> = checkpoint.stored.names().cloned().collect();
                 for name in names {
                     if let Err(err) = checkpoint.get_unchecked(&name, DType::F32, &Device::Cpu) {
                         assert!(!err.to_string().is_empty());

@@ -27,7 +27,7 @@ use crate::{Error, Result};
 /// The name that stands for "the model weights" in `files`: `model.safetensors`, or, where the repository
 /// has no single file, `model.safetensors.index.json` and every shard it lists.
 pub use super::checkpoint::{WEIGHTS, WEIGHTS_INDEX};
-const PYTORCH_WEIGHTS: &str = "pytorch_model.bin";
+use super::pytorch::PYTORCH_WEIGHTS;
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Smaller files download without a progress bar: config and tokenizer files would only flicker.
 const PROGRESS_MIN_BYTES: usize = 10 * 1024 * 1024;
@@ -475,7 +475,8 @@ impl<'a> Remote<'a> {
         }
     }
 
-    /// Fetches `model.safetensors`, or the index and its shards; `true` when the snapshot moved.
+    /// Fetches `model.safetensors`, or the index and its shards, or else `pytorch_model.bin`; `true` when the
+    /// snapshot moved.
     fn fetch_weights(
         &self,
         target: &mut Option<PathBuf>,
@@ -501,7 +502,17 @@ impl<'a> Remote<'a> {
                         return Ok(true);
                     }
                 }
-                Fetched::Absent => return Err(self.no_safetensors()),
+                // No safetensors weights: an older checkpoint's PyTorch archive, read without running its
+                // pickle.
+                Fetched::Absent => {
+                    return match self.fetch(PYTORCH_WEIGHTS)? {
+                        Fetched::In(dir) => {
+                            fetched.push(PYTORCH_WEIGHTS.to_string());
+                            Ok(settle(target, dir))
+                        }
+                        Fetched::Absent => Err(self.no_weights()),
+                    };
+                }
             }
         }
         let Some(dir) = target.clone() else {
@@ -517,24 +528,15 @@ impl<'a> Remote<'a> {
         Ok(false)
     }
 
-    /// The error for a repository without safetensors weights, saying so plainly when it has PyTorch ones.
-    fn no_safetensors(&self) -> Error {
-        let hint = if self.exists_remotely(PYTORCH_WEIGHTS) {
-            format!(
-                "{} (revision {}) has only {PYTORCH_WEIGHTS}; florence2-rs needs safetensors weights \
-                 (model.safetensors). Pick a revision that has them, or convert the checkpoint with transformers \
-                 (`model.save_pretrained(folder)` writes safetensors) and load that folder.",
-                self.repo_id, self.revision
-            )
-        } else {
-            format!(
-                "{} (revision {}) has neither {WEIGHTS} nor {WEIGHTS_INDEX}; is it a Florence-2 checkpoint?",
-                self.repo_id, self.revision
-            )
-        };
+    /// The error for a repository without weights florence2-rs reads.
+    fn no_weights(&self) -> Error {
         Error::NotFound {
             path: PathBuf::from(self.api.url(WEIGHTS)),
-            hint,
+            hint: format!(
+                "{} (revision {}) has none of {WEIGHTS}, {WEIGHTS_INDEX} and {PYTORCH_WEIGHTS}; is it a Florence-2 \
+                 checkpoint?",
+                self.repo_id, self.revision
+            ),
         }
     }
 
@@ -549,11 +551,6 @@ impl<'a> Remote<'a> {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }
         request.call().map_err(Box::new)
-    }
-
-    /// Whether the revision has `file`, without downloading it.
-    fn exists_remotely(&self, file: &str) -> bool {
-        self.head(file).is_ok_and(|r| r.status() < 400)
     }
 
     /// hf-hub names the snapshot folder and writes `refs/{revision}` after the commit the server sends, before

@@ -26,15 +26,16 @@ impl Layout {
     }
 
     /// The layout of a weights file's tensor names; `None` when they hold no Florence-2 vision tower.
-    pub fn of_weight_names<'a>(
-        mut names: impl Iterator<Item = &'a String> + Clone,
-    ) -> Option<Layout> {
-        if names.clone().any(|n| n.starts_with("model.vision_tower.")) {
-            Some(Layout::HfNative)
-        } else if names.any(|n| n.starts_with("vision_tower.")) {
-            Some(Layout::Original)
-        } else {
-            None
+    pub fn of_weight_names<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<Layout> {
+        let (mut hf_native, mut original) = (false, false);
+        for name in names {
+            hf_native |= name.starts_with("model.vision_tower.");
+            original |= name.starts_with("vision_tower.");
+        }
+        match (hf_native, original) {
+            (true, _) => Some(Layout::HfNative),
+            (false, true) => Some(Layout::Original),
+            (false, false) => None,
         }
     }
 }

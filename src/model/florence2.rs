@@ -8,12 +8,14 @@
 //!
 //! Both give the encoder the same sequence. Microsoft's LM head adds `final_logits_bias`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
+use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::io::Layout;
 use crate::layers::linear::{Linear, Quantization};
@@ -87,8 +89,18 @@ fn processor_image_size(dir: &Path) -> (usize, usize) {
     side("height").zip(side("width")).unwrap_or(RELEASED)
 }
 
+/// How [`Florence2ForConditionalGeneration::from_dir_with`] loads a checkpoint, beyond its dtype and device.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Store the linear layers' weights quantized.
+    pub quantize: Option<Quantization>,
+    /// A PEFT LoRA adapter folder to merge into the weights ([`crate::io::adapter`]).
+    pub adapter: Option<PathBuf>,
+}
+
 impl Florence2ForConditionalGeneration {
-    /// Loads `config.json` and the safetensors weights from a checkpoint folder of either layout.
+    /// Loads `config.json` and the weights (safetensors, or `pytorch_model.bin`) from a checkpoint folder of
+    /// either layout.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_dir_quantized(dir, dtype, device, None)
     }
@@ -100,6 +112,20 @@ impl Florence2ForConditionalGeneration {
         dtype: DType,
         device: &Device,
         quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        let options = LoadOptions {
+            quantize,
+            ..LoadOptions::default()
+        };
+        Self::from_dir_with(dir, dtype, device, &options)
+    }
+
+    /// [`Self::from_dir`] with the [`LoadOptions`]: quantized linear layers, a LoRA adapter merged in.
+    pub fn from_dir_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        options: &LoadOptions,
     ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::NotFound {
@@ -121,8 +147,16 @@ impl Florence2ForConditionalGeneration {
                 path: config_path,
                 msg: err.to_string(),
             })?;
-        let checkpoint = Checkpoint::open(dir)?;
-        Self::build(config, checkpoint, dtype, device, quantize)
+        let adapter = options.adapter.as_deref().map(Adapter::open).transpose()?.map(Arc::new);
+        let checkpoint = match &adapter {
+            Some(adapter) => Checkpoint::open(dir)?.with_adapter(adapter.clone()),
+            None => Checkpoint::open(dir)?,
+        };
+        let model = Self::build(config, checkpoint, dtype, device, options.quantize)?;
+        if let Some(adapter) = adapter {
+            adapter.check_all_merged()?;
+        }
+        Ok(model)
     }
 
     /// transformers' `dtype="auto"`: the config's `dtype`/`torch_dtype`, else the stored weights' dtype.

@@ -9,4 +9,4 @@ pub mod projector;
 pub mod vision;
 
 pub use config::Florence2Config;
-pub use florence2::{DecoderState, EncoderOutput, Florence2ForConditionalGeneration};
+pub use florence2::{DecoderState, EncoderOutput, Florence2ForConditionalGeneration, LoadOptions};

@@ -1,0 +1,66 @@
+"""The part of peft's `PeftModel` that inference scripts use, over a florence2_rs model.
+
+    from florence2_rs.peft import PeftModel          # was: from peft import PeftModel
+    model = PeftModel.from_pretrained(base_model, "path/to/adapter")
+    model.generate(...)
+
+The adapter is merged into the weights as they load (see `florence2_rs.adapters`), so `merge_and_unload()`
+returns the model as it is. Everything else is the wrapped model's.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class PeftModel:
+    """A florence2_rs model with a LoRA adapter, shaped like peft's `PeftModel` for inference."""
+
+    def __init__(self, model: Any) -> None:
+        self.base_model = model
+
+    @classmethod
+    def from_pretrained(cls, model: Any, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> "PeftModel":
+        """Loads the adapter `model_id` (a folder or Hub id) onto `model` (a florence2_rs model)."""
+        if not hasattr(model, "load_adapter"):
+            raise TypeError("PeftModel.from_pretrained takes a florence2_rs model "
+                            f"(got {type(model).__name__})")
+        kwargs.pop("config", None)
+        model.load_adapter(model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        return cls(model)
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, **kwargs: Any) -> None:
+        """Loads another adapter under `adapter_name`; `set_adapter` makes it the active one."""
+        self.base_model.load_adapter(model_id, adapter_name=adapter_name, **kwargs)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters()[0]
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Runs the base model's own weights inside the `with` block."""
+        self.base_model.disable_adapters()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapters()
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> Any:
+        """The model with the adapter merged (it already is)."""
+        return self.base_model
+
+    def get_base_model(self) -> Any:
+        return self.base_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base_model, name)
