@@ -58,6 +58,7 @@ class Florence2PreTrainedModel:
                 "cuda[:N]" or an int.
             quantization_config: accepted; see the README for what is applied.
             revision, token, cache_dir, local_files_only, force_download: where the files come from.
+            subfolder: the folder inside the checkpoint folder or Hub repository that holds the files.
 
         Returns:
             The model, ready for inference (like transformers' after `.eval()`).
