@@ -19,15 +19,12 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def resolve_adapter(peft_model_id: str | Path, **hub_kwargs: Any) -> Path | None:
-    """The local folder of the adapter `peft_model_id` (a folder or a Hub id), or None when it holds no
-    adapter_config.json."""
-    path = Path(peft_model_id).expanduser()
-    if path.is_dir():
-        return path if (path / ADAPTER_CONFIG).is_file() else None
+    """The local folder of the adapter `peft_model_id` (a folder or a Hub id, with transformers' Hub keywords
+    such as `subfolder`), or None when it holds no adapter_config.json."""
     try:
         return resolve_checkpoint(peft_model_id, files=(ADAPTER_CONFIG,), optional_files=ADAPTER_WEIGHTS,
                                   **hub_kwargs)
-    except FileNotFoundError:
+    except OSError:
         return None
 
 

@@ -7,9 +7,10 @@ of them downloaded is not downloaded again. `HF_ENDPOINT`, `HF_TOKEN` and `HF_HU
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from . import _native
@@ -39,24 +40,95 @@ def resolve_checkpoint(
         optional_files: files used where the checkpoint has them (generation_config.json ...).
         **hub_kwargs: transformers' `from_pretrained` keywords for the Hub: revision, token (a string, or
             False to send none; use_auth_token is its old name), cache_dir, local_files_only,
-            force_download. Keywords that do not concern the Hub are ignored, as the callers pass theirs on.
+            force_download; and subfolder, the folder inside the checkpoint folder or repository that holds
+            the files (local: `<folder>/<subfolder>`; Hub: `<subfolder>/<file>` in the repository).
+            Keywords that do not concern the Hub are ignored, as the callers pass theirs on.
 
     Returns:
-        The folder: the local one, or the cache's `snapshots/{commit}` folder.
+        The folder: the local one, or the cache's `snapshots/{commit}` folder (with `subfolder`, the folder
+        below it).
 
     Raises:
         OSError: a required file is missing (FileNotFoundError), or the download failed.
+        ValueError: a subfolder that leads out of the checkpoint folder (`..`, an absolute path).
     """
     files, optional_files = list(files), list(optional_files)
+    subfolder = _subfolder(hub_kwargs.get("subfolder"))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if subfolder:
+            if not (path / subfolder).is_dir():
+                raise OSError(f"{path} has no subfolder {subfolder}")
+            path = path / subfolder
         for name in files:
             if not _has_local(path, name):
                 raise OSError(f"{path} has no {name}; is it a Florence-2 checkpoint folder?")
         return path
     if path.exists():
         raise OSError(f"{path} is a file; pass the checkpoint folder that holds it")
-    return _native.hub_download(str(name_or_path), files, optional_files, **_native_kwargs(hub_kwargs))
+    native_kwargs = _native_kwargs(hub_kwargs)
+    if not subfolder:
+        return _native.hub_download(str(name_or_path), files, optional_files, **native_kwargs)
+    return _hub_subfolder(str(name_or_path), subfolder, files, optional_files, native_kwargs)
+
+
+def _subfolder(subfolder: Any) -> str:
+    """transformers' `subfolder` as a `/`-separated relative path ("" for none). It names a folder inside the
+    checkpoint folder or repository, so a path that could lead out of it is refused."""
+    if subfolder is None:
+        return ""
+    text = os.fspath(subfolder) if isinstance(subfolder, os.PathLike) else subfolder
+    if not isinstance(text, str):
+        raise TypeError(f"subfolder must be a string, not {type(subfolder).__name__}")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if text.startswith("/") or os.path.isabs(text) or ".." in parts or any(c in text for c in "\\:\0"):
+        raise ValueError(
+            f"Invalid subfolder {text!r}: a subfolder is a relative path inside the checkpoint folder or repository "
+            "(such as \"model\" or \"checkpoints/final\"), without \"..\" segments, backslashes or colons"
+        )
+    return "/".join(parts)
+
+
+def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_files: list[str],
+                   native_kwargs: dict[str, Any]) -> Path:
+    """`resolve_checkpoint` for the files of a repository's subfolder: `<subfolder>/<file>` in the repository.
+
+    The weights stand for `<subfolder>/model.safetensors`, else the index beside it and its shards (named
+    relative to the index). Every call after the first asks for the commit the first one found, so that all
+    the files come from one snapshot.
+    """
+    inside = PurePosixPath(subfolder)
+    required = [str(inside / name) for name in files if name != WEIGHTS]
+    optional = [str(inside / name) for name in optional_files]
+    if WEIGHTS in files:
+        optional.insert(0, str(inside / WEIGHTS))
+    snapshot = Path(_native.hub_download(repo_id, required, optional, **native_kwargs))
+    folder = snapshot / subfolder
+    if WEIGHTS not in files or (folder / WEIGHTS).is_file():
+        return folder
+    pinned = {**native_kwargs, "revision": snapshot.name}
+    try:
+        _native.hub_download(repo_id, [str(inside / WEIGHTS_INDEX)], [], **pinned)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id} (revision {snapshot.name}) has neither {inside / WEIGHTS} nor {inside / WEIGHTS_INDEX}; "
+            f"is {subfolder} a Florence-2 checkpoint folder?"
+        ) from None
+    shards = [str(inside / shard) for shard in _shard_names(folder / WEIGHTS_INDEX)]
+    _native.hub_download(repo_id, shards, [], **pinned)
+    return folder
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a safetensors index lists, in order, each once (the download checks that they are
+    relative paths inside the repository)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError) as err:
+        raise OSError(f"{index} is not a safetensors index: {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise OSError(f"{index} has no \"weight_map\" of tensor names to shard files")
+    return list(dict.fromkeys(weight_map.values()))
 
 
 def _has_local(folder: Path, name: str) -> bool:
@@ -68,8 +140,6 @@ def _has_local(folder: Path, name: str) -> bool:
 
 def _native_kwargs(hub_kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers' Hub keywords, turned into those of `_native.hub_download`."""
-    if hub_kwargs.get("subfolder"):
-        raise ValueError("subfolder= is not supported yet; download the repository and pass the subfolder's path")
     if hub_kwargs.get("proxies"):
         warnings.warn("proxies= is ignored; set HTTPS_PROXY in the environment instead", stacklevel=4)
     token = hub_kwargs.get("token")

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, is_torch_tensor, torch_module, wrap
 from .adapters import PeftAdapterMixin, adapter_base, resolve_adapter
-from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, torch_module, wrap
 from .configuration import Florence2Config, GenerationConfig
 from .hub import WEIGHTS, resolve_checkpoint
 from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, Florence2Seq2SeqModelOutput, GenerateOutput
@@ -26,6 +26,12 @@ _ACCEPTED_NO_EFFECT = {
 # Keywords that select where the files come from (passed to the Hub resolver).
 _HUB_KWARGS = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder",
                "use_auth_token", "resume_download"}
+
+
+# BartConfig's defaults, which the native config applies to a text_config that leaves them out.
+_TEXT_DEFAULTS = {"vocab_size": 50265, "pad_token_id": 1, "decoder_start_token_id": 2}
+# The label of positions that count in no loss (transformers' ignore_index).
+IGNORE_INDEX = -100
 
 
 class Florence2PreTrainedModel(PeftAdapterMixin):
@@ -54,6 +60,7 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
                 "cuda[:N]" or an int.
             quantization_config: accepted; see the README for what is applied.
             revision, token, cache_dir, local_files_only, force_download: where the files come from.
+            subfolder: the folder inside the checkpoint folder or Hub repository that holds the files.
 
         Returns:
             The model, ready for inference (like transformers' after `.eval()`).
@@ -92,9 +99,11 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
             adapter = resolve_adapter(pretrained_model_name_or_path, **hub_kwargs)
             if adapter is None:
                 raise
+            # The base is its own repository: the adapter's revision and subfolder do not apply to it.
+            base_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "subfolder")}
             model = cls.from_pretrained(adapter_base(adapter), dtype=dtype, device_map=device_map, device=device,
                                         quantization_config=quantization_config, config=config_overrides,
-                                        **hub_kwargs)
+                                        **base_kwargs)
             model.load_adapter(adapter)
             return model
         device = device_name(device if device is not None else device_map)
@@ -186,30 +195,46 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
                                           pooler_output=wrap(pooled, as_torch, dtype))
 
+    def _text_setting(self, name: str) -> int:
+        return getattr(self.config.text_config, name, _TEXT_DEFAULTS[name])
+
     def _forward(self, input_ids: Any, pixel_values: Any, attention_mask: Any, decoder_input_ids: Any,
-                 kwargs: dict) -> dict:
+                 kwargs: dict, labels: Any = None) -> dict:
         """The native forward pass shared by the model classes: its outputs by name, as torch tensors when
-        any input was one."""
+        any input was one; with `labels`, also `loss` (see `_loss`), and decoder_input_ids default to the
+        labels shifted right, as in transformers."""
         kwargs.pop("return_dict", None)
         kwargs.pop("use_cache", None)
         image_features = kwargs.pop("image_features", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if kwargs:
             raise TypeError(f"forward() got unexpected keyword arguments: {sorted(kwargs)}")
         if input_ids is None:
             raise ValueError("input_ids is required (build it with the processor)")
-        as_torch = any_torch(input_ids, pixel_values, attention_mask, decoder_input_ids)
+        as_torch = any_torch(input_ids, pixel_values, attention_mask, decoder_input_ids, labels)
         ids = as_numpy(input_ids, np.int64, "input_ids")
+        if decoder_input_ids is not None:
+            decoder_input_ids = as_numpy(decoder_input_ids, np.int64, "decoder_input_ids")
+        if labels is not None:
+            labels = _labels_array(labels, ids.shape[0], decoder_input_ids, self._text_setting("vocab_size"))
+            if decoder_input_ids is None:
+                decoder_input_ids = shift_tokens_right(labels, self._text_setting("pad_token_id"),
+                                                       self._text_setting("decoder_start_token_id"))
         if decoder_input_ids is None:
-            decoder_input_ids = np.full((ids.shape[0], 1), self.config.text_config.decoder_start_token_id, np.int64)
+            decoder_input_ids = np.full((ids.shape[0], 1), self._text_setting("decoder_start_token_id"), np.int64)
         out = self._native.forward(
             ids,
-            as_numpy(decoder_input_ids, np.int64, "decoder_input_ids"),
+            decoder_input_ids,
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
         )
         dtype = self._native.dtype
-        return {key: wrap(value, as_torch, dtype) for key, value in out.items()}
+        wrapped = {key: wrap(value, as_torch, dtype) for key, value in out.items()}
+        if labels is not None:
+            loss = _loss(out["logits"], labels, num_items_in_batch)
+            wrapped["loss"] = wrap(np.asarray(loss), as_torch) if as_torch else loss
+        return wrapped
 
 
 class Florence2VisionBackbone(Florence2PreTrainedModel):
@@ -278,20 +303,30 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
         return self._sharing(Florence2Model)
 
     def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
-                decoder_input_ids: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
-        """One forward pass. Without decoder_input_ids the decoder gets the start token, as transformers does.
+                decoder_input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
+        """One forward pass. Without decoder_input_ids the decoder gets the labels shifted right (the start
+        token first, -100 as the pad token), else the start token alone, as transformers does.
 
         Args:
             input_ids, attention_mask, pixel_values: as the processor returns them.
             decoder_input_ids: [B, T] decoder ids.
+            labels: [B, T] integer target ids, -100 where a position counts in no loss.
+            num_items_in_batch: with labels, the loss is the sum over the counted positions divided by it
+                (transformers' Trainer passes it), instead of their mean.
             image_features: projected image tokens to use instead of pixel_values.
 
         Returns:
-            Florence2Seq2SeqLMOutput with logits [B, T, vocab], encoder_last_hidden_state and
-            image_hidden_states (torch tensors when the inputs were torch).
+            Florence2Seq2SeqLMOutput with logits [B, T, vocab], encoder_last_hidden_state, image_hidden_states
+            and, with labels, `loss`: transformers' cross-entropy of the logits in float32 (torch tensors when
+            the inputs were torch, else numpy; the loss a float32 scalar).
+
+        Raises:
+            ValueError: labels that are not integers, not of shape [B, T] (that of decoder_input_ids when
+                given), or hold ids outside the vocabulary other than -100.
         """
-        out = self._forward(input_ids, pixel_values, attention_mask, decoder_input_ids, kwargs)
+        out = self._forward(input_ids, pixel_values, attention_mask, decoder_input_ids, kwargs, labels)
         return Florence2Seq2SeqLMOutput(
+            loss=out.get("loss"),
             logits=out["logits"],
             encoder_last_hidden_state=out["encoder_last_hidden_state"],
             image_hidden_states=out["image_hidden_states"],
@@ -350,6 +385,49 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             scores=None if result.get("scores") is None else tuple(wrap(s, as_torch) for s in result["scores"]),
             token_scores=wrap(result["token_scores"], as_torch),
         )
+
+
+def shift_tokens_right(input_ids: np.ndarray, pad_token_id: int, decoder_start_token_id: int) -> np.ndarray:
+    """transformers' (BART's) `shift_tokens_right`: the decoder inputs for `input_ids` as targets, the start
+    token first and -100 replaced by the pad token."""
+    shifted = np.empty_like(input_ids)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    shifted[shifted == IGNORE_INDEX] = pad_token_id
+    return shifted
+
+
+def _labels_array(labels: Any, batch: int, decoder_input_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """`labels` as int64 [B, T], checked against what transformers' loss and shift need."""
+    if is_torch_tensor(labels):
+        labels = labels.detach().to("cpu").numpy()
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer token ids (-100 for ignored positions), got dtype {labels.dtype}")
+    expected = f"[{batch}, T]" if decoder_input_ids is None else f"{list(decoder_input_ids.shape)} (decoder_input_ids)"
+    if labels.ndim != 2 or labels.shape[0] != batch or labels.shape[1] == 0 or (
+            decoder_input_ids is not None and labels.shape != decoder_input_ids.shape):
+        raise ValueError(f"labels must have shape {expected}, got {list(labels.shape)}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        raise ValueError(f"label {labels[bad][0]} is outside the vocabulary of {vocab_size} tokens "
+                         f"(labels are token ids, or {IGNORE_INDEX} for positions that count in no loss)")
+    return labels.astype(np.int64)
+
+
+def _loss(logits: np.ndarray, labels: np.ndarray, num_items_in_batch: Any = None) -> np.float32:
+    """transformers' loss for Florence-2 (`ForCausalLMLoss` with shift_labels=labels): the cross-entropy of
+    each position's logits, in float32, over the positions whose label is not -100; their mean, or their sum
+    over `num_items_in_batch` where it is given. No position counted: NaN (the mean) or 0 (the sum)."""
+    keep = labels != IGNORE_INDEX
+    rows = np.asarray(logits[keep], dtype=np.float32)
+    targets = labels[keep]
+    peak = rows.max(axis=-1, keepdims=True, initial=-np.inf)
+    log_norm = np.log(np.exp(rows - peak).sum(axis=-1)) + peak[:, 0]
+    total = (log_norm - rows[np.arange(len(targets)), targets]).sum(dtype=np.float32)
+    if num_items_in_batch is not None:
+        return np.float32(total / np.float32(float(num_items_in_batch)))
+    return np.float32(total / np.float32(len(targets))) if len(targets) else np.float32(np.nan)
 
 
 def _set_attributes(generation_config: Any) -> dict:

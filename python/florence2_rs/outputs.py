@@ -26,7 +26,8 @@ class ModelOutput(OrderedDict):
 
 
 class Florence2Seq2SeqLMOutput(ModelOutput):
-    """`logits`, `encoder_last_hidden_state`, `image_hidden_states` (as transformers' class of that name)."""
+    """`loss` (None without labels), `logits`, `encoder_last_hidden_state`, `image_hidden_states` (as
+    transformers' class of that name: `out[0]` is the loss where there is one, else the logits)."""
 
 
 class Florence2Seq2SeqModelOutput(ModelOutput):

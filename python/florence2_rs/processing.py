@@ -329,7 +329,8 @@ class Florence2Processor:
         Args:
             pretrained_model_name_or_path: a checkpoint folder with tokenizer.json and preprocessor_config.json
                 (or processor_config.json), or a Hub id.
-            **kwargs: hub arguments (revision, token, cache_dir, local_files_only, force_download).
+            **kwargs: hub arguments (revision, token, cache_dir, local_files_only, force_download), and
+                subfolder: the folder inside the checkpoint folder or Hub repository that holds the files.
 
         Returns:
             The processor.

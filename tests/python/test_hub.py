@@ -1,4 +1,5 @@
-"""Hub ids: downloads into the standard Hugging Face cache, cache hits, offline mode, errors, resumed downloads.
+"""Hub ids: downloads into the standard Hugging Face cache, cache hits, offline mode, errors, resumed downloads;
+and `subfolder=`, in a local folder and in a Hub repository.
 
 A small HTTP server on 127.0.0.1 plays the Hub's file endpoint (`/{repo}/resolve/{revision}/{file}`) with the
 headers hf-hub and huggingface_hub read: ETag / X-Linked-Etag, X-Repo-Commit, Content-Length, Content-Range for
@@ -9,17 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import re
 import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from florence2_rs import AutoProcessor, Florence2ForConditionalGeneration
+from florence2_rs import AutoProcessor, Florence2Config, Florence2ForConditionalGeneration
 from florence2_rs.hub import WEIGHTS, resolve_checkpoint
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "hf"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TINY = FIXTURES / "tiny" / "hf"
+MSFT = FIXTURES / "release" / "microsoft_Florence-2-base"  # processor files
+SUBFOLDER = "checkpoints/final"
 COMMIT = hashlib.sha1(b"florence2-rs hub test").hexdigest()
 REPO = "org/tiny"
 MODEL_FILES = {"files": ("config.json", WEIGHTS), "optional_files": ("generation_config.json",)}
@@ -335,3 +342,103 @@ def test_from_pretrained_end_to_end(hub):
     count = len(hub.requests)
     Florence2ForConditionalGeneration.from_pretrained(REPO, local_files_only=True)
     assert len(hub.requests) == count
+
+
+def logits(model) -> np.ndarray:
+    ref = load_file(str(FIXTURES / "tiny" / "reference.safetensors"))
+    return model(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], attention_mask=ref["attention_mask"],
+                 decoder_input_ids=ref["decoder_input_ids"]).logits
+
+
+def input_ids(processor) -> np.ndarray:
+    return processor(text="<OD>", return_tensors="np")["input_ids"]
+
+
+@pytest.fixture
+def nested(hub):
+    """The fake Hub's repository with the checkpoint under SUBFOLDER and Microsoft's processor files under
+    `processor/`, nothing at the top."""
+    files = {f"{SUBFOLDER}/{name}": data for name, data in hub.repos[REPO].items()}
+    files.update({f"processor/{p.name}": p.read_bytes() for p in MSFT.iterdir()})
+    hub.repos[REPO] = files
+    hub.lfs.add(f"{SUBFOLDER}/{WEIGHTS}")
+    return hub
+
+
+def test_subfolder_files_are_those_below_it_in_the_repository(nested, tmp_path):
+    folder = resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
+    assert folder == repo_cache(tmp_path) / "snapshots" / COMMIT / "checkpoints" / "final"
+    for name in ("config.json", WEIGHTS, "generation_config.json"):
+        assert (folder / name).read_bytes() == (TINY / name).read_bytes()
+    asked = [p for p in nested.paths() if "/resolve/" in p]
+    assert asked and all(f"/resolve/main/{SUBFOLDER}/" in p for p in asked)
+    count = len(nested.requests)
+    assert resolve_checkpoint(REPO, subfolder=SUBFOLDER + "/", **MODEL_FILES) == folder
+    assert resolve_checkpoint(REPO, subfolder=SUBFOLDER, local_files_only=True, **MODEL_FILES) == folder
+    assert len(nested.requests) == count
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_checkpoint(REPO, **MODEL_FILES)  # the top of the repository has no checkpoint
+
+
+def test_hub_subfolder_loads_the_model_and_processor_it_holds(nested):
+    model = Florence2ForConditionalGeneration.from_pretrained(REPO, subfolder=SUBFOLDER)
+    np.testing.assert_array_equal(logits(model), logits(Florence2ForConditionalGeneration.from_pretrained(TINY)))
+    assert Florence2Config.from_pretrained(REPO, subfolder=SUBFOLDER) == Florence2Config.from_pretrained(TINY)
+    processor = AutoProcessor.from_pretrained(REPO, subfolder="processor")
+    np.testing.assert_array_equal(input_ids(processor), input_ids(AutoProcessor.from_pretrained(MSFT)))
+
+
+def test_sharded_weights_in_a_subfolder_are_named_from_the_index(nested):
+    files = nested.repos[REPO]
+    del files[f"{SUBFOLDER}/{WEIGHTS}"]
+    shards = {"model-00001-of-00002.safetensors": b"shard one", "model-00002-of-00002.safetensors": b"shard two"}
+    files.update({f"{SUBFOLDER}/{name}": data for name, data in shards.items()})
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    files[f"{SUBFOLDER}/model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    folder = resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
+    for name, data in shards.items():
+        assert (folder / name).read_bytes() == data
+    count = len(nested.requests)
+    assert resolve_checkpoint(REPO, subfolder=SUBFOLDER, local_files_only=True, **MODEL_FILES) == folder
+    assert len(nested.requests) == count
+
+
+def test_subfolder_without_weights_names_both_files(nested):
+    del nested.repos[REPO][f"{SUBFOLDER}/{WEIGHTS}"]
+    with pytest.raises(FileNotFoundError, match=f"neither {SUBFOLDER}/model.safetensors nor {SUBFOLDER}/model"):
+        resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
+
+
+def test_local_subfolder_is_read_from_the_folder_below(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(TINY, root / SUBFOLDER)
+    shutil.copytree(MSFT, root / "processor")
+    model = Florence2ForConditionalGeneration.from_pretrained(root, subfolder=SUBFOLDER)
+    np.testing.assert_array_equal(logits(model), logits(Florence2ForConditionalGeneration.from_pretrained(TINY)))
+    processor = AutoProcessor.from_pretrained(root, subfolder="processor")
+    np.testing.assert_array_equal(input_ids(processor), input_ids(AutoProcessor.from_pretrained(MSFT)))
+    for same in ("", None, "."):
+        assert resolve_checkpoint(root / SUBFOLDER, files=("config.json",), subfolder=same) == root / SUBFOLDER
+    with pytest.raises(OSError, match="has no subfolder checkpoints/other"):
+        Florence2ForConditionalGeneration.from_pretrained(root, subfolder="checkpoints/other")
+
+
+@pytest.mark.parametrize("subfolder", ["..", "../x", "a/../../x", "/tmp", "a\\..\\x", "C:x", "a\0b"])
+def test_subfolders_that_leave_the_checkpoint_are_refused(hub, tmp_path, subfolder):
+    """ValueError, from the model and the processor, for a local folder and a Hub id alike, before any
+    request and even where the path leads to a checkpoint."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(TINY, tmp_path / "x")
+    loads = (resolve_checkpoint, Florence2ForConditionalGeneration.from_pretrained, AutoProcessor.from_pretrained)
+    for load in loads:
+        for source in (REPO, root):
+            with pytest.raises(ValueError, match="Invalid subfolder"):
+                load(source, subfolder=subfolder)
+    assert hub.requests == []
+
+
+def test_subfolder_that_is_no_string_is_a_type_error(hub):
+    with pytest.raises(TypeError, match="subfolder must be a string, not int"):
+        Florence2ForConditionalGeneration.from_pretrained(REPO, subfolder=3)
+    assert hub.requests == []

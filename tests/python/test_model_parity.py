@@ -139,3 +139,79 @@ def test_original_layout_lm_head_follows_tie_word_embeddings(case, tmp_path, tie
         assert error <= 1e-4  # the stored head is ignored: the embedding is the head
     else:
         assert error > 0.1  # the stored (random) head is used
+
+
+def loss_inputs(ref, layout):
+    """The reference inputs (without the image placeholders in Microsoft's layout) and labels [2, 6] with
+    -100 positions, their ids inside both layouts' vocabularies."""
+    n = int(ref["n_image_tokens"][0])
+    cut = n if layout == "original" else 0
+    inputs = dict(input_ids=ref["input_ids"][:, cut:], pixel_values=ref["pixel_values"],
+                  attention_mask=ref["attention_mask"][:, cut:])
+    labels = torch.tensor([[0, 5, 9, 11, 2, -100], [0, 23, -100, 29, 2, -100]])
+    return inputs, labels
+
+
+@pytest.mark.parametrize("decoder", ["shifted labels", "explicit"])
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_loss_matches_transformers(case, layout, decoder):
+    """transformers' loss on the HF-native layout. Microsoft's layout has no `<image>` row: its logits are
+    transformers' over the vocabulary it keeps, and its remote code's loss is transformers' loss function
+    (mean cross-entropy over the labels that are not -100) on those logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    _, folder, ref = case
+    hf = HFModel.from_pretrained(folder / "hf").eval()
+    ours = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / layout)
+    inputs, labels = loss_inputs(ref, "hf")
+    if decoder == "explicit":
+        inputs["decoder_input_ids"] = torch.tensor([[2, 0, 31, 37, 3, 1], [2, 0, 41, 3, 1, 1]])
+    with torch.no_grad():
+        expected = hf(**inputs, labels=labels)
+    ours_inputs, _ = loss_inputs(ref, layout)
+    if decoder == "explicit":
+        ours_inputs["decoder_input_ids"] = inputs["decoder_input_ids"]
+    got = ours(**ours_inputs, labels=labels)
+    vocab = got.logits.shape[-1]
+    assert vocab == ours.config.text_config.vocab_size
+    logits = expected.logits[..., :vocab]
+    expected_loss = expected.loss if layout == "hf" else ForCausalLMLoss(logits, labels, vocab, shift_labels=labels)
+    assert max_rel_error(got.logits, logits) <= 1e-4
+    assert isinstance(got.loss, torch.Tensor) and got.loss.dtype == torch.float32 and got.loss.shape == ()
+    assert abs(got.loss.item() - expected_loss.item()) <= 1e-4 * abs(expected_loss.item())
+    assert got[0] is got.loss  # as transformers' output: the loss comes first
+
+
+def test_loss_types_and_absence(case):
+    """torch in: a 0-d float32 tensor, also from a bfloat16 model (the loss is computed in float32);
+    numpy in: a numpy float32 scalar; no labels: None."""
+    _, folder, ref = case
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
+    inputs, labels = loss_inputs(ref, "hf")
+    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
+    torch_loss = model(**inputs, labels=labels).loss
+    numpy_loss = model(**numpy_inputs, labels=labels.numpy()).loss
+    assert type(numpy_loss) is np.float32 and numpy_loss == torch_loss.item()
+    assert model(**numpy_inputs, labels=labels.tolist()).loss == numpy_loss
+    assert model(**inputs).loss is None and model(**numpy_inputs).loss is None
+    half = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype=torch.bfloat16)
+    half_loss = half(**inputs, labels=labels).loss
+    assert half_loss.dtype == torch.float32 and half_loss.shape == ()
+    assert abs(half_loss.item() - torch_loss.item()) <= 6e-2 * abs(torch_loss.item())
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 7, torch.tensor(4)])
+@pytest.mark.parametrize("which", ["counted positions", "all -100"])
+def test_loss_reduction_matches_transformers(case, num_items_in_batch, which):
+    """The sum over num_items_in_batch where the Trainer passes it; no counted position: NaN (mean) or 0."""
+    _, folder, ref = case
+    hf = HFModel.from_pretrained(folder / "hf").eval()
+    ours = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
+    inputs, labels = loss_inputs(ref, "hf")
+    if which == "all -100":
+        labels = torch.full_like(labels, -100)
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    with torch.no_grad():
+        expected = hf(**inputs, labels=labels, **extra).loss
+    got = ours(**inputs, labels=labels, **extra).loss
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0, equal_nan=True)
