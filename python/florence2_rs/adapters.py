@@ -64,8 +64,8 @@ class PeftAdapterMixin:
                      is_trainable: bool = False, peft_config: Any = None, adapter_state_dict: Any = None,
                      **kwargs: Any) -> None:
         """Loads a PEFT LoRA adapter (a folder or Hub id holding adapter_config.json and
-        adapter_model.safetensors) under `adapter_name` ("default"). The first adapter loaded becomes the
-        active one, as in transformers; `set_adapter` switches.
+        adapter_model.safetensors) under `adapter_name` ("default") and makes it the active one, as
+        transformers does; `set_adapter` switches back.
 
         Raises:
             ValueError: the name is taken, or training / in-memory adapters were asked for.
@@ -89,8 +89,7 @@ class PeftAdapterMixin:
                              "correct path to the adapter model.")
         previous = (dict(self._adapters), self._active_adapter)
         self._adapters[name] = folder
-        if self._active_adapter is None:
-            self._active_adapter = name
+        self._active_adapter = name
         try:
             self._reload()
         except BaseException:

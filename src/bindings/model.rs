@@ -123,8 +123,9 @@ impl PyModel {
                     Some(dtype) => dtype,
                     None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
                 };
-                let model =
-                    Florence2ForConditionalGeneration::from_dir_with(&path, dtype, &device, &options)?;
+                let model = Florence2ForConditionalGeneration::from_dir_with(
+                    &path, dtype, &device, &options,
+                )?;
                 let generation = GenerationConfig::from_dir(&path, model.config().layout)?;
                 Ok::<_, Error>((model, generation))
             })

@@ -103,7 +103,9 @@ impl Adapter {
                 (".lora_embedding_B", true, 1),
             ]
             .into_iter()
-            .find_map(|(suffix, embedding, slot)| Some((name.strip_suffix(suffix)?, embedding, slot)));
+            .find_map(|(suffix, embedding, slot)| {
+                Some((name.strip_suffix(suffix)?, embedding, slot))
+            });
             match factor {
                 Some((module, embedding, slot)) => {
                     let parts = if embedding {
@@ -135,7 +137,9 @@ impl Adapter {
                 .into_iter()
                 .map(|(module, [a, b])| match (a, b) {
                     (Some(a), Some(b)) => Ok((module, low_rank(a, b).map_err(&bad)?)),
-                    _ => Err(bad(format!("module `{module}` has only one of its two LoRA factors"))),
+                    _ => Err(bad(format!(
+                        "module `{module}` has only one of its two LoRA factors"
+                    ))),
                 })
                 .collect::<Result<HashMap<_, _>>>()
         };
@@ -221,26 +225,63 @@ impl Adapter {
         let tensor = match self.replacement(hf_name)? {
             Some(replacement) => {
                 self.check_shape(&name, &replacement, &tensor)?;
-                replacement.to_dtype(tensor.dtype())?.to_device(tensor.device())?
+                replacement
+                    .to_dtype(tensor.dtype())?
+                    .to_device(tensor.device())?
             }
             None => tensor,
         };
         let Some(module) = name.strip_suffix(".weight") else {
             return Ok(tensor);
         };
+        // The product's shape is checked against the weight before it is made: factors from another model
+        // could otherwise ask for an arbitrarily large product.
+        let (rows, cols) = (tensor.dim(0)?, tensor.elem_count() / tensor.dim(0)?.max(1));
         let delta = if let Some(pair) = self.linear.get(module) {
-            let (r, out) = (pair.a.dim(0)?, pair.b.dim(0)?);
-            let product = pair.b.reshape((out, r))?.matmul(&pair.a.reshape((r, ()))?)?;
+            let (r, out, per_rank) = (
+                pair.a.dim(0)?,
+                pair.b.dim(0)?,
+                pair.a.elem_count() / pair.a.dim(0)?,
+            );
+            self.check_product(&name, (out, per_rank), (rows, cols))?;
+            let product = pair
+                .b
+                .reshape((out, r))?
+                .matmul(&pair.a.reshape((r, ()))?)?;
             product.reshape(tensor.shape())?
         } else if let Some(pair) = self.embedding.get(module) {
+            // lora_embedding_B [dim, r] x lora_embedding_A [r, rows], transposed.
+            self.check_product(&name, (pair.a.dim(1)?, pair.b.dim(0)?), (rows, cols))?;
             pair.b.matmul(&pair.a)?.t()?
         } else {
             return Ok(tensor);
         };
         self.mark_used(module);
         self.check_shape(&name, &delta, &tensor)?;
-        let merged = (tensor.to_dtype(DType::F32)? + (delta * self.scale)?.to_device(tensor.device())?)?;
+        let merged =
+            (tensor.to_dtype(DType::F32)? + (delta * self.scale)?.to_device(tensor.device())?)?;
         merged.to_dtype(tensor.dtype())
+    }
+
+    /// Refuses factors whose product (`got`, as rows x the rest) is not the base weight's shape (`want`).
+    fn check_product(
+        &self,
+        name: &str,
+        got: (usize, usize),
+        want: (usize, usize),
+    ) -> candle_core::Result<()> {
+        if got != want {
+            candle_core::bail!(
+                "{}: the adapter's LoRA factors of `{name}` make a {}x{} update for a weight of {}x{} (shape \
+                 flattened after its first dim); the adapter was trained on another model",
+                self.source.display(),
+                got.0,
+                got.1,
+                want.0,
+                want.1
+            );
+        }
+        Ok(())
     }
 
     fn check_shape(&self, name: &str, adapted: &Tensor, base: &Tensor) -> candle_core::Result<()> {
@@ -259,7 +300,10 @@ impl Adapter {
 
 /// `lora_alpha / r` (or `/ √r` with `use_rslora`), after refusing what changes the merge formula.
 fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
-    let peft_type = config.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    let peft_type = config
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("LORA");
     if peft_type != "LORA" {
         return Err(format!(
             "peft_type {peft_type:?} is not supported: florence2-rs merges LoRA adapters only"
@@ -281,8 +325,14 @@ fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
         ("fan_in_fan_out", "fan_in_fan_out"),
         ("rank_pattern", "per-module ranks (rank_pattern)"),
         ("alpha_pattern", "per-module alphas (alpha_pattern)"),
-        ("target_parameters", "LoRA on parameters (target_parameters)"),
-        ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
+        (
+            "target_parameters",
+            "LoRA on parameters (target_parameters)",
+        ),
+        (
+            "trainable_token_indices",
+            "trainable tokens (trainable_token_indices)",
+        ),
         ("use_qalora", "QALoRA (use_qalora)"),
         ("megatron_config", "Megatron layers (megatron_config)"),
     ];
@@ -299,7 +349,10 @@ fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
         .map_or(Some(8.0), Value::as_f64)
         .filter(|a| a.is_finite())
         .ok_or("`lora_alpha` must be a finite number")?;
-    let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let rslora = config
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     Ok(if rslora {
         alpha / (r as f64).sqrt()
     } else {
@@ -311,9 +364,11 @@ fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
 fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
     let safetensors = dir.join(ADAPTER_WEIGHTS);
     if safetensors.is_file() {
-        let tensors = candle_core::safetensors::load(&safetensors, &Device::Cpu).map_err(|e| Error::Weights {
-            path: safetensors.clone(),
-            msg: format!("cannot read the adapter's safetensors ({e})"),
+        let tensors = candle_core::safetensors::load(&safetensors, &Device::Cpu).map_err(|e| {
+            Error::Weights {
+                path: safetensors.clone(),
+                msg: format!("cannot read the adapter's safetensors ({e})"),
+            }
         })?;
         return Ok((tensors, safetensors));
     }
@@ -346,7 +401,9 @@ fn adapter_layout<'a>(names: impl Iterator<Item = &'a String>) -> Option<Layout>
 /// The factors of one module, in f32, checked to share their rank.
 fn low_rank(a: Tensor, b: Tensor) -> std::result::Result<LowRank, String> {
     let dims = |t: &Tensor| t.dims().to_vec();
-    let fits = a.rank() >= 2 && b.rank() >= 2 && a.dims()[0] == b.dims()[1]
+    let fits = a.rank() >= 2
+        && b.rank() >= 2
+        && a.dims()[0] == b.dims()[1]
         && b.dims()[2..].iter().all(|&d| d == 1);
     if !fits {
         return Err(format!(

@@ -26,8 +26,8 @@ use rayon::prelude::*;
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensorError};
 
-use super::layout::Layout;
 use super::adapter::Adapter;
+use super::layout::Layout;
 use super::pytorch::PYTORCH_WEIGHTS;
 use crate::{Error, Result};
 
@@ -370,7 +370,10 @@ impl Checkpoint {
             return replacement.ok_or_else(missing)?.to_device(device);
         }
         let tensor = match &self.stored {
-            Stored::Pytorch(tensors) => tensors.get(&stored).ok_or_else(missing)?.to_device(device)?,
+            Stored::Pytorch(tensors) => tensors
+                .get(&stored)
+                .ok_or_else(missing)?
+                .to_device(device)?,
             Stored::Safetensors { .. } => {
                 let (shard, info) = self.info(&stored).ok_or_else(missing)?;
                 let prefetched = self

@@ -46,7 +46,10 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
         ))
     })?;
     let pickle_name = pickle_entry(&archive).map_err(bad)?;
-    let root = pickle_name.strip_suffix("data.pkl").unwrap_or_default().to_string();
+    let root = pickle_name
+        .strip_suffix("data.pkl")
+        .unwrap_or_default()
+        .to_string();
     let object = unpickle(&mut archive, &pickle_name).map_err(bad)?;
     let Object::Dict(entries) = object else {
         return Err(bad(
@@ -56,7 +59,9 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::with_capacity(entries.len());
     for (key, value) in entries {
         let Object::Unicode(name) = key else {
-            return Err(bad(format!("the state dict has a key that is not a string: {key:?}")));
+            return Err(bad(format!(
+                "the state dict has a key that is not a string: {key:?}"
+            )));
         };
         let tensor = read_tensor(&mut archive, (&root, file_len), &name, value).map_err(bad)?;
         tensors.insert(name, tensor);
@@ -118,7 +123,8 @@ fn read_tensor(
     name: &str,
     value: Object,
 ) -> std::result::Result<Tensor, String> {
-    let not_plain = || format!("`{name}` is not a plain tensor; save the state dict of tensors only");
+    let not_plain =
+        || format!("`{name}` is not a plain tensor; save the state dict of tensors only");
     let dir = PathBuf::from(format!("{root}data"));
     let info = catch_unwind(AssertUnwindSafe(|| {
         value.into_tensor_info(Object::Unicode(name.to_string()), &dir)

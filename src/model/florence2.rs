@@ -147,7 +147,12 @@ impl Florence2ForConditionalGeneration {
                 path: config_path,
                 msg: err.to_string(),
             })?;
-        let adapter = options.adapter.as_deref().map(Adapter::open).transpose()?.map(Arc::new);
+        let adapter = options
+            .adapter
+            .as_deref()
+            .map(Adapter::open)
+            .transpose()?
+            .map(Arc::new);
         let checkpoint = match &adapter {
             Some(adapter) => Checkpoint::open(dir)?.with_adapter(adapter.clone()),
             None => Checkpoint::open(dir)?,

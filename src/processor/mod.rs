@@ -14,7 +14,6 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-
 pub use image::{ImageInput, ImageProcessorConfig, PixelValues, RgbImage};
 pub use postprocess::{Answer, PostProcessorConfig};
 pub use tokenizer::{BatchEncoding, EncodeOptions, Florence2Tokenizer, Padding};

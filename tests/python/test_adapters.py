@@ -113,9 +113,11 @@ def test_the_three_ways_of_loading_agree_and_adapters_switch(base, tmp_path):
         assert max_rel_error(ours(**x).logits, want_a) <= 1e-4
 
     model.load_adapter(tmp_path / "b", adapter_name="b")
-    assert model.active_adapters() == ["default"]  # loading does not switch, as in transformers
-    model.set_adapter("b")
+    assert model.active_adapters() == ["b"]  # the adapter loaded last is active, as in transformers
     assert max_rel_error(model(**x).logits, want_b) <= 1e-4
+    model.set_adapter("default")
+    assert max_rel_error(model(**x).logits, want_a) <= 1e-4
+    model.set_adapter("b")
     model.disable_adapters()
     np.testing.assert_array_equal(model(**x).logits, plain)
     model.enable_adapters()
@@ -127,6 +129,7 @@ def test_the_three_ways_of_loading_agree_and_adapters_switch(base, tmp_path):
     assert max_rel_error(model(**x).logits, want_b) <= 6e-2
     model.delete_adapter("b")
     assert model.active_adapters() == ["default"]
+    assert max_rel_error(model(**x).logits, want_a) <= 6e-2
 
 
 def test_transformers_semantics_of_load_and_set(base, tmp_path):
@@ -139,6 +142,9 @@ def test_transformers_semantics_of_load_and_set(base, tmp_path):
     for model in (theirs, ours):
         model.load_adapter(str(tmp_path / "a"))
         model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    assert ours.active_adapters() == theirs.active_adapters()
+    for model in (theirs, ours):
+        model.set_adapter("default")
     assert ours.active_adapters() == theirs.active_adapters()
     for model in (theirs, ours):
         model.set_adapter("b")
@@ -225,8 +231,17 @@ def _bad_adapters():
     def unknown_module(adapter, folder):
         make_adapter(folder, adapter)
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
-        key = next(k for k in tensors if "q_proj" in k)
-        tensors[key.replace("layers.0.", "layers.99.")] = tensors.pop(key)
+        module = next(k for k in tensors if "layers.0." in k and "q_proj" in k).split(".lora_")[0]
+        for key in [k for k in tensors if k.startswith(module + ".")]:
+            tensors[key.replace("layers.0.", "layers.99.")] = tensors.pop(key)
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+    def huge_factors(adapter, folder):  # factors whose product would be 10^10 values: refused before it is made
+        make_adapter(folder, adapter)
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        module = next(k for k in tensors if "q_proj" in k).split(".lora_")[0]
+        tensors[module + ".lora_A.weight"] = torch.zeros(4, 100_000)
+        tensors[module + ".lora_B.weight"] = torch.zeros(100_000, 4)
         save_file(tensors, str(adapter / "adapter_model.safetensors"))
 
     def no_base(adapter, folder):
@@ -242,6 +257,7 @@ def _bad_adapters():
         "broken_weights": (broken_weights, OSError, "safetensors"),
         "other_model": (other_model, OSError, "shape"),
         "unknown_module": (unknown_module, OSError, "match nothing"),
+        "huge_factors": (huge_factors, OSError, "another model"),
         "no_base": (no_base, OSError, "base_model_name_or_path"),
     }
 

@@ -228,10 +228,24 @@ def test_revision_by_commit_hash(hub):
     assert any(f"/resolve/{COMMIT}/config.json" in p for p in hub.paths())
 
 
-def test_pytorch_only_repo_asks_for_safetensors(hub):
+def test_pytorch_only_repo_downloads_its_bin(hub, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file as load_torch
+
     files = hub.repos[REPO]
-    files["pytorch_model.bin"] = files.pop(WEIGHTS)
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    files.pop(WEIGHTS)
+    bin_path = tmp_path / "pytorch_model.bin"
+    torch.save(load_torch(str(TINY / WEIGHTS)), bin_path)
+    files["pytorch_model.bin"] = bin_path.read_bytes()
+    folder = resolve_checkpoint(REPO, **MODEL_FILES)
+    assert (folder / "pytorch_model.bin").is_file() and not (folder / WEIGHTS).exists()
+    want = Florence2ForConditionalGeneration.from_pretrained(TINY).config.to_dict()
+    assert Florence2ForConditionalGeneration.from_pretrained(REPO).config.to_dict() == want
+
+
+def test_repo_without_weights_names_the_files_it_looked_for(hub):
+    hub.repos[REPO].pop(WEIGHTS)
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         resolve_checkpoint(REPO, **MODEL_FILES)
 
 
@@ -442,3 +456,27 @@ def test_subfolder_that_is_no_string_is_a_type_error(hub):
     with pytest.raises(TypeError, match="subfolder must be a string, not int"):
         Florence2ForConditionalGeneration.from_pretrained(REPO, subfolder=3)
     assert hub.requests == []
+
+
+def test_adapter_repo_loads_over_its_base_repo(hub, tmp_path):
+    """An adapter-only Hub repository: from_pretrained finds its base through base_model_name_or_path."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import Florence2ForConditionalGeneration as HFModel
+
+    torch.manual_seed(0)
+    base = HFModel.from_pretrained(TINY, dtype=torch.float32)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = REPO
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    hub.repos["org/adapter"] = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+
+    from_hub = Florence2ForConditionalGeneration.from_pretrained("org/adapter", dtype="float32")
+    local = Florence2ForConditionalGeneration.from_pretrained(TINY, dtype="float32")
+    local.load_adapter(tmp_path / "adapter")
+    ref = load_file(str(TINY.parent / "reference.safetensors"))
+    inputs = {key: ref[key] for key in ("input_ids", "attention_mask", "pixel_values", "decoder_input_ids")}
+    np.testing.assert_array_equal(from_hub(**inputs).logits, local(**inputs).logits)
+    assert from_hub.active_adapters() == ["default"]

@@ -8,6 +8,7 @@ if unpickled by Python leaves no trace).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,6 +79,11 @@ def test_bin_in_bfloat16_loads_as_stored(tmp_path):
     src = _bin_copy(TINY / "hf", tmp_path / "bf16")
     state = torch.load(src / "pytorch_model.bin", weights_only=True)
     torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, src / "pytorch_model.bin")
+    # Without a dtype in config.json, dtype="auto" takes the stored weights' dtype.
+    config = json.loads((src / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (src / "config.json").write_text(json.dumps(config))
     model = Florence2ForConditionalGeneration.from_pretrained(src, dtype="auto")
     assert str(model.dtype).endswith("bfloat16")
 
