@@ -19,6 +19,12 @@ WEIGHTS_INDEX: str
 """The index of a checkpoint's sharded weights (`model.safetensors.index.json`)."""
 PYTORCH_WEIGHTS: str
 """The PyTorch weights file read where a checkpoint has no safetensors (`pytorch_model.bin`)."""
+ADAPTER_CONFIG: str
+"""The config file of a PEFT adapter folder (`adapter_config.json`)."""
+ADAPTER_WEIGHTS: str
+"""A PEFT adapter's weights (`adapter_model.safetensors`)."""
+ADAPTER_WEIGHTS_BIN: str
+"""A PEFT adapter's weights as older peft saves them (`adapter_model.bin`)."""
 TASKS_WITHOUT_INPUT: tuple[str, ...]
 """The processor's tasks whose prompt is the task token alone, in its table order."""
 TASKS_WITH_INPUT: tuple[str, ...]

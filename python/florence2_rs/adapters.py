@@ -12,19 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .hub import resolve_checkpoint
+from . import _native
+from .hub import local_folder, resolve_checkpoint
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG: str = _native.ADAPTER_CONFIG
+ADAPTER_WEIGHTS: tuple[str, ...] = (_native.ADAPTER_WEIGHTS, _native.ADAPTER_WEIGHTS_BIN)
 
 
 def resolve_adapter(peft_model_id: str | Path, **hub_kwargs: Any) -> Path | None:
     """The local folder of the adapter `peft_model_id` (a folder or a Hub id, with transformers' Hub keywords
-    such as `subfolder`), or None when it holds no adapter_config.json."""
+    such as `subfolder`), or None when it holds no adapter_config.json. Download failures other than a missing
+    file are raised."""
+    folder = local_folder(peft_model_id, hub_kwargs.get("subfolder"))
+    if folder is not None:
+        return folder if (folder / ADAPTER_CONFIG).is_file() else None
     try:
         return resolve_checkpoint(peft_model_id, files=(ADAPTER_CONFIG,), optional_files=ADAPTER_WEIGHTS,
                                   **hub_kwargs)
-    except OSError:
+    except FileNotFoundError:
         return None
 
 
@@ -49,6 +54,16 @@ class PeftAdapterMixin:
         self._adapters: dict[str, Path] = {}
         self._active_adapter: str | None = None
         self._adapters_enabled = True
+
+    def _share_adapters(self, other: "PeftAdapterMixin") -> None:
+        """Takes `other`'s adapter choice (a view over the same weights)."""
+        self._adapters = other._adapters
+        self._active_adapter, self._adapters_enabled = other._active_adapter, other._adapters_enabled
+
+    def _register_adapter(self, name: str, folder: Path) -> None:
+        """Records `folder` as the active adapter `name` of weights already loaded with it."""
+        self._adapters[name] = folder
+        self._active_adapter = name
 
     def _adapter_folder(self) -> Path | None:
         """The adapter the weights are loaded with: the active one, unless adapters are disabled."""
@@ -107,7 +122,7 @@ class PeftAdapterMixin:
                              f"{list(self._adapters)}")
         if len(names) != 1:
             raise ValueError("florence2-rs runs one adapter at a time; pass a single adapter name")
-        self._switch(names[0], True)
+        self._switch(names[0], self._adapters_enabled)
 
     def disable_adapters(self) -> None:
         """Runs the base model's own weights until `enable_adapters()`."""
@@ -133,8 +148,10 @@ class PeftAdapterMixin:
             raise ValueError(f"The following adapter(s) are not present and cannot be deleted: {', '.join(missing)}")
         for name in names:
             del self._adapters[name]
-        if self._active_adapter in names:
-            self._switch(next(iter(self._adapters), None), self._adapters_enabled)
+        # With no adapter left, the next one loaded runs (transformers forgets the disabled state with them).
+        enabled = self._adapters_enabled or not self._adapters
+        active = self._active_adapter if self._active_adapter not in names else next(iter(self._adapters), None)
+        self._switch(active, enabled)
 
     def add_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Not supported: new (untrained) adapters are for training, which stays with transformers and peft."""

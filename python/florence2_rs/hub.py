@@ -54,22 +54,34 @@ def resolve_checkpoint(
     """
     files, optional_files = list(files), list(optional_files)
     subfolder = _subfolder(hub_kwargs.get("subfolder"))
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if subfolder:
-            if not (path / subfolder).is_dir():
-                raise OSError(f"{path} has no subfolder {subfolder}")
-            path = path / subfolder
+    path = local_folder(name_or_path, subfolder)
+    if path is not None:
         for name in files:
             if not _has_local(path, name):
                 raise OSError(f"{path} has no {name}; is it a Florence-2 checkpoint folder?")
         return path
-    if path.exists():
-        raise OSError(f"{path} is a file; pass the checkpoint folder that holds it")
+    if Path(name_or_path).expanduser().exists():
+        raise OSError(f"{name_or_path} is a file; pass the checkpoint folder that holds it")
     native_kwargs = _native_kwargs(hub_kwargs)
     if not subfolder:
         return _native.hub_download(str(name_or_path), files, optional_files, **native_kwargs)
     return _hub_subfolder(str(name_or_path), subfolder, files, optional_files, native_kwargs)
+
+
+def local_folder(name_or_path: str | Path, subfolder: Any = None) -> Path | None:
+    """The local folder `name_or_path` names (with its `subfolder`), or None when it is no folder here (then
+    it is a Hub id).
+
+    Raises:
+        OSError: the folder has no such subfolder. ValueError: a subfolder that leads out of the folder.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return None
+    inside = _subfolder(subfolder)
+    if inside and not (path / inside).is_dir():
+        raise OSError(f"{path} has no subfolder {inside}")
+    return path / inside if inside else path
 
 
 def _subfolder(subfolder: Any) -> str:
@@ -94,7 +106,7 @@ def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_file
     """`resolve_checkpoint` for the files of a repository's subfolder: `<subfolder>/<file>` in the repository.
 
     The weights stand for `<subfolder>/model.safetensors`, else the index beside it and its shards (named
-    relative to the index). Every call after the first asks for the commit the first one found, so that all
+    relative to the index), else `<subfolder>/pytorch_model.bin`. Every call after the first asks for the commit the first one found, so that all
     the files come from one snapshot.
     """
     inside = PurePosixPath(subfolder)
@@ -110,10 +122,15 @@ def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_file
     try:
         _native.hub_download(repo_id, [str(inside / WEIGHTS_INDEX)], [], **pinned)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{repo_id} (revision {snapshot.name}) has neither {inside / WEIGHTS} nor {inside / WEIGHTS_INDEX}; "
-            f"is {subfolder} a Florence-2 checkpoint folder?"
-        ) from None
+        # No safetensors: an older checkpoint's PyTorch weights, as at the repository's top level.
+        try:
+            _native.hub_download(repo_id, [str(inside / PYTORCH_WEIGHTS)], [], **pinned)
+            return folder
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{repo_id} (revision {snapshot.name}) has none of {inside / WEIGHTS}, {inside / WEIGHTS_INDEX} "
+                f"and {inside / PYTORCH_WEIGHTS}; is {subfolder} a Florence-2 checkpoint folder?"
+            ) from None
     shards = [str(inside / shard) for shard in _shard_names(folder / WEIGHTS_INDEX)]
     _native.hub_download(repo_id, shards, [], **pinned)
     return folder

@@ -78,8 +78,7 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
             if len(devices) != 1:
                 raise ValueError("device_map must place the whole model on one device")
             device_map = devices.pop()
-        quantization_config = kwargs.pop("quantization_config", None)
-        quantize = quantize_mode(quantization_config)
+        quantize = quantize_mode(kwargs.pop("quantization_config", None))
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         for key in list(kwargs):
             if key in _ACCEPTED_NO_EFFECT:
@@ -93,23 +92,23 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         try:
             folder = resolve_checkpoint(pretrained_model_name_or_path, files=("config.json", WEIGHTS),
                                         optional_files=("generation_config.json",), **hub_kwargs)
+            adapter = None
         except OSError:
-            # A PEFT adapter rather than a model: its base model with the adapter, as transformers loads it
-            # when peft is installed.
+            # A PEFT adapter rather than a model: its base model with the adapter merged, as transformers
+            # loads it when peft is installed.
             adapter = resolve_adapter(pretrained_model_name_or_path, **hub_kwargs)
             if adapter is None:
                 raise
             # The base is its own repository: the adapter's revision and subfolder do not apply to it.
             base_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "subfolder")}
-            model = cls.from_pretrained(adapter_base(adapter), dtype=dtype, device_map=device_map, device=device,
-                                        quantization_config=quantization_config, config=config_overrides,
-                                        **base_kwargs)
-            model.load_adapter(adapter)
-            return model
+            folder = resolve_checkpoint(adapter_base(adapter), files=("config.json", WEIGHTS),
+                                        optional_files=("generation_config.json",), **base_kwargs)
         device = device_name(device if device is not None else device_map)
-        native = _load_native(folder, dtype_name(dtype), device, quantize)
+        native = _load_native(folder, dtype_name(dtype), device, quantize, adapter)
         model = cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
         model._quantize = quantize
+        if adapter is not None:
+            model._register_adapter("default", adapter)
         return model
 
     # -- torch-like surface -------------------------------------------------------------------------------
@@ -175,6 +174,7 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         """A `cls` view over this model's weights (transformers' `model.model`, `model.vision_tower`)."""
         view = cls(self._native, self._folder, self.config, self._device)
         view._quantize = self._quantize
+        view._share_adapters(self)
         return view
 
     def get_image_features(self, pixel_values: Any, **kwargs: Any) -> BaseModelOutputWithPooling:

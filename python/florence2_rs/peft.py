@@ -28,13 +28,17 @@ class PeftModel:
         if not hasattr(model, "load_adapter"):
             raise TypeError("PeftModel.from_pretrained takes a florence2_rs model "
                             f"(got {type(model).__name__})")
-        kwargs.pop("config", None)
+        if kwargs.pop("config", None) is not None:
+            raise ValueError("config= is not supported: the adapter's own adapter_config.json is used")
         model.load_adapter(model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
         return cls(model)
 
     def load_adapter(self, model_id: str | Path, adapter_name: str, **kwargs: Any) -> None:
-        """Loads another adapter under `adapter_name`; `set_adapter` makes it the active one."""
+        """Loads another adapter under `adapter_name`, keeping the active one, as peft does; `set_adapter`
+        switches."""
+        active = self.active_adapter
         self.base_model.load_adapter(model_id, adapter_name=adapter_name, **kwargs)
+        self.base_model.set_adapter(active)
 
     def set_adapter(self, adapter_name: str) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -42,6 +46,10 @@ class PeftModel:
     @property
     def active_adapter(self) -> str:
         return self.base_model.active_adapters()[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -63,4 +71,6 @@ class PeftModel:
         return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "base_model":  # not set yet (copy, unpickling): no recursion through __getattr__
+            raise AttributeError(name)
         return getattr(self.base_model, name)

@@ -8,10 +8,13 @@
 //! are the tensor names of a checkpoint in that layout, so either kind applies to a base in either layout.
 //!
 //! What the file holds, per module `m` of the base:
-//! - `m.lora_A.weight` `[r, in, ...]` and `m.lora_B.weight` `[out, r, ...]` (linear and convolution layers):
-//!   `W += scale · B A`, the products taken over `r` with the trailing dims of each kept;
-//! - `m.lora_embedding_A` `[r, rows]` and `m.lora_embedding_B` `[dim, r]` (embeddings): `W += scale · (B A)ᵀ`;
-//! - any other tensor (`modules_to_save`, trained biases, saved embeddings): the base tensor's replacement.
+//! - `m.lora_A.weight` `[r, in, ...]` and `m.lora_B.weight` `[out, r, 1, ...]` (linear and convolution
+//!   layers): `W += scale · B A`, the product taken over `r` with A's trailing dims kept;
+//! - any other tensor (`modules_to_save`, trained biases): the base tensor's replacement.
+//!
+//! The token embedding and the LM head are refused: florence2-rs holds one token embedding for the encoder,
+//! the decoder and the tied head, while transformers' model (and Microsoft's) keeps the decoder's and the
+//! head's copies apart from the one a LoRA or `modules_to_save` would change.
 //!
 //! `scale` is `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`. Other peft methods and LoRA options
 //! that change the formula (DoRA, per-module rank or alpha patterns, LoRA biases, `fan_in_fan_out`) are refused
@@ -54,11 +57,9 @@ pub struct Adapter {
     scale: f64,
     /// `lora_A` / `lora_B` of linear and convolution layers, by module name.
     linear: HashMap<String, LowRank>,
-    /// `lora_embedding_A` / `lora_embedding_B` of embeddings, by module name.
-    embedding: HashMap<String, LowRank>,
     /// Tensors that replace the base's, by tensor name.
     replaced: HashMap<String, Tensor>,
-    /// The names (of `replaced`, or modules of `linear` / `embedding`) merged so far.
+    /// The names (of `replaced`, or modules of `linear`) merged so far.
     used: Mutex<HashSet<String>>,
 }
 
@@ -75,7 +76,7 @@ impl Adapter {
             });
         }
         let config = read_json(&config_path)?;
-        let scale = lora_scale(&config).map_err(|msg| Error::Config {
+        let (scale, rank) = lora_scale(&config).map_err(|msg| Error::Config {
             path: config_path.clone(),
             msg,
         })?;
@@ -85,8 +86,7 @@ impl Adapter {
             msg,
         };
         let mut names = Vec::with_capacity(tensors.len());
-        let mut linear_parts: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
-        let mut embedding_parts: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
+        let mut parts: HashMap<String, [Option<Tensor>; 2]> = HashMap::new();
         let mut replaced = HashMap::new();
         for (key, tensor) in tensors {
             let Some(name) = key.strip_prefix(PEFT_PREFIX) else {
@@ -94,33 +94,30 @@ impl Adapter {
                     "tensor `{key}` lacks peft's `{PEFT_PREFIX}` prefix: not a peft adapter file"
                 )));
             };
+            if let Some(what) = token_embedding_or_head(name) {
+                return Err(bad(format!(
+                    "the adapter changes the {what} (`{name}`), which florence2-rs shares between the encoder, \
+                     the decoder and the LM head where transformers keeps separate copies; adapters on the other \
+                     modules are supported"
+                )));
+            }
             names.push(name.to_string());
-            // (suffix, is an embedding's, slot: 0 for A, 1 for B)
-            let factor = [
-                (".lora_A.weight", false, 0),
-                (".lora_B.weight", false, 1),
-                (".lora_embedding_A", true, 0),
-                (".lora_embedding_B", true, 1),
-            ]
-            .into_iter()
-            .find_map(|(suffix, embedding, slot)| {
-                Some((name.strip_suffix(suffix)?, embedding, slot))
-            });
+            let factor = [(".lora_A.weight", 0), (".lora_B.weight", 1)]
+                .into_iter()
+                .find_map(|(suffix, slot)| Some((name.strip_suffix(suffix)?, slot)));
             match factor {
-                Some((module, embedding, slot)) => {
-                    let parts = if embedding {
-                        &mut embedding_parts
-                    } else {
-                        &mut linear_parts
-                    };
+                Some((module, slot)) => {
                     parts.entry(module.to_string()).or_default()[slot] = Some(tensor);
                 }
                 None if name.contains(".lora_") => {
                     return Err(bad(format!(
                         "tensor `{key}` is of a LoRA variant florence2-rs does not merge (DoRA's magnitude, \
-                         LoRA biases ...); plain LoRA adapters are supported"
+                         LoRA biases, LoRA on embeddings ...); plain LoRA on linear and convolution layers is \
+                         supported"
                     )));
                 }
+                // peft's copy of a `modules_to_save` module as it was before training: the base's own.
+                None if name.contains(".original_module.") => {}
                 None => {
                     // A trained copy of a base tensor; peft names a wrapped layer's own tensors `base_layer`.
                     replaced.insert(name.replace(".base_layer.", "."), tensor);
@@ -132,22 +129,19 @@ impl Adapter {
                  Microsoft's `language_model.*` / `vision_tower.*`)"
                 .into())
         })?;
-        let pairs = |parts: HashMap<String, [Option<Tensor>; 2]>| {
-            parts
-                .into_iter()
-                .map(|(module, [a, b])| match (a, b) {
-                    (Some(a), Some(b)) => Ok((module, low_rank(a, b).map_err(&bad)?)),
-                    _ => Err(bad(format!(
-                        "module `{module}` has only one of its two LoRA factors"
-                    ))),
-                })
-                .collect::<Result<HashMap<_, _>>>()
-        };
+        let linear = parts
+            .into_iter()
+            .map(|(module, [a, b])| match (a, b) {
+                (Some(a), Some(b)) => Ok((module, low_rank(a, b, rank).map_err(&bad)?)),
+                _ => Err(bad(format!(
+                    "module `{module}` has only one of its two LoRA factors"
+                ))),
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
         Ok(Self {
             layout,
             scale,
-            linear: pairs(linear_parts)?,
-            embedding: pairs(embedding_parts)?,
+            linear,
             replaced,
             source,
             used: Mutex::default(),
@@ -198,7 +192,6 @@ impl Adapter {
             .replaced
             .keys()
             .chain(self.linear.keys())
-            .chain(self.embedding.keys())
             .filter(|name| !used.contains(*name))
             .collect();
         if unused.is_empty() {
@@ -237,25 +230,20 @@ impl Adapter {
         // The product's shape is checked against the weight before it is made: factors from another model
         // could otherwise ask for an arbitrarily large product.
         let (rows, cols) = (tensor.dim(0)?, tensor.elem_count() / tensor.dim(0)?.max(1));
-        let delta = if let Some(pair) = self.linear.get(module) {
-            let (r, out, per_rank) = (
-                pair.a.dim(0)?,
-                pair.b.dim(0)?,
-                pair.a.elem_count() / pair.a.dim(0)?,
-            );
-            self.check_product(&name, (out, per_rank), (rows, cols))?;
-            let product = pair
-                .b
-                .reshape((out, r))?
-                .matmul(&pair.a.reshape((r, ()))?)?;
-            product.reshape(tensor.shape())?
-        } else if let Some(pair) = self.embedding.get(module) {
-            // lora_embedding_B [dim, r] x lora_embedding_A [r, rows], transposed.
-            self.check_product(&name, (pair.a.dim(1)?, pair.b.dim(0)?), (rows, cols))?;
-            pair.b.matmul(&pair.a)?.t()?
-        } else {
+        let Some(pair) = self.linear.get(module) else {
             return Ok(tensor);
         };
+        let (r, out, per_rank) = (
+            pair.a.dim(0)?,
+            pair.b.dim(0)?,
+            pair.a.elem_count() / pair.a.dim(0)?,
+        );
+        self.check_product(&name, (out, per_rank), (rows, cols))?;
+        let delta = pair
+            .b
+            .reshape((out, r))?
+            .matmul(&pair.a.reshape((r, ()))?)?
+            .reshape(tensor.shape())?;
         self.mark_used(module);
         self.check_shape(&name, &delta, &tensor)?;
         let merged =
@@ -298,8 +286,8 @@ impl Adapter {
     }
 }
 
-/// `lora_alpha / r` (or `/ √r` with `use_rslora`), after refusing what changes the merge formula.
-fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
+/// `lora_alpha / r` (or `/ √r` with `use_rslora`) and `r`, after refusing what changes the merge formula.
+fn lora_scale(config: &Value) -> std::result::Result<(f64, usize), String> {
     let peft_type = config
         .get("peft_type")
         .and_then(Value::as_str)
@@ -335,6 +323,14 @@ fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
         ),
         ("use_qalora", "QALoRA (use_qalora)"),
         ("megatron_config", "Megatron layers (megatron_config)"),
+        (
+            "alora_invocation_tokens",
+            "activated LoRA (alora_invocation_tokens)",
+        ),
+        ("arrow_config", "Arrow routing (arrow_config)"),
+        ("use_bdlora", "BD-LoRA (use_bdlora)"),
+        ("kasa_config", "KaSA (kasa_config)"),
+        ("layer_replication", "layer replication (layer_replication)"),
     ];
     if let Some((_, what)) = refused.iter().find(|(key, _)| set(key)) {
         return Err(format!("{what} is not supported; plain LoRA adapters are"));
@@ -353,11 +349,13 @@ fn lora_scale(config: &Value) -> std::result::Result<f64, String> {
         .get("use_rslora")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    Ok(if rslora {
+    let scale = if rslora {
         alpha / (r as f64).sqrt()
     } else {
         alpha / r as f64
-    })
+    };
+    let rank = usize::try_from(r).map_err(|_| "`r` is too large")?;
+    Ok((scale, rank))
 }
 
 /// The adapter's tensors, from its safetensors file or else its PyTorch one, and the file they came from.
@@ -398,16 +396,18 @@ fn adapter_layout<'a>(names: impl Iterator<Item = &'a String>) -> Option<Layout>
     }
 }
 
-/// The factors of one module, in f32, checked to share their rank.
-fn low_rank(a: Tensor, b: Tensor) -> std::result::Result<LowRank, String> {
+/// The factors of one module, in f32, checked to be of the config's rank.
+fn low_rank(a: Tensor, b: Tensor, rank: usize) -> std::result::Result<LowRank, String> {
     let dims = |t: &Tensor| t.dims().to_vec();
     let fits = a.rank() >= 2
         && b.rank() >= 2
-        && a.dims()[0] == b.dims()[1]
+        && a.dims()[0] == rank
+        && b.dims()[1] == rank
         && b.dims()[2..].iter().all(|&d| d == 1);
     if !fits {
         return Err(format!(
-            "LoRA factors of shapes {:?} (A) and {:?} (B) do not multiply",
+            "LoRA factors of shapes {:?} (A) and {:?} (B) are not of rank r = {rank} (adapter_config.json), \
+             or B is not a 1x1 kernel (grouped convolutions are not supported)",
             dims(&a),
             dims(&b)
         ));
@@ -417,4 +417,25 @@ fn low_rank(a: Tensor, b: Tensor) -> std::result::Result<LowRank, String> {
         a: f32(a)?,
         b: f32(b)?,
     })
+}
+
+/// What `name` (an adapter tensor name without peft's prefix) changes when it is the token embedding or the
+/// LM head, in either naming; `None` for every other module.
+fn token_embedding_or_head(name: &str) -> Option<&'static str> {
+    let module = name.split(".lora_").next().unwrap_or(name);
+    let module = module
+        .strip_suffix(".weight")
+        .unwrap_or(module)
+        .replace(".base_layer", "");
+    let embedding = ["shared", "encoder.embed_tokens", "decoder.embed_tokens"];
+    if ["model.language_model.", "language_model.model."]
+        .iter()
+        .any(|stack| embedding.iter().any(|e| module == format!("{stack}{e}")))
+    {
+        return Some("token embedding");
+    }
+    if module == "lm_head" || module == "language_model.lm_head" {
+        return Some("LM head");
+    }
+    None
 }

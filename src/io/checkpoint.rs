@@ -147,12 +147,16 @@ fn byte_len(info: &TensorInfo) -> candle_core::Result<usize> {
 const POSITIONAL_READS: bool = cfg!(any(unix, windows));
 
 #[cfg(unix)]
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
 #[cfg(windows)]
-fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(
+    file: &File,
+    mut buf: &mut [u8],
+    mut offset: u64,
+) -> std::io::Result<()> {
     use std::io::ErrorKind;
     while !buf.is_empty() {
         match std::os::windows::fs::FileExt::seek_read(file, buf, offset) {
@@ -169,7 +173,7 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
 }
 
 #[cfg(not(any(unix, windows)))]
-fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     // Moves the shared cursor: `POSITIONAL_READS` is false, so tensors are read one at a time.
     use std::io::Seek;
     file.seek(std::io::SeekFrom::Start(offset))?;
@@ -283,6 +287,16 @@ impl Checkpoint {
             || self.adapter.as_ref().is_some_and(|a| a.replaces(hf_name))
     }
 
+    /// [`Self::stored_dtype`] of the weights in `dir`, reading only headers (a safetensors header, or a
+    /// PyTorch archive's pickle).
+    pub fn stored_dtype_in(dir: &Path) -> Result<Option<DType>> {
+        let pytorch = dir.join(PYTORCH_WEIGHTS);
+        if !dir.join(WEIGHTS).is_file() && !dir.join(WEIGHTS_INDEX).is_file() && pytorch.is_file() {
+            return super::pytorch::stored_float_dtype(&pytorch);
+        }
+        Ok(Self::open(dir)?.stored_dtype())
+    }
+
     /// The floating dtype of the stored weights (the first floating tensor's), used by `dtype="auto"`.
     pub fn stored_dtype(&self) -> Option<DType> {
         let mut names: Vec<_> = self.stored.names().collect();
@@ -321,19 +335,23 @@ impl Checkpoint {
             .collect();
         let all_in_dtype = names
             .iter()
-            .filter_map(|name| self.info(name))
+            .filter_map(|name| self.stored.info(name))
             .all(|(_, info)| safetensors_float_dtype(info.dtype).is_none_or(|d| d == dtype));
         if !device.is_cpu() || !all_in_dtype || !POSITIONAL_READS {
             return;
         }
         // Largest first, so that the parallel reads end together.
         names.sort_by_key(|name| {
-            std::cmp::Reverse(self.info(name).map_or(0, |(_, i)| byte_len(i).unwrap_or(0)))
+            std::cmp::Reverse(
+                self.stored
+                    .info(name)
+                    .map_or(0, |(_, i)| byte_len(i).unwrap_or(0)),
+            )
         });
         let read: HashMap<String, Tensor> = names
             .into_par_iter()
             .filter_map(|name| {
-                let (shard, info) = self.info(name)?;
+                let (shard, info) = self.stored.info(name)?;
                 Some((name.clone(), shard.read(info, device).ok()?))
             })
             .collect();
@@ -346,11 +364,6 @@ impl Checkpoint {
             Layout::HfNative => hf_name.to_owned(),
             Layout::Original => original_name(hf_name),
         }
-    }
-
-    /// The shard and header entry of a stored tensor name in safetensors files.
-    fn info(&self, stored: &str) -> Option<(&Shard, &TensorInfo)> {
-        self.stored.info(stored)
     }
 
     fn load(&self, hf_name: &str, device: &Device) -> candle_core::Result<Tensor> {
@@ -375,7 +388,7 @@ impl Checkpoint {
                 .ok_or_else(missing)?
                 .to_device(device)?,
             Stored::Safetensors { .. } => {
-                let (shard, info) = self.info(&stored).ok_or_else(missing)?;
+                let (shard, info) = self.stored.info(&stored).ok_or_else(missing)?;
                 let prefetched = self
                     .prefetched
                     .lock()

@@ -178,13 +178,17 @@ fn first_missing(
         .map(|f| f.to_string()))
 }
 
-/// The first weight file the snapshot lacks: `model.safetensors`, or a shard of the index when there is one.
+/// The first weight file the snapshot lacks: `model.safetensors`, or a shard of the index when there is one;
+/// none when it holds a `pytorch_model.bin` instead (a repository without safetensors).
 fn missing_weights(dir: &Path) -> Result<Option<String>> {
     if dir.join(WEIGHTS).is_file() {
         return Ok(None);
     }
     let index = dir.join(WEIGHTS_INDEX);
     if !index.is_file() {
+        if dir.join(PYTORCH_WEIGHTS).is_file() {
+            return Ok(None);
+        }
         return Ok(Some(WEIGHTS.to_string()));
     }
     Ok(shard_names(&index)?

@@ -175,7 +175,7 @@ impl Florence2ForConditionalGeneration {
         };
         match from_config {
             Some(dtype) => Ok(dtype),
-            None => Ok(Checkpoint::open(dir)?.stored_dtype().unwrap_or(DType::F32)),
+            None => Ok(Checkpoint::stored_dtype_in(dir)?.unwrap_or(DType::F32)),
         }
     }
 

@@ -244,6 +244,12 @@ def _bad_adapters():
         tensors[module + ".lora_B.weight"] = torch.zeros(100_000, 4)
         save_file(tensors, str(adapter / "adapter_model.safetensors"))
 
+    def token_embedding(adapter, folder):
+        make_adapter(folder, adapter, target_modules=["shared"])
+
+    def lm_head(adapter, folder):
+        make_adapter(folder, adapter, target_modules=["q_proj", "lm_head"])
+
     def no_base(adapter, folder):
         make_adapter(folder, adapter)
         _edit_config(adapter, base_model_name_or_path=None)
@@ -258,6 +264,8 @@ def _bad_adapters():
         "other_model": (other_model, OSError, "shape"),
         "unknown_module": (unknown_module, OSError, "match nothing"),
         "huge_factors": (huge_factors, OSError, "another model"),
+        "token_embedding": (token_embedding, OSError, "token embedding"),
+        "lm_head": (lm_head, OSError, "LM head"),
         "no_base": (no_base, OSError, "base_model_name_or_path"),
     }
 

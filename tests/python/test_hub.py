@@ -419,7 +419,7 @@ def test_sharded_weights_in_a_subfolder_are_named_from_the_index(nested):
 
 def test_subfolder_without_weights_names_both_files(nested):
     del nested.repos[REPO][f"{SUBFOLDER}/{WEIGHTS}"]
-    with pytest.raises(FileNotFoundError, match=f"neither {SUBFOLDER}/model.safetensors nor {SUBFOLDER}/model"):
+    with pytest.raises(FileNotFoundError, match=f"none of {SUBFOLDER}/model.safetensors, {SUBFOLDER}/model"):
         resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
 
 

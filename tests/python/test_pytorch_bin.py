@@ -88,6 +88,20 @@ def test_bin_in_bfloat16_loads_as_stored(tmp_path):
     assert str(model.dtype).endswith("bfloat16")
 
 
+def test_state_dict_of_transformers_model_loads(tmp_path):
+    """torch.save(model.state_dict()): an OrderedDict with torch's `_metadata`, tied weights sharing storage."""
+    from transformers import Florence2ForConditionalGeneration as HFModel
+
+    folder = tmp_path / "state_dict"
+    shutil.copytree(TINY / "hf", folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(HFModel.from_pretrained(TINY / "hf", dtype=torch.float32).state_dict(), folder / "pytorch_model.bin")
+    inputs = _inputs("hf")
+    want = Florence2ForConditionalGeneration.from_pretrained(TINY / "hf", dtype="float32")(**inputs).logits
+    got = Florence2ForConditionalGeneration.from_pretrained(folder, dtype="float32")(**inputs).logits
+    np.testing.assert_array_equal(got, want)
+
+
 def test_safetensors_are_preferred_over_bin(tmp_path):
     folder = _bin_copy(TINY / "hf", tmp_path / "both", keep_safetensors=True)
     # A .bin that cannot be read: loading succeeds only because the safetensors are taken first.
@@ -165,7 +179,19 @@ def _bad_archives():
 
         _archive_with(folder, edit)
 
+    def memo_bomb(folder):
+        # Each round pairs the memoized value with itself and memoizes the pair: 40 rounds of 5 bytes would
+        # ask a reader that copies memoized values for 2**40 of them.
+        body = b"\x80\x02]q\x00" + b"h\x00h\x00\x86q\x00" * 40 + b"."
+        _archive_with(folder, lambda name, data: body if name.endswith("data.pkl") else data)
+
+    def deep_nesting(folder):
+        body = b"\x80\x02N" + b"\x85" * 1_000_000 + b"."
+        _archive_with(folder, lambda name, data: body if name.endswith("data.pkl") else data)
+
     return {
+        "memo_bomb": (memo_bomb, "grow far past"),
+        "deep_nesting": (deep_nesting, "grow far past"),
         "garbage": (garbage, "zip archive"),
         "no_pickle": (no_pickle, "data.pkl"),
         "not_a_dict": (not_a_dict, "dict"),
