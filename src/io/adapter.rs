@@ -156,14 +156,8 @@ impl Adapter {
         }
     }
 
-    /// Whether the adapter holds a whole replacement of `hf_name`, which then exists even where the base
-    /// does not store it (a trained copy of a tied LM head).
-    pub fn replaces(&self, hf_name: &str) -> bool {
-        self.replaced.contains_key(&self.name_of(hf_name))
-    }
-
     /// The adapter's replacement of `hf_name`, in HF-native orientation.
-    pub fn replacement(&self, hf_name: &str) -> candle_core::Result<Option<Tensor>> {
+    fn replacement(&self, hf_name: &str) -> candle_core::Result<Option<Tensor>> {
         let name = self.name_of(hf_name);
         let Some(tensor) = self.replaced.get(&name) else {
             return Ok(None);
@@ -184,8 +178,8 @@ impl Adapter {
     }
 
     /// Refuses an adapter some of whose tensors the model never loaded: they name modules the model does not
-    /// have (an adapter made for another model), or tensors it derives rather than loads (a tied LM head in
-    /// Microsoft's layout), and merging the rest alone would be a silently different model.
+    /// have (an adapter made for another model), and merging the rest alone would be a silently different
+    /// model.
     pub fn check_all_merged(&self) -> Result<()> {
         let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         let mut unused: Vec<&String> = self
@@ -224,15 +218,16 @@ impl Adapter {
             }
             None => tensor,
         };
-        let Some(module) = name.strip_suffix(".weight") else {
+        let Some(pair) = name
+            .strip_suffix(".weight")
+            .and_then(|module| self.linear.get(module))
+        else {
             return Ok(tensor);
         };
         // The product's shape is checked against the weight before it is made: factors from another model
         // could otherwise ask for an arbitrarily large product.
-        let (rows, cols) = (tensor.dim(0)?, tensor.elem_count() / tensor.dim(0)?.max(1));
-        let Some(pair) = self.linear.get(module) else {
-            return Ok(tensor);
-        };
+        let rows = tensor.dims().first().copied().unwrap_or(1);
+        let cols = tensor.elem_count() / rows.max(1);
         let (r, out, per_rank) = (
             pair.a.dim(0)?,
             pair.b.dim(0)?,
@@ -244,11 +239,11 @@ impl Adapter {
             .reshape((out, r))?
             .matmul(&pair.a.reshape((r, ()))?)?
             .reshape(tensor.shape())?;
-        self.mark_used(module);
+        self.mark_used(name.strip_suffix(".weight").unwrap_or(&name));
         self.check_shape(&name, &delta, &tensor)?;
-        let merged =
-            (tensor.to_dtype(DType::F32)? + (delta * self.scale)?.to_device(tensor.device())?)?;
-        merged.to_dtype(tensor.dtype())
+        // Left in f32: the loader converts it to the model's dtype once, so a weight stored in half precision
+        // and loaded in f32 keeps the whole update.
+        tensor.to_dtype(DType::F32)? + (delta * self.scale)?.to_device(tensor.device())?
     }
 
     /// Refuses factors whose product (`got`, as rows x the rest) is not the base weight's shape (`want`).

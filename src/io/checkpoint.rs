@@ -281,10 +281,9 @@ impl Checkpoint {
         &self.source
     }
 
-    /// Whether the checkpoint stores `hf_name` (an HF-native name), or its adapter a replacement of it.
+    /// Whether the checkpoint stores `hf_name` (an HF-native name).
     pub fn stores(&self, hf_name: &str) -> bool {
         self.stored.has(&self.stored_name(hf_name))
-            || self.adapter.as_ref().is_some_and(|a| a.replaces(hf_name))
     }
 
     /// [`Self::stored_dtype`] of the weights in `dir`, reading only headers (a safetensors header, or a
@@ -374,14 +373,6 @@ impl Checkpoint {
                 self.source.display()
             ))
         };
-        if !self.stored.has(&stored) {
-            // Not in the base: only an adapter's whole replacement can stand for it.
-            let replacement = match &self.adapter {
-                Some(adapter) => adapter.replacement(hf_name)?,
-                None => None,
-            };
-            return replacement.ok_or_else(missing)?.to_device(device);
-        }
         let tensor = match &self.stored {
             Stored::Pytorch(tensors) => tensors
                 .get(&stored)

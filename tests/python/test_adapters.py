@@ -292,3 +292,18 @@ def test_training_is_refused_with_a_pointer(base, tmp_path):
     with pytest.raises(NotImplementedError, match="train"):
         model.add_adapter(None)
     assert florence2_rs.Florence2ForConditionalGeneration is Florence2ForConditionalGeneration
+
+
+def test_adapter_on_a_half_precision_base_loaded_in_float32(base, tmp_path):
+    """A base stored in float16 (as Microsoft's are) and loaded in float32: the merged weight keeps the whole
+    update (peft adds it to the upcast weight), not a float16 rounding of the sum."""
+    folder, ref = base
+    half = tmp_path / "half" / "hf"
+    shutil.copytree(folder / "hf", half)
+    weights = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+              str(half / "model.safetensors"), metadata={"format": "pt"})
+    peft_model = make_adapter(half.parent, tmp_path / "adapter", target_modules=TEXT_TARGETS + VISION_TARGETS)
+    model = Florence2ForConditionalGeneration.from_pretrained(half, dtype="float32")
+    model.load_adapter(tmp_path / "adapter")
+    assert max_rel_error(model(**inputs(ref)).logits, peft_logits(peft_model, ref)) <= 1e-4
