@@ -156,13 +156,12 @@ impl Adapter {
         }
     }
 
-    /// The adapter's replacement of `hf_name`, in HF-native orientation.
-    fn replacement(&self, hf_name: &str) -> candle_core::Result<Option<Tensor>> {
-        let name = self.name_of(hf_name);
-        let Some(tensor) = self.replaced.get(&name) else {
+    /// The adapter's replacement of its tensor `name`, in HF-native orientation.
+    fn replacement(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        let Some(tensor) = self.replaced.get(name) else {
             return Ok(None);
         };
-        self.mark_used(&name);
+        self.mark_used(name);
         // Microsoft's layout stores the image projection transposed ([vision_dim, projection_dim]).
         if self.layout == Layout::Original && name == "image_projection" {
             return Ok(Some(tensor.t()?.contiguous()?));
@@ -209,7 +208,7 @@ impl Adapter {
     /// adapter merged in.
     pub fn apply(&self, hf_name: &str, tensor: Tensor) -> candle_core::Result<Tensor> {
         let name = self.name_of(hf_name);
-        let tensor = match self.replacement(hf_name)? {
+        let tensor = match self.replacement(&name)? {
             Some(replacement) => {
                 self.check_shape(&name, &replacement, &tensor)?;
                 replacement
