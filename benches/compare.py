@@ -14,10 +14,19 @@ forced work:
 - decode step: one beam-search step over 3 beams, as (generate N tokens - generate 1 token) / (N - 1), the
   same subtraction on both sides, so that it counts what a step really costs inside generate (decoder
   forward, LM head, logits processors, beam bookkeeping, cache reordering);
+- RSS added by from_pretrained: RSS after it minus RSS before it (after the import): florence2-rs's weights
+  (ours reads every tensor at load; transformers maps its safetensors file and reads pages at their first use,
+  so its figure is below the size of its weights);
 - peak RSS of the process (getrusage), which includes the import and the timed runs.
 
     python benches/compare.py --checkpoints /work/bench-ckpt [--spec base --spec large] [--dtype float32
-        --dtype bfloat16] [--repeats 5] [--threads 2] [--device cuda]
+        --dtype bfloat16 --dtype float16 --dtype int8 --dtype int4] [--repeats 5] [--threads 2] [--device cuda]
+
+`--dtype int8` / `int4` load florence2-rs with `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True`
+in bfloat16, against transformers in plain bfloat16 (the fastest thing a transformers user runs on a CPU;
+bitsandbytes is not part of the reference environment); their ids are compared for information, not for
+equality (benches/quantize_report.py measures the quantized models' agreement). float16 runs float16 on both
+sides.
 
 With --device cuda both sides run on the GPU (florence2-rs must be a CUDA build): every timed call ends
 with the results on the host (ours returns numpy arrays; transformers' side synchronizes the device), and
@@ -46,6 +55,7 @@ IMAGE_TOKENS = 577
 PROMPT = [0, 5, 9, 2]  # `<s>`, two prompt tokens, `</s>`: the length of a tokenized `<OD>` task prompt
 DECODER_START = 2
 SIDES = ("transformers", "florence2-rs")
+QUANTIZED = ("int8", "int4")  # the --dtype values that quantize florence2-rs's weights
 
 
 # -- the worker: one side, one checkpoint, one dtype, in its own process ----------------------------------
@@ -73,7 +83,7 @@ def _load_transformers(path: Path, dtype: str, threads: int, device: str):
     from transformers import Florence2ForConditionalGeneration
 
     torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, "bfloat16" if dtype in QUANTIZED else dtype)
     model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     if device != "cpu":
         torch.cuda.synchronize()
@@ -102,9 +112,14 @@ def _load_transformers(path: Path, dtype: str, threads: int, device: str):
 
 def _load_ours(path: Path, dtype: str, threads: int, device: str):
     import numpy as np
-    from florence2_rs import Florence2ForConditionalGeneration
+    from florence2_rs import BitsAndBytesConfig, Florence2ForConditionalGeneration
 
-    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
+    if dtype in QUANTIZED:
+        quantization = BitsAndBytesConfig(load_in_8bit=dtype == "int8", load_in_4bit=dtype == "int4")
+        model = Florence2ForConditionalGeneration.from_pretrained(path, dtype="bfloat16", device_map=device,
+                                                                  quantization_config=quantization)
+    else:
+        model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
 
     def run(kind: str, pixel_values, input_ids, new_tokens: int = 0):
         if kind == "generate":
@@ -119,11 +134,24 @@ def _load_ours(path: Path, dtype: str, threads: int, device: str):
     return run
 
 
+def _rss_mib() -> float:
+    """The resident memory of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_tokens: int, device: str) -> dict:
     import resource
 
     start = time.perf_counter()
+    if side == "transformers":
+        import torch  # noqa: F401  (the import is part of the cold start, not of the weights)
+        import transformers  # noqa: F401
+    else:
+        import florence2_rs  # noqa: F401
+    before = _rss_mib()
     run = (_load_transformers if side == "transformers" else _load_ours)(path, dtype, threads, device)
+    weights = _rss_mib() - before
     cold = time.perf_counter() - start
 
     pixel_values, input_ids = _inputs()
@@ -139,6 +167,7 @@ def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_to
         "vision tower (s)": vision,
         "encoder + 1 decoder position (s)": encoder,
         "decode step, 3 beams (ms)": 1000 * (generate - generate_one) / (new_tokens - 1),
+        "RSS added by from_pretrained (MiB)": weights,
         "peak RSS (MiB)": peak_kib / 1024,
         "_ids": ids,
     }
@@ -172,9 +201,12 @@ def machine(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
+    except (OSError, subprocess.CalledProcessError):
         return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown CPU").strip()
+    family = fields.get("CPU family")
+    return f"{name}, CPU family {family.strip()}" if family else name
 
 
 def main() -> None:
@@ -182,8 +214,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("bench-checkpoints"),
                         help="where the random checkpoints are (built there when missing)")
     parser.add_argument("--spec", action="append", choices=("base", "large"), help="default: base")
-    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
-                        help="default: float32 and bfloat16")
+    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16") + QUANTIZED,
+                        help="default: float32 and bfloat16; int8 / int4: ours quantized, theirs bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -212,7 +244,8 @@ def main() -> None:
             theirs, ours = (run_side(side, path, dtype, args) for side in SIDES)
             same = theirs.pop("_ids") == ours.pop("_ids")
             results[f"{spec} {dtype}"] = {"transformers": theirs, "florence2-rs": ours, "same ids": same}
-            print(f"\n## Florence-2-{spec} shape, {dtype} (generated ids identical: {'yes' if same else 'no'})")
+            against = " against transformers' bfloat16" if dtype in QUANTIZED else ""
+            print(f"\n## Florence-2-{spec} shape, {dtype}{against} (generated ids identical: {'yes' if same else 'no'})")
             print(f"| {'':40} | transformers | florence2-rs | ratio |")
             print(f"|{'-' * 42}|-------------:|-------------:|------:|")
             for key, value in theirs.items():

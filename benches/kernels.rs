@@ -1,7 +1,8 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
 //! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
 //! few-row product of the decoder's linear layers and LM head (against candle's matmul), and one beam-search
-//! decode step (3 beams); and the bf16 linear layer against candle's bf16 matmul.
+//! decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
+//! (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes.
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -150,9 +151,65 @@ fn bf16_gemm(c: &mut Criterion) {
     group.finish();
 }
 
+/// The kernels a linear layer takes on the CPU, on the same shapes: f32 through the gemm crate (weights as
+/// stored) and packed at load, bf16 packed, int8 and int4 (bf16 activations).
+fn linear_kernels(c: &mut Criterion) {
+    use florence2_rs::kernels::cpu::{bf16_gemm, f32_gemm, quantized_gemm};
+    if !(f32_gemm::available() && bf16_gemm::available() && quantized_gemm::available()) {
+        eprintln!("linear kernels: this CPU has no AVX-512 with VNNI and BF16, skipped");
+        return;
+    }
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("linear kernels");
+    group.sample_size(10);
+    for (m, k, n) in BF16_SHAPES {
+        let x = Tensor::randn(0f32, 1., (m, k), &dev).expect("x");
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev).expect("w");
+        let b = Tensor::randn(0f32, 1., n, &dev).expect("b");
+        let values =
+            |t: &Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("values") };
+        let (xs, ws, bs) = (values(&x), values(&w), values(&b));
+        group.bench_function(format!("f32 gemm crate {m}x{k}x{n}"), |bench| {
+            bench.iter(|| {
+                florence2_rs::kernels::cpu::gemm::linear(&x, &w, Some(&b)).expect("linear")
+            })
+        });
+        let packed = f32_gemm::Packed::new(&ws, n, k);
+        group.bench_function(format!("f32 packed {m}x{k}x{n}"), |bench| {
+            bench.iter(|| f32_gemm::linear(&xs, m, &packed, &bs))
+        });
+        let x16 = to_vec(&x.to_dtype(DType::BF16).expect("bf16"));
+        let w16 = to_vec(&w.to_dtype(DType::BF16).expect("bf16"));
+        let b16 = to_vec(&b.to_dtype(DType::BF16).expect("bf16"));
+        let packed = florence2_rs::kernels::cpu::bf16_gemm::Packed::new(&w16, n, k);
+        group.bench_function(format!("bf16 packed {m}x{k}x{n}"), |bench| {
+            bench.iter(|| {
+                florence2_rs::kernels::cpu::bf16_gemm::linear_packed(&x16, m, &packed, &b16)
+            })
+        });
+        for (name, bits) in [
+            ("int8", quantized_gemm::Bits::Int8),
+            ("int4", quantized_gemm::Bits::Int4),
+        ] {
+            let packed = quantized_gemm::Packed::new(&ws, n, k, bits);
+            group.bench_function(format!("{name} {m}x{k}x{n}"), |bench| {
+                bench.iter(|| quantized_gemm::linear(&x16, m, &packed, &bs))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn to_vec(t: &Tensor) -> Vec<half::bf16> {
     t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
 }
 
-criterion_group!(benches, depthwise, few_rows, bf16_gemm, decode_step);
+criterion_group!(
+    benches,
+    depthwise,
+    few_rows,
+    bf16_gemm,
+    linear_kernels,
+    decode_step
+);
 criterion_main!(benches);

@@ -152,7 +152,8 @@ impl PyModel {
         self.generation.to_json().to_string()
     }
 
-    /// The dtype the model computes in ("float32", "float16", "bfloat16").
+    /// The dtype the model was loaded in ("float32", "float16", "bfloat16"), as asked: on the CPU float16
+    /// computes in float32 (bfloat16 when quantized), see `compute_dtype` in the model.
     #[getter]
     fn dtype(&self) -> &'static str {
         match self.inner.dtype() {

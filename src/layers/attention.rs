@@ -119,8 +119,16 @@ mod tests {
     #[test]
     fn fused_kernel_matches_the_tensor_ops() {
         let dev = Device::Cpu;
-        // Query lengths around the block size, one query (decoding), grouped beams' stacked queries.
-        for (b, h, t, s, d) in [(2, 3, 70, 50, 8), (1, 2, 1, 33, 16), (2, 1, 129, 129, 4)] {
+        // Query lengths around the block size, one query (decoding), grouped beams' stacked queries, a few
+        // queries with head dims that leave a remainder (the direct products of `matmul`).
+        for (b, h, t, s, d) in [
+            (2, 3, 70, 50, 8),
+            (1, 2, 1, 33, 16),
+            (2, 1, 129, 129, 4),
+            (3, 2, 3, 37, 7),
+            (1, 1, 4, 581, 70),
+            (1, 2, 5, 20, 33),
+        ] {
             let q = Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1., (b, h, s, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1., (b, h, s, d), &dev).unwrap();

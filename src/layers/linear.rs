@@ -1,13 +1,19 @@
-//! The linear layer `x @ wᵀ + b` of every projection in the model, with its weights in one of three forms:
-//! as stored (in the model's dtype; the CPU takes the bias-seeded GEMM or the few-row kernel of
-//! `kernels::cpu::gemm`, other devices candle's matmul), packed for the bf16 kernel (CPU with AVX512-BF16),
-//! or quantized.
+//! The linear layer `x @ wᵀ + b` of every projection in the model, with its weights in one of these forms:
+//! packed at load for a CPU kernel (f32 with AVX-512, bf16 with AVX512-BF16), as stored (in the model's
+//! dtype; the CPU takes the bias-seeded GEMM or the few-row kernel of `kernels::cpu::gemm`, other devices
+//! candle's matmul), or quantized.
 //!
-//! Weight-only quantization uses candle's quantized matmul (GGML block formats: `Q8_0`, 32 int8 weights and
-//! one f16 scale per block, 8.5 bits a weight; `Q4_0`, 32 int4 weights and one f16 scale, 4.5 bits a
-//! weight). transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here.
-//! Activations stay in f32; the token embeddings, the LM head, convolutions and norms are not quantized (the
-//! LM head shares its weights with the embedding in the HF-native layout).
+//! Quantized weights (transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here)
+//! take one of two kernels. On a CPU with AVX512-VNNI, [`quantized_gemm`]: int8 weights with a scale per
+//! output column, or int4 with a scale per column and 64 inputs, against activations quantized to int8 per
+//! row at each call (bitsandbytes' LLM.int8() scheme, without its outlier columns), in the model's f32 or
+//! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
+//! 32 int8 weights and one f16 scale, 8.5 bits a weight; `Q4_0`, 32 int4 weights and one f16 scale, 4.5
+//! bits), activations in f32. Convolutions and norms are not quantized; the token embedding and the LM head
+//! are where the first kernel runs ([`super::embedding`]: they share one quantized table when tied) and stay
+//! dense with the second.
+
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
@@ -15,7 +21,9 @@ use candle_nn::VarBuilder;
 use half::bf16;
 
 use crate::kernels::cpu::bf16_gemm::{self, Packed};
-use crate::kernels::cpu::gemm;
+use crate::kernels::cpu::f32_gemm;
+use crate::kernels::cpu::gemm::{self, PackedWeights};
+use crate::kernels::cpu::quantized_gemm::{self, Bits};
 
 /// How the weights of the linear layers are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,16 +50,36 @@ impl Quantization {
             Self::Int4 => GgmlDType::Q4_0,
         }
     }
+
+    fn bits(self) -> Bits {
+        match self {
+            Self::Int8 => Bits::Int8,
+            Self::Int4 => Bits::Int4,
+        }
+    }
 }
 
-/// A linear layer `x @ wᵀ + b`, with dense or quantized weights.
+/// A linear layer `x @ wᵀ + b`, with dense or quantized weights. The packed forms keep no tensor of the
+/// weights: `.to()` reloads the checkpoint.
 pub enum Linear {
     /// The weights as loaded, in the model's dtype.
     Float(candle_nn::Linear),
+    /// f32 on a CPU with AVX-512: the weights packed once at load for [`f32_gemm`], the bias as values (zeros
+    /// for none).
+    PackedF32 {
+        weight: f32_gemm::Packed,
+        bias: Vec<f32>,
+    },
     /// bf16 on a CPU with AVX512-BF16: the weights packed once at load for [`bf16_gemm`] (packing them for
     /// each call writes the whole weight to fresh pages every time), the bias as values (zeros for none).
-    /// `.to()` reloads the checkpoint, so no tensor of the weights is kept.
     PackedBf16 { weight: Packed, bias: Vec<bf16> },
+    /// Quantized for [`quantized_gemm`] (a CPU with AVX512-VNNI, f32 or bf16 activations), the bias in f32
+    /// (zeros for none).
+    PackedQuantized {
+        weight: Arc<quantized_gemm::Packed>,
+        bias: Vec<f32>,
+    },
+    /// Quantized for candle's matmul.
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -82,10 +110,16 @@ impl Linear {
         bias: Option<Tensor>,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
-        let in_dim = weight.dim(1)?;
+        let (out_dim, in_dim) = weight.dims2()?;
         let Some(quantize) = quantize else {
             return Self::float(weight, bias);
         };
+        if let Some(packed) = pack_quantized(&weight, quantize)? {
+            return Ok(Self::PackedQuantized {
+                weight: Arc::new(packed),
+                bias: bias_values(bias, out_dim)?,
+            });
+        }
         if in_dim % quantize.ggml().block_size() != 0 {
             // GGML blocks run along the input dim; a layer that does not fill whole blocks stays dense.
             return Self::float(weight, bias);
@@ -102,30 +136,66 @@ impl Linear {
     /// Unquantized: packed for the bf16 kernel where it runs, else as loaded.
     fn float(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let packable = weight.device().is_cpu()
-            && weight.dtype() == DType::BF16
-            && bf16_gemm::available()
-            && n > 0
-            && k > 0;
-        if !packable {
+        if !(weight.device().is_cpu() && n > 0 && k > 0) {
             return Ok(Self::Float(candle_nn::Linear::new(weight, bias)));
         }
-        let values: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
-        let bias = match bias {
-            Some(bias) => bias.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?,
-            None => vec![bf16::ZERO; n],
-        };
-        if bias.len() != n {
-            candle_core::bail!(
-                "linear: bias has {} entries, the weight {n} rows",
-                bias.len()
-            );
+        match weight.dtype() {
+            DType::F32 if f32_gemm::available() => {
+                let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+                Ok(Self::PackedF32 {
+                    weight: f32_gemm::Packed::new(&values, n, k),
+                    bias: bias_values(bias, n)?,
+                })
+            }
+            DType::BF16 if bf16_gemm::available() => {
+                let values: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
+                Ok(Self::PackedBf16 {
+                    weight: Packed::new(&values, n, k),
+                    bias: bias_values(bias, n)?,
+                })
+            }
+            _ => Ok(Self::Float(candle_nn::Linear::new(weight, bias))),
         }
-        Ok(Self::PackedBf16 {
-            weight: Packed::new(&values, n, k),
-            bias,
-        })
     }
+}
+
+/// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (a CPU with
+/// AVX512-VNNI, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
+pub fn pack_quantized(
+    weight: &Tensor,
+    quantize: Quantization,
+) -> Result<Option<quantized_gemm::Packed>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    let runs = weight.device().is_cpu()
+        && matches!(weight.dtype(), DType::F32 | DType::BF16)
+        && quantized_gemm::available()
+        && out_dim > 0
+        && (1..=quantized_gemm::MAX_INPUTS).contains(&in_dim);
+    if !runs {
+        return Ok(None);
+    }
+    let values: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(Some(quantized_gemm::Packed::new(
+        &values,
+        out_dim,
+        in_dim,
+        quantize.bits(),
+    )))
+}
+
+/// A packed layer's bias: `n` values (zeros for none).
+fn bias_values<T: candle_core::WithDType>(bias: Option<Tensor>, n: usize) -> Result<Vec<T>> {
+    let values = match bias {
+        Some(bias) => bias.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1()?,
+        None => vec![T::zero(); n],
+    };
+    if values.len() != n {
+        candle_core::bail!(
+            "linear: bias has {} entries, the weight {n} rows",
+            values.len()
+        );
+    }
+    Ok(values)
 }
 
 impl Module for Linear {
@@ -136,7 +206,15 @@ impl Module for Linear {
                 Some(ys) => Ok(ys),
                 None => linear.forward(xs),
             },
-            Self::PackedBf16 { weight, bias } => gemm::linear_packed(xs, weight, bias),
+            Self::PackedF32 { weight, bias } => {
+                gemm::linear_packed(xs, PackedWeights::F32(weight, bias))
+            }
+            Self::PackedBf16 { weight, bias } => {
+                gemm::linear_packed(xs, PackedWeights::Bf16(weight, bias))
+            }
+            Self::PackedQuantized { weight, bias } => {
+                gemm::linear_packed(xs, PackedWeights::Quantized(weight, bias))
+            }
             Self::Quantized { weight, bias } => {
                 // candle's quantized matmul takes f32 activations.
                 let dtype = xs.dtype();

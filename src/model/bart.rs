@@ -12,6 +12,7 @@ use candle_nn::{Activation, Embedding, VarBuilder};
 
 use crate::layers::activation::activation;
 use crate::layers::attention::attention;
+use crate::layers::embedding::TokenEmbedding;
 use crate::layers::ops::to_dtype;
 use crate::layers::{layer_norm, LayerNorm, LAYER_NORM_EPS};
 use crate::layers::{Linear, Mlp, Quantization};
@@ -409,18 +410,18 @@ impl BartDecoder {
 
 /// transformers' `BartModel`: the shared token embedding, encoder and decoder.
 pub struct BartModel {
-    shared: Embedding,
+    shared: TokenEmbedding,
     embed_scale: f64,
     pub encoder: BartEncoder,
     pub decoder: BartDecoder,
 }
 
 impl BartModel {
-    /// Loads from `vb` at `model.language_model`, the linear layers quantized when `q` says so (the shared
-    /// token embedding stays as stored).
+    /// Loads from `vb` at `model.language_model`, the linear layers (and the shared token embedding, where
+    /// [`TokenEmbedding`] can) quantized when `q` says so.
     pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
-        let shared = candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?;
+        let shared = TokenEmbedding::load(cfg.vocab_size, cfg.d_model, vb.pp("shared"), q)?;
         Ok(Self {
             shared,
             embed_scale: if cfg.scale_embedding {
@@ -443,8 +444,9 @@ impl BartModel {
         }
     }
 
-    /// The shared embedding matrix `[vocab, d_model]` (tied to the LM head in the HF-native layout).
-    pub fn shared_weight(&self) -> &Tensor {
-        self.shared.embeddings()
+    /// The LM head tied to the shared embedding (as the HF-native layout and Microsoft's remote code tie
+    /// them): the same weights.
+    pub fn tied_head(&self) -> Linear {
+        self.shared.tied_head()
     }
 }

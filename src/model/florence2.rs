@@ -18,7 +18,7 @@ use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::io::Layout;
-use crate::layers::linear::{Linear, Quantization};
+use crate::layers::linear::{pack_quantized, Linear, Quantization};
 use crate::limits::product;
 use crate::model::bart::{BartModel, DecoderCache};
 use crate::model::config::Florence2Config;
@@ -66,8 +66,32 @@ pub struct Florence2ForConditionalGeneration {
     language: BartModel,
     lm_head: Linear,
     final_logits_bias: Option<Tensor>,
+    /// The dtype the user asked for, which [`Self::dtype`] reports and a reload asks for again.
+    requested_dtype: DType,
+    /// The dtype the weights are held and the activations computed in ([`compute_dtype`]).
     dtype: DType,
     device: Device,
+}
+
+/// The dtype a model asked for in `requested` computes in on `device`, its linear layers `quantized` or not:
+/// float16 on the CPU computes in float32, or in bfloat16 when the layers are quantized and the CPU has the
+/// bf16 and int8 kernels. CPUs have no float16 arithmetic (candle and torch widen every operand of every
+/// product there, which is slower than float32 itself), while float16 values widen to float32 exactly: the
+/// float32 model over the same weights, without float16's rounding and overflow, is what the CPU runs. A
+/// quantized model's products are int8 already, and bfloat16 keeps the rest of it at half the memory.
+pub fn compute_dtype(requested: DType, device: &Device, quantized: bool) -> DType {
+    match requested {
+        DType::F16 if device.is_cpu() => {
+            let bf16_kernels = crate::kernels::cpu::features::has_avx512_bf16()
+                && crate::kernels::cpu::quantized_gemm::available();
+            if quantized && bf16_kernels {
+                DType::BF16
+            } else {
+                DType::F32
+            }
+        }
+        other => other,
+    }
 }
 
 /// The image size the checkpoint's processor makes (preprocessor_config.json's `size`), else Florence-2's
@@ -161,6 +185,10 @@ impl Florence2ForConditionalGeneration {
         if let Some(adapter) = adapter {
             adapter.check_all_merged()?;
         }
+        if device.is_cpu() {
+            // Loading converted and packed every weight through temporary buffers.
+            crate::kernels::cpu::memory::release_free_memory();
+        }
         Ok(model)
     }
 
@@ -223,8 +251,11 @@ impl Florence2ForConditionalGeneration {
         if tied_head {
             unread.push(LM_HEAD);
         }
+        let requested_dtype = dtype;
+        let dtype = compute_dtype(dtype, device, quantize.is_some());
         let vb = checkpoint.var_builder(dtype, device, &unread);
-        Self::load(config, vb, dtype, device, quantize, tied_head).map_err(|source_err| {
+        let dtypes = (requested_dtype, dtype);
+        Self::load(config, vb, dtypes, device, quantize, tied_head).map_err(|source_err| {
             Error::WeightsLoad {
                 path: source,
                 source: source_err,
@@ -232,10 +263,11 @@ impl Florence2ForConditionalGeneration {
         })
     }
 
+    /// `dtypes`: the dtype asked for and the one computed in ([`compute_dtype`]).
     fn load(
         config: Florence2Config,
         vb: VarBuilder,
-        dtype: DType,
+        (requested_dtype, dtype): (DType, DType),
         device: &Device,
         q: Option<Quantization>,
         tied_head: bool,
@@ -249,14 +281,20 @@ impl Florence2ForConditionalGeneration {
             q,
         )?;
         let language = BartModel::new(text, vb.pp("model.language_model"), q)?;
-        // The LM head stays dense: in the HF-native layout it is the token embedding itself. A tied head
-        // shares the embedding's storage (tensors are reference-counted) instead of loading it twice.
-        let lm_weight = if tied_head {
-            language.shared_weight().clone()
+        // A tied head shares the embedding's storage (tensors are reference-counted, a quantized table is
+        // shared) instead of loading it twice. An untied one is quantized where the embedding would be.
+        let lm_head = if tied_head {
+            language.tied_head()
         } else {
-            vb.get((text.vocab_size, text.d_model), LM_HEAD)?
+            let weight = vb.get((text.vocab_size, text.d_model), LM_HEAD)?;
+            match q.map(|q| pack_quantized(&weight, q)).transpose()?.flatten() {
+                Some(packed) => Linear::PackedQuantized {
+                    weight: Arc::new(packed),
+                    bias: vec![0.0; text.vocab_size],
+                },
+                None => Linear::Float(candle_nn::Linear::new(weight, None)),
+            }
         };
-        let lm_head = Linear::Float(candle_nn::Linear::new(lm_weight, None));
         let final_logits_bias = if vb.contains_tensor(FINAL_LOGITS_BIAS) {
             // Stored as [1, vocab] by BART's register_buffer; some exports flatten it.
             Some(
@@ -283,6 +321,7 @@ impl Florence2ForConditionalGeneration {
             language,
             lm_head,
             final_logits_bias,
+            requested_dtype,
             dtype,
             device: device.clone(),
         })
@@ -292,8 +331,9 @@ impl Florence2ForConditionalGeneration {
         &self.config
     }
 
+    /// The dtype the model was loaded in, as asked (float16 on the CPU computes in another: [`compute_dtype`]).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.requested_dtype
     }
 
     pub fn device(&self) -> &Device {

@@ -38,3 +38,44 @@ def test_quantized_model_generates_close_to_dense(quantize, bound):
 def test_unknown_quantization_is_an_error():
     with pytest.raises(Exception, match="int8"):
         _native.NativeModel.load(TINY, "float32", "cpu", quantize="int3")
+
+
+def _int8_and_bf16_kernels() -> bool:
+    """Whether this CPU has what the int8 kernel and the bf16 kernels need (AVX512-VNNI and AVX512-BF16)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return all(flag in flags for flag in ("avx512bw", "avx512_vnni", "avx512_bf16"))
+
+
+def test_float16_on_the_cpu_is_the_float32_model():
+    """CPUs have no float16 arithmetic: a float16 model computes in float32 over the same weights (float16
+    values widen exactly), and reports the dtype it was asked for."""
+    dense, pixel_values, input_ids = _inputs()
+    half = _native.NativeModel.load(TINY, "float16", "cpu")
+    assert half.dtype == "float16"
+    decoder_ids = np.array([[2, 0, 31, 37]], dtype=np.int64)
+    want = dense.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
+    got = half.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not _int8_and_bf16_kernels(), reason="needs AVX512-VNNI and AVX512-BF16 (float32 elsewhere)")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_float16_computes_in_bfloat16_on_the_cpu(quantize):
+    """A quantized model asked for in float16 runs its quantized products around bfloat16 on a CPU with the
+    kernels: the same logits as asking for bfloat16."""
+    _, pixel_values, input_ids = _inputs()
+    decoder_ids = np.array([[2, 0, 31, 37]], dtype=np.int64)
+    logits = {}
+    for dtype in ("float16", "bfloat16"):
+        model = _native.NativeModel.load(TINY, dtype, "cpu", quantize=quantize)
+        assert model.dtype == dtype
+        logits[dtype] = model.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
+    np.testing.assert_array_equal(logits["float16"], logits["bfloat16"])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_embedding_refuses_ids_outside_the_vocabulary(quantize):
+    model = _native.NativeModel.load(TINY, "float32", "cpu", quantize=quantize)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.forward(np.array([[0, 10**6, 2]], dtype=np.int64), np.array([[2]], dtype=np.int64), None, None,
+                      None)

@@ -11,11 +11,16 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::features::wide_fn;
-use super::math::{exp, lane_sum};
+use super::math::{dot, exp, lane_sum};
 use super::parallel::TaskPtr;
 
 /// Query rows per task: 64 rows of scores over ~600 keys stay in L2.
 const QUERY_BLOCK: usize = 64;
+
+/// Up to this many rows of `lhs`, [`matmul`] computes its outputs as dot products or row sums in place
+/// (a decode step has one query row per task), where a gemm call's packing and dispatch cost more than the
+/// product.
+const DIRECT_ROWS: usize = 4;
 
 /// `softmax(q kᵀ * scale + mask) v` for f32 CPU tensors `q` `[B, H, T, D]`, `k` and `v` `[B, H, S, D]`, and
 /// an additive `mask` broadcastable to `[B, H, T, S]`; `None` where this kernel does not apply (another
@@ -147,7 +152,8 @@ impl Mat {
 /// `dst[m x n] = scale * lhs[m x k] @ rhs[k x n]` on this thread, `dst` rows `dst_row_stride` apart.
 ///
 /// # Safety
-/// Every element the three matrices address lies inside live allocations.
+/// Every element the three matrices address lies inside live allocations, and `dst`'s do not overlap the
+/// others'.
 pub unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     lhs: Mat,
@@ -156,6 +162,42 @@ pub unsafe fn matmul(
     dst_row_stride: usize,
     scale: f32,
 ) {
+    let contiguous = |stride: isize| stride == 1;
+    // The output slice below spans whole rows: with several rows, only where they are contiguous (window
+    // attention's rows interleave other heads' columns, which other tasks write).
+    let direct = m <= DIRECT_ROWS
+        && m * n * k > 0
+        && (m == 1 || dst_row_stride == n)
+        && contiguous(lhs.col_stride)
+        && lhs.row_stride >= 0
+        && rhs.row_stride >= 0
+        && rhs.col_stride >= 0
+        && (contiguous(rhs.row_stride) || contiguous(rhs.col_stride));
+    if direct {
+        // SAFETY (the slices): the contract says every element the matrices address is live; each slice
+        // spans from a matrix's first element to its last, and `dst`'s (whole rows, contiguous) overlaps
+        // neither input nor another task's output.
+        let span = |count: usize, stride: isize, len: usize| (count - 1) * stride as usize + len;
+        let lhs_rows = std::slice::from_raw_parts(lhs.ptr, span(m, lhs.row_stride, k));
+        let out = std::slice::from_raw_parts_mut(dst, span(m, dst_row_stride as isize, n));
+        let shape = Shape {
+            m,
+            n,
+            k,
+            lhs_stride: lhs.row_stride as usize,
+            dst_stride: dst_row_stride,
+        };
+        if contiguous(rhs.row_stride) {
+            // Column j of rhs is contiguous: each output is a dot product.
+            let cols = std::slice::from_raw_parts(rhs.ptr, span(n, rhs.col_stride, k));
+            dot_products(shape, lhs_rows, cols, rhs.col_stride as usize, out, scale);
+        } else {
+            // Row t of rhs is contiguous: each output row is a sum of rhs rows.
+            let rows = std::slice::from_raw_parts(rhs.ptr, span(k, rhs.row_stride, n));
+            row_sums(shape, lhs_rows, rows, rhs.row_stride as usize, out, scale);
+        }
+        return;
+    }
     gemm::gemm(
         m,
         n,
@@ -177,6 +219,68 @@ pub unsafe fn matmul(
         false,
         Parallelism::None,
     )
+}
+
+/// The sizes of a [`matmul`] and the row strides of its `lhs` and `dst`.
+#[derive(Clone, Copy)]
+struct Shape {
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_stride: usize,
+    dst_stride: usize,
+}
+
+wide_fn! {
+    /// `out[i][j] = scale * lhs[i] · col[j]`, column j of rhs at `cols[j * col_stride..][..k]`.
+    fn dot_products(shape: Shape, lhs: &[f32], cols: &[f32], col_stride: usize, out: &mut [f32], scale: f32)
+        = dot_products_portable;
+}
+
+#[inline(always)]
+fn dot_products_portable(
+    s: Shape,
+    lhs: &[f32],
+    cols: &[f32],
+    col_stride: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    for i in 0..s.m {
+        let row = &lhs[i * s.lhs_stride..][..s.k];
+        for (j, out) in out[i * s.dst_stride..][..s.n].iter_mut().enumerate() {
+            *out = scale * dot(row, &cols[j * col_stride..][..s.k]);
+        }
+    }
+}
+
+wide_fn! {
+    /// `out[i] = scale * Σ_t lhs[i][t] * rhs[t]`, row t of rhs at `rows[t * row_stride..][..n]`.
+    fn row_sums(shape: Shape, lhs: &[f32], rows: &[f32], row_stride: usize, out: &mut [f32], scale: f32)
+        = row_sums_portable;
+}
+
+#[inline(always)]
+fn row_sums_portable(
+    s: Shape,
+    lhs: &[f32],
+    rows: &[f32],
+    row_stride: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    for i in 0..s.m {
+        let out = &mut out[i * s.dst_stride..][..s.n];
+        out.fill(0.0);
+        for (t, &weight) in lhs[i * s.lhs_stride..][..s.k].iter().enumerate() {
+            for (out, &x) in out.iter_mut().zip(&rows[t * row_stride..][..s.n]) {
+                *out += weight * x;
+            }
+        }
+        if scale != 1.0 {
+            out.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
 }
 
 wide_fn! {

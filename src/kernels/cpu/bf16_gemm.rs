@@ -23,6 +23,9 @@ use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
 use super::few_rows::{row_tiles, MAX_ROWS as FEW_ROWS, WEIGHT_ROWS_PER_TASK};
+use super::panels::PANEL;
+#[cfg(target_arch = "x86_64")]
+use super::panels::{by_rows, run_tiles, PanelTile, Panels};
 #[cfg(target_arch = "x86_64")]
 use super::parallel::TaskPtr;
 
@@ -30,19 +33,8 @@ use super::parallel::TaskPtr;
 /// fill 27 of the 32 AVX-512 registers.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 12;
-
-/// Output columns in a panel: two 16-lane vectors.
-const PANEL: usize = 32;
-
-/// A task's block of rows of `x` is at most this many bytes, so that it stays in L2 while the task's panels
-/// pass over it.
 #[cfg(target_arch = "x86_64")]
-const ROW_BLOCK_BYTES: usize = 192 << 10;
-
-/// But at least this many rows, so that each panel read from memory serves several tiles while it sits in L2
-/// (with one tile per block, a large FFN runs at a fraction of the usual rate).
-#[cfg(target_arch = "x86_64")]
-const MIN_BLOCK_ROWS: usize = 8 * TILE_ROWS;
+const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 
 /// Whether the kernels run here ([`super::features::has_avx512_bf16`]).
 pub fn available() -> bool {
@@ -140,88 +132,35 @@ impl Packed {
 /// The many-row kernel: `x[m, k]` against packed weights.
 #[cfg(target_arch = "x86_64")]
 fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf16>) {
-    use rayon::prelude::*;
     let (n, k) = packed.dims();
-    let panels = n.div_ceil(PANEL);
-    let mut bias_f32: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
-    bias_f32.resize(panels * PANEL, 0.0);
-
-    let block_rows =
-        (ROW_BLOCK_BYTES / (2 * k)).clamp(MIN_BLOCK_ROWS, 16 * TILE_ROWS) / TILE_ROWS * TILE_ROWS;
-    let row_blocks = m.div_ceil(block_rows);
-    // Enough tasks for the threads to balance; when there are few row blocks (the encoder's few hundred
-    // rows) the panels are split too.
-    let want = 4 * rayon::current_num_threads();
-    let panel_groups = want.div_ceil(row_blocks).clamp(1, panels);
-    let group_panels = panels.div_ceil(panel_groups);
-    let pairs = k.div_ceil(2);
-    (0..row_blocks * panel_groups)
-        .into_par_iter()
-        .for_each(|task| {
-            let (block, group) = (task / panel_groups, task % panel_groups);
-            let rows = block * block_rows..(block * block_rows + block_rows).min(m);
-            for p in group * group_panels..((group + 1) * group_panels).min(panels) {
-                let panel = &packed.panels[p * pairs * PANEL..][..pairs * PANEL];
-                let tile = PanelTile {
-                    panel,
-                    bias: &bias_f32[p * PANEL..][..PANEL],
-                    k,
-                    n,
-                    cols: PANEL.min(n - p * PANEL),
-                };
-                let mut r = rows.start;
-                while r < rows.end {
-                    let size = TILE_ROWS.min(rows.end - r);
-                    let a = &x[r * k..(r + size) * k];
-                    let dst = out.at(r * n + p * PANEL);
-                    // SAFETY: `available` checked the CPU; `a` holds `size` rows and `dst` addresses rows
-                    // r..r + size, columns col..col + cols of the m x n output.
-                    unsafe { tile.run(a, size, dst) };
-                    r += size;
-                }
-            }
-        });
-}
-
-/// One panel of packed weights and where its outputs go.
-#[cfg(target_arch = "x86_64")]
-struct PanelTile<'a> {
-    panel: &'a [u32],
-    bias: &'a [f32],
-    k: usize,
-    /// Row stride of the output.
-    n: usize,
-    /// Valid columns in this panel (the last one may be partial).
-    cols: usize,
+    let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
+    let weights = Panels {
+        data: &packed.panels,
+        panel_len: k.div_ceil(2) * PANEL,
+        n,
+        k,
+    };
+    run_tiles(
+        x,
+        m,
+        weights,
+        &bias,
+        out,
+        TILE_ROWS,
+        |tile, a, size, dst| {
+            // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
+            unsafe { by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst)) }
+        },
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
-impl PanelTile<'_> {
-    /// `rows` (1 to [`TILE_ROWS`]) rows of `a` against the panel.
+impl PanelTile<'_, u32> {
+    /// `R` (1 to [`TILE_ROWS`]) rows of `a` against the panel.
     ///
     /// # Safety
-    /// The CPU has AVX512-BF16; `dst` addresses `rows` output rows of `self.n` values from this panel's column.
-    unsafe fn run(&self, a: &[bf16], rows: usize, dst: *mut bf16) {
-        match rows {
-            1 => self.tile::<1>(a, dst),
-            2 => self.tile::<2>(a, dst),
-            3 => self.tile::<3>(a, dst),
-            4 => self.tile::<4>(a, dst),
-            5 => self.tile::<5>(a, dst),
-            6 => self.tile::<6>(a, dst),
-            7 => self.tile::<7>(a, dst),
-            8 => self.tile::<8>(a, dst),
-            9 => self.tile::<9>(a, dst),
-            10 => self.tile::<10>(a, dst),
-            11 => self.tile::<11>(a, dst),
-            _ => self.tile::<TILE_ROWS>(a, dst),
-        }
-    }
-
-    /// [`Self::run`] for `R` rows.
-    ///
-    /// # Safety
-    /// As [`Self::run`], with `rows` = `R`.
+    /// The CPU has the features enabled here; `dst` addresses `R` output rows of `self.n` values from this
+    /// panel's first column.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn tile<const R: usize>(&self, a: &[bf16], dst: *mut bf16) {
         use std::arch::x86_64::{
@@ -417,13 +356,8 @@ mod tests {
     }
 
     fn values(len: usize, seed: u32) -> Vec<bf16> {
-        // A cheap deterministic spread of values in [-2, 2).
-        (0..len as u32)
-            .map(|i| {
-                let h = (i ^ seed).wrapping_mul(2_654_435_761).rotate_left(13);
-                bf16::from_f32((h % 4096) as f32 / 1024.0 - 2.0)
-            })
-            .collect()
+        let spread = crate::kernels::cpu::test_values::spread(len, seed);
+        spread.into_iter().map(bf16::from_f32).collect()
     }
 
     #[test]
@@ -433,16 +367,7 @@ mod tests {
             return;
         }
         // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group.
-        for (m, k, n) in [
-            (1, 1, 1),
-            (3, 33, 50),
-            (8, 768, 17),
-            (9, 7, 31),
-            (13, 147, 33),
-            (40, 64, 96),
-            (300, 128, 70),
-            (97, 4096, 40),
-        ] {
+        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
             let per_call = linear(&x, m, k, &w, n, &bias);

@@ -5,12 +5,13 @@
 //! written as portable Rust (`#[inline(always)]`, helpers too) and wrapped by [`wide_fn!`] is also compiled
 //! inside functions that enable AVX2 + FMA and AVX-512, and the entry point calls the widest this CPU runs.
 //! The results do not depend on the width: each lane computes its own values in the same order. Kernels
-//! written with intrinsics check [`has_avx2_fma`] / [`has_avx512_bf16`] themselves; no other code of ours
-//! detects CPU features. (The gemm crate, which the GEMM glue and candle's matmul call, picks its own
-//! kernels for the CPU.)
+//! written with intrinsics check [`has_avx2_fma`] / [`has_avx512`] / [`has_avx512_bf16`] /
+//! [`has_avx512_vnni`] themselves; no other code of ours detects CPU features. (The gemm crate, which the
+//! GEMM glue and candle's matmul call, picks its own kernels for the CPU.)
 
 /// The kernel families of our CPU code, narrowest first. Every kernel with a wide version asks [`cpu_tier`]
-/// (through [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`]); no other code detects CPU features.
+/// (through [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`], [`has_avx512_vnni`]); no other code
+/// detects CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuTier {
     /// The target's baseline (SSE2 on x86-64; every CPU off x86-64).
@@ -120,6 +121,19 @@ pub fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         has_avx512() && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the kernels may use AVX512-VNNI ([`super::quantized_gemm`]): the AVX-512 tier on a CPU that has
+/// it.
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -1,5 +1,5 @@
-//! `x @ wᵀ` for an `x` of a few rows: the decoder's linear layers and LM head during generation, where `x`
-//! holds one row per beam. A general GEMM packs (copies) `w` before multiplying, which for a handful of rows
+//! `x @ wᵀ` for an `x` of a few rows, with `w` as stored: the LM head during generation (and, on CPUs whose
+//! linear layers are not packed at load, the decoder's linear layers), where `x` holds one row per beam. A general GEMM packs (copies) `w` before multiplying, which for a handful of rows
 //! costs more than the product itself. Here each weight row is read once, straight from where it lies, against all rows of
 //! `x` (held in L1), so the product runs at the speed memory delivers the weights (measured in
 //! benches/kernels.rs).

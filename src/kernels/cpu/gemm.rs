@@ -1,12 +1,14 @@
-//! `x @ wᵀ + b` on the CPU, in f32 and (where the CPU has AVX512-BF16) in bf16: the kernel behind the linear
-//! layer of unquantized weights.
+//! `x @ wᵀ + b` on the CPU: the glue between the linear layer and the GEMM kernels, for weights as stored
+//! (f32, and bf16 where the CPU has AVX512-BF16: [`linear`]) and for weights packed at load
+//! ([`linear_packed`]).
 //!
 //! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
 //! passes over every output, and the vision tower's linear layers write gigabytes of outputs per image. Here
 //! the output buffer starts as the bias repeated on each row and the GEMM (the gemm crate) accumulates the
 //! product into it (`dst = dst + x @ wᵀ`), so each output is written once by the fill and once by the GEMM.
 //! Up to [`super::few_rows::MAX_ROWS`] rows go to [`super::few_rows`] instead. bf16 goes to
-//! [`super::bf16_gemm`], which starts its sums from the bias too.
+//! [`super::bf16_gemm`], which starts its sums from the bias too. Weights packed at load go to
+//! [`super::f32_gemm`], [`super::bf16_gemm`] or [`super::quantized_gemm`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -14,7 +16,9 @@ use half::bf16;
 use gemm::Parallelism;
 
 use super::bf16_gemm::{self, Packed};
+use super::f32_gemm;
 use super::few_rows;
+use super::quantized_gemm;
 use super::storage::{contiguous, contiguous_f32};
 
 /// `x @ wᵀ + b` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, all f32 (or all bf16) on the CPU; `None` where
@@ -52,21 +56,48 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
     Ok(Some(out.reshape(out_dims)?))
 }
 
-/// `x @ wᵀ + bias` for a CPU bf16 `x` `[..., K]` and weights packed at load (`bias` `[N]`, zeros for none).
-pub fn linear_packed(x: &Tensor, w: &Packed, bias: &[bf16]) -> Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::BF16) {
+/// Weights packed at load for one of the packed kernels, with their bias (zeros for none).
+#[derive(Clone, Copy)]
+pub enum PackedWeights<'a> {
+    /// [`super::f32_gemm`]: f32 activations.
+    F32(&'a f32_gemm::Packed, &'a [f32]),
+    /// [`super::bf16_gemm`]: bf16 activations.
+    Bf16(&'a Packed, &'a [bf16]),
+    /// [`super::quantized_gemm`]: f32 or bf16 activations.
+    Quantized(&'a quantized_gemm::Packed, &'a [f32]),
+}
+
+impl PackedWeights<'_> {
+    fn dims(self) -> (usize, usize) {
+        match self {
+            Self::F32(w, _) => w.dims(),
+            Self::Bf16(w, _) => w.dims(),
+            Self::Quantized(w, _) => w.dims(),
+        }
+    }
+}
+
+/// `x @ wᵀ + bias` for a CPU `x` `[..., K]` and weights packed at load, in `x`'s dtype (f32 for
+/// [`PackedWeights::F32`], bf16 for [`PackedWeights::Bf16`], either for [`PackedWeights::Quantized`]).
+pub fn linear_packed(x: &Tensor, w: PackedWeights) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let fits = match w {
+        PackedWeights::F32(..) => dtype == DType::F32,
+        PackedWeights::Bf16(..) => dtype == DType::BF16,
+        PackedWeights::Quantized(..) => matches!(dtype, DType::F32 | DType::BF16),
+    };
+    if !(x.device().is_cpu() && fits) {
         candle_core::bail!(
-            "a bf16 CPU linear layer got a {:?} input on {:?}",
-            x.dtype(),
+            "a packed CPU linear layer got a {dtype:?} input on {:?}",
             x.device().location()
         );
     }
     let (n, k) = w.dims();
     let (x2, out_dims) = as_rows(x, k, n)?;
     let out = if x2.dim(0)? == 0 {
-        Tensor::zeros(out_dims.as_slice(), DType::BF16, x.device())?
+        Tensor::zeros(out_dims.as_slice(), dtype, x.device())?
     } else {
-        x2.apply_op1_no_bwd(&PackedMatmulT { w, bias })?
+        x2.apply_op1_no_bwd(&PackedMatmulT(w))?
     };
     out.reshape(out_dims)
 }
@@ -85,25 +116,36 @@ fn as_rows(x: &Tensor, k: usize, n: usize) -> Result<(Tensor, Vec<usize>)> {
     Ok((x.reshape((rows, k))?.contiguous()?, out_dims))
 }
 
-/// `[M, K] x packed [N, K] + bias → [M, N]` in bf16.
-struct PackedMatmulT<'a> {
-    w: &'a Packed,
-    bias: &'a [bf16],
-}
+/// `[M, K] x packed [N, K] + bias → [M, N]`.
+struct PackedMatmulT<'a>(PackedWeights<'a>);
 
 impl CustomOp1 for PackedMatmulT<'_> {
     fn name(&self) -> &'static str {
-        "packed-bf16-matmul-t"
+        "packed-matmul-t"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, _) = xl.shape().dims2()?;
-        let x = match x {
-            CpuStorage::BF16(x) => contiguous(x, xl)?,
-            _ => candle_core::bail!("{} takes a bf16 input", self.name()),
+        let shape = Shape::from((m, self.0.dims().0));
+        let out = match (x, self.0) {
+            (CpuStorage::F32(x), PackedWeights::F32(w, b)) => {
+                CpuStorage::F32(f32_gemm::linear(contiguous(x, xl)?, m, w, b))
+            }
+            (CpuStorage::BF16(x), PackedWeights::Bf16(w, b)) => {
+                CpuStorage::BF16(bf16_gemm::linear_packed(contiguous(x, xl)?, m, w, b))
+            }
+            (CpuStorage::F32(x), PackedWeights::Quantized(w, b)) => {
+                CpuStorage::F32(quantized_gemm::linear(contiguous(x, xl)?, m, w, b))
+            }
+            (CpuStorage::BF16(x), PackedWeights::Quantized(w, b)) => {
+                CpuStorage::BF16(quantized_gemm::linear(contiguous(x, xl)?, m, w, b))
+            }
+            _ => candle_core::bail!(
+                "{}: the input's dtype does not fit the weights",
+                self.name()
+            ),
         };
-        let out = bf16_gemm::linear_packed(x, m, self.w, self.bias);
-        Ok((CpuStorage::BF16(out), Shape::from((m, self.w.dims().0))))
+        Ok((out, shape))
     }
 }
 

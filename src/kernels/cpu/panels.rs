@@ -1,0 +1,217 @@
+//! How the packed-weight GEMMs ([`super::f32_gemm`], [`super::bf16_gemm`], [`super::quantized_gemm`]) split `x[m, k] @ wᵀ` into
+//! parallel tasks: the weights are packed in panels of [`PANEL`] output columns, a task takes a block of
+//! rows of `x` and a group of panels, and the kernel sums each tile of rows x panel over the whole of `k` in
+//! registers.
+
+use std::ops::Range;
+
+#[cfg(target_arch = "x86_64")]
+use super::parallel::TaskPtr;
+
+/// Output columns in a panel: two 16-lane vectors.
+pub const PANEL: usize = 32;
+
+/// A task's block of rows of `x` is at most this many bytes, so that it stays in L2 while the task's panels
+/// pass over it.
+const ROW_BLOCK_BYTES: usize = 192 << 10;
+
+/// A row block holds at least this many register tiles, so that each panel read from memory serves several
+/// tiles while it sits in L2 (with one tile per block, a large FFN runs at a fraction of the usual rate); and
+/// at most twice that.
+const MIN_TILES_PER_BLOCK: usize = 8;
+
+/// Calls `tile(rows, panel)` once for every block of rows of an `m`-row `x` (rows of `row_bytes` bytes, in
+/// whole register tiles of `tile_rows` rows) and every one of `panels` panels, in parallel; each call writes
+/// only its own rows x panel of the output.
+pub fn for_each_block(
+    m: usize,
+    panels: usize,
+    row_bytes: usize,
+    tile_rows: usize,
+    tile: impl Fn(Range<usize>, usize) + Sync,
+) {
+    use rayon::prelude::*;
+    let block_rows = (ROW_BLOCK_BYTES / row_bytes.max(1)).clamp(
+        MIN_TILES_PER_BLOCK * tile_rows,
+        2 * MIN_TILES_PER_BLOCK * tile_rows,
+    ) / tile_rows
+        * tile_rows;
+    let row_blocks = m.div_ceil(block_rows);
+    // Enough tasks for the threads to balance; when there are few row blocks (the encoder's few hundred
+    // rows, a decode step's one block) the panels are split too.
+    let want = 4 * rayon::current_num_threads();
+    let panel_groups = want.div_ceil(row_blocks).clamp(1, panels.max(1));
+    let group_panels = panels.div_ceil(panel_groups);
+    (0..row_blocks * panel_groups)
+        .into_par_iter()
+        .for_each(|task| {
+            let (block, group) = (task / panel_groups, task % panel_groups);
+            let rows = block * block_rows..(block * block_rows + block_rows).min(m);
+            for panel in group * group_panels..((group + 1) * group_panels).min(panels) {
+                tile(rows.clone(), panel);
+            }
+        });
+}
+
+/// The most rows a register tile may have: [`by_rows!`]'s last case.
+pub const MAX_TILE_ROWS: usize = 12;
+
+/// The register-tile kernels are generic over their row count `R` (the accumulators are arrays of `R`);
+/// `by_rows!(rows, |R| expr)` evaluates `expr` with `R` the const `rows`, for 1 to [`MAX_TILE_ROWS`] rows
+/// (that many for more: a kernel asserts its tile fits).
+macro_rules! by_rows {
+    ($rows:expr, |$r:ident| $body:expr) => {
+        match $rows {
+            1 => {
+                const $r: usize = 1;
+                $body
+            }
+            2 => {
+                const $r: usize = 2;
+                $body
+            }
+            3 => {
+                const $r: usize = 3;
+                $body
+            }
+            4 => {
+                const $r: usize = 4;
+                $body
+            }
+            5 => {
+                const $r: usize = 5;
+                $body
+            }
+            6 => {
+                const $r: usize = 6;
+                $body
+            }
+            7 => {
+                const $r: usize = 7;
+                $body
+            }
+            8 => {
+                const $r: usize = 8;
+                $body
+            }
+            9 => {
+                const $r: usize = 9;
+                $body
+            }
+            10 => {
+                const $r: usize = 10;
+                $body
+            }
+            11 => {
+                const $r: usize = 11;
+                $body
+            }
+            _ => {
+                const $r: usize = 12;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use by_rows;
+
+/// One panel of packed weights (`W`: the kernel's packed unit) and where its outputs go.
+#[cfg(target_arch = "x86_64")]
+pub struct PanelTile<'a, W> {
+    pub panel: &'a [W],
+    /// The panel's 32 biases (zeros past the last column).
+    pub bias: &'a [f32],
+    pub k: usize,
+    /// Row stride of the output.
+    pub n: usize,
+    /// Valid columns in this panel (the last one may be partial).
+    pub cols: usize,
+}
+
+/// Weights packed in panels for [`run_tiles`]: panel `p` is `data[p * panel_len..][..panel_len]`.
+#[cfg(target_arch = "x86_64")]
+pub struct Panels<'a, W> {
+    pub data: &'a [W],
+    pub panel_len: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `x[m, k]` (rows of `A`) against packed weights, in parallel: `tile(panel, rows of x, row count, output)`
+/// for every register tile of up to `tile_rows` rows, the output addressing those rows of `out` (`[m, n]`,
+/// row-major) from the panel's first column; `bias` has `n` values. Each call writes only its own outputs.
+#[cfg(target_arch = "x86_64")]
+pub fn run_tiles<W: Sync, A: Sync + Send>(
+    x: &[A],
+    m: usize,
+    weights: Panels<W>,
+    bias: &[f32],
+    out: TaskPtr<A>,
+    tile_rows: usize,
+    tile: impl Fn(&PanelTile<W>, &[A], usize, *mut A) + Sync,
+) {
+    let Panels {
+        data,
+        panel_len,
+        n,
+        k,
+    } = weights;
+    let panels = n.div_ceil(PANEL);
+    let mut bias = bias.to_vec();
+    bias.resize(panels * PANEL, 0.0);
+    for_each_block(
+        m,
+        panels,
+        k * std::mem::size_of::<A>(),
+        tile_rows,
+        |rows, p| {
+            let panel = PanelTile {
+                panel: &data[p * panel_len..][..panel_len],
+                bias: &bias[p * PANEL..][..PANEL],
+                k,
+                n,
+                cols: PANEL.min(n - p * PANEL),
+            };
+            for (r, size) in tiles(rows, tile_rows) {
+                tile(
+                    &panel,
+                    &x[r * k..(r + size) * k],
+                    size,
+                    out.at(r * n + p * PANEL),
+                );
+            }
+        },
+    );
+}
+
+/// The register tiles of a block of rows, as (first row, rows): `tile_rows` each, the last one shorter.
+pub fn tiles(rows: Range<usize>, tile_rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    rows.clone()
+        .step_by(tile_rows)
+        .map(move |first| (first, tile_rows.min(rows.end - first)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn every_row_and_panel_once() {
+        for (m, panels, row_bytes, tile_rows) in
+            [(1, 1, 2, 12), (577, 24, 1536, 12), (5000, 3, 256, 6)]
+        {
+            let seen = Mutex::new(vec![0u32; m * panels]);
+            for_each_block(m, panels, row_bytes, tile_rows, |rows, panel| {
+                let mut seen = seen.lock().unwrap();
+                for (first, size) in tiles(rows.clone(), tile_rows) {
+                    assert!(size >= 1 && size <= tile_rows && first + size <= rows.end);
+                    for r in first..first + size {
+                        seen[r * panels + panel] += 1;
+                    }
+                }
+            });
+            assert!(seen.into_inner().unwrap().iter().all(|&n| n == 1));
+        }
+    }
+}

@@ -1,0 +1,745 @@
+//! `x @ wᵀ + b` with int8 or int4 weights on the CPU, by AVX512-VNNI's byte dot product (`vpdpbusd`: 64
+//! products of an unsigned and a signed byte, summed in fours into 16 int32 lanes, in one instruction, twice
+//! the products of a bf16 `vdpbf16ps` and four times an f32 FMA of the same width).
+//!
+//! The scheme is bitsandbytes' LLM.int8() without its outlier columns: symmetric weights, activations
+//! quantized per row (per token) at each call.
+//! - Weights, quantized at load ([`Packed`]): int8 with one scale per output column (`max |w| / 127`), or
+//!   int4 with one scale per column and group of [`INT4_GROUP`] inputs, as GGML's `Q4_0` (the value of
+//!   largest magnitude over -8, levels -8..=7).
+//! - Activations: each row of `x` scaled by `max |x| / 127` and rounded to -127..=127, stored with 128 added
+//!   (`vpdpbusd` takes its first operand unsigned). The weights' column sums, times 128 and the weight
+//!   scale, are taken off at the end.
+//!
+//! So `y[i][c] = s_x[i] * (Σ_g s_w[g][c] * Σ_{t in g} (q_x[i][t] + 128) * q_w[c][t] - 128 * Σ_g s_w[g][c] *
+//! Σ_{t in g} q_w[c][t]) + b[c]`: the inner sums are exact in int32 (a group's are at most 255 x 127 x its
+//! inputs, and [`MAX_INPUTS`] bounds them), the rest in f32.
+//!
+//! The packed weights lie in panels of [`PANEL`] output columns ([`super::panels`]), four consecutive
+//! inputs of a column in each 32-bit lane, so that one 64-byte load (int8) or half of one (int4, two
+//! nibbles a byte) gives a `vpdpbusd` operand for 16 columns. One kernel serves every row count: a decode
+//! step's few rows read each panel once.
+//!
+//! x86-64 with AVX-512 F/BW/VL and VNNI (and AVX512-BF16 for bf16 activations), detected at run time, at the
+//! AVX-512 tier ([`super::features::cpu_tier`]); [`available`] is false elsewhere and the caller keeps
+//! candle's quantized matmul.
+
+use half::bf16;
+
+use super::panels::PANEL;
+#[cfg(target_arch = "x86_64")]
+use super::panels::{by_rows, for_each_block, tiles};
+#[cfg(target_arch = "x86_64")]
+use super::parallel::TaskPtr;
+
+/// Inputs that share an int4 scale (GGML's `Q4_0` block).
+pub const INT4_GROUP: usize = 32;
+
+/// The most inputs (`k`) a layer may have: a sum of that many products of an offset activation (at most
+/// 255) and an int8 weight (at most 127 in magnitude) stays inside an int32.
+pub const MAX_INPUTS: usize = (i32::MAX as usize) / (255 * 127);
+
+/// How the weights are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bits {
+    /// int8, one scale per output column.
+    Int8,
+    /// int4, one scale per output column and [`INT4_GROUP`] inputs.
+    Int4,
+}
+
+impl Bits {
+    /// Bytes a quad (four inputs of 32 columns) takes in a panel.
+    fn quad_bytes(self) -> usize {
+        match self {
+            Self::Int8 => 4 * PANEL,
+            Self::Int4 => 2 * PANEL,
+        }
+    }
+
+    /// The lowest and highest level.
+    fn levels(self) -> (f32, f32) {
+        match self {
+            Self::Int8 => (-127.0, 127.0),
+            Self::Int4 => (-8.0, 7.0),
+        }
+    }
+
+    /// A group of weights' scale: int8 `max |w| / 127`; int4 the value of largest magnitude over -8, so that
+    /// it takes level -8 and all 16 levels serve. A group holding a NaN or an infinity gets a NaN scale (its
+    /// outputs are NaN, as the product's would be).
+    fn scale(self, values: &[f32]) -> f32 {
+        if values.iter().any(|v| !v.is_finite()) {
+            return f32::NAN;
+        }
+        let extreme = values
+            .iter()
+            .fold(0f32, |e, &v| if v.abs() > e.abs() { v } else { e });
+        match self {
+            Self::Int8 => extreme.abs() / 127.0,
+            Self::Int4 => extreme / -8.0,
+        }
+    }
+}
+
+/// The factor that takes a value to its level for `scale`: zero for a zero (or NaN) scale, and for one so
+/// small that its inverse is not finite (the values are then zero to f32 precision).
+fn inverse(scale: f32) -> f32 {
+    let inverse = scale.recip();
+    if inverse.is_finite() {
+        inverse
+    } else {
+        0.0
+    }
+}
+
+/// Whether the kernel runs here (for f32 and bf16 activations alike).
+pub fn available() -> bool {
+    super::features::has_avx512_vnni()
+}
+
+/// Quantized weights `w[n, k]`, laid out for the kernel, with their scales and the per-column constant of
+/// the activations' offset.
+pub struct Packed {
+    bits: Bits,
+    n: usize,
+    k: usize,
+    /// Inputs sharing a scale: `k` rounded up to a quad for int8, [`INT4_GROUP`] for int4.
+    group: usize,
+    /// `k` rounded up to whole groups; the padding inputs are zero weights.
+    k_padded: usize,
+    /// Per panel, `k_padded / 4` quads. int8: 32 lanes of 4 bytes, lane `c` holding column `c`'s inputs
+    /// `4j..4j + 4`. int4: 64 bytes, byte `4c + e` holding column `c`'s input `4j + e` in its low nibble and
+    /// column `16 + c`'s in its high nibble, both with 8 added.
+    data: Vec<u8>,
+    /// Per panel and group, 32 column scales.
+    scales: Vec<f32>,
+    /// Per column (padded to whole panels): `128 * Σ_g s_w[g][c] * Σ_{t in g} q_w[c][t]`.
+    offsets: Vec<f32>,
+}
+
+impl Packed {
+    /// Quantizes and packs row-major `w` of `n` rows and `k` columns (`n`, `k` at least 1, `k` at most
+    /// [`MAX_INPUTS`]).
+    ///
+    /// # Panics
+    /// On shapes outside those bounds, or a `w` that does not hold them.
+    pub fn new(w: &[f32], n: usize, k: usize, bits: Bits) -> Self {
+        use rayon::prelude::*;
+        assert!(n > 0 && (1..=MAX_INPUTS).contains(&k) && w.len() == n * k);
+        let group = match bits {
+            Bits::Int8 => k.next_multiple_of(4),
+            Bits::Int4 => INT4_GROUP,
+        };
+        let k_padded = k.next_multiple_of(group);
+        let (groups, panels) = (k_padded / group, n.div_ceil(PANEL));
+        let panel_bytes = k_padded / 4 * bits.quad_bytes();
+        // Zero weights (columns past `n`, inputs past `k`) are 0 in int8 and 8 in an int4 nibble.
+        let zero = match bits {
+            Bits::Int8 => 0,
+            Bits::Int4 => 0x88,
+        };
+        let mut data = vec![zero; panels * panel_bytes];
+        let mut scales = vec![0f32; panels * groups * PANEL];
+        let mut offsets = vec![0f32; panels * PANEL];
+        data.par_chunks_mut(panel_bytes)
+            .zip(scales.par_chunks_mut(groups * PANEL))
+            .zip(offsets.par_chunks_mut(PANEL))
+            .enumerate()
+            .for_each(|(p, ((data, scales), offsets))| {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * k..][..k];
+                    let (low, high) = bits.levels();
+                    for (g, values) in row.chunks(group).enumerate() {
+                        let scale = bits.scale(values);
+                        let inverse = inverse(scale);
+                        let mut sum = 0i32;
+                        for (i, &v) in values.iter().enumerate() {
+                            // |v * inverse| is at most 128, inside `round_even`'s range.
+                            let q = round_even(v * inverse).clamp(low, high) as i32;
+                            sum += q;
+                            let t = g * group + i;
+                            let (quad, e) = (t / 4, t % 4);
+                            match bits {
+                                Bits::Int8 => data[quad * 4 * PANEL + 4 * c + e] = q as i8 as u8,
+                                Bits::Int4 => {
+                                    let nibble = (q + 8) as u8;
+                                    let byte = &mut data[quad * 2 * PANEL + 4 * (c % 16) + e];
+                                    *byte = if c < 16 {
+                                        (*byte & 0xF0) | nibble
+                                    } else {
+                                        (*byte & 0x0F) | nibble << 4
+                                    };
+                                }
+                            }
+                        }
+                        scales[g * PANEL + c] = scale;
+                        offsets[c] += 128.0 * scale * sum as f32;
+                    }
+                }
+            });
+        Self {
+            bits,
+            n,
+            k,
+            group,
+            k_padded,
+            data,
+            scales,
+            offsets,
+        }
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Row `c` of `w` as the kernel sees it (each quantized value times its scale), into `out` (`k`
+    /// values): the token embedding's lookup, where the embedding is the LM head's weight.
+    ///
+    /// # Panics
+    /// If `c` is not a row of `w` or `out` does not hold `k` values.
+    pub fn row(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k);
+        let (p, lane) = (c / PANEL, c % PANEL);
+        let groups = self.k_padded / self.group;
+        let panel = &self.data[p * (self.k_padded / 4 * self.bits.quad_bytes())..];
+        let scales = &self.scales[p * groups * PANEL..];
+        for (t, out) in out.iter_mut().enumerate() {
+            let (quad, e) = (t / 4, t % 4);
+            let q = match self.bits {
+                Bits::Int8 => f32::from(panel[quad * 4 * PANEL + 4 * lane + e] as i8),
+                Bits::Int4 => {
+                    let byte = panel[quad * 2 * PANEL + 4 * (lane % 16) + e];
+                    let nibble = if lane < 16 { byte & 0x0F } else { byte >> 4 };
+                    f32::from(nibble) - 8.0
+                }
+            };
+            *out = q * scales[t / self.group * PANEL + lane];
+        }
+    }
+}
+
+/// `v` rounded to the nearest integer, ties to even (as the activations are rounded), for `|v|` up to 2^22
+/// in the default floating-point rounding mode: adding and taking off 1.5 x 2^23 leaves no fraction bits,
+/// and the float addition rounds to even. (`f32::round_ties_even` is a library call on baseline x86-64.)
+fn round_even(v: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (v + SHIFT) - SHIFT
+}
+
+/// What the kernel reads and writes as activations: f32 or bf16 rows.
+pub trait Activation: Copy + Send + Sync {
+    /// Loads the first lanes of `mask` from `src` as 16 f32 (zeros elsewhere).
+    ///
+    /// # Safety
+    /// As [`Activation::store`], with `src` holding the masked values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(src: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+
+    /// Stores `cols` (at most 32) values, the first 16 from `lo` and the rest from `hi`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL; `dst` has room for `cols` values. Called only from a function compiled
+    /// with those features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store(
+        dst: *mut Self,
+        lo: std::arch::x86_64::__m512,
+        hi: std::arch::x86_64::__m512,
+        cols: usize,
+    );
+}
+
+/// The mask of the first `cols` (clamped to 0..=16) lanes.
+#[cfg(target_arch = "x86_64")]
+fn lanes(cols: usize) -> u16 {
+    ((1u32 << cols.min(16)) - 1) as u16
+}
+
+impl Activation for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(src: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, src)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store(
+        dst: *mut f32,
+        lo: std::arch::x86_64::__m512,
+        hi: std::arch::x86_64::__m512,
+        cols: usize,
+    ) {
+        use std::arch::x86_64::_mm512_mask_storeu_ps;
+        _mm512_mask_storeu_ps(dst, lanes(cols), lo);
+        _mm512_mask_storeu_ps(dst.add(16), lanes(cols.saturating_sub(16)), hi);
+    }
+}
+
+impl Activation for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(src: *const bf16, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let halves = _mm256_maskz_loadu_epi16(mask, src.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store(
+        dst: *mut bf16,
+        lo: std::arch::x86_64::__m512,
+        hi: std::arch::x86_64::__m512,
+        cols: usize,
+    ) {
+        use std::arch::x86_64::_mm256_mask_storeu_epi16;
+        let dst = dst.cast::<i16>();
+        _mm256_mask_storeu_epi16(dst, lanes(cols), to_bf16(lo));
+        _mm256_mask_storeu_epi16(dst.add(16), lanes(cols.saturating_sub(16)), to_bf16(hi));
+    }
+}
+
+/// 16 f32 rounded to bf16 (to nearest even; a NaN stays a NaN, made quiet), as `vcvtneps2bf16` does but
+/// with AVX-512 F/BW alone, so that CPUs with VNNI and without AVX512-BF16 run the kernel too.
+///
+/// # Safety
+/// As [`Activation::store`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn to_bf16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let bits = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    let quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+        _mm512_mask_blend_epi32(nan, rounded, quiet),
+        16,
+    ))
+}
+
+/// Rows of `x` quantized for the kernel: `k_padded` bytes a row (each value + 128; the padding 128, a zero),
+/// and each row's scale. A row holding a NaN or an infinity gets a NaN scale, so that its outputs are NaN
+/// rather than a finite value computed from the other inputs.
+///
+/// # Panics
+/// If the CPU lacks AVX-512 F/BW/VL ([`available`] checks it).
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows<A: Activation>(x: &[A], k: usize, k_padded: usize) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
+    assert!(super::features::has_avx512());
+    let m = x.len() / k;
+    let mut q = vec![128u8; m * k_padded];
+    let mut scales = vec![0f32; m];
+    let rows = q
+        .par_chunks_mut(k_padded)
+        .zip(scales.par_iter_mut())
+        .zip(x.par_chunks(k));
+    // A decode step's few rows are not worth the threads.
+    rows.with_min_len(16).for_each(|((q, scale), row)| {
+        // SAFETY: AVX-512 is checked above; `q` has room for the row.
+        unsafe { *scale = quantize_row(row, q) };
+    });
+    (q, scales)
+}
+
+/// Quantizes `row` into the first `row.len()` bytes of `q`, rounding to nearest even; returns its scale.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `q` is at least as long as `row`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row<A: Activation>(row: &[A], q: &mut [u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = row.len();
+    let lanes = |at: usize| -> __mmask16 { lanes(k - at) };
+    // Pass 1: the largest magnitude, and whether any value is not finite (x * 0 is NaN exactly then).
+    let (mut max, mut probe) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for at in (0..k).step_by(16) {
+        let v = _mm512_abs_ps(A::load(row.as_ptr().add(at), lanes(at)));
+        max = _mm512_max_ps(max, v);
+        probe = _mm512_add_ps(probe, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    let max = _mm512_reduce_max_ps(max);
+    if _mm512_reduce_add_ps(probe).is_nan() {
+        return f32::NAN;
+    }
+    let scale = max / 127.0;
+    let inverse = _mm512_set1_ps(inverse(scale));
+    // Pass 2: round to nearest even, clamp, offset, narrow.
+    let (low, high, offset) = (
+        _mm512_set1_epi32(-127),
+        _mm512_set1_epi32(127),
+        _mm512_set1_epi32(128),
+    );
+    for at in (0..k).step_by(16) {
+        let v = _mm512_mul_ps(A::load(row.as_ptr().add(at), lanes(at)), inverse);
+        let v = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let v = _mm512_max_epi32(_mm512_min_epi32(v, high), low);
+        let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(v, offset));
+        _mm_mask_storeu_epi8(q.as_mut_ptr().add(at).cast(), lanes(at), bytes);
+    }
+    scale
+}
+
+/// Rows in a register tile: 2 x 12 int32 sums, two weight vectors, the broadcast and (for int4) the two
+/// nibble constants stay in registers; the f32 totals, touched once per group, may not.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 12;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
+
+/// `x[m, k] @ wᵀ + bias[n]`, row-major `[m, n]` in the activations' type; `m` at least 1.
+///
+/// # Panics
+/// If [`available`] is false for `A`, or the slices do not hold the shapes given.
+pub fn linear<A: Activation>(x: &[A], m: usize, w: &Packed, bias: &[f32]) -> Vec<A> {
+    assert!(available(), "quantized_gemm::linear needs AVX512-VNNI");
+    assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
+    let mut out = Vec::with_capacity(m * w.n);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (qx, sx) = quantize_rows(x, w.k, w.k_padded);
+        let panels = w.n.div_ceil(PANEL);
+        let mut bias = bias.to_vec();
+        bias.resize(panels * PANEL, 0.0);
+        let (groups, panel_bytes) = (w.k_padded / w.group, w.k_padded / 4 * w.bits.quad_bytes());
+        // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
+        // outputs.
+        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<A>()) };
+        for_each_block(m, panels, w.k_padded, TILE_ROWS, |rows, p| {
+            let tile = Tile {
+                qx: &qx,
+                sx: &sx,
+                k_padded: w.k_padded,
+                panel: &w.data[p * panel_bytes..][..panel_bytes],
+                scales: &w.scales[p * groups * PANEL..][..groups * PANEL],
+                offsets: &w.offsets[p * PANEL..][..PANEL],
+                bias: &bias[p * PANEL..][..PANEL],
+                groups,
+                group_quads: w.group / 4,
+                n: w.n,
+                cols: PANEL.min(w.n - p * PANEL),
+            };
+            for (r, size) in tiles(rows, TILE_ROWS) {
+                let dst = dst.at(r * w.n + p * PANEL);
+                // SAFETY: `available` checked the CPU; rows r..r + size exist, and `dst` addresses them from
+                // the panel's first column of the m x n output, which only this call writes.
+                unsafe {
+                    match w.bits {
+                        Bits::Int8 => tile.run::<false, A>(r, size, dst),
+                        Bits::Int4 => tile.run::<true, A>(r, size, dst),
+                    }
+                }
+            }
+        });
+    }
+    // SAFETY: the kernel writes each of the m x n outputs.
+    unsafe { out.set_len(m * w.n) };
+    out
+}
+
+/// One panel of packed weights, the quantized rows of `x`, and where the outputs go.
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a> {
+    qx: &'a [u8],
+    sx: &'a [f32],
+    k_padded: usize,
+    panel: &'a [u8],
+    scales: &'a [f32],
+    offsets: &'a [f32],
+    bias: &'a [f32],
+    groups: usize,
+    group_quads: usize,
+    /// Row stride of the output.
+    n: usize,
+    /// Valid columns in this panel (the last one may be partial).
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_> {
+    /// Rows `first..first + rows` (`rows` from 1 to [`TILE_ROWS`]) against the panel.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and VNNI; `dst` addresses `rows` output rows of `self.n` values from this
+    /// panel's first column.
+    unsafe fn run<const INT4: bool, A: Activation>(&self, first: usize, rows: usize, dst: *mut A) {
+        by_rows!(rows.min(TILE_ROWS), |R| self.tile::<R, INT4, A>(first, dst))
+    }
+
+    /// [`Self::run`] for `R` rows.
+    ///
+    /// # Safety
+    /// As [`Self::run`], with `rows` = `R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const R: usize, const INT4: bool, A: Activation>(
+        &self,
+        first: usize,
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        let rows: [*const u8; R] =
+            std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
+        let panel = self.panel.as_ptr();
+        let (nibble, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+        let mut totals = [[_mm512_setzero_ps(); 2]; R];
+        for g in 0..self.groups {
+            let mut sums = [[_mm512_setzero_si512(); 2]; R];
+            for j in g * self.group_quads..(g + 1) * self.group_quads {
+                let (w_lo, w_hi) = if INT4 {
+                    let bytes = _mm512_loadu_si512(panel.add(j * 2 * PANEL).cast());
+                    let low = _mm512_and_si512(bytes, nibble);
+                    let high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+                    (_mm512_sub_epi8(low, eight), _mm512_sub_epi8(high, eight))
+                } else {
+                    let at = panel.add(j * 4 * PANEL);
+                    (
+                        _mm512_loadu_si512(at.cast()),
+                        _mm512_loadu_si512(at.add(64).cast()),
+                    )
+                };
+                for r in 0..R {
+                    let quad = _mm512_set1_epi32(rows[r].add(4 * j).cast::<i32>().read_unaligned());
+                    sums[r][0] = _mm512_dpbusd_epi32(sums[r][0], quad, w_lo);
+                    sums[r][1] = _mm512_dpbusd_epi32(sums[r][1], quad, w_hi);
+                }
+            }
+            let scales = self.scales.as_ptr().add(g * PANEL);
+            let scale = [_mm512_loadu_ps(scales), _mm512_loadu_ps(scales.add(16))];
+            for r in 0..R {
+                for h in 0..2 {
+                    totals[r][h] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][h]), scale[h], totals[r][h]);
+                }
+            }
+        }
+        let offsets = [
+            _mm512_loadu_ps(self.offsets.as_ptr()),
+            _mm512_loadu_ps(self.offsets.as_ptr().add(16)),
+        ];
+        let bias = [
+            _mm512_loadu_ps(self.bias.as_ptr()),
+            _mm512_loadu_ps(self.bias.as_ptr().add(16)),
+        ];
+        for (r, totals) in totals.iter().enumerate() {
+            let scale = _mm512_set1_ps(self.sx[first + r]);
+            let [lo, hi] = [0, 1]
+                .map(|h| _mm512_fmadd_ps(_mm512_sub_ps(totals[h], offsets[h]), scale, bias[h]));
+            A::store(dst.add(r * self.n), lo, hi, self.cols);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::kernels::cpu::test_values::spread as values;
+
+    /// The levels and scale of a group of values by the module's rules, written out again: int8 `max |v| /
+    /// 127` and levels -127..=127, int4 (`int4`) the value of largest magnitude over -8 and levels -8..=7;
+    /// ties to even.
+    fn levels_of(v: &[f32], int4: bool) -> (Vec<f32>, f32) {
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let signed = v.iter().copied().find(|x| x.abs() == max).unwrap_or(0.0);
+        let (scale, low, high) = if int4 {
+            (signed / -8.0, -8.0, 7.0)
+        } else {
+            (max / 127.0, -127.0, 127.0)
+        };
+        let inverse = if scale != 0.0 { scale.recip() } else { 0.0 };
+        let q = v
+            .iter()
+            .map(|x| (x * inverse).round_ties_even().clamp(low, high))
+            .collect();
+        (q, scale)
+    }
+
+    /// The kernel's arithmetic in f64, from the quantized values it should have made: what it computes up to
+    /// f32 rounding.
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        bias: &[f32],
+        bits: Bits,
+    ) -> Vec<f64> {
+        let group = match bits {
+            Bits::Int8 => k,
+            Bits::Int4 => INT4_GROUP,
+        };
+        // The same f32 steps as the kernel's (a tie's rounding depends on them), then exact f64 sums.
+        let quantize = |v: &[f32], int4: bool| -> (Vec<f64>, f64) {
+            let (q, scale) = levels_of(v, int4);
+            (q.into_iter().map(f64::from).collect(), scale as f64)
+        };
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            let (qx, sx) = quantize(&x[i * k..][..k], false);
+            for c in 0..n {
+                let row = &w[c * k..][..k];
+                let mut dot = 0f64;
+                for (g, values) in row.chunks(group).enumerate() {
+                    let (qw, sw) = quantize(values, bits == Bits::Int4);
+                    let part: f64 = qw.iter().zip(&qx[g * group..]).map(|(a, b)| a * b).sum();
+                    dot += sw * part;
+                }
+                out[i * n + c] = sx * dot + bias[c] as f64;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_quantized_product() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-VNNI");
+            return;
+        }
+        // Few and many rows; k not a multiple of 4 or of a group; partial panels and row tiles; more than
+        // one row block and panel group.
+        for bits in [Bits::Int8, Bits::Int4] {
+            for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
+                let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+                let want = reference(&x, m, k, &w, n, &bias, bits);
+                let packed = Packed::new(&w, n, k, bits);
+                let in_f32 = linear(&x, m, &packed, &bias);
+                let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                // bf16 inputs quantize like their f32 values only where those are bf16 already: compare the
+                // bf16 run with the reference from the rounded inputs.
+                let rounded: Vec<f32> = x_bf16.iter().map(|v| v.to_f32()).collect();
+                let want_bf16 = reference(&rounded, m, k, &w, n, &bias, bits);
+                let in_bf16 = linear(&x_bf16, m, &packed, &bias);
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (idx, (g, e)) in in_f32.iter().zip(&want).enumerate() {
+                    // f32 sums of exact int32 groups; a quantized value may round the other way where the
+                    // f32 and f64 scales differ in the last bit.
+                    assert!(
+                        ((*g as f64) - e).abs() <= 1e-4 * scale,
+                        "{bits:?} {m}x{k}x{n} f32 at {idx}: {g} vs {e}"
+                    );
+                }
+                for (idx, (g, e)) in in_bf16.iter().zip(&want_bf16).enumerate() {
+                    let tol = e.abs() / 128.0 + 1e-4 * scale;
+                    assert!(
+                        (g.to_f64() - e).abs() <= tol,
+                        "{bits:?} {m}x{k}x{n} bf16 at {idx}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_the_dequantized_weights() {
+        let (n, k) = (37, 150);
+        let w = values(n * k, 2);
+        for bits in [Bits::Int8, Bits::Int4] {
+            let packed = Packed::new(&w, n, k, bits);
+            let group = if bits == Bits::Int8 { k } else { INT4_GROUP };
+            let mut row = vec![0f32; k];
+            for c in [0, 15, 16, 31, 32, 36] {
+                packed.row(c, &mut row);
+                for (g, (got, want)) in row
+                    .chunks(group)
+                    .zip(w[c * k..][..k].chunks(group))
+                    .enumerate()
+                {
+                    let (levels, scale) = levels_of(want, bits == Bits::Int4);
+                    for (t, (got, q)) in got.iter().zip(levels).enumerate() {
+                        assert!(
+                            (got - q * scale).abs() <= 1e-6,
+                            "{bits:?} row {c} group {g} at {t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn round_even_is_ties_to_even() {
+        for v in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 3.2, -3.7, 0.0, 100.49999,
+        ] {
+            assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+        }
+    }
+
+    #[test]
+    fn non_finite_inputs_give_nan_rows() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-VNNI");
+            return;
+        }
+        let (k, n) = (40, 3);
+        let packed = Packed::new(&values(n * k, 2), n, k, Bits::Int8);
+        let mut x = values(3 * k, 1);
+        x[5] = f32::NAN;
+        x[k + 7] = f32::INFINITY;
+        let out = linear(&x, 3, &packed, &[0.0; 3]);
+        assert!(out[..2 * n].iter().all(|v| v.is_nan()));
+        assert!(out[2 * n..].iter().all(|v| v.is_finite()));
+        // A non-finite weight makes its column's outputs NaN, in both formats.
+        for bits in [Bits::Int8, Bits::Int4] {
+            let mut w = values(n * k, 2);
+            w[k + 3] = f32::INFINITY;
+            let out = linear(
+                &values(2 * k, 1),
+                2,
+                &Packed::new(&w, n, k, bits),
+                &[0.0; 3],
+            );
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(v.is_nan(), i % n == 1, "{bits:?} output {i}: {v}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_rounding_matches_half() {
+        if !available() {
+            return;
+        }
+        let values = [
+            1.0f32,
+            1.00390625,
+            1.01171875,
+            -3.3,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            1e-40,
+        ];
+        let mut want: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_bits())
+            .collect();
+        want.resize(16, 0);
+        let mut lanes = values.to_vec();
+        lanes.resize(16, 0.0);
+        // SAFETY: `available` checked AVX-512.
+        let got: [u16; 16] = unsafe { round(&lanes) };
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g == w || (bf16::from_bits(*g).is_nan() && bf16::from_bits(*w).is_nan()),
+                "{g:#x} vs {w:#x}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn round(lanes: &[f32]) -> [u16; 16] {
+        std::mem::transmute(to_bf16(std::arch::x86_64::_mm512_loadu_ps(lanes.as_ptr())))
+    }
+}
