@@ -55,6 +55,10 @@ pub enum Error {
     /// An error from the tensor library: a bug here, or an unsupported device/dtype combination.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// The caller's [`Interrupt`] check asked a long computation to stop (the Python bindings: Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// `Result` with this crate's [`Error`].

@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod generation;
+pub mod interrupt;
 pub mod io;
 /// The compute kernels. Not part of the API: public so that benches/kernels.rs can measure them alone.
 #[doc(hidden)]

@@ -2,9 +2,11 @@
 //! (and the Python interpreter around it), so sizes that come from a caller or a checkpoint are checked
 //! here first and refused with an error that names the setting.
 //!
-//! The limit is `FLORENCE2_MAX_ALLOC_BYTES` where set (bytes; a suffix `K`, `M`, `G` or `T` counts in
-//! binary units), else the smaller of [`DEFAULT_MAX_ALLOC_BYTES`] and the machine's physical memory. It is
-//! read once, on the first check.
+//! The limit is `FLORENCE2_MAX_ALLOC_BYTES` where set (a whole number of bytes; a suffix `K`, `M`, `G` or `T`
+//! counts in binary units), else the smaller of [`DEFAULT_MAX_ALLOC_BYTES`] and the machine's physical memory;
+//! set to nothing (`FLORENCE2_MAX_ALLOC_BYTES=`) it counts as unset, as an empty variable does for most tools.
+//! It is read once, on the first check; a value that is not such a size makes every check an error that says
+//! so (a limit other than the one asked for would be a silent surprise).
 
 use std::sync::OnceLock;
 
@@ -15,28 +17,53 @@ pub const MAX_ALLOC_ENV: &str = "FLORENCE2_MAX_ALLOC_BYTES";
 /// The limit without the variable, where the machine has more memory (or its memory is not known).
 pub const DEFAULT_MAX_ALLOC_BYTES: u128 = 64 << 30;
 
-/// The limit in bytes, and where it came from (for the error message).
-fn limit() -> &'static (u128, String) {
-    static LIMIT: OnceLock<(u128, String)> = OnceLock::new();
-    LIMIT.get_or_init(|| {
-        if let Ok(value) = std::env::var(MAX_ALLOC_ENV) {
-            if let Some(bytes) = parse_bytes(&value) {
-                return (bytes, format!("{MAX_ALLOC_ENV}={value}"));
-            }
-        }
-        match physical_memory() {
+/// The limit in bytes and where it came from (for the error message), or why the variable cannot be used.
+fn limit() -> Result<&'static (u128, String)> {
+    static LIMIT: OnceLock<std::result::Result<(u128, String), String>> = OnceLock::new();
+    LIMIT
+        .get_or_init(|| from_setting(std::env::var_os(MAX_ALLOC_ENV)))
+        .as_ref()
+        .map_err(|msg| Error::invalid(msg.clone()))
+}
+
+/// The limit for the variable's value `setting` (`None`: not set; empty counts as not set).
+fn from_setting(
+    setting: Option<std::ffi::OsString>,
+) -> std::result::Result<(u128, String), String> {
+    let Some(setting) = setting.filter(|s| !s.is_empty()) else {
+        return Ok(match physical_memory() {
             Some(bytes) if bytes < DEFAULT_MAX_ALLOC_BYTES => {
                 (bytes, "the machine's memory".to_string())
             }
             _ => (DEFAULT_MAX_ALLOC_BYTES, "the default limit".to_string()),
-        }
-    })
+        });
+    };
+    let bytes = setting.to_str().and_then(parse_bytes).ok_or_else(|| {
+        format!(
+            "{MAX_ALLOC_ENV}={setting:?} is not a size: set it to a whole number of bytes, optionally with a K, \
+             M, G or T suffix in binary units (for example {MAX_ALLOC_ENV}=200G), or unset it for the default \
+             limit (the smaller of {} and the machine's memory)",
+            human(DEFAULT_MAX_ALLOC_BYTES)
+        )
+    })?;
+    Ok((
+        bytes,
+        format!("{MAX_ALLOC_ENV}={}", setting.to_string_lossy()),
+    ))
+}
+
+/// Fails when `FLORENCE2_MAX_ALLOC_BYTES` is set to something that is not a size: checked where a model or a
+/// processor is loaded, so that a mistyped setting is reported before any work rather than at the first
+/// size check.
+pub fn check_setting() -> Result<()> {
+    limit().map(|_| ())
 }
 
 /// Refuses an allocation of `bytes` for `what` that is over the limit. `what` names the setting and its
-/// value ("size 100000x100000", "num_beams 1000000"), and the message says how to raise the limit.
+/// value ("size 100000x100000", "num_beams 1000000"), and the message says how to raise the limit. An
+/// unusable `FLORENCE2_MAX_ALLOC_BYTES` is an [`Error::InvalidInput`].
 pub fn check_alloc(what: &str, bytes: u128) -> Result<()> {
-    let (max, source) = limit();
+    let (max, source) = limit()?;
     check(what, bytes, *max, source)
 }
 
@@ -107,6 +134,22 @@ mod tests {
         for bad in ["", "G", "-1", "1.5G", "lots"] {
             assert_eq!(parse_bytes(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_setting_that_is_not_a_size_is_an_error_naming_it() {
+        assert_eq!(
+            from_setting(Some("16G".into())).unwrap(),
+            (16 << 30, format!("{MAX_ALLOC_ENV}=16G"))
+        );
+        for bad in [" ", "1.5G", "lots", "-1", "16GB"] {
+            let err = from_setting(Some(bad.into())).unwrap_err();
+            assert!(err.contains(MAX_ALLOC_ENV) && err.contains("200G"), "{err}");
+            assert!(err.contains(&human(DEFAULT_MAX_ALLOC_BYTES)), "{err}");
+        }
+        assert!(from_setting(None).unwrap().0 <= DEFAULT_MAX_ALLOC_BYTES);
+        // Set to nothing is unset.
+        assert_eq!(from_setting(Some("".into())), from_setting(None));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use florence2_rs::generation::{DecoderSession, GenerationConfig};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 use serde_json::Value;
 
@@ -32,7 +33,7 @@ fn tiny(spec: &str) -> (Florence2ForConditionalGeneration, Tensor, Tensor, Tenso
     )
     .expect("tiny checkpoint");
     let features = model
-        .get_image_features(refs["pixel_values"].clone())
+        .get_image_features(refs["pixel_values"].clone(), &Uninterrupted)
         .expect("image features");
     (
         model,
@@ -62,7 +63,7 @@ fn model_generate_gives_transformers_ids() {
             let want: Vec<Vec<u32>> =
                 serde_json::from_value(case["sequences"].clone()).expect("ids");
             let got = model
-                .generate(&ids, Some(&mask), Some(&features), &cfg)
+                .generate(&ids, Some(&mask), Some(&features), &cfg, &Uninterrupted)
                 .expect("generate")
                 .sequences;
             assert_eq!(got, want, "{spec} {}", case["kwargs"]);
@@ -74,7 +75,7 @@ fn model_generate_gives_transformers_ids() {
 fn grouped_and_expanded_caches_agree() {
     let (model, ids, mask, features) = tiny("tiny");
     let encoder = model
-        .encode(&ids, Some(&mask), Some(&features))
+        .encode(&ids, Some(&mask), Some(&features), &Uninterrupted)
         .expect("encode");
     let beams = 3;
     let mut grouped = model

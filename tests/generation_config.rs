@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use florence2_rs::generation::{generate, DecoderSession, EarlyStopping, GenerationConfig};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::io::Layout;
 use florence2_rs::{Error, Result};
 use serde_json::{json, Value};
@@ -203,7 +204,7 @@ fn lengths_follow_transformers() {
             calls: 0,
             first: vec![],
         };
-        let out = generate(&mut s, &cfg, 1).unwrap();
+        let out = generate(&mut s, &cfg, 1, &Uninterrupted).unwrap();
         assert_eq!(
             s.first,
             vec![2],
@@ -230,7 +231,7 @@ fn lengths_follow_transformers() {
         first: vec![],
     };
     assert!(
-        generate(&mut s, &cfg, 1).is_err(),
+        generate(&mut s, &cfg, 1, &Uninterrupted).is_err(),
         "max_length must exceed the decoder prompt"
     );
 }
@@ -244,14 +245,14 @@ fn session_shape_errors() {
         calls: 0,
         first: vec![],
     };
-    let err = generate(&mut s, &cfg, 1).unwrap_err();
+    let err = generate(&mut s, &cfg, 1, &Uninterrupted).unwrap_err();
     assert!(err.to_string().contains("3 are needed"), "{err}");
     let mut s = Constant {
         rows: 3,
         calls: 0,
         first: vec![],
     };
-    assert!(generate(&mut s, &cfg, 0).is_err());
+    assert!(generate(&mut s, &cfg, 0, &Uninterrupted).is_err());
     let mut cfg = GenerationConfig::default();
     cfg.set("max_new_tokens", json!(4)).unwrap();
     let mut s = Constant {
@@ -259,6 +260,6 @@ fn session_shape_errors() {
         calls: 0,
         first: vec![],
     };
-    let err = generate(&mut s, &cfg, 1).unwrap_err();
+    let err = generate(&mut s, &cfg, 1, &Uninterrupted).unwrap_err();
     assert!(err.to_string().contains("decoder_start_token_id"), "{err}");
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use florence2_rs::generation::{generate, GenerationConfig};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 use serde_json::Value;
 
@@ -36,10 +37,12 @@ fn run(
     mask: &Tensor,
     features: &Tensor,
 ) -> Vec<Vec<u32>> {
-    let encoder = model.encode(ids, Some(mask), Some(features)).unwrap();
+    let encoder = model
+        .encode(ids, Some(mask), Some(features), &Uninterrupted)
+        .unwrap();
     let encoder = encoder.expand(cfg.expand_factor()).unwrap();
     let mut session = model.start_decoding(&encoder).unwrap();
-    generate(&mut session, cfg, ids.dim(0).unwrap())
+    generate(&mut session, cfg, ids.dim(0).unwrap(), &Uninterrupted)
         .unwrap()
         .sequences
 }
@@ -71,7 +74,9 @@ fn tiny_checkpoints_generate_like_transformers() {
                 .unwrap()
                 .contiguous()
                 .unwrap();
-            let features = model.get_image_features(pixels.clone()).unwrap();
+            let features = model
+                .get_image_features(pixels.clone(), &Uninterrupted)
+                .unwrap();
             for case in cases.as_array().unwrap() {
                 let cfg = generation_config(&fixtures().join(spec).join("hf"), &case["kwargs"]);
                 let want: Vec<Vec<u32>> =

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use florence2_rs::generation::{generate, DecoderSession, GenerationConfig};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::Result;
 use serde_json::Value;
 
@@ -122,7 +123,8 @@ fn generate_matches_transformers() {
             prefixes: vec![Vec::new(); batch * expand],
             logits,
         };
-        let out = generate(&mut session, &cfg, batch).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = generate(&mut session, &cfg, batch, &Uninterrupted)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
 
         let expected = &case["expected"];
         let want: Vec<Vec<u32>> = expected["sequences"]

@@ -2,6 +2,7 @@
 //! seed, and draws that follow transformers' warped distribution (temperature, then top-k, then top-p).
 
 use florence2_rs::generation::{generate, DecoderSession, GenerationConfig};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::Result;
 use serde_json::{json, Value};
 
@@ -42,7 +43,9 @@ fn run(cfg: &GenerationConfig, batch: usize) -> Vec<Vec<u32>> {
     let mut s = Fixed {
         rows: batch * cfg.expand_factor(),
     };
-    generate(&mut s, cfg, batch).unwrap().sequences
+    generate(&mut s, cfg, batch, &Uninterrupted)
+        .unwrap()
+        .sequences
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 use florence2_rs::Error;
 
@@ -75,8 +76,12 @@ fn run(
     layout: &str,
 ) -> [Tensor; 4] {
     let pixels = reference.get("pixel_values");
-    let vision = model.vision_features(pixels.clone()).unwrap();
-    let features = model.get_image_features(pixels.clone()).unwrap();
+    let vision = model
+        .vision_features(pixels.clone(), &Uninterrupted)
+        .unwrap();
+    let features = model
+        .get_image_features(pixels.clone(), &Uninterrupted)
+        .unwrap();
     let (ids, mask) = if layout == "hf" {
         (
             reference.get("input_ids").clone(),
@@ -88,7 +93,9 @@ fn run(
             reference.text_only("attention_mask"),
         )
     };
-    let encoder = model.encode(&ids, Some(&mask), Some(&features)).unwrap();
+    let encoder = model
+        .encode(&ids, Some(&mask), Some(&features), &Uninterrupted)
+        .unwrap();
     let logits = model
         .decoder_logits(reference.get("decoder_input_ids"), &encoder)
         .unwrap();
@@ -156,13 +163,14 @@ fn cached_decoding_matches_the_full_forward() {
     let model = load("tiny", "hf", DType::F32);
     let [.., full] = run(&model, &reference, "hf");
     let features = model
-        .get_image_features(reference.get("pixel_values").clone())
+        .get_image_features(reference.get("pixel_values").clone(), &Uninterrupted)
         .unwrap();
     let encoder = model
         .encode(
             reference.get("input_ids"),
             Some(reference.get("attention_mask")),
             Some(&features),
+            &Uninterrupted,
         )
         .unwrap();
     let mut state = model.start_decoding(&encoder).unwrap();
@@ -256,21 +264,31 @@ fn bad_inputs_are_errors_not_panics() {
     let model = load("tiny", "hf", DType::F32);
     let reference = Reference::load("tiny");
     let pixels = reference.get("pixel_values");
-    let features = model.get_image_features(pixels.clone()).unwrap();
+    let features = model
+        .get_image_features(pixels.clone(), &Uninterrupted)
+        .unwrap();
     // Too few placeholders for the features.
     let ids = reference.text_only("input_ids");
-    assert!(model.encode(&ids, None, Some(&features)).is_err());
+    assert!(model
+        .encode(&ids, None, Some(&features), &Uninterrupted)
+        .is_err());
     // An id outside the vocabulary.
     let ids = Tensor::new(&[[0u32, 5000, 2]], &Device::Cpu).unwrap();
-    assert!(model.encode(&ids, None, None).is_err());
+    assert!(model.encode(&ids, None, None, &Uninterrupted).is_err());
     // Wrong pixel shapes.
     assert!(model
-        .vision_features(Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .vision_features(
+            Tensor::zeros((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap(),
+            &Uninterrupted
+        )
         .is_err());
     assert!(model
-        .vision_features(Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap())
+        .vision_features(
+            Tensor::zeros((3, 64, 64), DType::F32, &Device::Cpu).unwrap(),
+            &Uninterrupted
+        )
         .is_err());
     // An image too large for the position embedding.
     let big = Tensor::zeros((1, 3, 1024, 1024), DType::F32, &Device::Cpu).unwrap();
-    assert!(model.get_image_features(big).is_err());
+    assert!(model.get_image_features(big, &Uninterrupted).is_err());
 }

@@ -30,7 +30,7 @@ fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {
     }
     assert_eq!(ours.tokenizer.token_to_id("<loc_0>"), Some(50269));
     let batch = ours
-        .encode_texts(&["<OD>"], true, &EncodeOptions::default())
+        .encode_texts(&["<OD>"], true, false, &EncodeOptions::default())
         .unwrap();
     let ids = &batch.input_ids[0];
     assert_eq!((ids[0], *ids.last().unwrap()), (0, 2));

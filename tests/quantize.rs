@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::layers::linear::Quantization;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 
@@ -18,13 +19,14 @@ fn logits(
     refs: &std::collections::HashMap<String, Tensor>,
 ) -> Tensor {
     let features = model
-        .get_image_features(refs["pixel_values"].clone())
+        .get_image_features(refs["pixel_values"].clone(), &Uninterrupted)
         .expect("image features");
     let encoder = model
         .encode(
             &refs["input_ids"],
             Some(&refs["attention_mask"]),
             Some(&features),
+            &Uninterrupted,
         )
         .expect("encode");
     model

@@ -19,6 +19,8 @@ WEIGHTS_INDEX: str
 """The index of a checkpoint's sharded weights (`model.safetensors.index.json`)."""
 PYTORCH_WEIGHTS: str
 """The PyTorch weights file read where a checkpoint has no safetensors (`pytorch_model.bin`)."""
+PYTORCH_WEIGHTS_INDEX: str
+"""The index of a checkpoint's sharded PyTorch weights (`pytorch_model.bin.index.json`)."""
 ADAPTER_CONFIG: str
 """The config file of a PEFT adapter folder (`adapter_config.json`)."""
 ADAPTER_WEIGHTS: str
@@ -47,6 +49,17 @@ class NativeModel:
     def load(path: _Path, dtype: str, device: str) -> NativeModel:
         """Loads a checkpoint folder (either layout). dtype: "auto", "float32", "float16" or "bfloat16";
         device: "cpu", "cuda" or "cuda:N"."""
+    @staticmethod
+    def save_weights(
+        source: _Path, out: _Path, dtype: str, max_shard_size: int, adapter: Optional[str] = None
+    ) -> list[str]:
+        """save_pretrained's weights: the checkpoint folder `source` (the adapter folder merged) written into `out`
+        in the layout of `source` (HF-native or Microsoft's), floating tensors in `dtype`, sharded above
+        max_shard_size bytes; the file names."""
+    @property
+    def adapter_ignored_modules(self) -> list[str]:
+        """The modules whose LoRA factors the adapter's file holds but its config does not target (sorted): not
+        merged, as peft leaves them out. Empty without an adapter."""
     @property
     def layout(self) -> str:
         """"hf" or "original"."""
@@ -120,6 +133,8 @@ class ProcessorCore:
         truncation: Optional[bool] = None,
         max_length: Optional[int] = None,
         pad_to_multiple_of: Optional[int] = None,
+        add_special_tokens: bool = False,
+        truncation_side: str = "right",
     ) -> tuple[list[list[int]], list[list[int]]]:
         """(input_ids, attention_mask) of the processor's text encoding."""
     def tokenize(
@@ -130,10 +145,29 @@ class ProcessorCore:
         truncation: Optional[bool] = None,
         max_length: Optional[int] = None,
         pad_to_multiple_of: Optional[int] = None,
+        truncation_side: str = "right",
     ) -> tuple[list[list[int]], list[list[int]]]:
         """(input_ids, attention_mask) of plain tokenization (no task prompts)."""
-    def preprocess(self, images: list[tuple[npt.NDArray[np.uint8], bool]]) -> npt.NDArray[np.float32]:
-        """pixel_values [B, 3, H, W] from (H×W×3 uint8 array, from_unit_float) pairs."""
+    def preprocess(
+        self,
+        images: list[tuple[npt.NDArray[Any], bool]],
+        *,
+        do_resize: Optional[bool] = None,
+        size: Optional[dict[str, int]] = None,
+        resample: Optional[int] = None,
+        do_center_crop: Optional[bool] = None,
+        crop_size: Optional[dict[str, int]] = None,
+        do_rescale: Optional[bool] = None,
+        rescale_factor: Optional[float] = None,
+        do_normalize: Optional[bool] = None,
+        image_mean: Optional[Union[float, list[float]]] = None,
+        image_std: Optional[Union[float, list[float]]] = None,
+        do_pad: Optional[bool] = None,
+        pad_size: Optional[dict[str, int]] = None,
+    ) -> list[npt.NDArray[Any]]:
+        """pixel_values, one [3, H, W] array per image (float32; float64 for a float64 image left unrescaled), from
+        (H×W×3 uint8 / float32 / float64 array, from_unit_float) pairs; the keywords override the checkpoint's
+        image settings for this call."""
     def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool) -> list[str]: ...
     def token_to_id(self, token: str) -> Optional[int]: ...
     def id_to_token(self, id: int) -> Optional[str]: ...

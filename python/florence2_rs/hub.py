@@ -20,6 +20,7 @@ from . import _native
 WEIGHTS: str = _native.WEIGHTS
 WEIGHTS_INDEX: str = _native.WEIGHTS_INDEX
 PYTORCH_WEIGHTS: str = _native.PYTORCH_WEIGHTS
+PYTORCH_WEIGHTS_INDEX: str = _native.PYTORCH_WEIGHTS_INDEX
 
 
 def resolve_checkpoint(
@@ -106,8 +107,8 @@ def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_file
     """`resolve_checkpoint` for the files of a repository's subfolder: `<subfolder>/<file>` in the repository.
 
     The weights stand for `<subfolder>/model.safetensors`, else the index beside it and its shards (named
-    relative to the index), else `<subfolder>/pytorch_model.bin`. Every call after the first asks for the commit the first one found, so that all
-    the files come from one snapshot.
+    relative to the index), else `<subfolder>/pytorch_model.bin`, else its index and shards. Every call after
+    the first asks for the commit the first one found, so that all the files come from one snapshot.
     """
     inside = PurePosixPath(subfolder)
     required = [str(inside / name) for name in files if name != WEIGHTS]
@@ -119,30 +120,38 @@ def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_file
     if WEIGHTS not in files or (folder / WEIGHTS).is_file():
         return folder
     pinned = {**native_kwargs, "revision": snapshot.name}
+    index = WEIGHTS_INDEX
     try:
         _native.hub_download(repo_id, [str(inside / WEIGHTS_INDEX)], [], **pinned)
     except FileNotFoundError:
-        # No safetensors: an older checkpoint's PyTorch weights, as at the repository's top level.
+        # No safetensors: an older checkpoint's PyTorch weights, whole or in shards, as at the repository's top
+        # level.
         try:
             _native.hub_download(repo_id, [str(inside / PYTORCH_WEIGHTS)], [], **pinned)
             return folder
         except FileNotFoundError:
+            pass
+        try:
+            _native.hub_download(repo_id, [str(inside / PYTORCH_WEIGHTS_INDEX)], [], **pinned)
+            index = PYTORCH_WEIGHTS_INDEX
+        except FileNotFoundError:
             raise FileNotFoundError(
-                f"{repo_id} (revision {snapshot.name}) has none of {inside / WEIGHTS}, {inside / WEIGHTS_INDEX} "
-                f"and {inside / PYTORCH_WEIGHTS}; is {subfolder} a Florence-2 checkpoint folder?"
+                f"{repo_id} (revision {snapshot.name}) has none of {inside / WEIGHTS}, {inside / WEIGHTS_INDEX}, "
+                f"{inside / PYTORCH_WEIGHTS} and {inside / PYTORCH_WEIGHTS_INDEX}; is {subfolder} a Florence-2 "
+                "checkpoint folder?"
             ) from None
-    shards = [str(inside / shard) for shard in _shard_names(folder / WEIGHTS_INDEX)]
+    shards = [str(inside / shard) for shard in _shard_names(folder / index)]
     _native.hub_download(repo_id, shards, [], **pinned)
     return folder
 
 
 def _shard_names(index: Path) -> list[str]:
-    """The shard files a safetensors index lists, in order, each once (the download checks that they are
-    relative paths inside the repository)."""
+    """The shard files a shard index lists, in order, each once (the download checks that they are relative
+    paths inside the repository)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (ValueError, AttributeError) as err:
-        raise OSError(f"{index} is not a safetensors index: {err}") from None
+        raise OSError(f"{index} is not a shard index: {err}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
         raise OSError(f"{index} has no \"weight_map\" of tensor names to shard files")
     return list(dict.fromkeys(weight_map.values()))
@@ -151,7 +160,8 @@ def _shard_names(index: Path) -> list[str]:
 def _has_local(folder: Path, name: str) -> bool:
     if name == WEIGHTS:
         # Sharded weights are complete only with every shard; the weights loader checks those and says which.
-        return any((folder / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX, PYTORCH_WEIGHTS))
+        return any((folder / name).is_file()
+                   for name in (WEIGHTS, WEIGHTS_INDEX, PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX))
     return (folder / name).is_file()
 
 

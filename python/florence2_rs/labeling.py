@@ -7,7 +7,9 @@ features (`get_image_features(...).pooler_output`, passed to `generate(image_fea
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import time
 from typing import Any, Iterable, Sequence
 
@@ -44,14 +46,91 @@ def task_token(name: str) -> str:
 def try_load_image(source: Any) -> tuple[Any, str | None]:
     """`load_image`, with a failure as text: (image, None), or (None, why the file cannot be read).
 
+    A path is read only if it is a regular file: a FIFO would block the read until some other process writes
+    to it (forever, if none does), and a device or socket is no image. The check is on the opened file
+    (opened without blocking, then `fstat`), so that a path swapped for a FIFO after a check cannot block.
+
     Pillow raises more than OSError on bad files: DecompressionBombError (an Exception) for a file that
     declares more pixels than `PIL.Image.MAX_IMAGE_PIXELS` allows, SyntaxError or ValueError for a corrupt
     EXIF chunk; each is that file's failure, not the run's.
     """
     try:
+        if isinstance(source, (str, os.PathLike)):
+            with _open_regular_file(source) as file:
+                return load_image(file), None
         return load_image(source), None
     except Exception as err:  # noqa: BLE001 - any decoder failure belongs to its file
         return None, f"cannot read the image: {type(err).__name__}: {err}"
+
+
+# What `stat` calls the kinds of file that are not regular files.
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular_file(path: str | os.PathLike):
+    """`path` opened for binary reading; OSError when it is not a regular file.
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; it changes nothing for a
+    regular file, whose reads never block."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+            raise OSError(f"{os.fspath(path)} is {kind}, not an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json_lines(content: bytes, name: str) -> tuple[list[dict[str, Any]], int]:
+    """The records of a JSON-lines file written line by line, which a kill may have cut short.
+
+    Args:
+        content: the file's bytes.
+        name: the file's name, for the error message.
+
+    Returns:
+        (records, complete): the records, and how many leading bytes of `content` hold them. A last line
+        without its line end that does not parse (a write cut short) is left out of both; one that parses is
+        kept.
+
+    Raises:
+        ValueError: a line other than the last is not a JSON object (the file is not such a record).
+    """
+    lines = content.split(b"\n")
+    records, complete = [], 0
+    for number, line in enumerate(lines, 1):
+        last = number == len(lines)
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                if last:
+                    break
+                raise ValueError(f"{name} line {number} is not a JSON record: {line[:80]!r} (is it the file of "
+                                 "another program?)")
+            records.append(record)
+        complete += len(line) + (0 if last else 1)
+    return records, complete
+
+
+def labeled_pairs(records: Iterable[dict[str, Any]], file_key: str) -> set[tuple[str, str]]:
+    """(file, task) of the records that hold a result (records of failures hold an "error" instead).
+
+    Args:
+        records: label records: the `florence2` command's lines (`file_key` "file") or the Ray labeler's rows
+            (`file_key` "path", with "error" None when there is a result).
+        file_key: the key of the image's name.
+    """
+    return {(str(r[file_key]), str(r["task"])) for r in records
+            if r.get(file_key) is not None and r.get("task") is not None and r.get("error") is None
+            and "result" in r}
 
 
 class Labeler:

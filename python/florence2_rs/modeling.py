@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import numbers
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,11 +14,12 @@ import numpy as np
 
 from . import _native
 from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, is_torch_tensor, torch_module, wrap
-from .adapters import PeftAdapterMixin, adapter_base, resolve_adapter
+from .adapters import LoadedWeights, PeftAdapterMixin, adapter_base, resolve_adapter
 from .configuration import Florence2Config, GenerationConfig
-from .hub import WEIGHTS, resolve_checkpoint
+from .hub import WEIGHTS, WEIGHTS_INDEX, resolve_checkpoint
 from .outputs import BaseModelOutputWithPooling, Florence2Seq2SeqLMOutput, Florence2Seq2SeqModelOutput, GenerateOutput
 from .quantization import quantize_mode
+from .seeding import sampling_seed
 
 # from_pretrained keywords transformers users pass that change nothing here (documented in the README).
 _ACCEPTED_NO_EFFECT = {
@@ -34,19 +38,42 @@ _TEXT_DEFAULTS = {"vocab_size": 50265, "pad_token_id": 1, "decoder_start_token_i
 IGNORE_INDEX = -100
 
 
-class Florence2PreTrainedModel(PeftAdapterMixin):
-    """Shared loading, device and dtype handling of the Florence-2 model classes."""
+def _training_message(call: str, instead: str | None = None) -> str:
+    """What a training-side call is told: florence2-rs runs inference; how to fine-tune and bring the result."""
+    also = f" ({instead})" if instead else ""
+    return (f"{call} is not available: florence2-rs runs Florence-2 inference only and has no torch parameters"
+            f"{also}. To fine-tune, train transformers' Florence2ForConditionalGeneration (with peft for LoRA), "
+            "then load the result here: the merged weights with from_pretrained(folder), or the LoRA adapter with "
+            "from_pretrained(adapter_folder) or model.load_adapter(adapter_folder).")
 
-    def __init__(self, native: Any, folder: Path, config: Florence2Config, device: str) -> None:
-        self._native = native
+
+def _training_only(name: str, instead: str | None = None):
+    """A method named like torch.nn.Module's `name` that raises NotImplementedError with `_training_message`."""
+
+    def method(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(_training_message(f"model.{name}()", instead))
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = (f"torch.nn.Module's `{name}`, which a model that runs inference only does not have.\n\n"
+                      "Raises:\n    NotImplementedError: always, naming how to fine-tune and load the result.")
+    return method
+
+
+class Florence2PreTrainedModel(PeftAdapterMixin):
+    """Shared loading, device and dtype handling of the Florence-2 model classes.
+
+    The weights and what they were loaded with are `_state` (see `adapters.LoadedWeights`), shared with the
+    model's views; a method reads `_state.native` once, so that it runs on one set of weights even while another
+    thread switches them.
+    """
+
+    def __init__(self, state: LoadedWeights, folder: Path, config: Florence2Config) -> None:
+        self._state = state
         self._folder = folder
-        self._device = device
-        self._quantize: str | None = None
-        self._init_adapters()
         self.config = config
         # What generate() starts from, resolved as the checkpoint layout's own code does (Microsoft's layout:
         # its text_config; the HF-native one: generation_config.json); editable, as in transformers.
-        self.generation_config = GenerationConfig(**json.loads(native.generation_config))
+        self.generation_config = GenerationConfig(**json.loads(state.native.generation_config))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any):
@@ -105,8 +132,8 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
                                         optional_files=("generation_config.json",), **base_kwargs)
         device = device_name(device if device is not None else device_map)
         native = _load_native(folder, dtype_name(dtype), device, quantize, adapter)
-        model = cls(native, folder, Florence2Config.from_json_file(folder / "config.json"), device)
-        model._quantize = quantize
+        config = Florence2Config.from_json_file(folder / "config.json")
+        model = cls(LoadedWeights(native, device, quantize), folder, config)
         if adapter is not None:
             model._register_adapter("default", adapter)
         return model
@@ -116,16 +143,20 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
     def device(self):
         """torch.device when torch is installed, else the device name."""
         torch = torch_module()
-        return torch.device(self._device) if torch is not None else self._device
+        device = self._state.device
+        return torch.device(device) if torch is not None else device
 
     @property
     def dtype(self):
         """torch dtype when torch is installed, else the dtype name."""
         torch = torch_module()
-        return getattr(torch, self._native.dtype) if torch is not None else self._native.dtype
+        dtype = self._state.native.dtype
+        return getattr(torch, dtype) if torch is not None else dtype
 
     def to(self, *args: Any, **kwargs: Any):
-        """Moves/casts like `torch.nn.Module.to(device, dtype)`; a new dtype reloads the weights in it."""
+        """Moves/casts like `torch.nn.Module.to(device, dtype)`; a new dtype reloads the weights in it. As in torch,
+        where `model.model` is a submodule over the same parameters, the model and all its views move together
+        (they share the weights)."""
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"to() got unexpected keyword arguments: {sorted(kwargs)}")
@@ -134,21 +165,54 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
                 dtype = arg
             else:
                 device = arg
-        new_device = device_name(device) if device is not None else self._device
-        new_dtype = dtype_name(dtype, allow_auto=False) if dtype is not None else self._native.dtype
-        if new_device != self._device or new_dtype != self._native.dtype:
-            self._native = _load_native(self._folder, new_dtype, new_device, self._quantize, self._adapter_folder())
-            self._device = new_device
+        new_device = device_name(device) if device is not None else None
+        new_dtype = dtype_name(dtype, allow_auto=False) if dtype is not None else None
+        state = self._state
+        # Under the adapters' lock: an adapter change at the same time cannot reload from the old dtype or
+        # device, nor this one from the old adapter (see adapters.py).
+        with state.lock:
+            native = state.native
+            new_device = new_device or state.device
+            new_dtype = new_dtype or native.dtype
+            if new_device != state.device or new_dtype != native.dtype:
+                state.native = _load_native(self._folder, new_dtype, new_device, state.quantize, state.merged)
+                state.device = new_device
         return self
 
-    def _reload(self) -> None:
-        """Loads the weights again, in the same dtype and on the same device, with the adapter now chosen."""
-        self._native = _load_native(self._folder, self._native.dtype, self._device, self._quantize,
-                                    self._adapter_folder())
+    def _load_weights(self, state: LoadedWeights, adapter: Path | None) -> Any:
+        """The weights loaded again as `state`'s are (dtype, device, quantization), with `adapter` merged (None:
+        the base weights). The caller (adapters.py) holds `state.lock` and installs them."""
+        return _load_native(self._folder, state.native.dtype, state.device, state.quantize, adapter)
+
+    # torch's flag: the model is always in inference mode.
+    training = False
 
     def eval(self):
         """No-op (the model is always in inference mode); returns self like torch."""
         return self
+
+    def train(self, mode: bool = True):
+        """`train(False)` is `eval()`, as in torch; `train()` raises: the model runs inference only.
+
+        Raises:
+            NotImplementedError: `mode` true (see `parameters`).
+        """
+        if mode:
+            raise NotImplementedError(_training_message("model.train()"))
+        return self.eval()
+
+    parameters = _training_only("parameters")
+    named_parameters = _training_only("named_parameters")
+    requires_grad_ = _training_only("requires_grad_")
+    state_dict = _training_only("state_dict", "save_pretrained(folder) writes the weights as safetensors")
+    load_state_dict = _training_only("load_state_dict")
+    # peft's get_peft_model walks modules() first, before it wraps anything.
+    modules = _training_only("modules")
+    named_modules = _training_only("named_modules")
+    children = _training_only("children")
+    named_children = _training_only("named_children")
+    gradient_checkpointing_enable = _training_only("gradient_checkpointing_enable")
+    enable_input_require_grads = _training_only("enable_input_require_grads")
 
     def float(self):
         """Computes in float32 from now on (reloads the weights); returns self."""
@@ -171,11 +235,9 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         return self.to("cuda" if device is None else f"cuda:{device}")
 
     def _sharing(self, cls: type) -> Any:
-        """A `cls` view over this model's weights (transformers' `model.model`, `model.vision_tower`)."""
-        view = cls(self._native, self._folder, self.config, self._device)
-        view._quantize = self._quantize
-        view._share_adapters(self)
-        return view
+        """A `cls` view over this model's weights (transformers' `model.model`, `model.vision_tower`): it shares
+        the weights, the device, the adapters and the lock (see `adapters.LoadedWeights`)."""
+        return cls(self._state, self._folder, self.config)
 
     def get_image_features(self, pixel_values: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
         """Runs the vision tower and the projector on preprocessed images.
@@ -190,8 +252,9 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         """
         as_torch = any_torch(pixel_values)
         pixels = as_numpy(pixel_values, np.float32, "pixel_values")
-        vision, pooled = self._native.get_image_features(pixels)
-        dtype = self._native.dtype
+        native = self._state.native
+        vision, pooled = native.get_image_features(pixels)
+        dtype = native.dtype
         return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
                                           pooler_output=wrap(pooled, as_torch, dtype))
 
@@ -222,15 +285,15 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
                                                        self._text_setting("decoder_start_token_id"))
         if decoder_input_ids is None:
             decoder_input_ids = np.full((ids.shape[0], 1), self._text_setting("decoder_start_token_id"), np.int64)
-        out = self._native.forward(
+        native = self._state.native
+        out = native.forward(
             ids,
             decoder_input_ids,
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
         )
-        dtype = self._native.dtype
-        wrapped = {key: wrap(value, as_torch, dtype) for key, value in out.items()}
+        wrapped = {key: wrap(value, as_torch, native.dtype) for key, value in out.items()}
         if labels is not None:
             loss = _loss(out["logits"], labels, num_items_in_batch)
             wrapped["loss"] = wrap(np.asarray(loss), as_torch) if as_torch else loss
@@ -243,8 +306,8 @@ class Florence2VisionBackbone(Florence2PreTrainedModel):
 
     main_input_name = "pixel_values"
 
-    def __init__(self, native: Any, folder: Path, config: Florence2Config, device: str) -> None:
-        super().__init__(native, folder, config, device)
+    def __init__(self, state: LoadedWeights, folder: Path, config: Florence2Config) -> None:
+        super().__init__(state, folder, config)
         self.config = config.vision_config
 
     def forward(self, hidden_states: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
@@ -257,8 +320,9 @@ class Florence2VisionBackbone(Florence2PreTrainedModel):
             BaseModelOutputWithPooling with `last_hidden_state` [B, C, H', W'].
         """
         as_torch = any_torch(hidden_states)
-        vision = self._native.vision_features(as_numpy(hidden_states, np.float32, "pixel_values"))
-        return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, self._native.dtype))
+        native = self._state.native
+        vision = native.vision_features(as_numpy(hidden_states, np.float32, "pixel_values"))
+        return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, native.dtype))
 
     __call__ = forward
 
@@ -301,6 +365,105 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
     def model(self) -> Florence2Model:
         """The encoder-decoder without the LM head, over the same weights (transformers' `model.model`)."""
         return self._sharing(Florence2Model)
+
+    @property
+    def vision_tower(self) -> Florence2VisionBackbone:
+        """The vision tower over the same weights (Microsoft's remote code's `model.vision_tower`)."""
+        return self._sharing(Florence2VisionBackbone)
+
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, state_dict: Any = None,
+                        push_to_hub: bool = False, max_shard_size: int | str = "50GB",
+                        safe_serialization: bool = True, variant: str | None = None, **kwargs: Any) -> None:
+        """Writes the model as a checkpoint folder that `from_pretrained` loads back, generating what this model
+        generates: `model.safetensors` (or shards with `model.safetensors.index.json`), `config.json` and
+        `generation_config.json`.
+
+        The weights are read again from the checkpoint the model was loaded from, with the active LoRA adapter
+        merged, in the model's dtype (after `.to(dtype)`: that dtype). `model.generation_config` as it is now
+        (edits included) is saved where the layout's code reads it. The folder keeps the layout the model was
+        loaded from: an HF-native model is saved as transformers saves it (transformers loads it back); a model
+        of Microsoft's original layout is saved in that layout, its generation settings in config.json's
+        text_config, its remote-code files copied, as transformers saves a trust_remote_code model (its HF-native
+        conversion has a larger vocabulary and no final_logits_bias, so it would not generate the same ids); with
+        a warning where the source folder has no code files to copy. A quantized model (`quantization_config`) is
+        saved unquantized, with a warning: quantization is applied at load, so pass the quantization_config to
+        from_pretrained again.
+
+        Args:
+            save_directory: the folder (created if needed; weights files of an earlier save there are replaced).
+            is_main_process: False writes nothing (transformers' distributed training flag).
+            max_shard_size: the largest weights file, bytes or a size like "5GB", "500MiB"; more is sharded.
+            safe_serialization: True (safetensors, the only format written).
+            push_to_hub: False (uploading is not supported).
+
+        Warns:
+            UserWarning: the model is quantized (saved unquantized), or is of Microsoft's layout and its folder
+                holds no remote-code files to copy (transformers cannot load the saved folder without them).
+
+        Raises:
+            NotImplementedError: push_to_hub=True, safe_serialization=False, a variant or a state_dict.
+            ValueError: save_directory is a file, or the folder the model was loaded from.
+            TypeError: an unknown keyword.
+        """
+        if push_to_hub:
+            raise NotImplementedError("save_pretrained(push_to_hub=True) is not supported: save to a folder, then "
+                                      "upload it with huggingface_hub (`HfApi().upload_folder`)")
+        if not safe_serialization:
+            raise NotImplementedError("save_pretrained writes safetensors only (safe_serialization=True)")
+        if variant is not None or state_dict is not None:
+            raise NotImplementedError("save_pretrained takes no `variant` or `state_dict`: it writes the model's "
+                                      "own weights as model.safetensors")
+        for key in ("token", "commit_message", "create_pr", "save_peft_format", "save_original_format"):
+            kwargs.pop(key, None)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments: {sorted(kwargs)}")
+        shard_bytes = _size_in_bytes(max_shard_size)
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_directory {folder} is a file; give a folder")
+        if folder.exists() and folder.resolve() == self._folder.resolve():
+            raise ValueError(f"save_directory {folder} is the folder the model was loaded from; save elsewhere "
+                             "(the model reads its weights from there again when its dtype or adapter changes)")
+        if not is_main_process:
+            return
+        # The weights, their dtype and adapter, read together (an adapter switch holds the lock).
+        state = self._state
+        with state.lock:
+            native, adapter, quantize = state.native, state.merged, state.quantize
+        dtype = native.dtype
+        if quantize is not None:
+            warnings.warn(f"save_pretrained writes the unquantized weights (in {dtype}): quantization is applied "
+                          "at load, so pass the quantization_config to from_pretrained again", UserWarning,
+                          stacklevel=2)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = _native.NativeModel.save_weights(self._folder, folder, dtype, shard_bytes,
+                                                   adapter=None if adapter is None else str(adapter))
+        for stale in [*folder.glob("model-*-of-*.safetensors"), folder / WEIGHTS, folder / WEIGHTS_INDEX]:
+            if stale.name not in written and stale.is_file():
+                stale.unlink()
+        config = self.config.to_dict()
+        config.pop("quantization_config", None)
+        generation = self.generation_config.to_dict()
+        if native.layout == "hf":
+            config.pop("torch_dtype", None)
+            config["dtype"] = dtype
+        else:
+            # Microsoft's code generates with its text_config's settings (generation_config.json never reaches
+            # it), and loads through the remote-code files beside the weights.
+            config["torch_dtype"] = dtype
+            config["text_config"].update(generation)
+            code_files = sorted(self._folder.glob("*.py"))
+            for code in code_files:
+                shutil.copyfile(code, folder / code.name)
+            if not code_files:
+                warnings.warn(f"{folder} is saved in Microsoft's original Florence-2 layout, but {self._folder} has "
+                              "no remote-code files (*.py) to copy: transformers loads this layout only with "
+                              "trust_remote_code=True and Microsoft's code files (configuration_florence2.py, "
+                              "modeling_florence2.py, processing_florence2.py) beside the weights; florence2-rs "
+                              "loads it as it is", UserWarning, stacklevel=2)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n",
+                                                       encoding="utf-8")
 
     def forward(self, input_ids: Any = None, pixel_values: Any = None, attention_mask: Any = None,
                 decoder_input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Florence2Seq2SeqLMOutput:
@@ -347,7 +510,10 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
                 `generation_config` values; attributes florence2-rs has no use for are ignored (with a warning
                 for those that are set).
             **kwargs: generation settings (max_new_tokens, num_beams, do_sample, ...), which override the
-                generation config as in transformers; an unknown name is an error.
+                generation config as in transformers; an unknown name is an error. `seed` (not in transformers)
+                seeds the sampler; sampling without one draws it from torch's default generator when torch is
+                imported (so `torch.manual_seed` makes a script repeat itself, as in transformers), else from
+                florence2-rs' own (`florence2_rs.set_seed`). The samples repeat; they are not torch's draws.
 
         Returns:
             ids [batch * num_return_sequences, length] (numpy, or torch when the inputs were torch), or a
@@ -367,7 +533,10 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             settings.update(_set_attributes(generation_config))
         _check_finite(settings)
         _check_finite(kwargs)
-        result = self._native.generate(
+        if kwargs.get("seed", settings.get("seed")) is None and kwargs.get("do_sample", settings.get("do_sample")):
+            # Follows the seeds the caller set (torch.manual_seed, set_seed) as transformers' sampling does.
+            kwargs["seed"] = sampling_seed()
+        result = self._state.native.generate(
             as_numpy(input_ids, np.int64, "input_ids"),
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
@@ -385,6 +554,42 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             scores=None if result.get("scores") is None else tuple(wrap(s, as_torch) for s in result["scores"]),
             token_scores=wrap(result["token_scores"], as_torch),
         )
+
+
+# transformers' `convert_file_size_to_int` units, checked in its order: (suffix, bytes, whether a lowercase "b"
+# means bits).
+_SIZE_UNITS = (("GIB", 2 ** 30, False), ("MIB", 2 ** 20, False), ("KIB", 2 ** 10, False),
+               ("GB", 10 ** 9, True), ("MB", 10 ** 6, True), ("KB", 10 ** 3, True))
+
+
+def _size_in_bytes(size: int | str) -> int:
+    """`max_shard_size` in bytes, read as transformers' `convert_file_size_to_int` reads it: an integer, or an
+    integer (as `int()` parses it: "5", " 5 ", "5_000") followed by a unit, "5GB" (10**9), "5 GiB" (2**30),
+    "5Gb" (bits).
+
+    Raises:
+        ValueError: a size in no such form, not positive, or 2**64 bytes or more (what a safetensors offset holds).
+    """
+    value = None
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        value = int(size)
+    elif isinstance(size, str):
+        for unit, scale, bits in _SIZE_UNITS:
+            if size.upper().endswith(unit):
+                try:
+                    value = int(size[:-len(unit)]) * scale
+                except ValueError:
+                    break
+                if bits and size.endswith("b"):
+                    value //= 8
+                break
+    if value is None or value <= 0:
+        raise ValueError("max_shard_size must be a positive number of bytes or an integer followed by a unit, like "
+                         f"\"5GB\" or \"500MiB\", got {size!r}")
+    if value >= 2 ** 64:
+        raise ValueError(f"max_shard_size {size!r} is {value} bytes, more than a checkpoint file can hold "
+                         "(2**64 - 1); give a smaller size")
+    return value
 
 
 def shift_tokens_right(input_ids: np.ndarray, pad_token_id: int, decoder_start_token_id: int) -> np.ndarray:
@@ -475,8 +680,26 @@ def _load_native(folder: Path, dtype: str, device: str, quantize: str | None, ad
 
     `quantize` ("int8", "int4" or None) comes from `quantization_config`: the linear layers' weights are
     quantized (candle's Q8_0 / Q4_0), the embeddings and LM head stay in `dtype`. `adapter`: a PEFT LoRA
-    adapter folder, merged into the weights as they load.
+    adapter folder, merged into the weights as they load; the LoRA factors its config does not target are left
+    out, as peft leaves them out, with a warning.
     """
-    return _native.NativeModel.load(folder, dtype, device, quantize=quantize,
-                                    adapter=None if adapter is None else str(adapter))
+    native = _native.NativeModel.load(folder, dtype, device, quantize=quantize,
+                                      adapter=None if adapter is None else str(adapter))
+    _warn_adapter_ignored(native.adapter_ignored_modules)
+    return native
+
+
+def _warn_adapter_ignored(modules: list[str]) -> None:
+    """Warns of the modules whose LoRA factors an adapter's file holds but its config does not target (peft
+    reports them as unexpected keys), at the user's call: the first frame outside this package."""
+    if not modules:
+        return
+    shown = ", ".join(modules[:5]) + (", ..." if len(modules) > 5 else "")
+    package = str(Path(__file__).resolve().parent)
+    frame, stacklevel = sys._getframe(1), 2
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(f"the adapter's weights hold LoRA factors of {len(modules)} module(s) that adapter_config.json's "
+                  f"target_modules does not target ({shown}); they are left out, as peft leaves them out",
+                  UserWarning, stacklevel=stacklevel)
 

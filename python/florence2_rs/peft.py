@@ -33,12 +33,22 @@ class PeftModel:
         model.load_adapter(model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
         return cls(model)
 
-    def load_adapter(self, model_id: str | Path, adapter_name: str, **kwargs: Any) -> None:
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False,
+                     **kwargs: Any) -> None:
         """Loads another adapter under `adapter_name`, keeping the active one, as peft does; `set_adapter`
-        switches."""
-        active = self.active_adapter
-        self.base_model.load_adapter(model_id, adapter_name=adapter_name, **kwargs)
-        self.base_model.set_adapter(active)
+        switches. The adapter is found (downloaded from the Hub if need be) first; then the model's adapter lock
+        is held across loading it and switching back, so that other threads never see the new adapter active.
+
+        Raises:
+            ValueError, OSError: as the model's `load_adapter`.
+        """
+        model = self.base_model
+        name, folder = model._adapter_to_load(model_id, adapter_name, is_trainable, kwargs.pop("peft_config", None),
+                                              kwargs.pop("adapter_state_dict", None), kwargs)
+        with model._state.lock:
+            active = self.active_adapter
+            model._install_adapter(name, folder)
+            model.set_adapter(active)
 
     def set_adapter(self, adapter_name: str) -> None:
         self.base_model.set_adapter(adapter_name)

@@ -1,11 +1,16 @@
 //! Maps the crate's [`Error`] to Python exceptions: what a transformers user would catch.
 
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
 use pyo3::create_exception;
 use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError,
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyOSError,
+    PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 
+use crate::interrupt::Interrupt;
 use crate::Error;
 
 create_exception!(
@@ -38,6 +43,9 @@ impl From<Error> for PyErr {
             }
             Error::TooLarge(_) => PyMemoryError::new_err(msg),
             Error::Candle(_) => Florence2Error::new_err(msg),
+            // The bindings' check re-raises the exception Python's signal handler raised; this is the
+            // fallback for any other stop.
+            Error::Interrupted => PyKeyboardInterrupt::new_err(msg),
         }
     }
 }
@@ -55,6 +63,70 @@ pub(crate) fn guarded<T>(call: &str, f: impl FnOnce() -> crate::Result<T>) -> Py
                 "florence2_rs: internal error in {call}: {what}. This is a bug in florence2-rs: please report \
                  it with the input that caused it."
             )))
+        }
+    }
+}
+
+/// Runs `f` with the GIL released, through [`guarded`], handing it an [`Interrupt`] that stops it when a signal
+/// handler raises: Ctrl-C raises KeyboardInterrupt (or whatever the SIGINT handler raises) from the call, as
+/// it would from Python code. Python runs signal handlers in the main thread only, so a call made from
+/// another thread runs to its end.
+pub(crate) fn detached_interruptible<T: Send>(
+    py: Python<'_>,
+    call: &str,
+    f: impl FnOnce(&dyn Interrupt) -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let signals = PendingSignals::new(py)?;
+    let (result, raised) = py.detach(move || {
+        let result = guarded(call, || f(&signals));
+        (result, signals.raised.into_inner())
+    });
+    match raised {
+        Some(err) => Err(err),
+        None => result,
+    }
+}
+
+/// How often a native call asks Python for pending signals: taking the GIL waits for whichever thread holds
+/// it, so not at every step, and often enough that Ctrl-C stops a call well within a second.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The [`Interrupt`] of [`detached_interruptible`]: takes the GIL at most every [`SIGNAL_CHECK_INTERVAL`] to
+/// run Python's pending signal handlers, and keeps the exception one raised.
+struct PendingSignals {
+    /// Whether the call runs in Python's main thread, the only one that runs signal handlers.
+    main_thread: bool,
+    last_check: Cell<Instant>,
+    raised: RefCell<Option<PyErr>>,
+}
+
+impl PendingSignals {
+    fn new(py: Python<'_>) -> PyResult<Self> {
+        let threading = py.import("threading")?;
+        let main_thread = threading
+            .call_method0("current_thread")?
+            .is(&threading.call_method0("main_thread")?);
+        Ok(Self {
+            main_thread,
+            last_check: Cell::new(Instant::now()),
+            raised: RefCell::new(None),
+        })
+    }
+}
+
+impl Interrupt for PendingSignals {
+    fn check(&self) -> crate::Result<()> {
+        if !self.main_thread || self.last_check.get().elapsed() < SIGNAL_CHECK_INTERVAL {
+            return Ok(());
+        }
+        self.last_check.set(Instant::now());
+        // None: the interpreter is shutting down, and no handler will run.
+        match Python::try_attach(|py| py.check_signals()) {
+            Some(Err(err)) => {
+                *self.raised.borrow_mut() = Some(err);
+                Err(Error::Interrupted)
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -25,6 +25,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WEIGHTS", crate::io::checkpoint::WEIGHTS)?;
     m.add("WEIGHTS_INDEX", crate::io::checkpoint::WEIGHTS_INDEX)?;
     m.add("PYTORCH_WEIGHTS", crate::io::pytorch::PYTORCH_WEIGHTS)?;
+    m.add(
+        "PYTORCH_WEIGHTS_INDEX",
+        crate::io::pytorch::PYTORCH_WEIGHTS_INDEX,
+    )?;
     m.add("ADAPTER_CONFIG", crate::io::adapter::ADAPTER_CONFIG)?;
     m.add("ADAPTER_WEIGHTS", crate::io::adapter::ADAPTER_WEIGHTS)?;
     m.add(

@@ -10,8 +10,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::arrays::{HostArray, HostOutput};
-use super::errors::guarded;
+use super::errors::{detached_interruptible, guarded};
 use crate::generation::{GenerateOutput, GenerationConfig};
+use crate::interrupt::Interrupt;
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::save::save_weights;
 use crate::layers::linear::Quantization;
 use crate::model::{Florence2ForConditionalGeneration, LoadOptions};
 use crate::{Error, Result};
@@ -68,18 +72,22 @@ pub struct PyModel {
     pub(crate) inner: Arc<Florence2ForConditionalGeneration>,
     /// The checkpoint's generation settings: what `model.generation_config` starts as in Python.
     generation: GenerationConfig,
+    /// The modules whose LoRA factors the merged adapter's file holds but its config does not target: left
+    /// out, as peft leaves them out; the Python layer warns of them.
+    adapter_ignored_modules: Vec<String>,
 }
 
 impl PyModel {
-    /// Runs `f` on the model with the GIL released; a panic becomes a RuntimeError naming `call`.
+    /// Runs `f` on the model with the GIL released; a panic becomes a RuntimeError naming `call`, and Ctrl-C
+    /// stops it through the [`Interrupt`] it gets (see `detached_interruptible`).
     pub(crate) fn detached<T: Send>(
         &self,
         py: Python<'_>,
         call: &str,
-        f: impl FnOnce(&Florence2ForConditionalGeneration) -> Result<T> + Send,
+        f: impl FnOnce(&Florence2ForConditionalGeneration, &dyn Interrupt) -> Result<T> + Send,
     ) -> PyResult<T> {
         let model = Arc::clone(&self.inner);
-        py.detach(move || guarded(call, move || f(&model)))
+        detached_interruptible(py, call, move |interrupt| f(&model, interrupt))
     }
 }
 
@@ -108,35 +116,78 @@ impl PyModel {
         adapter: Option<PathBuf>,
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
-        let options = LoadOptions {
-            quantize: quantize.map(Quantization::parse).transpose()?,
-            adapter,
-        };
+        let quantize = quantize.map(Quantization::parse).transpose()?;
         let dtype = if dtype == "auto" {
             None
         } else {
             Some(parse_dtype(dtype)?)
         };
-        let (model, generation) = py.detach(move || {
+        let (model, generation, ignored) = py.detach(move || {
             guarded("from_pretrained", move || {
+                crate::limits::check_setting()?;
                 let dtype = match dtype {
                     Some(dtype) => dtype,
                     None => Florence2ForConditionalGeneration::auto_dtype(&path)?,
                 };
+                let adapter = adapter
+                    .as_deref()
+                    .map(Adapter::open)
+                    .transpose()?
+                    .map(Arc::new);
+                let ignored = adapter
+                    .as_ref()
+                    .map(|a| a.ignored_modules().to_vec())
+                    .unwrap_or_default();
+                let options = LoadOptions { quantize, adapter };
                 let model = Florence2ForConditionalGeneration::from_dir_with(
                     &path, dtype, &device, &options,
                 )?;
                 let generation = GenerationConfig::from_dir(&path, model.config().layout)?;
-                Ok::<_, Error>((model, generation))
+                Ok::<_, Error>((model, generation, ignored))
             })
         })?;
         Ok(Self {
             inner: Arc::new(model),
             generation,
+            adapter_ignored_modules: ignored,
+        })
+    }
+
+    /// `save_pretrained`'s weights: writes those of the checkpoint folder `source` (the PEFT adapter folder
+    /// `adapter` merged) into the folder `out` in the layout of `source` (HF-native or Microsoft's), floating
+    /// tensors in `dtype`, sharded above `max_shard_size` bytes (see `io::save::save_weights`). Returns the names
+    /// of the files written.
+    #[staticmethod]
+    #[pyo3(signature = (source, out, dtype, max_shard_size, adapter=None))]
+    fn save_weights(
+        py: Python<'_>,
+        source: PathBuf,
+        out: PathBuf,
+        dtype: &str,
+        max_shard_size: u64,
+        adapter: Option<PathBuf>,
+    ) -> PyResult<Vec<String>> {
+        let dtype = parse_dtype(dtype)?;
+        py.detach(move || {
+            guarded("save_pretrained", move || {
+                let checkpoint = Checkpoint::open(&source)?;
+                let checkpoint = match adapter {
+                    Some(adapter) => checkpoint.with_adapter(Arc::new(Adapter::open(&adapter)?)),
+                    None => checkpoint,
+                };
+                save_weights(&checkpoint, dtype, &out, max_shard_size)
+            })
         })
     }
 
     /// "hf" or "original": the checkpoint layout.
+    /// The modules whose LoRA factors the adapter's file holds but its config does not target (sorted): not
+    /// merged, as peft leaves them out. Empty without an adapter.
+    #[getter]
+    fn adapter_ignored_modules(&self) -> Vec<String> {
+        self.adapter_ignored_modules.clone()
+    }
+
     #[getter]
     fn layout(&self) -> &'static str {
         match self.inner.config().layout {
@@ -170,8 +221,8 @@ impl PyModel {
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let pixels = pixels(&pixel_values)?;
-        let out = self.detached(py, "vision_features", move |m| {
-            HostOutput::from_tensor(&m.vision_features(pixels.into_tensor()?)?)
+        let out = self.detached(py, "vision_features", move |m, interrupt| {
+            HostOutput::from_tensor(&m.vision_features(pixels.into_tensor()?, interrupt)?)
         })?;
         out.into_numpy(py)
     }
@@ -185,8 +236,8 @@ impl PyModel {
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
     ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
         let pixels = pixels(&pixel_values)?;
-        let (vision, pooled) = self.detached(py, "get_image_features", move |m| {
-            let vision = m.vision_features(pixels.into_tensor()?)?;
+        let (vision, pooled) = self.detached(py, "get_image_features", move |m, interrupt| {
+            let vision = m.vision_features(pixels.into_tensor()?, interrupt)?;
             let pooled = m.project_image_features(&vision)?;
             Ok((
                 HostOutput::from_tensor(&vision)?,
@@ -217,27 +268,29 @@ impl PyModel {
         let image_features = image_features
             .map(|f| HostArray::copy(&f, "image_features", 3))
             .transpose()?;
-        let (decoder, logits, encoder, image) = self.detached(py, "forward", move |m| {
-            let features = features_tensor(m, pixel_values, image_features)?;
-            let mask = attention_mask
-                .map(|a| a.to_u32_tensor("attention_mask"))
-                .transpose()?;
-            let encoder = m.encode(
-                &input_ids.to_u32_tensor("input_ids")?,
-                mask.as_ref(),
-                features.as_ref(),
-            )?;
-            let (decoder, logits) = m.decoder_forward(
-                &decoder_input_ids.to_u32_tensor("decoder_input_ids")?,
-                &encoder,
-            )?;
-            Ok((
-                HostOutput::from_tensor(&decoder)?,
-                HostOutput::from_tensor(&logits)?,
-                HostOutput::from_tensor(&encoder.hidden_states)?,
-                features.as_ref().map(HostOutput::from_tensor).transpose()?,
-            ))
-        })?;
+        let (decoder, logits, encoder, image) =
+            self.detached(py, "forward", move |m, interrupt| {
+                let features = features_tensor(m, pixel_values, image_features, interrupt)?;
+                let mask = attention_mask
+                    .map(|a| a.to_u32_tensor("attention_mask"))
+                    .transpose()?;
+                let encoder = m.encode(
+                    &input_ids.to_u32_tensor("input_ids")?,
+                    mask.as_ref(),
+                    features.as_ref(),
+                    interrupt,
+                )?;
+                let (decoder, logits) = m.decoder_forward(
+                    &decoder_input_ids.to_u32_tensor("decoder_input_ids")?,
+                    &encoder,
+                )?;
+                Ok((
+                    HostOutput::from_tensor(&decoder)?,
+                    HostOutput::from_tensor(&logits)?,
+                    HostOutput::from_tensor(&encoder.hidden_states)?,
+                    features.as_ref().map(HostOutput::from_tensor).transpose()?,
+                ))
+            })?;
         let out = PyDict::new(py);
         out.set_item("last_hidden_state", decoder.into_numpy(py)?)?;
         out.set_item("logits", logits.into_numpy(py)?)?;
@@ -276,8 +329,8 @@ impl PyModel {
             .map(|f| HostArray::copy(&f, "image_features", 3))
             .transpose()?;
         let run_cfg = cfg.clone();
-        let out = self.detached(py, "generate", move |m| {
-            let features = features_tensor(m, pixel_values, image_features)?;
+        let out = self.detached(py, "generate", move |m, interrupt| {
+            let features = features_tensor(m, pixel_values, image_features, interrupt)?;
             let mask = attention_mask
                 .map(|a| a.to_u32_tensor("attention_mask"))
                 .transpose()?;
@@ -286,6 +339,7 @@ impl PyModel {
                 mask.as_ref(),
                 features.as_ref(),
                 &run_cfg,
+                interrupt,
             )
         })?;
         let dict = generate_output_dict(py, out, &cfg)?;
@@ -387,10 +441,11 @@ pub(crate) fn features_tensor(
     model: &Florence2ForConditionalGeneration,
     pixel_values: Option<HostArray<f32>>,
     image_features: Option<HostArray<f32>>,
+    interrupt: &dyn Interrupt,
 ) -> Result<Option<Tensor>> {
     Ok(match (image_features, pixel_values) {
         (Some(f), _) => Some(f.into_tensor()?),
-        (None, Some(p)) => Some(model.get_image_features(p.into_tensor()?)?),
+        (None, Some(p)) => Some(model.get_image_features(p.into_tensor()?, interrupt)?),
         (None, None) => None,
     })
 }

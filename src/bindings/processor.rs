@@ -1,6 +1,7 @@
 //! `ProcessorCore`: the native half of `florence2_rs.Florence2Processor` (the Python shim in
 //! processing.py adds the transformers-shaped API). Thin wrappers over [`crate::processor`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
@@ -8,10 +9,26 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use super::errors::guarded;
+use crate::limits::product;
 
+use crate::processor::image::{height_width_entries, three, Filter};
 use crate::processor::prompts::{Prompt, TASKS};
-use crate::processor::{Answer, EncodeOptions, Florence2Processor, ImageInput, Padding, RgbImage};
+use crate::processor::{
+    Answer, EncodeOptions, Florence2Processor, ImageInput, Padding, PixelData, RgbImage, Size,
+};
 use crate::Error;
+
+/// The tokenizer's `truncation_side`: true for "left".
+fn truncate_left_of(side: &str) -> PyResult<bool> {
+    match side {
+        "left" => Ok(true),
+        "right" => Ok(false),
+        other => Err(Error::invalid(format!(
+            "truncation_side must be 'left' or 'right', got {other:?}"
+        ))
+        .into()),
+    }
+}
 
 /// Tokenizer, image preprocessing, prompts and post-processing of one checkpoint.
 #[pyclass(name = "ProcessorCore", module = "florence2_rs._native", frozen)]
@@ -82,6 +99,7 @@ impl PyProcessorCore {
     fn from_dir(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py.detach(|| {
             guarded("AutoProcessor.from_pretrained", || {
+                crate::limits::check_setting()?;
                 Florence2Processor::from_dir(&path)
             })
         })?;
@@ -129,8 +147,12 @@ impl PyProcessorCore {
             s.set_item("width", w)?;
             Ok(s)
         };
+        let size = PyDict::new(py);
+        for (key, value) in c.size.entries() {
+            size.set_item(key, value)?;
+        }
         d.set_item("do_resize", c.do_resize)?;
-        d.set_item("size", hw(c.size)?)?;
+        d.set_item("size", size)?;
         d.set_item("resample", c.resample as i64)?;
         d.set_item("do_center_crop", c.do_center_crop)?;
         d.set_item("crop_size", hw(c.crop_size)?)?;
@@ -140,6 +162,8 @@ impl PyProcessorCore {
         d.set_item("image_mean", c.image_mean.to_vec())?;
         d.set_item("image_std", c.image_std.to_vec())?;
         d.set_item("do_convert_rgb", c.do_convert_rgb)?;
+        d.set_item("do_pad", c.do_pad)?;
+        d.set_item("pad_size", c.pad_size.map(hw).transpose()?)?;
         d.set_item("image_seq_length", c.image_seq_length)?;
         Ok(d)
     }
@@ -150,7 +174,7 @@ impl PyProcessorCore {
     }
 
     /// Processor text encoding: prompts, layout, padding and truncation. Returns (input_ids, attention_mask).
-    #[pyo3(signature = (texts, with_images, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None))]
+    #[pyo3(signature = (texts, with_images, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None, add_special_tokens=false, truncation_side="right"))]
     #[allow(clippy::too_many_arguments)] // mirrors the processor's keyword arguments
     fn encode_prompts(
         &self,
@@ -161,23 +185,27 @@ impl PyProcessorCore {
         truncation: Option<bool>,
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
+        add_special_tokens: bool,
+        truncation_side: &str,
     ) -> PyResult<IdsAndMask> {
         let opts = EncodeOptions {
             padding: padding_of(padding)?,
             truncation,
             max_length,
             pad_to_multiple_of,
+            truncate_left: truncate_left_of(truncation_side)?,
         };
         let batch = py.detach(|| {
             guarded("the processor's text encoding", || {
-                self.inner.encode_texts(&texts, with_images, &opts)
+                self.inner
+                    .encode_texts(&texts, with_images, add_special_tokens, &opts)
             })
         })?;
         Ok((batch.input_ids, batch.attention_mask))
     }
 
     /// Plain tokenizer encoding of texts (no task prompts). Returns (input_ids, attention_mask).
-    #[pyo3(signature = (texts, add_special_tokens=true, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None))]
+    #[pyo3(signature = (texts, add_special_tokens=true, padding="do_not_pad", truncation=None, max_length=None, pad_to_multiple_of=None, truncation_side="right"))]
     #[allow(clippy::too_many_arguments)] // mirrors the processor's keyword arguments
     fn tokenize(
         &self,
@@ -188,62 +216,122 @@ impl PyProcessorCore {
         truncation: Option<bool>,
         max_length: Option<usize>,
         pad_to_multiple_of: Option<usize>,
+        truncation_side: &str,
     ) -> PyResult<IdsAndMask> {
         let opts = EncodeOptions {
             padding: padding_of(padding)?,
             truncation,
             max_length,
             pad_to_multiple_of,
+            truncate_left: truncate_left_of(truncation_side)?,
         };
         let tok = &self.inner.tokenizer;
         let batch = py.detach(|| {
             guarded("the tokenizer", || {
                 let seqs = texts
                     .iter()
-                    .map(|t| tok.encode(t, add_special_tokens))
+                    .map(|t| tok.encode(t, false))
                     .collect::<Result<Vec<_>, _>>()?;
-                tok.pad_batch(seqs, &opts)
+                tok.pad_batch(seqs, add_special_tokens, &opts)
             })
         })?;
         Ok((batch.input_ids, batch.attention_mask))
     }
 
-    /// `pixel_values` float32 [B, 3, H, W] from (H×W×3 uint8 array, from_unit_float) pairs.
+    /// `pixel_values`, one [3, H, W] array per image (float32; float64 for a float64 image left unrescaled),
+    /// from (H×W×3 array, from_unit_float) pairs: uint8 arrays (resizable), or float32 / float64 arrays of the
+    /// caller's values where nothing resizes them.
+    /// The keywords override the checkpoint's image settings for this call (None keeps them); `size`,
+    /// `crop_size` and `pad_size` are size dicts, `image_mean` / `image_std` a number or 3 numbers.
+    #[pyo3(signature = (
+        images, *, do_resize=None, size=None, resample=None, do_center_crop=None, crop_size=None,
+        do_rescale=None, rescale_factor=None, do_normalize=None, image_mean=None, image_std=None,
+        do_pad=None, pad_size=None,
+    ))]
+    #[allow(clippy::too_many_arguments)] // one argument per image-processor keyword
     fn preprocess<'py>(
         &self,
         py: Python<'py>,
-        images: Vec<(PyReadonlyArray3<'py, u8>, bool)>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let copied: u128 = images.iter().map(|(array, _)| array.len() as u128).sum();
-        crate::limits::check_alloc(
-            &format!(
-                "copying {} images ({copied} bytes of RGB values)",
-                images.len()
-            ),
-            copied,
-        )?;
-        let mut inputs = Vec::with_capacity(images.len());
-        for (array, from_unit_float) in &images {
-            let shape = array.shape();
-            if shape[2] != 3 {
-                return Err(Error::Image(format!(
-                    "expected an H×W×3 RGB array, got shape {shape:?}"
-                ))
-                .into());
+        images: Vec<(Bound<'py, PyAny>, bool)>,
+        do_resize: Option<bool>,
+        size: Option<BTreeMap<String, i64>>,
+        resample: Option<i64>,
+        do_center_crop: Option<bool>,
+        crop_size: Option<BTreeMap<String, i64>>,
+        do_rescale: Option<bool>,
+        rescale_factor: Option<f64>,
+        do_normalize: Option<bool>,
+        image_mean: Option<Bound<'py, PyAny>>,
+        image_std: Option<Bound<'py, PyAny>>,
+        do_pad: Option<bool>,
+        pad_size: Option<BTreeMap<String, i64>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let overridden = [
+            do_resize.is_some(),
+            size.is_some(),
+            resample.is_some(),
+            do_center_crop.is_some(),
+            crop_size.is_some(),
+            do_rescale.is_some(),
+            rescale_factor.is_some(),
+            do_normalize.is_some(),
+            image_mean.is_some(),
+            image_std.is_some(),
+            do_pad.is_some(),
+            pad_size.is_some(),
+        ]
+        .contains(&true);
+        let config = if overridden {
+            let mut c = self.inner.image_config.clone();
+            let entries = |map: BTreeMap<String, i64>| map.into_iter().collect::<Vec<_>>();
+            c.do_resize = do_resize.unwrap_or(c.do_resize);
+            if let Some(size) = size {
+                c.size = Size::from_entries(&entries(size), "size")?;
             }
-            let data = array.as_array().iter().copied().collect();
-            inputs.push(ImageInput {
-                image: RgbImage::new(shape[1], shape[0], data)?,
-                from_unit_float: *from_unit_float,
-            });
-        }
-        let pv = py.detach(|| {
+            if let Some(code) = resample {
+                c.resample = Filter::from_pil(code)?;
+            }
+            c.do_center_crop = do_center_crop.unwrap_or(c.do_center_crop);
+            if let Some(crop) = crop_size {
+                c.crop_size = height_width_entries(&entries(crop), "crop_size")?;
+            }
+            c.do_rescale = do_rescale.unwrap_or(c.do_rescale);
+            c.rescale_factor = rescale_factor.unwrap_or(c.rescale_factor);
+            c.do_normalize = do_normalize.unwrap_or(c.do_normalize);
+            if let Some(mean) = image_mean {
+                c.image_mean = per_channel(&mean, "mean")?;
+            }
+            if let Some(std) = image_std {
+                c.image_std = per_channel(&std, "std")?;
+            }
+            c.do_pad = do_pad.unwrap_or(c.do_pad);
+            if let Some(pad) = pad_size {
+                c.pad_size = Some(height_width_entries(&entries(pad), "pad_size")?);
+            }
+            c.check_sizes()?;
+            Some(c)
+        } else {
+            None
+        };
+        let inputs = images_of(&images)?;
+        let pixel_values = py.detach(|| {
             guarded("the image processor", || {
-                self.inner.preprocess_images(&inputs)
+                self.inner.preprocess_images(&inputs, config.as_ref())
             })
         })?;
-        let flat = PyArray1::from_vec(py, pv.data);
-        Ok(flat.reshape(pv.shape)?.into_any())
+        pixel_values
+            .into_iter()
+            .map(|pv| {
+                Ok(match pv.data {
+                    PixelData::F32(data) => {
+                        PyArray1::from_vec(py, data).reshape(pv.shape)?.into_any()
+                    }
+                    PixelData::F64(data) => {
+                        PyArray1::from_vec(py, data).reshape(pv.shape)?.into_any()
+                    }
+                })
+            })
+            .collect()
     }
 
     fn batch_decode(
@@ -293,6 +381,79 @@ impl PyProcessorCore {
         })?;
         answer_to_py(py, task, answer)
     }
+}
+
+/// `image_mean` / `image_std` of a call: one number for all channels, or one per channel.
+fn per_channel(value: &Bound<'_, PyAny>, key: &str) -> PyResult<[f64; 3]> {
+    if let Ok(x) = value.extract::<f64>() {
+        return Ok([x; 3]);
+    }
+    let values: Vec<f64> = value.extract().map_err(|_| {
+        Error::invalid(format!(
+            "{key} must be a number or a sequence of 3 numbers, got {value}"
+        ))
+    })?;
+    Ok(three(&values, key)?)
+}
+
+/// The images of a `preprocess` call, copied out of their H×W×3 arrays (each copy checked against the
+/// allocation limit first): uint8 arrays as RGB images, float32 and float64 arrays as values.
+fn images_of(images: &[(Bound<'_, PyAny>, bool)]) -> PyResult<Vec<ImageInput>> {
+    let mut inputs = Vec::with_capacity(images.len());
+    let mut copied: u128 = 0;
+    let mut charge = |shape: &[usize], bytes_per_value: u128| -> PyResult<(usize, usize)> {
+        if shape[2] != 3 {
+            let msg = format!("expected an H×W×3 RGB array, got shape {shape:?}");
+            return Err(Error::Image(msg).into());
+        }
+        if shape[0] == 0 || shape[1] == 0 {
+            let msg = format!("empty image ({}x{})", shape[1], shape[0]);
+            return Err(Error::Image(msg).into());
+        }
+        copied += product(&[shape[0] as u128, shape[1] as u128, 3, bytes_per_value]);
+        let what = format!(
+            "copying {} images ({copied} bytes of RGB values)",
+            images.len()
+        );
+        crate::limits::check_alloc(&what, copied)?;
+        Ok((shape[0], shape[1]))
+    };
+    for (array, from_unit_float) in images {
+        let input = if let Ok(pixels) = array.extract::<PyReadonlyArray3<'_, u8>>() {
+            let (height, width) = charge(pixels.shape(), 1)?;
+            let data = pixels.as_array().iter().copied().collect();
+            ImageInput::Rgb8 {
+                image: RgbImage::new(width, height, data)?,
+                from_unit_float: *from_unit_float,
+            }
+        } else if let Ok(values) = array.extract::<PyReadonlyArray3<'_, f32>>() {
+            let (height, width) = charge(values.shape(), 8)?;
+            let data = values.as_array().iter().map(|&v| f64::from(v)).collect();
+            ImageInput::Values {
+                width,
+                height,
+                data,
+                float64: false,
+            }
+        } else if let Ok(values) = array.extract::<PyReadonlyArray3<'_, f64>>() {
+            let (height, width) = charge(values.shape(), 8)?;
+            let data = values.as_array().iter().copied().collect();
+            ImageInput::Values {
+                width,
+                height,
+                data,
+                float64: true,
+            }
+        } else {
+            return Err(Error::Image(format!(
+                "expected an H×W×3 uint8, float32 or float64 array, got {}",
+                array.get_type().name()?
+            ))
+            .into());
+        };
+        inputs.push(input);
+    }
+    Ok(inputs)
 }
 
 /// Raises MemoryError when `what` would need more than `bytes` of memory allowed for one allocation

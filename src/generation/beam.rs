@@ -13,6 +13,7 @@ use rand::Rng;
 use super::config::{EarlyStopping, GenerationConfig, Plan};
 use super::processors::{log_softmax, softmax, top_k, LogitsProcessors};
 use super::{logits_step, sample::sample, DecoderSession, GenerateOutput};
+use crate::interrupt::Interrupt;
 use crate::Result;
 
 /// transformers' stand-in for minus infinity in beam bookkeeping (exact in f32).
@@ -62,6 +63,7 @@ pub(crate) fn run(
     processors: &LogitsProcessors,
     batch_size: usize,
     rng: &mut impl Rng,
+    interrupt: &dyn Interrupt,
 ) -> Result<GenerateOutput> {
     let nb = plan.num_beams;
     let prompt = GenerationConfig::DECODER_PROMPT_LEN;
@@ -94,7 +96,7 @@ pub(crate) fn run(
             .iter()
             .flat_map(|it| it.running.iter().map(|h| h.ids[h.ids.len() - 1]))
             .collect();
-        let mut log_probs = logits_step(session, &last)?;
+        let mut log_probs = logits_step(session, interrupt, &last)?;
         let vocab = log_probs[0].len();
         for (row, lp) in log_probs.iter_mut().enumerate() {
             log_softmax(lp);

@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use config::{EarlyStopping, GenerationConfig};
 
+use crate::interrupt::Interrupt;
 use crate::{Error, Result};
 
 /// One running decoder: the model side of a generation loop.
@@ -73,11 +74,13 @@ pub struct GenerateOutput {
 /// `do_sample`, beam search (or beam sampling) when `num_beams > 1`.
 ///
 /// The session must hold `batch_size * cfg.expand_factor()` rows; its first `next_logits` call receives the
-/// decoder start token for every row.
+/// decoder start token for every row. `interrupt` is checked before each decoder call; its error ends the
+/// generation.
 pub fn generate(
     session: &mut dyn DecoderSession,
     cfg: &GenerationConfig,
     batch_size: usize,
+    interrupt: &dyn Interrupt,
 ) -> Result<GenerateOutput> {
     let plan = cfg.plan()?;
     if batch_size == 0 {
@@ -98,15 +101,20 @@ pub fn generate(
         None => ChaCha8Rng::from_os_rng(),
     };
     if plan.num_beams > 1 {
-        beam::run(session, &plan, &processors, batch_size, &mut rng)
+        beam::run(session, &plan, &processors, batch_size, &mut rng, interrupt)
     } else {
-        sample::run(session, &plan, &processors, &mut rng)
+        sample::run(session, &plan, &processors, &mut rng, interrupt)
     }
 }
 
 /// One decoder call with the checks the loop relies on: one row of logits per row, all of the same
-/// non-zero width.
-fn logits_step(session: &mut dyn DecoderSession, last: &[u32]) -> Result<Vec<Vec<f32>>> {
+/// non-zero width; `interrupt` is asked first, as every decoding loop steps through here.
+fn logits_step(
+    session: &mut dyn DecoderSession,
+    interrupt: &dyn Interrupt,
+    last: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    interrupt.check()?;
     let logits = session.next_logits(last)?;
     let vocab = logits.first().map_or(0, Vec::len);
     if logits.len() != last.len() || vocab == 0 || logits.iter().any(|r| r.len() != vocab) {

@@ -6,6 +6,7 @@ use rand::Rng;
 use super::config::Plan;
 use super::processors::{argmax, log_softmax, softmax, LogitsProcessors};
 use super::{logits_step, DecoderSession, GenerateOutput};
+use crate::interrupt::Interrupt;
 use crate::Result;
 
 pub(crate) fn run(
@@ -13,6 +14,7 @@ pub(crate) fn run(
     plan: &Plan,
     processors: &LogitsProcessors,
     rng: &mut impl Rng,
+    interrupt: &dyn Interrupt,
 ) -> Result<GenerateOutput> {
     let rows = session.rows();
     let mut ids: Vec<Vec<u32>> = vec![vec![plan.decoder_start]; rows];
@@ -23,7 +25,7 @@ pub(crate) fn run(
 
     loop {
         let last: Vec<u32> = ids.iter().map(|r| r[r.len() - 1]).collect();
-        let mut scores = logits_step(session, &last)?;
+        let mut scores = logits_step(session, interrupt, &last)?;
         let mut next = Vec::with_capacity(rows);
         for (row, s) in scores.iter_mut().enumerate() {
             processors.apply(&ids[row], s)?;

@@ -19,12 +19,17 @@
 //! `scale` is `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`. Other peft methods and LoRA options
 //! that change the formula (DoRA, per-module rank or alpha patterns, LoRA biases, `fan_in_fan_out`) are refused
 //! with an error naming them.
+//!
+//! Only the factors of modules that peft would wrap are merged ([`Targets`]: `target_modules`,
+//! `exclude_modules`, `modules_to_save`, `layers_to_transform`); peft reports the others as unexpected keys and
+//! leaves them out, and so does [`Adapter::ignored_modules`].
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
+use regex::Regex;
 use serde_json::Value;
 
 use super::checkpoint::original_name;
@@ -61,6 +66,8 @@ pub struct Adapter {
     replaced: HashMap<String, Tensor>,
     /// The names (of `replaced`, or modules of `linear`) merged so far.
     used: Mutex<HashSet<String>>,
+    /// Modules with LoRA factors in the file that the config does not target, sorted: not merged.
+    ignored: Vec<String>,
 }
 
 impl Adapter {
@@ -76,10 +83,12 @@ impl Adapter {
             });
         }
         let config = read_json(&config_path)?;
-        let (scale, rank) = lora_scale(&config).map_err(|msg| Error::Config {
+        let config_error = |msg| Error::Config {
             path: config_path.clone(),
             msg,
-        })?;
+        };
+        let (scale, rank) = lora_scale(&config).map_err(config_error)?;
+        let targets = Targets::from_config(&config).map_err(config_error)?;
         let (tensors, source) = read_weights(dir)?;
         let bad = |msg: String| Error::Weights {
             path: source.clone(),
@@ -94,17 +103,14 @@ impl Adapter {
                     "tensor `{key}` lacks peft's `{PEFT_PREFIX}` prefix: not a peft adapter file"
                 )));
             };
-            if let Some(what) = token_embedding_or_head(name) {
-                return Err(bad(format!(
-                    "the adapter changes the {what} (`{name}`), which florence2-rs shares between the encoder, \
-                     the decoder and the LM head where transformers keeps separate copies; adapters on the other \
-                     modules are supported"
-                )));
-            }
             names.push(name.to_string());
             let factor = [(".lora_A.weight", 0), (".lora_B.weight", 1)]
                 .into_iter()
                 .find_map(|(suffix, slot)| Some((name.strip_suffix(suffix)?, slot)));
+            // LoRA factors are refused below, once the config says whether peft would wrap their module.
+            if factor.is_none() {
+                refuse_shared(name).map_err(&bad)?;
+            }
             match factor {
                 Some((module, slot)) => {
                     parts.entry(module.to_string()).or_default()[slot] = Some(tensor);
@@ -129,10 +135,22 @@ impl Adapter {
                  Microsoft's `language_model.*` / `vision_tower.*`)"
                 .into())
         })?;
+        let mut ignored = Vec::new();
         let linear = parts
             .into_iter()
+            .filter(|(module, [a, _])| {
+                let linear = a.as_ref().is_none_or(|a| a.rank() == 2);
+                let targeted = targets.matches(module, linear);
+                if !targeted {
+                    ignored.push(module.clone());
+                }
+                targeted
+            })
             .map(|(module, [a, b])| match (a, b) {
-                (Some(a), Some(b)) => Ok((module, low_rank(a, b, rank).map_err(&bad)?)),
+                (Some(a), Some(b)) => {
+                    refuse_shared(&format!("{module}.lora_A.weight")).map_err(&bad)?;
+                    Ok((module, low_rank(a, b, rank).map_err(&bad)?))
+                }
                 _ => Err(bad(format!(
                     "module `{module}` has only one of its two LoRA factors"
                 ))),
@@ -145,7 +163,17 @@ impl Adapter {
             replaced,
             source,
             used: Mutex::default(),
+            ignored: {
+                ignored.sort();
+                ignored
+            },
         })
+    }
+
+    /// The modules whose LoRA factors the file holds but `adapter_config.json` does not target: left out, as
+    /// peft leaves them out (it warns of them as unexpected keys).
+    pub fn ignored_modules(&self) -> &[String] {
+        &self.ignored
     }
 
     /// The adapter's name of the HF-native tensor name `hf_name`.
@@ -282,10 +310,15 @@ impl Adapter {
 
 /// `lora_alpha / r` (or `/ √r` with `use_rslora`) and `r`, after refusing what changes the merge formula.
 fn lora_scale(config: &Value) -> std::result::Result<(f64, usize), String> {
-    let peft_type = config
-        .get("peft_type")
-        .and_then(Value::as_str)
-        .unwrap_or("LORA");
+    let peft_type = match config.get("peft_type") {
+        None => "LORA",
+        Some(Value::String(name)) => name.as_str(),
+        Some(other) => {
+            return Err(format!(
+                "peft_type {other} is not a peft method's name (a string such as \"LORA\")"
+            ))
+        }
+    };
     if peft_type != "LORA" {
         return Err(format!(
             "peft_type {peft_type:?} is not supported: florence2-rs merges LoRA adapters only"
@@ -352,6 +385,197 @@ fn lora_scale(config: &Value) -> std::result::Result<(f64, usize), String> {
     Ok((scale, rank))
 }
 
+/// Which modules of the base model peft wraps with an adapter's LoRA layers: peft 0.21's
+/// `check_target_module_exists`, and `_maybe_include_all_linear_layers` for `"all-linear"`, on the module names
+/// of the adapter's file (the names peft matched on the model the adapter was made for).
+struct Targets {
+    target: ModuleNames,
+    exclude: Option<ModuleNames>,
+    /// `modules_to_save`: modules peft copies whole, never wrapped with LoRA.
+    saved: Vec<Regex>,
+    /// `layers_to_transform` and the patterns that find a module's layer index (`layers_pattern`), applied
+    /// to a list of `target_modules` only, as peft applies them.
+    layers: Option<(Vec<u64>, Vec<Regex>)>,
+}
+
+/// `target_modules` or `exclude_modules`.
+enum ModuleNames {
+    /// Names a module equals or ends with after a dot.
+    List(Vec<String>),
+    /// A Python regex the whole module name must match (`re.fullmatch`).
+    Pattern(Regex),
+    /// `"all-linear"`: every linear layer but the LM head (the model's output embeddings), as peft's
+    /// `_maybe_include_all_linear_layers` takes them.
+    AllLinear,
+}
+
+impl ModuleNames {
+    /// `None` for a setting that is absent, null or empty.
+    fn parse(config: &Value, key: &str) -> std::result::Result<Option<Self>, String> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s))
+                if key == "target_modules" && s.eq_ignore_ascii_case("all-linear") =>
+            {
+                Ok(Some(Self::AllLinear))
+            }
+            Some(Value::String(pattern)) => Ok(Some(Self::Pattern(python_regex(
+                key,
+                pattern,
+                &format!("^(?:{pattern})$"),
+            )?))),
+            Some(Value::Array(items)) if items.is_empty() => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map(|names| Some(Self::List(names)))
+                .ok_or_else(|| format!("`{key}` must be a list of module names or a regex string")),
+            Some(_) => Err(format!(
+                "`{key}` must be a list of module names or a regex string"
+            )),
+        }
+    }
+
+    /// Whether `module` (a linear layer when `linear`) is named.
+    fn matches(&self, module: &str, linear: bool) -> bool {
+        match self {
+            Self::List(names) => names.iter().any(|name| suffix_match(module, name)),
+            Self::Pattern(regex) => regex.is_match(module),
+            Self::AllLinear => linear && token_embedding_or_head(module) != Some("LM head"),
+        }
+    }
+}
+
+/// peft's list match: `module` is `name`, or ends with `.name`.
+fn suffix_match(module: &str, name: &str) -> bool {
+    module
+        .strip_suffix(name)
+        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+}
+
+/// `full`, a regex built from the Python regex `pattern` of the setting `key`, compiled; the regex crate has
+/// no look-around or backreferences, so a pattern that uses them is refused rather than misread.
+fn python_regex(key: &str, pattern: &str, full: &str) -> std::result::Result<Regex, String> {
+    Regex::new(full).map_err(|e| {
+        format!(
+            "`{key}` pattern {pattern:?} cannot be used ({}); florence2-rs reads peft's Python regexes without \
+             look-around or backreferences: use a list of module names or a simpler pattern",
+            e.to_string().lines().last().unwrap_or_default()
+        )
+    })
+}
+
+impl Targets {
+    fn from_config(config: &Value) -> std::result::Result<Self, String> {
+        let target = ModuleNames::parse(config, "target_modules")?.ok_or(
+            "`target_modules` is not set: peft needs it for Florence-2 (it has no default for this model)",
+        )?;
+        let exclude = ModuleNames::parse(config, "exclude_modules")?;
+        let strings = |key: &str| -> std::result::Result<Vec<String>, String> {
+            match config.get(key) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::String(s)) => Ok(vec![s.clone()]),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| format!("`{key}` must be a list of strings")),
+                Some(_) => Err(format!("`{key}` must be a list of strings")),
+            }
+        };
+        let saved = strings("modules_to_save")?
+            .iter()
+            // `re.match(rf"(^|.*\.){m}($|\..*)", key)`: the pattern spliced in as peft splices it, anchored at
+            // the start as a whole, as re.match anchors every alternative.
+            .map(|m| {
+                python_regex(
+                    "modules_to_save",
+                    m,
+                    &format!(r"^(?:(?:^|.*\.){m}(?:$|\..*))"),
+                )
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let indices = match config.get("layers_to_transform") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) if items.is_empty() => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(Value::as_u64)
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("`layers_to_transform` must be a layer index or a list of them")?,
+            ),
+            Some(value) => Some(vec![value
+                .as_u64()
+                .ok_or("`layers_to_transform` must be a layer index or a list of them")?]),
+        };
+        let layers = indices
+            .map(|indices| {
+                let patterns = strings("layers_pattern")?;
+                // peft takes its default for None, "" and [] only: a list of patterns is used as it is.
+                let default = config.get("layers_pattern").is_none_or(|p| {
+                    p.is_null() || p.as_str() == Some("") || p.as_array().is_some_and(Vec::is_empty)
+                });
+                let patterns = if default {
+                    // The first numbered segment after at least two names: the layer index, not a nested one.
+                    vec![Regex::new(r"^.*?\.[^.]*\.(?P<idx>\d+)\.").map_err(|e| e.to_string())?]
+                } else {
+                    patterns
+                        .iter()
+                        .map(|p| {
+                            python_regex(
+                                "layers_pattern",
+                                p,
+                                // re.match: anchored at the start as a whole.
+                                &format!(r"^(?:(?:^|.*?\.){p}\.(?P<idx>\d+)\.)"),
+                            )
+                        })
+                        .collect::<std::result::Result<_, _>>()?
+                };
+                Ok::<_, String>((indices, patterns))
+            })
+            .transpose()?;
+        Ok(Self {
+            target,
+            exclude,
+            saved,
+            layers,
+        })
+    }
+
+    /// Whether peft wraps `module` (a linear layer when `linear`) with LoRA.
+    fn matches(&self, module: &str, linear: bool) -> bool {
+        if self
+            .exclude
+            .as_ref()
+            .is_some_and(|e| e.matches(module, linear))
+            || self.saved.iter().any(|m| m.is_match(module))
+        {
+            return false;
+        }
+        let ModuleNames::List(names) = &self.target else {
+            return self.target.matches(module, linear);
+        };
+        // A module named in full is taken whatever its layer; one matched by its suffix must be in a listed layer.
+        if names.iter().any(|name| name == module) {
+            return true;
+        }
+        if !self.target.matches(module, linear) {
+            return false;
+        }
+        let Some((indices, patterns)) = &self.layers else {
+            return true;
+        };
+        patterns
+            .iter()
+            .find_map(|p| p.captures(module))
+            .and_then(|c| c.name("idx")?.as_str().parse::<u64>().ok())
+            .is_some_and(|layer| indices.contains(&layer))
+    }
+}
+
 /// The adapter's tensors, from its safetensors file or else its PyTorch one, and the file they came from.
 fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
     let safetensors = dir.join(ADAPTER_WEIGHTS);
@@ -411,6 +635,19 @@ fn low_rank(a: Tensor, b: Tensor, rank: usize) -> std::result::Result<LowRank, S
         a: f32(a)?,
         b: f32(b)?,
     })
+}
+
+/// An error for `name` (an adapter tensor name without peft's prefix) when it changes the token embedding or
+/// the LM head.
+fn refuse_shared(name: &str) -> std::result::Result<(), String> {
+    match token_embedding_or_head(name) {
+        Some(what) => Err(format!(
+            "the adapter changes the {what} (`{name}`), which florence2-rs shares between the encoder, the \
+             decoder and the LM head where transformers keeps separate copies; adapters on the other modules \
+             are supported"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// What `name` (an adapter tensor name without peft's prefix) changes when it is the token embedding or the

@@ -28,7 +28,7 @@ use safetensors::{Dtype, SafeTensorError};
 
 use super::adapter::Adapter;
 use super::layout::Layout;
-use super::pytorch::PYTORCH_WEIGHTS;
+use super::pytorch::{PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX};
 use crate::{Error, Result};
 
 /// The weights file of a checkpoint folder.
@@ -207,24 +207,28 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens the weights in `dir`: `model.safetensors`, or the shards listed in
-    /// `model.safetensors.index.json`, or else `pytorch_model.bin` (safetensors first, as transformers
-    /// prefers them).
+    /// `model.safetensors.index.json`, or else `pytorch_model.bin`, or the shards listed in
+    /// `pytorch_model.bin.index.json` (in transformers' order of preference).
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join(WEIGHTS);
         let index = dir.join(WEIGHTS_INDEX);
-        let pytorch = dir.join(PYTORCH_WEIGHTS);
         let (files, source) = if single.is_file() {
             (vec![single.clone()], single)
         } else if index.is_file() {
             (shard_files(&index)?, index)
-        } else if pytorch.is_file() {
-            let tensors = super::pytorch::read_state_dict(&pytorch)?;
-            return Self::new(Stored::Pytorch(tensors), pytorch);
+        } else if let Some(source) = pytorch_weights(dir) {
+            let tensors = if source.ends_with(PYTORCH_WEIGHTS_INDEX) {
+                read_pytorch_shards(&source)?
+            } else {
+                super::pytorch::read_state_dict(&source)?
+            };
+            return Self::new(Stored::Pytorch(tensors), source);
         } else {
             return Err(Error::NotFound {
                 path: single,
                 hint: format!(
-                    "Expected {WEIGHTS}, {WEIGHTS_INDEX} or {PYTORCH_WEIGHTS} in the checkpoint folder."
+                    "Expected {WEIGHTS}, {WEIGHTS_INDEX}, {PYTORCH_WEIGHTS} or {PYTORCH_WEIGHTS_INDEX} in the \
+                     checkpoint folder."
                 ),
             });
         };
@@ -286,12 +290,62 @@ impl Checkpoint {
         self.stored.has(&self.stored_name(hf_name))
     }
 
+    /// Every stored tensor as (stored name, shape, dtype), in name order, from the headers alone (a PyTorch
+    /// archive is read whole at open). Errors for a dtype candle does not support.
+    pub fn stored_tensors(&self) -> Result<Vec<(String, Vec<usize>, DType)>> {
+        let mut tensors = match &self.stored {
+            Stored::Pytorch(tensors) => tensors
+                .iter()
+                .map(|(name, t)| (name.clone(), t.dims().to_vec(), t.dtype()))
+                .collect::<Vec<_>>(),
+            Stored::Safetensors { .. } => self
+                .stored
+                .names()
+                .filter_map(|name| self.stored.info(name).map(|(_, info)| (name, info)))
+                .map(|(name, info)| {
+                    let dtype = DType::try_from(info.dtype).map_err(|err| Error::Weights {
+                        path: self.source.clone(),
+                        msg: format!("tensor `{name}`: {err}"),
+                    })?;
+                    Ok((name.clone(), info.shape.clone(), dtype))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(tensors)
+    }
+
+    /// The stored tensor `stored` as `save_pretrained` writes it back: under its stored name and in its stored
+    /// orientation, with the adapter merged, converted to `dtype` on the CPU.
+    pub fn read_stored(&self, stored: &str, dtype: DType) -> Result<Tensor> {
+        let hf = match self.layout {
+            Layout::HfNative => stored.to_owned(),
+            Layout::Original => hf_name(stored).ok_or_else(|| Error::Weights {
+                path: self.source.clone(),
+                msg: format!("tensor `{stored}` is not one of Microsoft's Florence-2 tensor names; cannot save it"),
+            })?,
+        };
+        let tensor = self.load(&hf, &Device::Cpu)?;
+        let tensor = if self.layout == Layout::Original && stored == "image_projection" {
+            tensor.t()?.contiguous()?
+        } else {
+            tensor
+        };
+        Ok(tensor.to_dtype(dtype)?)
+    }
+
     /// [`Self::stored_dtype`] of the weights in `dir`, reading only headers (a safetensors header, or a
     /// PyTorch archive's pickle).
     pub fn stored_dtype_in(dir: &Path) -> Result<Option<DType>> {
-        let pytorch = dir.join(PYTORCH_WEIGHTS);
-        if !dir.join(WEIGHTS).is_file() && !dir.join(WEIGHTS_INDEX).is_file() && pytorch.is_file() {
-            return super::pytorch::stored_float_dtype(&pytorch);
+        if !dir.join(WEIGHTS).is_file() && !dir.join(WEIGHTS_INDEX).is_file() {
+            if let Some(source) = pytorch_weights(dir) {
+                let files = if source.ends_with(PYTORCH_WEIGHTS_INDEX) {
+                    shard_files(&source)?
+                } else {
+                    vec![source]
+                };
+                return super::pytorch::stored_float_dtype(&files);
+            }
         }
         Ok(Self::open(dir)?.stored_dtype())
     }
@@ -480,8 +534,28 @@ fn safetensors_float_dtype(dtype: Dtype) -> Option<DType> {
     }
 }
 
-/// The shard files `model.safetensors.index.json` lists in its `weight_map`, each once, in order.
+/// The shard files a shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`) lists in
+/// its `weight_map`, each once, in order.
 pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    Ok(distinct_shards(&weight_map(index)?))
+}
+
+/// The shard files of a `weight_map`'s pairs, each once, in order.
+fn distinct_shards(weight_map: &[(String, String)]) -> Vec<String> {
+    let mut shards: Vec<String> = Vec::new();
+    for (_, shard) in weight_map {
+        if !shards.contains(shard) {
+            shards.push(shard.clone());
+        }
+    }
+    shards
+}
+
+/// The `weight_map` of a shard index: (tensor name, shard file) pairs, each file name checked to lie inside
+/// the index's folder: relative, of plain components, so that `..`, absolute paths and Windows prefixes are
+/// refused. A shard that is a symlink is followed, as the Hub cache's snapshot files are symlinks to its
+/// blobs.
+fn weight_map(index: &Path) -> Result<Vec<(String, String)>> {
     let bad = |msg: String| Error::Weights {
         path: index.to_path_buf(),
         msg,
@@ -495,8 +569,8 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("no \"weight_map\" object".to_string()))?;
-    let mut shards: Vec<String> = Vec::new();
-    for value in map.values() {
+    let mut pairs = Vec::with_capacity(map.len());
+    for (name, value) in map {
         let shard = value
             .as_str()
             .ok_or_else(|| bad(format!("weight_map value {value} is not a file name")))?;
@@ -509,21 +583,74 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
                 "shard name {shard:?} is not a file name inside the repository"
             )));
         }
-        if !shards.iter().any(|s| s == shard) {
-            shards.push(shard.to_string());
-        }
+        pairs.push((name.clone(), shard.to_string()));
     }
-    if shards.is_empty() {
+    if pairs.is_empty() {
         return Err(bad("\"weight_map\" lists no shard".to_string()));
     }
-    Ok(shards)
+    Ok(pairs)
+}
+
+/// The shard index of `dir`: `model.safetensors.index.json`, else `pytorch_model.bin.index.json`; `None`
+/// without either.
+pub fn weights_index(dir: &Path) -> Option<PathBuf> {
+    [WEIGHTS_INDEX, PYTORCH_WEIGHTS_INDEX]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|index| index.is_file())
+}
+
+/// The PyTorch weights of `dir`: `pytorch_model.bin`, else `pytorch_model.bin.index.json`; `None` without
+/// either.
+fn pytorch_weights(dir: &Path) -> Option<PathBuf> {
+    [PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+/// Every tensor of the PyTorch shards `index` lists, each checked as a single archive is: every tensor is in
+/// exactly one shard, the one the index names for it.
+fn read_pytorch_shards(index: &Path) -> Result<HashMap<String, Tensor>> {
+    let bad = |msg: String| Error::Weights {
+        path: index.to_path_buf(),
+        msg,
+    };
+    let weight_map = weight_map(index)?;
+    let shards = distinct_shards(&weight_map);
+    let paths = shard_paths(index, &shards)?;
+    let mut tensors = HashMap::new();
+    let mut shard_of: HashMap<String, String> = HashMap::new();
+    for (shard, path) in shards.into_iter().zip(paths) {
+        for (name, tensor) in super::pytorch::read_state_dict(&path)? {
+            if let Some(first) = shard_of.insert(name.clone(), shard.clone()) {
+                return Err(bad(format!(
+                    "tensor `{name}` is stored in two shards ({first} and {shard}); the checkpoint is corrupt"
+                )));
+            }
+            tensors.insert(name, tensor);
+        }
+    }
+    for (name, shard) in weight_map {
+        if shard_of.get(&name) != Some(&shard) {
+            return Err(bad(format!(
+                "the index lists tensor `{name}` in {shard}, which does not hold it; the checkpoint is corrupt"
+            )));
+        }
+    }
+    Ok(tensors)
 }
 
 /// The shard paths of a sharded checkpoint, each checked to exist.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    shard_paths(index, &shard_names(index)?)
+}
+
+/// The paths of the shard files `names` of the index `index`, each checked to exist.
+fn shard_paths(index: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
-    shard_names(index)?
-        .into_iter()
+    names
+        .iter()
         .map(|name| {
             let path = dir.join(name);
             if path.is_file() {
@@ -579,9 +706,56 @@ pub fn original_name(hf: &str) -> String {
     }
 }
 
+/// The HF-native name of a tensor name of Microsoft's layout: the inverse of [`original_name`], checked by
+/// mapping back; `None` for a name [`original_name`] does not produce.
+pub fn hf_name(original: &str) -> Option<String> {
+    let candidate = if let Some(rest) = original.strip_prefix("vision_tower.") {
+        // The renames of `original_name` undone in reverse order; `.conv.` became `.proj.` in the patch
+        // embeddings (`convs.N`) only, the one rename whose result other names contain too.
+        const RULES: [(&str, &str); 11] = [
+            ("ffn.fn.net.fc2.", "ffn.fc2."),
+            ("ffn.fn.net.fc1.", "ffn.fc1."),
+            ("_block.ffn.norm.", "_block.norm2."),
+            ("channel_attn.fn.proj.", "channel_attn.proj."),
+            ("channel_attn.fn.qkv.", "channel_attn.qkv."),
+            ("channel_block.channel_attn.norm.", "channel_block.norm1."),
+            ("window_attn.fn.proj.", "window_attn.proj."),
+            ("window_attn.fn.qkv.", "window_attn.qkv."),
+            ("spatial_block.window_attn.norm.", "spatial_block.norm1."),
+            ("_block.conv2.fn.dw.", "_block.conv2."),
+            ("_block.conv1.fn.dw.", "_block.conv1."),
+        ];
+        let mut name = rest.to_owned();
+        if name.starts_with("convs.") {
+            name = name.replacen(".proj.", ".conv.", 1);
+        }
+        for (from, to) in RULES {
+            name = name.replace(from, to);
+        }
+        format!("model.vision_tower.{name}")
+    } else if original == "image_projection" {
+        "model.multi_modal_projector.image_projection.weight".into()
+    } else if let Some(rest) = original.strip_prefix("image_pos_embed.") {
+        format!("model.multi_modal_projector.image_position_embed.{rest}")
+    } else if original.starts_with("visual_temporal_embed.")
+        || original.starts_with("image_proj_norm.")
+    {
+        format!("model.multi_modal_projector.{original}")
+    } else if let Some(rest) = original.strip_prefix("language_model.model.") {
+        format!("model.language_model.{rest}")
+    } else if original == "language_model.lm_head.weight" {
+        "lm_head.weight".into()
+    } else if original == "language_model.final_logits_bias" {
+        FINAL_LOGITS_BIAS.into()
+    } else {
+        return None;
+    };
+    (original_name(&candidate) == original).then_some(candidate)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{original_name, Checkpoint};
+    use super::{hf_name, original_name, Checkpoint};
 
     /// A one-tensor safetensors file in a fresh folder: `header` JSON, then `data_len` zero bytes.
     fn checkpoint_with(header: &str, data_len: usize) -> tempfile::TempDir {
@@ -805,6 +979,21 @@ mod tests {
         ];
         for (hf, orig) in pairs {
             assert_eq!(original_name(hf), orig, "{hf}");
+            assert_eq!(hf_name(orig).as_deref(), Some(hf), "{orig}");
         }
+    }
+
+    #[test]
+    fn every_stored_original_name_has_an_hf_name() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/original");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let tensors = checkpoint.stored_tensors().unwrap();
+        assert!(tensors.len() > 50);
+        for (name, _, _) in tensors {
+            let hf = hf_name(&name).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(original_name(&hf), name);
+        }
+        assert_eq!(hf_name("classifier.weight"), None);
     }
 }

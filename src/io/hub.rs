@@ -21,13 +21,13 @@ use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::ProgressBar;
 
-use crate::io::checkpoint::shard_names;
+use crate::io::checkpoint::{shard_names, weights_index};
 use crate::{Error, Result};
 
 /// The name that stands for "the model weights" in `files`: `model.safetensors`, or, where the repository
 /// has no single file, `model.safetensors.index.json` and every shard it lists.
 pub use super::checkpoint::{WEIGHTS, WEIGHTS_INDEX};
-use super::pytorch::PYTORCH_WEIGHTS;
+use super::pytorch::{PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX};
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Smaller files download without a progress bar: config and tokenizer files would only flicker.
 const PROGRESS_MIN_BYTES: usize = 10 * 1024 * 1024;
@@ -179,18 +179,17 @@ fn first_missing(
 }
 
 /// The first weight file the snapshot lacks: `model.safetensors`, or a shard of the index when there is one;
-/// none when it holds a `pytorch_model.bin` instead (a repository without safetensors).
+/// none when it holds a `pytorch_model.bin` instead (a repository without safetensors), or a shard of the
+/// PyTorch index when it holds that.
 fn missing_weights(dir: &Path) -> Result<Option<String>> {
-    if dir.join(WEIGHTS).is_file() {
+    if dir.join(WEIGHTS).is_file()
+        || (dir.join(PYTORCH_WEIGHTS).is_file() && !dir.join(WEIGHTS_INDEX).is_file())
+    {
         return Ok(None);
     }
-    let index = dir.join(WEIGHTS_INDEX);
-    if !index.is_file() {
-        if dir.join(PYTORCH_WEIGHTS).is_file() {
-            return Ok(None);
-        }
+    let Some(index) = weights_index(dir) else {
         return Ok(Some(WEIGHTS.to_string()));
-    }
+    };
     Ok(shard_names(&index)?
         .into_iter()
         .find(|shard| !dir.join(shard).is_file()))
@@ -420,7 +419,7 @@ impl<'a> Remote<'a> {
             if self.have(target, file, fetched, force) {
                 continue;
             }
-            match self.fetch(file)? {
+            match self.fetch_unless_absent(target, file, force)? {
                 Fetched::In(dir) => {
                     fetched.push(file.to_string());
                     if settle(target, dir) {
@@ -448,9 +447,27 @@ impl<'a> Remote<'a> {
     /// Whether the snapshot already holds `file` and need not be fetched in this pass.
     fn have(&self, target: &Option<PathBuf>, file: &str, fetched: &[String], force: bool) -> bool {
         let Some(dir) = target else { return false };
-        let present = dir.join(file).is_file()
-            || (!force && self.cache.no_exist_marker(&commit_of(dir), file).is_file());
-        present && (!force || fetched.iter().any(|f| f == file))
+        dir.join(file).is_file() && (!force || fetched.iter().any(|f| f == file))
+    }
+
+    /// Downloads `file` unless huggingface_hub's `.no_exist` marker says the snapshot's commit lacks it. The
+    /// marker only spares the request: it never stands for the file.
+    fn fetch_unless_absent(
+        &self,
+        target: &Option<PathBuf>,
+        file: &str,
+        force: bool,
+    ) -> Result<Fetched> {
+        let known_absent = !force
+            && target.as_ref().is_some_and(|dir| {
+                !dir.join(file).is_file()
+                    && self.cache.no_exist_marker(&commit_of(dir), file).is_file()
+            });
+        if known_absent {
+            Ok(Fetched::Absent)
+        } else {
+            self.fetch(file)
+        }
     }
 
     /// Fetches a required file; `true` when it landed in another snapshot than `target`.
@@ -464,7 +481,7 @@ impl<'a> Remote<'a> {
         if self.have(target, file, fetched, force) {
             return Ok(false);
         }
-        match self.fetch(file)? {
+        match self.fetch_unless_absent(target, file, force)? {
             Fetched::In(dir) => {
                 fetched.push(file.to_string());
                 Ok(settle(target, dir))
@@ -479,27 +496,42 @@ impl<'a> Remote<'a> {
         }
     }
 
-    /// Fetches `model.safetensors`, or the index and its shards, or else `pytorch_model.bin`; `true` when the
-    /// snapshot moved.
+    /// Fetches `model.safetensors`, or the index and its shards, or else `pytorch_model.bin`, or else its index
+    /// and shards; `true` when the snapshot moved.
     fn fetch_weights(
         &self,
         target: &mut Option<PathBuf>,
         fetched: &mut Vec<String>,
         force: bool,
     ) -> Result<bool> {
-        if self.have(target, WEIGHTS, fetched, force) {
+        // Done when nothing is missing; without force a snapshot stopped part-way through its shards resumes
+        // at the first missing one.
+        let done = match target {
+            Some(dir) if !force => missing_weights(dir)?.is_none(),
+            _ => self.have(target, WEIGHTS, fetched, force),
+        };
+        if done {
             return Ok(false);
         }
-        let has_index = self.have(target, WEIGHTS_INDEX, fetched, force);
+        let has_index = target
+            .as_ref()
+            .and_then(|dir| weights_index(dir))
+            .is_some_and(|index| {
+                let name = index
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                self.have(target, name, fetched, force)
+            });
         if !has_index {
-            match self.fetch(WEIGHTS)? {
+            match self.fetch_unless_absent(target, WEIGHTS, force)? {
                 Fetched::In(dir) => {
                     fetched.push(WEIGHTS.to_string());
                     return Ok(settle(target, dir));
                 }
                 Fetched::Absent => {}
             }
-            match self.fetch(WEIGHTS_INDEX)? {
+            match self.fetch_unless_absent(target, WEIGHTS_INDEX, force)? {
                 Fetched::In(dir) => {
                     fetched.push(WEIGHTS_INDEX.to_string());
                     if settle(target, dir) {
@@ -509,22 +541,30 @@ impl<'a> Remote<'a> {
                 // No safetensors weights: an older checkpoint's PyTorch archive, read without running its
                 // pickle.
                 Fetched::Absent => {
-                    return match self.fetch(PYTORCH_WEIGHTS)? {
-                        Fetched::In(dir) => {
-                            fetched.push(PYTORCH_WEIGHTS.to_string());
-                            Ok(settle(target, dir))
-                        }
-                        Fetched::Absent => Err(self.no_weights()),
+                    if let Fetched::In(dir) =
+                        self.fetch_unless_absent(target, PYTORCH_WEIGHTS, force)?
+                    {
+                        fetched.push(PYTORCH_WEIGHTS.to_string());
+                        return Ok(settle(target, dir));
+                    }
+                    let Fetched::In(dir) =
+                        self.fetch_unless_absent(target, PYTORCH_WEIGHTS_INDEX, force)?
+                    else {
+                        return Err(self.no_weights());
                     };
+                    fetched.push(PYTORCH_WEIGHTS_INDEX.to_string());
+                    if settle(target, dir) {
+                        return Ok(true);
+                    }
                 }
             }
         }
-        let Some(dir) = target.clone() else {
+        let Some(index) = target.as_ref().and_then(|dir| weights_index(dir)) else {
             return Err(Error::invalid(
                 "internal: the weights index was fetched without a snapshot folder",
             ));
         };
-        for shard in shard_names(&dir.join(WEIGHTS_INDEX))? {
+        for shard in shard_names(&index)? {
             if self.fetch_required(&shard, target, fetched, force)? {
                 return Ok(true);
             }
@@ -537,8 +577,8 @@ impl<'a> Remote<'a> {
         Error::NotFound {
             path: PathBuf::from(self.api.url(WEIGHTS)),
             hint: format!(
-                "{} (revision {}) has none of {WEIGHTS}, {WEIGHTS_INDEX} and {PYTORCH_WEIGHTS}; is it a Florence-2 \
-                 checkpoint?",
+                "{} (revision {}) has none of {WEIGHTS}, {WEIGHTS_INDEX}, {PYTORCH_WEIGHTS} and \
+                 {PYTORCH_WEIGHTS_INDEX}; is it a Florence-2 checkpoint?",
                 self.repo_id, self.revision
             ),
         }

@@ -8,5 +8,6 @@ pub mod hub;
 pub mod json;
 pub mod layout;
 pub mod pytorch;
+pub mod save;
 
 pub use layout::Layout;

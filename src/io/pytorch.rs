@@ -6,8 +6,10 @@
 //! `_rebuild_tensor_v2` (or `_rebuild_parameter` around it) is accepted; anything else in the file is an error
 //! that names it. candle's reader trusts its input (it clones memoized values and nests without bound), so
 //! [`check_pickle`] first walks the opcodes and refuses a pickle whose values would grow past a state dict's
-//! size or depth; the reader then runs under `catch_unwind`. Storages are read in place (positional reads of the
-//! uncompressed entries), each view once, after its size is checked against the archive.
+//! size or depth; the reader then runs under `catch_unwind`. The rebuild calls are read here ([`stored_tensor`]),
+//! every shape and number checked with checked arithmetic as torch's `set_` checks them, so that no value of
+//! the file can wrap around or index past what it declares. Storages are read in place (positional reads of
+//! the uncompressed entries), each view once, after the storage is checked against the archive.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,8 +17,8 @@ use std::io::{BufReader, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::{Object, Stack, TensorInfo};
-use candle_core::{DType, Device, Tensor};
+use candle_core::pickle::{Object, Stack};
+use candle_core::{DType, Device, Layout, Tensor};
 
 use super::checkpoint::read_exact_at;
 use crate::error::panic_message;
@@ -25,6 +27,9 @@ use crate::{Error, Result};
 
 /// The weights file of an older checkpoint folder, read when it has no safetensors weights.
 pub const PYTORCH_WEIGHTS: &str = "pytorch_model.bin";
+/// The index of such weights in shards (transformers' `save_pretrained(safe_serialization=False)` above
+/// `max_shard_size`), which lists the shard files.
+pub const PYTORCH_WEIGHTS_INDEX: &str = "pytorch_model.bin.index.json";
 
 /// The largest `data.pkl` read: a state dict's pickle holds names and shapes only (kilobytes to a few
 /// megabytes).
@@ -68,11 +73,27 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(tensors)
 }
 
-/// The dtype of the first floating tensor of the checkpoint at `path` (in name order), from its pickle alone.
-pub fn stored_float_dtype(path: &Path) -> Result<Option<DType>> {
-    let mut infos = ArchiveReader::open(path)?.tensor_infos()?;
+/// The dtype of the first floating tensor (in name order) of the checkpoint stored in `paths` (one archive, or
+/// the shards of one), from their pickles alone.
+pub fn stored_float_dtype(paths: &[PathBuf]) -> Result<Option<DType>> {
+    let mut infos = Vec::new();
+    for path in paths {
+        infos.extend(ArchiveReader::open(path)?.tensor_infos()?);
+    }
     infos.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(infos.into_iter().map(|i| i.dtype).find(|d| d.is_float()))
+}
+
+/// One tensor of the state dict, as its `_rebuild_tensor_v2` call describes it (not yet read).
+struct StoredTensor {
+    name: String,
+    dtype: DType,
+    /// Shape, strides and offset in elements of the storage; checked to lie within the storage.
+    layout: Layout,
+    /// The archive entry of the storage (`<root>/data/<key>`).
+    path: String,
+    /// The storage's size in bytes, as the pickle declares it.
+    storage_bytes: u64,
 }
 
 /// An open archive and a second handle on its file for positional reads of the storages.
@@ -116,7 +137,7 @@ impl ArchiveReader {
     }
 
     /// The tensors the state dict describes (not yet read), in the pickle's order.
-    fn tensor_infos(&mut self) -> Result<Vec<TensorInfo>> {
+    fn tensor_infos(&mut self) -> Result<Vec<StoredTensor>> {
         let bad = |msg: String| Self::bad(&self.path, msg);
         let pickle_name = pickle_entry(&self.archive).map_err(bad)?;
         let root = pickle_name
@@ -129,7 +150,7 @@ impl ArchiveReader {
                 "data.pkl holds no dict of tensors (a state dict is expected; save `model.state_dict()`)".into(),
             ));
         };
-        let dir = PathBuf::from(format!("{root}data"));
+        let dir = format!("{root}data");
         let mut infos = Vec::with_capacity(entries.len());
         for (key, value) in entries {
             let Object::Unicode(name) = key else {
@@ -142,25 +163,21 @@ impl ArchiveReader {
             if name == "_metadata" && matches!(value, Object::Dict(_)) {
                 continue;
             }
-            let not_plain = || {
-                format!(
-                    "`{}` is not a plain tensor; save the state dict of tensors only",
-                    clip(&name)
-                )
-            };
-            let info = catch_unwind(AssertUnwindSafe(|| {
-                value.into_tensor_info(Object::Unicode(name.clone()), &dir)
-            }))
-            .map_err(|_| bad(not_plain()))?
-            .map_err(|e| bad(format!("`{}`: {}", clip(&name), clip(&e.to_string()))))?
-            .ok_or_else(|| bad(not_plain()))?;
+            let info = stored_tensor(&name, value, &dir)
+                .map_err(|e| bad(format!("`{}`: {}", clip(&name), clip(&e))))?
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`{}` is not a plain tensor; save the state dict of tensors only",
+                        clip(&name)
+                    ))
+                })?;
             infos.push(info);
         }
         Ok(infos)
     }
 
     /// Reads the tensor `info` describes; `total` counts the bytes read so far, which the archive bounds.
-    fn read_tensor(&mut self, info: &TensorInfo, total: &mut u128) -> Result<Tensor> {
+    fn read_tensor(&mut self, info: &StoredTensor, total: &mut u128) -> Result<Tensor> {
         let name = clip(&info.name);
         let bad = |msg: String| Self::bad(&self.path, msg);
         let layout = &info.layout;
@@ -174,10 +191,22 @@ impl ArchiveReader {
                 layout.stride()
             )));
         }
-        let start = layout.start_offset() as u64;
-        let len = (layout.shape().elem_count() as u64)
-            .checked_mul(info.dtype.size_in_bytes() as u64)
-            .ok_or_else(|| bad(format!("`{name}`: shape {:?} overflows", layout.dims())))?;
+        // `stored_tensor` checked that the view's elements fit u64 bytes, and that a non-empty view lies within
+        // its storage's declared bytes. An empty view's offset is bounded by nothing (torch accepts any), and
+        // it reads nothing.
+        let itemsize = info.dtype.size_in_bytes() as u64;
+        let len = layout.shape().elem_count() as u64 * itemsize;
+        let start = if len == 0 {
+            0
+        } else {
+            (layout.start_offset() as u64)
+                .checked_mul(itemsize)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`{name}`: its storage offset overflows; the file is corrupt"
+                    ))
+                })?
+        };
         let entry = self
             .archive
             .by_name(&info.path)
@@ -190,6 +219,14 @@ impl ArchiveReader {
         let data_start = entry.data_start();
         let stored = entry.size().min(self.file_len);
         drop(entry);
+        if info.storage_bytes > stored {
+            return Err(bad(format!(
+                "`{name}`: its storage claims {} bytes, but the archive's {} holds {stored}; the file may be \
+                 truncated or corrupt",
+                info.storage_bytes,
+                clip(&info.path)
+            )));
+        }
         let in_file = data_start
             .and_then(|at| at.checked_add(start)?.checked_add(len))
             .is_some_and(|end| end <= self.file_len);
@@ -222,7 +259,185 @@ impl ArchiveReader {
         } else {
             tensor(layout.dims())
         };
-        tensor.map_err(|e| bad(format!("`{name}`: {e}")))
+        tensor.map_err(|e| bad(format!("`{name}`: {}", candle_message(&e))))
+    }
+}
+
+/// The tensor that `value` rebuilds (`_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)`, possibly
+/// inside `_rebuild_parameter` or `_rebuild_from_type_v2`), its storage under `dir`; `None` for a value that
+/// is no such call. Every part is checked for its type and every number for its range, so that a malformed
+/// call is an error rather than a panic or a wrapped-around size; as torch's `set_` does, the view's extent
+/// must lie within the storage it declares.
+fn stored_tensor(
+    name: &str,
+    value: Object,
+    dir: &str,
+) -> std::result::Result<Option<StoredTensor>, String> {
+    let malformed = |what: &str| format!("its pickled tensor is malformed ({what})");
+    let Object::Reduce { callable, args } = value else {
+        return Ok(None);
+    };
+    let (mut callable, mut args) = (*callable, *args);
+    loop {
+        match class_name(&callable) {
+            // `_rebuild_parameter(data, requires_grad, backward_hooks)`: the tensor is `data`.
+            Some(("torch._utils", "_rebuild_parameter")) => match args {
+                Object::Tuple(items) => match items.into_iter().next() {
+                    Some(Object::Reduce {
+                        callable: inner,
+                        args: inner_args,
+                    }) => (callable, args) = (*inner, *inner_args),
+                    _ => return Err(malformed("_rebuild_parameter without a tensor")),
+                },
+                _ => return Err(malformed("_rebuild_parameter without its arguments")),
+            },
+            // `_rebuild_from_type_v2(func, type, args, state)`: the tensor is `func(*args)`.
+            Some(("torch._tensor", "_rebuild_from_type_v2")) => match args {
+                Object::Tuple(items) if items.len() >= 3 => {
+                    let mut items = items.into_iter();
+                    callable = items.next().unwrap_or(Object::None);
+                    args = items.nth(1).unwrap_or(Object::None);
+                }
+                _ => return Err(malformed("_rebuild_from_type_v2 without its arguments")),
+            },
+            Some(("torch._utils", "_rebuild_tensor_v2")) => break,
+            _ => return Ok(None),
+        }
+    }
+    let Object::Tuple(args) = args else {
+        return Err(malformed("_rebuild_tensor_v2 without its arguments"));
+    };
+    let [storage, offset, size, stride, ..] = args.as_slice() else {
+        return Err(malformed(&format!(
+            "_rebuild_tensor_v2 with {} arguments, at least 4 expected",
+            args.len()
+        )));
+    };
+    // The storage's persistent id: ('storage', storage class, key, location, number of elements).
+    let storage = match storage {
+        Object::PersistentLoad(id) => match id.as_ref() {
+            Object::Tuple(id) => id.as_slice(),
+            _ => &[],
+        },
+        _ => &[],
+    };
+    let [Object::Unicode(kind), class, Object::Unicode(key), _, numel, ..] = storage else {
+        return Err(malformed(
+            "a storage that is not ('storage', type, key, location, size)",
+        ));
+    };
+    if kind != "storage" {
+        return Err(malformed(
+            "a storage that is not ('storage', type, key, location, size)",
+        ));
+    }
+    let dtype = match class_name(class) {
+        Some((_, "FloatStorage")) => DType::F32,
+        Some((_, "DoubleStorage")) => DType::F64,
+        Some((_, "HalfStorage")) => DType::F16,
+        Some((_, "BFloat16Storage")) => DType::BF16,
+        Some((_, "ByteStorage")) => DType::U8,
+        Some((_, "LongStorage")) => DType::I64,
+        Some((_, other)) => {
+            return Err(format!(
+                "its storage type {} is not supported (float32, float64, float16, bfloat16, uint8 or int64 \
+                 tensors are)",
+                clip(other)
+            ))
+        }
+        None => return Err(malformed("a storage type that is not a class")),
+    };
+    let count = |value: &Object, what: &str| -> std::result::Result<u64, String> {
+        match value {
+            Object::Int(n) => u64::try_from(*n).ok(),
+            Object::Long(n) => u64::try_from(*n).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| malformed(&format!("{what} that is not a non-negative integer")))
+    };
+    let counts = |value: &Object, what: &str| -> std::result::Result<Vec<u64>, String> {
+        match value {
+            Object::Tuple(items) => items.iter().map(|v| count(v, what)).collect(),
+            _ => Err(malformed(&format!("{what}s that are not a tuple"))),
+        }
+    };
+    let numel = count(numel, "a storage size")?;
+    let offset = count(offset, "a storage offset")?;
+    let size = counts(size, "a size")?;
+    let stride = counts(stride, "a stride")?;
+    if size.len() != stride.len() {
+        return Err(malformed(&format!(
+            "{} sizes and {} strides",
+            size.len(),
+            stride.len()
+        )));
+    }
+    let itemsize = dtype.size_in_bytes() as u64;
+    // torch's storage-size computation: offset + sum((size - 1) * stride) + 1 elements, none for an empty
+    // view, then its bytes; each step checked.
+    let overflowed = || {
+        clip(&format!(
+            "its storage size calculation overflowed (storage offset {offset}, sizes {size:?}, strides \
+             {stride:?}); the file is corrupt"
+        ))
+    };
+    let extent = if size.contains(&0) {
+        Some(0)
+    } else {
+        size.iter()
+            .zip(&stride)
+            .try_fold(offset, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
+            })
+            .and_then(|last| last.checked_add(1))
+    };
+    let needed = extent
+        .and_then(|e| e.checked_mul(itemsize))
+        .ok_or_else(overflowed)?;
+    // The view's own bytes too: a zero stride repeats elements, so they may exceed the storage's.
+    if !size.contains(&0) {
+        size.iter()
+            .try_fold(itemsize, |acc, &n| acc.checked_mul(n))
+            .ok_or_else(overflowed)?;
+    }
+    let storage_bytes = numel.checked_mul(itemsize).ok_or_else(overflowed)?;
+    if needed > storage_bytes {
+        return Err(clip(&format!(
+            "its view claims {needed} bytes, beyond its storage of {storage_bytes} bytes (storage offset \
+             {offset}, sizes {size:?}, strides {stride:?}); the file is corrupt"
+        )));
+    }
+    // Within the storage's bytes, which the archive bounds before anything is read; on a 32-bit target the
+    // values must also fit usize.
+    let to_usize = |v: u64| usize::try_from(v).map_err(|_| overflowed());
+    let layout = Layout::new(
+        size.iter()
+            .map(|&n| to_usize(n))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into(),
+        stride
+            .iter()
+            .map(|&n| to_usize(n))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        to_usize(offset)?,
+    );
+    Ok(Some(StoredTensor {
+        name: name.to_string(),
+        dtype,
+        layout,
+        path: format!("{dir}/{key}"),
+        storage_bytes,
+    }))
+}
+
+/// `(module, name)` of a pickled class reference.
+fn class_name(object: &Object) -> Option<(&str, &str)> {
+    match object {
+        Object::Class {
+            module_name,
+            class_name,
+        } => Some((module_name, class_name)),
+        _ => None,
     }
 }
 
@@ -266,7 +481,7 @@ fn unpickle(archive: &mut Archive, name: &str) -> std::result::Result<Object, St
         Ok(Ok(object)) => Ok(object),
         Ok(Err(e)) => Err(format!(
             "{name} is not a pickle this reader accepts ({})",
-            clip(&e.to_string())
+            candle_message(&e)
         )),
         Err(panic) => Err(format!(
             "{name} is not a well-formed pickle ({})",
@@ -484,10 +699,114 @@ fn kind(object: &Object) -> &'static str {
     }
 }
 
+/// A candle error's first line, clipped: with `RUST_BACKTRACE` set candle appends a backtrace, which belongs in
+/// no message.
+fn candle_message(error: &candle_core::Error) -> String {
+    clip(error.to_string().lines().next().unwrap_or_default())
+}
+
 /// `text` cut to [`MAX_MESSAGE`] characters: names and errors built from the file's own content.
 fn clip(text: &str) -> String {
     match text.char_indices().nth(MAX_MESSAGE) {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(module_name: &str, class_name: &str) -> Object {
+        Object::Class {
+            module_name: module_name.into(),
+            class_name: class_name.into(),
+        }
+    }
+
+    fn ints(values: &[i64]) -> Object {
+        Object::Tuple(values.iter().map(|&v| Object::Long(v)).collect())
+    }
+
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, False, {})` over a float32 storage of `numel`.
+    fn rebuild(numel: i64, offset: i64, size: &[i64], stride: &[i64]) -> Object {
+        let storage = Object::PersistentLoad(Box::new(Object::Tuple(vec![
+            Object::Unicode("storage".into()),
+            class("torch", "FloatStorage"),
+            Object::Unicode("0".into()),
+            Object::Unicode("cpu".into()),
+            Object::Long(numel),
+        ])));
+        Object::Reduce {
+            callable: Box::new(class("torch._utils", "_rebuild_tensor_v2")),
+            args: Box::new(Object::Tuple(vec![
+                storage,
+                Object::Long(offset),
+                ints(size),
+                ints(stride),
+                Object::Bool(false),
+                Object::Dict(vec![]),
+            ])),
+        }
+    }
+
+    fn stored(
+        numel: i64,
+        offset: i64,
+        size: &[i64],
+        stride: &[i64],
+    ) -> std::result::Result<StoredTensor, String> {
+        stored_tensor("w", rebuild(numel, offset, size, stride), "archive/data")
+            .map(|info| info.expect("a tensor rebuild call"))
+    }
+
+    #[test]
+    fn views_within_their_storage_are_taken() {
+        let info = stored(6, 0, &[2, 3], &[3, 1]).unwrap();
+        assert_eq!(info.layout.dims(), &[2, 3]);
+        assert_eq!(info.storage_bytes, 24);
+        assert_eq!(info.path, "archive/data/0");
+        // torch bounds an empty view by nothing: any offset and stride.
+        for (offset, size, stride) in [
+            (1 << 62, &[0][..], &[1][..]),
+            (i64::MAX, &[0, 5][..], &[i64::MAX, i64::MAX][..]),
+            (0, &[i64::MAX, 0][..], &[1, 1][..]),
+        ] {
+            let info = stored(0, offset, size, stride).unwrap();
+            assert_eq!(info.layout.shape().elem_count(), 0);
+        }
+    }
+
+    #[test]
+    fn extreme_views_are_errors_not_overflows() {
+        let cases: [(i64, i64, &[i64], &[i64]); 7] = [
+            // Offsets near 2**63 of a non-empty view: past the storage, or overflowing its bytes.
+            (6, i64::MAX, &[1], &[1]),
+            (i64::MAX, i64::MAX - 1, &[2], &[1]),
+            (i64::MAX, 1 << 62, &[1], &[1]),
+            // Huge strides and sizes.
+            (6, 0, &[2], &[i64::MAX]),
+            (6, 0, &[i64::MAX, 2], &[1, i64::MAX]),
+            (i64::MAX, 0, &[1 << 62], &[0]),
+            (6, 0, &[3, 3], &[3, 1]),
+        ];
+        for (numel, offset, size, stride) in cases {
+            let err = stored(numel, offset, size, stride).map(|_| ()).unwrap_err();
+            assert!(
+                err.contains("corrupt"),
+                "{numel} {offset} {size:?} {stride:?}: {err}"
+            );
+        }
+        for (numel, offset) in [(-1, 0), (6, -1)] {
+            let err = stored(numel, offset, &[1], &[1]).map(|_| ()).unwrap_err();
+            assert!(err.contains("not a non-negative integer"), "{err}");
+        }
+    }
+
+    #[test]
+    fn long_sizes_make_short_messages() {
+        let size = vec![2; 1_000_000];
+        let err = stored(6, 0, &size, &size).map(|_| ()).unwrap_err();
+        assert!(err.len() < 2 * MAX_MESSAGE, "{} bytes", err.len());
     }
 }

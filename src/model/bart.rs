@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, VarBuilder};
 
+use crate::interrupt::Interrupt;
 use crate::layers::activation::activation;
 use crate::layers::attention::attention;
 use crate::layers::embedding::TokenEmbedding;
@@ -237,11 +238,18 @@ impl BartEncoder {
         })
     }
 
-    /// `inputs_embeds` `[B, S, D]`, `attention_mask` `[B, S]` (1 = attend, 0 = padding) → `[B, S, D]`.
-    pub fn forward(&self, inputs_embeds: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    /// `inputs_embeds` `[B, S, D]`, `attention_mask` `[B, S]` (1 = attend, 0 = padding) → `[B, S, D]`;
+    /// `interrupt` is asked before each layer.
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let mask = padding_mask(attention_mask, inputs_embeds.dtype())?;
         let mut xs = self.embed_positions.forward(inputs_embeds, 0)?;
         for layer in &self.layers {
+            interrupt.check()?;
             xs = layer.forward(&xs, &mask)?;
         }
         Ok(xs)

@@ -8,13 +8,14 @@
 //!
 //! Both give the encoder the same sequence. Microsoft's LM head adds `final_logits_bias`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
+use crate::interrupt::Interrupt;
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::io::Layout;
@@ -114,12 +115,12 @@ fn processor_image_size(dir: &Path) -> (usize, usize) {
 }
 
 /// How [`Florence2ForConditionalGeneration::from_dir_with`] loads a checkpoint, beyond its dtype and device.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// Store the linear layers' weights quantized.
     pub quantize: Option<Quantization>,
-    /// A PEFT LoRA adapter folder to merge into the weights ([`crate::io::adapter`]).
-    pub adapter: Option<PathBuf>,
+    /// A PEFT LoRA adapter to merge into the weights ([`crate::io::adapter`]).
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 impl Florence2ForConditionalGeneration {
@@ -171,12 +172,7 @@ impl Florence2ForConditionalGeneration {
                 path: config_path,
                 msg: err.to_string(),
             })?;
-        let adapter = options
-            .adapter
-            .as_deref()
-            .map(Adapter::open)
-            .transpose()?
-            .map(Arc::new);
+        let adapter = options.adapter.clone();
         let checkpoint = match &adapter {
             Some(adapter) => Checkpoint::open(dir)?.with_adapter(adapter.clone()),
             None => Checkpoint::open(dir)?,
@@ -344,7 +340,12 @@ impl Florence2ForConditionalGeneration {
     ///
     /// Takes the pixels by value: the tower drops them once they are laid out as tokens (7 MB per
     /// 768x768 image in f32, at the tower's peak memory), unless the caller keeps another handle.
-    pub fn vision_features(&self, pixel_values: Tensor) -> Result<Tensor> {
+    /// `interrupt` is asked between the tower's blocks.
+    pub fn vision_features(
+        &self,
+        pixel_values: Tensor,
+        interrupt: &dyn Interrupt,
+    ) -> Result<Tensor> {
         let (_, channels, _, _) = pixel_values.dims4().map_err(|_| {
             Error::invalid(format!(
                 "pixel_values must have shape [batch, 3, height, width], got {:?}",
@@ -361,16 +362,21 @@ impl Florence2ForConditionalGeneration {
         self.config.vision.check_memory(batch, height, width)?;
         let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         drop(pixel_values);
-        let features = self.vision_tower.forward(pixels)?;
+        let features = self.vision_tower.forward(pixels, interrupt)?;
         if self.device.is_cpu() {
             crate::kernels::cpu::memory::release_free_memory();
         }
         Ok(features)
     }
 
-    /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`).
-    pub fn get_image_features(&self, pixel_values: Tensor) -> Result<Tensor> {
-        self.project_image_features(&self.vision_features(pixel_values)?)
+    /// The projected image tokens `[B, 1 + H'*W', d_model]` (transformers' `get_image_features`); `interrupt`
+    /// as for [`Self::vision_features`].
+    pub fn get_image_features(
+        &self,
+        pixel_values: Tensor,
+        interrupt: &dyn Interrupt,
+    ) -> Result<Tensor> {
+        self.project_image_features(&self.vision_features(pixel_values, interrupt)?)
     }
 
     /// The projector on the vision tower's output (from [`Self::vision_features`]).
@@ -379,12 +385,14 @@ impl Florence2ForConditionalGeneration {
     }
 
     /// Runs the encoder on `input_ids` `[B, L]` with `attention_mask` `[B, L]` (all ones when `None`), the
-    /// image features (from [`Self::get_image_features`]) merged in as the layout prescribes.
+    /// image features (from [`Self::get_image_features`]) merged in as the layout prescribes; `interrupt` is
+    /// asked between the encoder's layers.
     pub fn encode(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         image_features: Option<&Tensor>,
+        interrupt: &dyn Interrupt,
     ) -> Result<EncoderOutput> {
         let (batch, len) = input_ids.dims2().map_err(|_| {
             Error::invalid(format!(
@@ -436,7 +444,7 @@ impl Florence2ForConditionalGeneration {
                 }
             }
         };
-        let hidden_states = self.language.encoder.forward(&embeds, &mask)?;
+        let hidden_states = self.language.encoder.forward(&embeds, &mask, interrupt)?;
         Ok(EncoderOutput {
             hidden_states,
             attention_mask: mask,
@@ -508,19 +516,21 @@ impl Florence2ForConditionalGeneration {
     }
 
     /// transformers' `generate` after the processor: encodes `input_ids` `[B, L]` with the image features
-    /// merged in, then decodes with the settings of `cfg`.
+    /// merged in, then decodes with the settings of `cfg`. `interrupt` is asked between the encoder's layers
+    /// and before each decoding step.
     pub fn generate(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         image_features: Option<&Tensor>,
         cfg: &GenerationConfig,
+        interrupt: &dyn Interrupt,
     ) -> Result<GenerateOutput> {
         let batch = input_ids.dim(0)?;
         self.check_generate_memory(batch, cfg)?;
-        let encoder = self.encode(input_ids, attention_mask, image_features)?;
+        let encoder = self.encode(input_ids, attention_mask, image_features, interrupt)?;
         let mut state = self.start_decoding_grouped(&encoder, cfg.expand_factor())?;
-        crate::generation::generate(&mut state, cfg, batch)
+        crate::generation::generate(&mut state, cfg, batch, interrupt)
     }
 
     /// What the decoding rows of one generate call need at their longest (the self-attention cache of every

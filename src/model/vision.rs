@@ -15,6 +15,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Activation, Conv2dConfig, VarBuilder};
 
+use crate::interrupt::{checked_within, Interrupt};
 use crate::layers::activation::activation;
 use crate::layers::attention::window_attention;
 use crate::layers::conv::{depthwise_conv3x3_residual, depthwise_taps, TokenConv2d};
@@ -138,7 +139,15 @@ trait BlockAttention: Sized {
     ) -> Result<Self>;
 
     /// `x + attention(norm(x))` for tokens `[B, H*W, C]` of an `h`×`w` map; `x` is dropped once read.
-    fn residual(&self, x: Tensor, norm: &LayerNorm, h: usize, w: usize) -> Result<Tensor>;
+    /// `interrupt` is asked before each image and each chunk of rows.
+    fn residual(
+        &self,
+        x: Tensor,
+        norm: &LayerNorm,
+        h: usize,
+        w: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor>;
 }
 
 /// transformers' `Florence2VisionWindowAttention`: multi-head self-attention inside non-overlapping
@@ -172,33 +181,47 @@ impl BlockAttention for Florence2VisionWindowAttention {
         })
     }
 
-    fn residual(&self, x: Tensor, norm: &LayerNorm, h: usize, w: usize) -> Result<Tensor> {
+    fn residual(
+        &self,
+        x: Tensor,
+        norm: &LayerNorm,
+        h: usize,
+        w: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let ws = self.window;
         let band_values = ws * w.next_multiple_of(ws) * 3 * x.dim(2)?;
         let bands = (chunk_values(x.device()) / band_values).max(1);
-        self.residual_in_bands(&x, (h, w), norm, bands)
+        self.residual_in_bands(&x, (h, w), norm, bands, interrupt)
     }
 }
 
 impl Florence2VisionWindowAttention {
     /// `x + attention(norm(x))` in chunks of `bands` bands of `window` image rows. Windows never cross a
     /// band, so the whole is row-local over bands: the normed tokens, the windows, their q/k/v and the
-    /// attention output exist for one chunk at a time.
+    /// attention output exist for one chunk at a time. `interrupt` is asked before each image and each chunk.
     fn residual_in_bands(
         &self,
         x: &Tensor,
         (h, w): (usize, usize),
         norm: &LayerNorm,
         bands: usize,
-    ) -> Result<Tensor> {
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let (b, _, c) = x.dims3()?;
         let images = (0..b)
             .map(|i| {
+                interrupt.check()?;
                 let image = x.get(i)?.reshape((h, w, c))?;
-                pre_norm_residual(&image, norm, bands * self.window, |rows| self.band(rows))
+                checked_within(interrupt, |check| {
+                    pre_norm_residual(&image, norm, bands * self.window, |rows| {
+                        check()?;
+                        self.band(rows)
+                    })
+                })
             })
-            .collect::<Result<Vec<_>>>()?;
-        stack(images)?.reshape((b, h * w, c))
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(stack(images)?.reshape((b, h * w, c))?)
     }
 
     /// Attention within the windows of `rows` `[R, W, C]` (normed tokens whose first row starts a row of
@@ -281,9 +304,16 @@ impl BlockAttention for Florence2VisionChannelAttention {
         })
     }
 
-    fn residual(&self, x: Tensor, norm: &LayerNorm, _h: usize, _w: usize) -> Result<Tensor> {
+    fn residual(
+        &self,
+        x: Tensor,
+        norm: &LayerNorm,
+        _h: usize,
+        _w: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let rows = (chunk_values(x.device()) / (2 * x.dim(2)?)).max(1);
-        self.residual_in_chunks(&x, norm, rows)
+        self.residual_in_chunks(&x, norm, rows, interrupt)
     }
 }
 
@@ -293,18 +323,28 @@ impl Florence2VisionChannelAttention {
     /// The scores `qᵀk` of a group sum over the tokens, so they are accumulated over chunks of rows (pass 1,
     /// [`Self::weights`]); given them, the output `v softmax(qᵀk * N^-1/2)ᵀ` is row-local (pass 2). The same
     /// products as one pass, but the `[N, 3C]` projection and the normed tokens never exist whole; each chunk
-    /// is normed in both passes instead.
-    fn residual_in_chunks(&self, x: &Tensor, norm: &LayerNorm, rows: usize) -> Result<Tensor> {
+    /// is normed in both passes instead. `interrupt` is asked before each image and each chunk of pass 2.
+    fn residual_in_chunks(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        rows: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let images = (0..x.dim(0)?)
             .map(|i| {
+                interrupt.check()?;
                 let image = x.get(i)?;
                 let weights_t = self.weights(&image, norm, rows)?;
-                pre_norm_residual(&image, norm, rows, |x| {
-                    self.mix(x, &weights_t, image.dtype())
+                checked_within(interrupt, |check| {
+                    pre_norm_residual(&image, norm, rows, |x| {
+                        check()?;
+                        self.mix(x, &weights_t, image.dtype())
+                    })
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        stack(images)
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(stack(images)?)
     }
 
     /// `[rows, C]` → `[groups, rows, group_dim]`.
@@ -405,17 +445,30 @@ impl<A: BlockAttention> AttentionBlock<A> {
     }
 
     /// Tokens `[B, H*W, C]` of an `h`×`w` map → the same shape. Each step takes its input by value, so that
-    /// no full-size intermediate outlives its use.
-    fn forward(&self, x: Tensor, h: usize, w: usize) -> Result<Tensor> {
+    /// no full-size intermediate outlives its use; `interrupt` is asked before each step and each chunk of
+    /// rows, as one step over a large batch of images, or over one large image, can take a while.
+    fn forward(
+        &self,
+        x: Tensor,
+        h: usize,
+        w: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
+        interrupt.check()?;
         let x = self.conv1.forward(x, h, w)?;
-        let x = self.attention.residual(x, &self.norm1, h, w)?;
+        let x = self.attention.residual(x, &self.norm1, h, w, interrupt)?;
+        interrupt.check()?;
         let x = self.conv2.forward(x, h, w)?;
+        interrupt.check()?;
         let (b, n, c) = x.dims3()?;
         let rows = chunk_values(x.device()) / self.ffn.hidden();
-        pre_norm_residual(&x.reshape((b * n, c))?, &self.norm2, rows, |x| {
-            x.apply(&self.ffn)
-        })?
-        .reshape((b, n, c))
+        let x = checked_within(interrupt, |check| {
+            pre_norm_residual(&x.reshape((b * n, c))?, &self.norm2, rows, |x| {
+                check()?;
+                x.apply(&self.ffn)
+            })
+        })?;
+        Ok(x.reshape((b, n, c))?)
     }
 }
 
@@ -439,9 +492,15 @@ impl Florence2VisionBlock {
         })
     }
 
-    fn forward(&self, x: Tensor, h: usize, w: usize) -> Result<Tensor> {
-        let x = self.spatial_block.forward(x, h, w)?;
-        self.channel_block.forward(x, h, w)
+    fn forward(
+        &self,
+        x: Tensor,
+        h: usize,
+        w: usize,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
+        let x = self.spatial_block.forward(x, h, w, interrupt)?;
+        self.channel_block.forward(x, h, w, interrupt)
     }
 }
 
@@ -473,9 +532,14 @@ impl Florence2VisionBackbone {
         Ok(Self { convs, blocks })
     }
 
-    /// Runs the tower; `pixel_values` must already be in the model's dtype.
+    /// Runs the tower; `pixel_values` must already be in the model's dtype. `interrupt` is asked before each
+    /// stage's patch embedding and each step of its blocks.
     /// Takes the pixels by value, to drop them (unless the caller keeps a handle) once they are tokens.
-    pub fn forward(&self, pixel_values: Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        pixel_values: Tensor,
+        interrupt: &dyn Interrupt,
+    ) -> crate::Result<Tensor> {
         let (_, _, height, width) = pixel_values.dims4()?;
         let mut map = FeatureMap {
             tokens: nchw_to_tokens(&pixel_values)?,
@@ -484,18 +548,20 @@ impl Florence2VisionBackbone {
         };
         drop(pixel_values);
         for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
+            interrupt.check()?;
             map = conv.forward(map)?;
             for block in stage_blocks {
-                map.tokens = block.forward(map.tokens, map.height, map.width)?;
+                map.tokens = block.forward(map.tokens, map.height, map.width, interrupt)?;
             }
         }
-        tokens_to_nchw(&map.tokens, map.height, map.width)
+        Ok(tokens_to_nchw(&map.tokens, map.height, map.width)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::Uninterrupted;
     use candle_core::{Device, Module};
 
     /// The two-pass chunked channel attention against the one-pass formula (transformers'): the whole
@@ -538,7 +604,9 @@ mod tests {
         let expected = (&xs + out.broadcast_matmul(&proj_w.t().unwrap()).unwrap()).unwrap();
 
         for rows in [1, 4, n] {
-            let got = attn.residual_in_chunks(&xs, &norm, rows).unwrap();
+            let got = attn
+                .residual_in_chunks(&xs, &norm, rows, &Uninterrupted)
+                .unwrap();
             let diff = (got - &expected).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "chunks of {rows}");
         }
@@ -580,10 +648,14 @@ mod tests {
         for (h, w) in [(7, 5), (6, 6), (2, 4)] {
             let xs = randn(&[b, h * w, c]);
             let (norm, _) = norm_and_reference(&xs);
-            let whole = attn.residual_in_bands(&xs, (h, w), &norm, h).unwrap();
+            let whole = attn
+                .residual_in_bands(&xs, (h, w), &norm, h, &Uninterrupted)
+                .unwrap();
             assert_eq!(whole.dims(), &[b, h * w, c]);
             for bands in [1, 2] {
-                let got = attn.residual_in_bands(&xs, (h, w), &norm, bands).unwrap();
+                let got = attn
+                    .residual_in_bands(&xs, (h, w), &norm, bands, &Uninterrupted)
+                    .unwrap();
                 let diff = (got - &whole).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(
                     diff.to_scalar::<f32>().unwrap() < 1e-5,

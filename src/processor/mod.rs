@@ -14,7 +14,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-pub use image::{ImageInput, ImageProcessorConfig, PixelValues, RgbImage};
+pub use image::{ImageInput, ImageProcessorConfig, PixelData, PixelValues, RgbImage, Size};
 pub use postprocess::{Answer, PostProcessorConfig};
 pub use tokenizer::{BatchEncoding, EncodeOptions, Florence2Tokenizer, Padding};
 
@@ -36,20 +36,21 @@ pub struct Florence2Processor {
 
 impl Florence2Processor {
     /// Loads a checkpoint folder: tokenizer.json (+ tokenizer_config.json), the image settings from
-    /// preprocessor_config.json or processor_config.json's `image_processor`, `post_processor_config`
+    /// processor_config.json's `image_processor` or else preprocessor_config.json, `post_processor_config`
     /// from processor_config.json, and the layout from config.json and the vocabulary.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tokenizer = Florence2Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let processor_path = dir.join("processor_config.json");
         let preprocessor_path = dir.join("preprocessor_config.json");
         let processor_config = read_json_if_present(&processor_path)?;
-        let image_json = match read_json_if_present(&preprocessor_path)? {
-            Some(v) => Some((v, &preprocessor_path)),
-            None => processor_config
-                .as_ref()
-                .and_then(|p| p.get("image_processor"))
-                .cloned()
-                .map(|v| (v, &processor_path)),
+        // transformers' priority: processor_config.json's nested `image_processor`, else
+        // preprocessor_config.json.
+        let image_json = match processor_config
+            .as_ref()
+            .and_then(|p| p.get("image_processor"))
+        {
+            Some(v) => Some((v.clone(), &processor_path)),
+            None => read_json_if_present(&preprocessor_path)?.map(|v| (v, &preprocessor_path)),
         };
         // A setting the checkpoint gets wrong is an error of that file, named as such.
         let in_file = |path: &Path| {
@@ -97,15 +98,21 @@ impl Florence2Processor {
     /// Token ids of a batch of texts, laid out as the model expects: with images, `<image>`
     /// placeholders (HF-native) then `<s>` prompt `</s>`; without images the HF-native processor
     /// tokenizes the bare prompt, the original one always adds `<s>` / `</s>`.
+    /// `add_special_tokens` (transformers' processor passes False) wraps each sequence in one more
+    /// `<s>` ... `</s>`, as the tokenizer's post-processor does.
     pub fn encode_texts<S: AsRef<str>>(
         &self,
         texts: &[S],
         with_images: bool,
+        add_special_tokens: bool,
         opts: &EncodeOptions,
     ) -> Result<BatchEncoding> {
         let prompts = self.build_prompts(texts)?;
         let mut sequences = Vec::with_capacity(prompts.len());
         let mut image_counts = Vec::with_capacity(prompts.len());
+        // Microsoft's remote code has the tokenizer add `<s>` / `</s>` around the prompt, so
+        // truncation keeps them; the extra pair of add_special_tokens then wraps `<s>` prompt `</s>`.
+        let wrap = add_special_tokens || self.image_token_id.is_none();
         for prompt in &prompts {
             let ids = match (self.image_token_id, with_images) {
                 (Some(image_token_id), true) => {
@@ -114,12 +121,15 @@ impl Florence2Processor {
                     ids
                 }
                 (Some(_), false) => self.tokenizer.encode(prompt, false)?,
-                (None, _) => self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?,
+                (None, _) if add_special_tokens => {
+                    self.tokenizer.encode(&format!("<s>{prompt}</s>"), false)?
+                }
+                (None, _) => self.tokenizer.encode(prompt, false)?,
             };
             image_counts.push(self.count_image_tokens(&ids));
             sequences.push(ids);
         }
-        let batch = self.tokenizer.pad_batch(sequences, opts)?;
+        let batch = self.tokenizer.pad_batch(sequences, wrap, opts)?;
         let after: Vec<usize> = batch
             .input_ids
             .iter()
@@ -141,9 +151,14 @@ impl Florence2Processor {
         }
     }
 
-    /// `pixel_values` for a batch of images.
-    pub fn preprocess_images(&self, images: &[ImageInput]) -> Result<PixelValues> {
-        image::preprocess(&self.image_config, images)
+    /// `pixel_values` for a batch of images, one `[3, H, W]` array each, with the checkpoint's settings or
+    /// with `config` (the checkpoint's, overridden by a processor call).
+    pub fn preprocess_images(
+        &self,
+        images: &[ImageInput],
+        config: Option<&ImageProcessorConfig>,
+    ) -> Result<Vec<PixelValues>> {
+        image::preprocess(config.unwrap_or(&self.image_config), images)
     }
 
     /// Decodes each sequence of a batch.

@@ -66,6 +66,9 @@ pub struct EncodeOptions {
     pub truncation: Option<bool>,
     pub max_length: Option<usize>,
     pub pad_to_multiple_of: Option<usize>,
+    /// Truncation drops the first text tokens instead of the last (the tokenizer's
+    /// `truncation_side = "left"`); the special tokens stay.
+    pub truncate_left: bool,
 }
 
 impl Default for EncodeOptions {
@@ -75,6 +78,7 @@ impl Default for EncodeOptions {
             truncation: None,
             max_length: None,
             pad_to_multiple_of: None,
+            truncate_left: false,
         }
     }
 }
@@ -88,6 +92,10 @@ pub struct BatchEncoding {
 
 /// transformers' tokenizers above this `model_max_length` count as unbounded.
 const LARGE_INTEGER: usize = 1_000_000_000_000_000;
+
+/// Tokens the post-processor adds to one sequence: BART's `<s>` before and `</s>` after, the
+/// template of every Florence-2 tokenizer file.
+const SPECIAL_TOKENS_PER_SEQUENCE: usize = 2;
 
 /// The tokenizer with the ids the processor needs.
 #[derive(Clone)]
@@ -152,6 +160,12 @@ impl Florence2Tokenizer {
 
     /// Wraps a loaded tokenizer, adding Florence-2's tokens if `<loc_0>` is missing.
     pub fn new(mut inner: Tokenizer, model_max_length: usize) -> Result<Self> {
+        // The truncation and padding a tokenizer.json may hold (transformers writes the last call's) are
+        // not settings: each call sets its own, as transformers does (`pad_batch`).
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .with_padding(None);
         if inner.token_to_id("<loc_0>").is_none() {
             let tokens: Vec<AddedToken> = florence2_extra_tokens()
                 .into_iter()
@@ -252,11 +266,27 @@ impl Florence2Tokenizer {
         Ok(text)
     }
 
-    /// Pads and truncates already-encoded sequences the way transformers' tokenizer `__call__` does
-    /// (right side, `<pad>` id, attention mask 1 on tokens and 0 on padding).
+    /// Truncates, wraps and pads already-encoded sequences the way transformers' tokenizer `__call__`
+    /// does: each sequence is the text's ids without special tokens; with `add_special_tokens` the
+    /// post-processor's `<s>` ... `</s>` wrap it after truncation, and truncation keeps room for them
+    /// (a `max_length` below their count leaves the sequence untruncated, as the `tokenizers` library
+    /// does). Right side truncation and padding, `<pad>` id, attention mask 1 on tokens and 0 on padding.
+    ///
+    /// Args:
+    ///     sequences: the ids of each text, without special tokens.
+    ///     add_special_tokens: whether `<s>` / `</s>` wrap each sequence.
+    ///     opts: padding and truncation settings.
+    ///
+    /// Returns:
+    ///     the ids and attention masks (ragged unless padded).
+    ///
+    /// Raises:
+    ///     `Error::InvalidInput` when truncation and padding are both on and `max_length` is not a
+    ///     multiple of `pad_to_multiple_of`.
     pub fn pad_batch(
         &self,
         sequences: Vec<Vec<u32>>,
+        add_special_tokens: bool,
         opts: &EncodeOptions,
     ) -> Result<BatchEncoding> {
         let mut padding = opts.padding;
@@ -293,12 +323,38 @@ impl Florence2Tokenizer {
                 )));
             }
         }
-        let mut input_ids = sequences;
-        if let (true, Some(m)) = (truncate, max_length) {
-            for ids in input_ids.iter_mut() {
-                ids.truncate(m);
-            }
-        }
+        let n_special = if add_special_tokens {
+            SPECIAL_TOKENS_PER_SEQUENCE
+        } else {
+            0
+        };
+        // The room left for the text once the special tokens are in; none fits when max_length is
+        // below their count, and then the text stays whole.
+        let text_length = match (truncate, max_length) {
+            (true, Some(m)) => m.checked_sub(n_special),
+            _ => None,
+        };
+        let mut input_ids: Vec<Vec<u32>> = sequences
+            .into_iter()
+            .map(|mut ids| {
+                match text_length {
+                    Some(m) if opts.truncate_left && ids.len() > m => {
+                        ids.drain(..ids.len() - m);
+                    }
+                    Some(m) => ids.truncate(m),
+                    None => {}
+                }
+                if add_special_tokens {
+                    let mut wrapped = Vec::with_capacity(ids.len() + n_special);
+                    wrapped.push(self.bos_token_id);
+                    wrapped.extend(ids);
+                    wrapped.push(self.eos_token_id);
+                    wrapped
+                } else {
+                    ids
+                }
+            })
+            .collect();
         let target = match padding {
             Padding::None => None,
             Padding::Longest => input_ids.iter().map(Vec::len).max(),
@@ -353,6 +409,64 @@ mod tests {
         assert_eq!(t[4], "<loc_0>");
         assert_eq!(t[1003], "<loc_999>");
         assert_eq!(t[1023], "<and>");
+    }
+
+    /// A tokenizer whose ids 0, 1, 2 are `<s>`, `<pad>`, `</s>` as in BART's vocabulary.
+    fn bart_ids_tokenizer() -> Florence2Tokenizer {
+        let vocab = ["<s>", "<pad>", "</s>", "<unk>"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
+        Florence2Tokenizer::new(Tokenizer::new(model), 1024).unwrap()
+    }
+
+    fn truncated(ids: Vec<u32>, add_special_tokens: bool, max_length: usize) -> Vec<u32> {
+        truncated_on(ids, add_special_tokens, max_length, false)
+    }
+
+    fn truncated_on(
+        ids: Vec<u32>,
+        add_special_tokens: bool,
+        max_length: usize,
+        truncate_left: bool,
+    ) -> Vec<u32> {
+        let opts = EncodeOptions {
+            truncation: Some(true),
+            max_length: Some(max_length),
+            truncate_left,
+            ..EncodeOptions::default()
+        };
+        let batch = bart_ids_tokenizer()
+            .pad_batch(vec![ids], add_special_tokens, &opts)
+            .unwrap();
+        batch.input_ids.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn truncation_keeps_room_for_special_tokens() {
+        // transformers 5.23 on the released tokenizer (tests/python/test_tokenizer_truncation.py):
+        // max_length 3 keeps one text token and `</s>`; below 2 nothing fits and the text stays whole.
+        assert_eq!(truncated(vec![7, 8, 9], true, 3), [0, 7, 2]);
+        assert_eq!(truncated(vec![7, 8, 9], true, 2), [0, 2]);
+        assert_eq!(truncated(vec![7, 8, 9], true, 1), [0, 7, 8, 9, 2]);
+        assert_eq!(truncated(vec![7, 8, 9], true, 0), [0, 7, 8, 9, 2]);
+        assert_eq!(truncated(vec![7, 8, 9], false, 1), [7]);
+        assert_eq!(truncated(vec![7, 8, 9], false, 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn left_truncation_drops_the_first_text_tokens() {
+        // transformers 5.23 with truncation_side="left" (tests/python/test_tokenizer_truncation.py).
+        assert_eq!(truncated_on(vec![7, 8, 9], true, 3, true), [0, 9, 2]);
+        assert_eq!(truncated_on(vec![7, 8, 9], true, 1, true), [0, 7, 8, 9, 2]);
+        assert_eq!(truncated_on(vec![7, 8, 9], false, 2, true), [8, 9]);
+        assert_eq!(truncated_on(vec![7, 8], false, 3, true), [7, 8]);
     }
 
     #[test]

@@ -307,3 +307,153 @@ def test_adapter_on_a_half_precision_base_loaded_in_float32(base, tmp_path):
     model = Florence2ForConditionalGeneration.from_pretrained(half, dtype="float32")
     model.load_adapter(tmp_path / "adapter")
     assert max_rel_error(model(**inputs(ref)).logits, peft_logits(peft_model, ref)) <= 1e-4
+
+
+def our_logits(model, ref) -> np.ndarray:
+    return np.asarray(model(**inputs(ref)).logits)
+
+
+def test_concurrent_adapter_changes_keep_the_registry_and_the_weights_in_agreement(base, tmp_path):
+    """Threads loading adapters into one model at once: afterwards the active adapter is the one whose weights
+    run (in every trial), and set_adapter switches to the other. Each load must install its registry entry and
+    its weights together, so that the active adapter is never one loaded over the other's weights: many trials,
+    each started from a barrier so that the two loads overlap."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, ref = base
+    make_adapter(folder, tmp_path / "a", seed=1)
+    make_adapter(folder, tmp_path / "b", seed=2, target_modules=TEXT_TARGETS + VISION_TARGETS)
+    want = {name: our_logits(Florence2ForConditionalGeneration.from_pretrained(tmp_path / name, dtype="float32"),
+                             ref) for name in ("a", "b")}
+    assert max_rel_error(want["a"], want["b"]) > 1e-3  # the two adapters are told apart by their logits
+    for trial in range(40):
+        model = Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype="float32")
+        start = threading.Barrier(2)
+
+        def load(name, model=model, start=start):
+            start.wait()
+            model.load_adapter(tmp_path / name, adapter_name=name)
+
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(load, name) for name in ("a", "b")]:
+                done.result(timeout=120)
+        (active,) = model.active_adapters()
+        np.testing.assert_array_equal(our_logits(model, ref), want[active], err_msg=f"trial {trial}: {active}")
+        other = "b" if active == "a" else "a"
+        model.set_adapter(other)
+        assert model.active_adapters() == [other]
+        np.testing.assert_array_equal(our_logits(model, ref), want[other], err_msg=f"trial {trial}: {other}")
+
+
+@pytest.mark.parametrize("through", ["model", "views"])
+def test_a_dtype_change_and_an_adapter_switch_at_once_give_both(base, tmp_path, through):
+    """`to(dtype)` and `set_adapter` from two threads at once, on the model or on two of its views
+    (`model.model`, `model.vision_tower`): the model ends in the new dtype with the new adapter, whichever ran
+    first (neither reloads from the state the other is replacing)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, ref = base
+    make_adapter(folder, tmp_path / "a", seed=1)
+    make_adapter(folder, tmp_path / "b", seed=2, target_modules=TEXT_TARGETS + VISION_TARGETS)
+    want = our_logits(Florence2ForConditionalGeneration.from_pretrained(tmp_path / "b", dtype="bfloat16"), ref)
+    for trial in range(25):
+        model = Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype="float32")
+        model.load_adapter(tmp_path / "a", adapter_name="a")
+        model.load_adapter(tmp_path / "b", adapter_name="b")
+        model.set_adapter("a")
+        start = threading.Barrier(2)
+
+        def at_once(change, start=start):
+            start.wait()
+            change()
+
+        casts, switches = (model, model) if through == "model" else (model.model, model.vision_tower)
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(at_once, lambda m=casts: m.to("bfloat16")),
+                         pool.submit(at_once, lambda m=switches: m.set_adapter("b"))]:
+                done.result(timeout=120)
+        assert model.active_adapters() == ["b"] and str(model.dtype).endswith("bfloat16")
+        np.testing.assert_array_equal(our_logits(model, ref), want, err_msg=f"trial {trial}")
+
+
+def test_peft_model_load_adapter_finds_the_adapter_before_taking_the_lock(base, tmp_path, monkeypatch):
+    """A Hub download may take long: PeftModel.load_adapter resolves the adapter with the model's lock free (other
+    threads keep switching adapters meanwhile), then holds it only to load and switch back."""
+    import threading
+
+    import florence2_rs.adapters
+
+    folder, ref = base
+    make_adapter(folder, tmp_path / "a", seed=1)
+    make_adapter(folder, tmp_path / "b", seed=2)
+    shim = PeftModel.from_pretrained(Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype="float32"),
+                                     tmp_path / "a")
+    lock, free, resolve = shim.base_model._state.lock, [], florence2_rs.adapters.resolve_adapter
+
+    def resolving(*args, **kwargs):
+        def try_lock():
+            if lock.acquire(blocking=False):
+                lock.release()
+                free.append(True)
+            else:
+                free.append(False)
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join()
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(florence2_rs.adapters, "resolve_adapter", resolving)
+    shim.load_adapter(tmp_path / "b", adapter_name="b")
+    assert free == [True], "the model's lock was held while the adapter was resolved"
+    assert shim.active_adapters == ["default"]
+    shim.set_adapter("b")
+    want = our_logits(Florence2ForConditionalGeneration.from_pretrained(tmp_path / "b", dtype="float32"), ref)
+    np.testing.assert_array_equal(our_logits(shim, ref), want)
+
+
+def test_views_share_the_weights_and_the_adapters_with_their_model(base, tmp_path):
+    """`model.model` and `model.vision_tower` are views over the model's own weights, as torch's submodules are:
+    `.to()` and every adapter change made through a view is the model's too (and the other way round)."""
+    folder, ref = base
+    make_adapter(folder, tmp_path / "a", seed=1)
+    make_adapter(folder, tmp_path / "b", seed=2, target_modules=TEXT_TARGETS + VISION_TARGETS)
+    want = {name: our_logits(Florence2ForConditionalGeneration.from_pretrained(tmp_path / name, dtype="bfloat16"),
+                             ref) for name in ("a", "b")}
+
+    # The reference: in transformers, casting model.model casts the parent's parameters (the same tensors).
+    theirs = HFModel.from_pretrained(folder / "hf", dtype=torch.float32)
+    theirs.model.to(torch.bfloat16)
+    assert theirs.dtype == torch.bfloat16
+
+    model = Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype="float32")
+    model.load_adapter(tmp_path / "a", adapter_name="a")
+    view, tower = model.model, model.vision_tower
+    view.to("bfloat16")
+    assert model.dtype == tower.dtype == model.model.dtype == torch.bfloat16
+    np.testing.assert_array_equal(our_logits(model, ref), want["a"])
+
+    view.load_adapter(tmp_path / "b", adapter_name="b")
+    assert model.active_adapters() == tower.active_adapters() == ["b"]
+    np.testing.assert_array_equal(our_logits(model, ref), want["b"])
+    tower.set_adapter("a")
+    assert model.active_adapters() == ["a"]
+    np.testing.assert_array_equal(our_logits(model, ref), want["a"])
+
+    tower.delete_adapter("a")
+    assert model.active_adapters() == view.active_adapters() == ["b"]
+    model.disable_adapters()
+    model.enable_adapters()
+    np.testing.assert_array_equal(our_logits(model, ref), want["b"])
+    with pytest.raises(ValueError, match="already exists"):
+        model.load_adapter(tmp_path / "b", adapter_name="b")  # the name a view loaded is taken
+
+    view.delete_adapter("b")
+    for call in (model.disable_adapters, model.enable_adapters, model.active_adapters):
+        with pytest.raises(ValueError, match="No adapter loaded"):
+            call()
+    model.to("float32")
+    assert view.dtype == torch.float32
+    plain = Florence2ForConditionalGeneration.from_pretrained(folder / "hf", dtype="float32")
+    np.testing.assert_array_equal(our_logits(model, ref), our_logits(plain, ref))

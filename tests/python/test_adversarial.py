@@ -344,6 +344,18 @@ CASES = [
      INPUTS + "import transformers\n"
               "model.generate(**inputs, generation_config=transformers.GenerationConfig(num_beams=2, "
               "max_new_tokens=3))", None, ""),
+    # quantization_config: misread values loaded a model quantized (or not) without a word; transformers'
+    # exception types (tests/python/test_quantize.py compares them with transformers run live)
+    ("quantization_config: load_in_4bit 'false'",
+     LOAD + "M.from_pretrained(CKPT, quantization_config={'load_in_4bit': 'false'})", ("TypeError",),
+     "load_in_4bit must be a boolean"),
+    ("quantization_config: both flags",
+     LOAD + "M.from_pretrained(CKPT, quantization_config={'load_in_4bit': True, 'load_in_8bit': True})",
+     ("ValueError",), "only one can be used"),
+    ("quantization_config: the string 'int8'", LOAD + "M.from_pretrained(CKPT, quantization_config='int8')",
+     ("AttributeError",), "must be a BitsAndBytesConfig"),
+    ("quantization_config: GPTQ", LOAD + "M.from_pretrained(CKPT, quantization_config={'quant_method': 'gptq', "
+                                         "'bits': 4})", ("ValueError",), "'gptq' is not supported"),
     # whole runs
     ("cli: a folder of bad files", _label_folder_with_the_cli(), None, ""),
     ("threads: bad and good calls at once", _threads_at_once(), None, ""),

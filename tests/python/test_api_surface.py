@@ -108,18 +108,26 @@ def test_quantization_config_is_accepted_and_mapped(checkpoint):
                                              bnb_4bit_quant_type="nf4")
     assert config.bnb_4bit_compute_dtype == "bfloat16" and config.quantization_method() == "nf4"
     model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(checkpoint, quantization_config=config)
-    assert model._quantize == "int4"
+    assert model._state.quantize == "int4"
     with pytest.raises(ValueError, match="only one"):
         florence2_rs.BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=True)
 
 
 @pytest.mark.parametrize("config, mode", [
-    (None, None), ({"load_in_8bit": True}, "int8"), ({"load_in_4bit": True}, "int4"), ({}, None),
+    (None, None), ({"load_in_8bit": True}, "int8"), ({"load_in_4bit": True}, "int4"),
 ])
 def test_quantize_mode(config, mode):
     assert quantize_mode(config) == mode
     if config is not None:
         assert quantize_mode(florence2_rs.BitsAndBytesConfig(**config)) == mode
+
+@pytest.mark.parametrize("config", [florence2_rs.BitsAndBytesConfig(), {"quant_method": "bitsandbytes"}],
+                         ids=["config", "dict"])
+def test_quantize_mode_refuses_a_config_without_a_flag(config):
+    """transformers sends a bitsandbytes config that sets neither flag to its 4-bit quantizer: refused here, not
+    loaded unquantized."""
+    with pytest.raises(ValueError, match="sets neither load_in_8bit nor load_in_4bit.*load_in_4bit=True"):
+        quantize_mode(config)
 
 
 def test_quantize_mode_reads_transformers_own_config():

@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -25,10 +29,32 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--max-new-tokens", "6", "--num-beams", "1", "--threads", "2"]
 
 
+# Address space of a command run by `run_bounded`: the tiny model needs far less; a run that reads without end
+# stops at the limit instead of filling the machine's memory.
+ADDRESS_SPACE = 16 * 1024**3
+
+
 def run(*args: str | os.PathLike) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local folder must need no network
     return subprocess.run([sys.executable, "-m", "florence2_rs", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def _bounded_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def run_bounded(*args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`run` in the style of test_adversarial.py: a hang fails the test at `timeout`, the address space is
+    bounded, and a death by a signal is a failure."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "florence2_rs", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env=env, preexec_fn=_bounded_address_space)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the command hung (no end within {timeout} s)")
+    assert done.returncode >= 0, f"the command died (signal {-done.returncode}):\n{done.stderr[-3000:]}"
+    return done
 
 
 def lines(result: subprocess.CompletedProcess) -> list[dict]:
@@ -193,3 +219,116 @@ def test_the_console_script_is_declared():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["florence2"] == "florence2_rs.cli:main"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_socket_named_on_the_command_line_is_a_failure_of_its_own(end_to_end_checkpoint, tmp_path):
+    """Only regular files are read: a FIFO with no writer (which would block the read for ever) and a socket
+    each get their error line, and the image after them is labeled."""
+    os.mkfifo(tmp_path / "a_fifo.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "b_socket.png"))
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "c_coffee.png")
+    try:
+        result = run_bounded("--model", end_to_end_checkpoint / "hf", *FAST, tmp_path / "a_fifo.png",
+                             tmp_path / "b_socket.png", tmp_path / "c_coffee.png", timeout=90)
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    records = {Path(r["file"]).name: r for r in lines(result)}
+    assert "FIFO" in records["a_fifo.png"]["error"] and "socket" in records["b_socket.png"]["error"]
+    assert records["c_coffee.png"]["task"] == "<OD>" and "error" not in records["c_coffee.png"]
+
+
+def test_more_threads_than_cpus_are_cut_to_the_cpus_with_a_warning(end_to_end_checkpoint, images):
+    result = run_bounded("--model", end_to_end_checkpoint / "hf", "--max-new-tokens", "6", "--num-beams", "1",
+                         "--threads", "100000", images / "coffee.png", timeout=90)
+    assert result.returncode == 0, result.stderr
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert f"--threads 100000 is more than the {cpus} CPUs" in result.stderr
+    assert lines(result)[0]["task"] == "<OD>"
+
+
+@pytest.mark.parametrize("setting", [["--max-new-tokens", "0"], ["--num-beams", "0"], ["--batch-size", "0"],
+                                     ["--threads", "0"], ["--max-new-tokens", "-3"], ["--num-beams", "-1"]],
+                         ids=lambda s: " ".join(s))
+def test_settings_that_cannot_work_are_usage_errors_before_the_model_loads(images, setting):
+    # A model folder that does not exist: had the command gone on to load it, the error would name the folder.
+    result = run_bounded("--model", images / "no-such-checkpoint", *setting, images / "coffee.png")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "usage:" in result.stderr and f"argument {setting[0]}: must be a positive integer" in result.stderr
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_output_refuses_a_file_with_results_and_resume_needs_output(end_to_end_checkpoint, images, tmp_path):
+    output = tmp_path / "labels.jsonl"
+    output.write_text('{"file": "x.png", "task": "<OD>", "result": {}, "timings": {}}\n')
+    refused = run_bounded("--model", end_to_end_checkpoint / "hf", *FAST, "--output", output, images)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and refused.stdout == ""
+    assert _records(output) == [{"file": "x.png", "task": "<OD>", "result": {}, "timings": {}}]
+    alone = run_bounded("--model", end_to_end_checkpoint / "hf", *FAST, "--resume", images)
+    assert alone.returncode == 2 and "--output" in alone.stderr
+
+
+def test_resume_warns_when_the_file_matches_none_of_the_images(end_to_end_checkpoint, images, tmp_path):
+    """FILE's paths are absolute, resolved from the directory of the run that wrote them: a resumed run from
+    another directory, with relative paths, matches none of them; it says why on stderr and labels every image."""
+    output = tmp_path / "labels.jsonl"
+    output.write_text(json.dumps({"file": str(tmp_path / "elsewhere" / "coffee.png"), "task": "<OD>", "result": {},
+                                  "timings": {}}) + "\n")
+    resumed = run_bounded("--model", end_to_end_checkpoint / "hf", *FAST, "--output", output, "--resume",
+                          images / "coffee.png")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "holds results, but for none of these images" in resumed.stderr
+    assert "absolute paths resolved from the current directory" in resumed.stderr
+    assert [r["task"] for r in lines(resumed)] == ["<OD>"]
+    matched = run_bounded("--model", end_to_end_checkpoint / "hf", *FAST, "--output", output, "--resume",
+                          images / "coffee.png")
+    assert matched.returncode == 0 and "warning" not in matched.stderr and lines(matched) == []
+
+
+def test_a_killed_run_resumes_without_losing_or_redoing_an_image(end_to_end_checkpoint, tmp_path):
+    """`--output FILE`, killed (SIGKILL) part-way and cut in the middle of a line, then run again with
+    `--resume`: every image ends with one result line per task in FILE, and the resumed run labels only what
+    FILE lacked (the images not reached, the one whose line was cut short, and the one that had failed)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo = skimage.data.coffee()
+    for i in range(24):
+        Image.fromarray(photo[i: 200 + i, :300]).save(folder / f"{i:02d}.png")
+    (folder / "zz_broken.png").write_bytes(b"not an image")
+    output = tmp_path / "labels.jsonl"
+    command = [sys.executable, "-m", "florence2_rs", "--model", str(end_to_end_checkpoint / "hf"), *FAST,
+               "--task", "OD", "--task", "CAPTION", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([*command, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while (not output.exists() or output.read_text().count("\n") < 6) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stderr.read().decode()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    first.stderr.close()
+    content = output.read_text()
+    whole, cut = content[: content.rfind("\n") + 1], content[content.rfind("\n") + 1:]
+    kept = [json.loads(line) for line in whole.splitlines()]
+    assert 6 <= len(kept) < 48, "the kill should come part-way through the run"
+    # The first image as a failure of the earlier run (labeled again on resume), and what a kill in the middle
+    # of a write leaves: a partial last line (unless this kill left one already).
+    failed = kept[0]["file"]
+    kept = [r for r in kept if r["file"] != failed] + [{"file": failed, "error": "an earlier failure"}]
+    partial = cut or '{"file": "' + str(folder / "23.png") + '", "task": "<OD>", "r'
+    output.write_text("".join(json.dumps(r) + "\n" for r in kept) + partial)
+    labeled_before = {(Path(r["file"]).name, r["task"]) for r in kept if "error" not in r}
+    resumed = run_bounded(*command[3:], "--resume", folder, timeout=300)
+    assert resumed.returncode == 1, resumed.stderr  # zz_broken.png
+    new = [(Path(r["file"]).name, r.get("task")) for r in lines(resumed)]
+    assert len(new) == len(set(new)), "a line printed twice"
+    expected = {(f"{i:02d}.png", task) for i in range(24) for task in ("<OD>", "<CAPTION>")}
+    assert set(new) == expected - labeled_before | {("zz_broken.png", None)}
+    final = _records(output)  # every line parses: the partial one is gone
+    results = [(Path(r["file"]).name, r["task"]) for r in final if "error" not in r]
+    assert sorted(results) == sorted(expected), "an image lost or labeled twice"

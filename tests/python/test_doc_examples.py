@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import skimage
+import torch_blocker
 from PIL import Image
 
 PIPELINE_EXAMPLE = '''
@@ -162,16 +163,9 @@ def test_automodel_bitsandbytes_example_with_torch(end_to_end_checkpoint, image_
 
 
 # Runs an example with `import torch` failing, then reports what it made as JSON.
-_TORCH_FREE_RUNNER = '''
-import importlib.abc, json, sys, warnings
+_TORCH_FREE_RUNNER = torch_blocker.PRELUDE + '''
+import json, sys, warnings
 
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked for this test")
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
 warnings.simplefilter("ignore")
 scope = {}
 exec(sys.stdin.read(), scope)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 from florence2_rs import AutoProcessor, Florence2Config, Florence2ForConditionalGeneration
@@ -264,6 +265,24 @@ def test_sharded_weights_download_every_shard(hub):
     assert len(hub.requests) == count
 
 
+@pytest.mark.parametrize("stem, ext", [("model", "safetensors"), ("pytorch_model", "bin")])
+def test_download_stopped_between_shards_resumes_at_the_missing_shard(hub, stem, ext):
+    # The first try records that the repository has no model.safetensors (huggingface_hub's .no_exist marker);
+    # that marker must not stand for the weights when the next try finds a shard missing.
+    files = hub.repos[REPO]
+    del files[WEIGHTS]
+    shards = {f"{stem}-00001-of-00002.{ext}": b"shard one" * 10, f"{stem}-00002-of-00002.{ext}": b"shard two" * 10}
+    files.update(shards)
+    index = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}[ext]
+    files[index] = json.dumps({"metadata": {}, "weight_map": dict(zip("ab", shards))}).encode()
+    hub.truncate_once.add(f"{REPO}/{stem}-00002-of-00002.{ext}")
+    with pytest.raises(OSError, match=f"{stem}-00002-of-00002"):
+        resolve_checkpoint(REPO, **MODEL_FILES)
+    folder = resolve_checkpoint(REPO, **MODEL_FILES)
+    for name, data in shards.items():
+        assert (folder / name).read_bytes() == data
+
+
 def test_interrupted_download_leaves_no_corrupt_file_and_resumes(hub, tmp_path):
     hub.truncate_once.add(f"{REPO}/{WEIGHTS}")
     with pytest.raises(OSError, match=WEIGHTS):
@@ -365,7 +384,8 @@ def logits(model) -> np.ndarray:
 
 
 def input_ids(processor) -> np.ndarray:
-    return processor(text="<OD>", return_tensors="np")["input_ids"]
+    image = Image.new("RGB", (32, 24), (90, 160, 30))  # Microsoft's processor call requires an image
+    return processor(text="<OD>", images=image, return_tensors="np")["input_ids"]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -23,6 +24,9 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from florence2_rs import Florence2ForConditionalGeneration  # noqa: E402
+
+import test_hub  # noqa: E402  (its fake Hub)
+from test_hub import hub  # noqa: E402,F401  (the fixture)
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
 
@@ -102,6 +106,82 @@ def test_state_dict_of_transformers_model_loads(tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
+def _sharded_save(folder: Path) -> Path:
+    """The tiny checkpoint in PyTorch shards as transformers 4's `save_pretrained(safe_serialization=False,
+    max_shard_size=...)` wrote them: pytorch_model.bin.index.json and pytorch_model-0000N-of-0000M.bin. transformers
+    5 writes safetensors only, so its sharded save is made and each shard rewritten with torch.save under the
+    name and in the index transformers 4 used."""
+    from transformers import Florence2ForConditionalGeneration as HFModel
+
+    shutil.copytree(TINY / "hf", folder)
+    (folder / "model.safetensors").unlink()
+    HFModel.from_pretrained(TINY / "hf", dtype=torch.float32).save_pretrained(folder, max_shard_size="100KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        renamed[shard] = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(safetensors_torch.load_file(folder / shard), folder / renamed[shard])
+        (folder / shard).unlink()
+    index["weight_map"] = {name: renamed[shard] for name, shard in index["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors.index.json").unlink()
+    assert len(renamed) > 1
+    return folder
+
+
+def test_sharded_bin_of_transformers_save_loads(tmp_path):
+    folder = _sharded_save(tmp_path / "sharded")
+    inputs = _inputs("hf")
+    want = Florence2ForConditionalGeneration.from_pretrained(TINY / "hf", dtype="float32")
+    got = Florence2ForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    assert str(got.dtype).endswith("float32")
+    np.testing.assert_array_equal(got(**inputs).logits, want(**inputs).logits)
+    settings = {"max_new_tokens": 8, "num_beams": 2}
+    np.testing.assert_array_equal(got.generate(**inputs, **settings), want.generate(**inputs, **settings))
+
+
+def _edit_index(folder: Path, edit) -> None:
+    path = folder / "pytorch_model.bin.index.json"
+    index = json.loads(path.read_text())
+    edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def _bad_shard_sets():
+    def outside(weight_map):
+        weight_map[next(iter(weight_map))] = "../pytorch_model.bin"
+
+    def missing_shard(weight_map):
+        weight_map[next(iter(weight_map))] = "pytorch_model-09999-of-09999.bin"
+
+    def wrong_shard(weight_map):
+        names = sorted(set(weight_map.values()))
+        key = next(k for k, v in weight_map.items() if v == names[0])
+        weight_map[key] = names[1]
+
+    def twice(folder):
+        shards = sorted(folder.glob("pytorch_model-*.bin"))
+        first = torch.load(shards[0], weights_only=True)
+        second = torch.load(shards[1], weights_only=True)
+        torch.save({**second, **dict(list(first.items())[:1])}, shards[1])
+
+    return {
+        "outside": (lambda folder: _edit_index(folder, outside), "not a file name inside"),
+        "missing_shard": (lambda folder: _edit_index(folder, missing_shard), "listed as a shard"),
+        "wrong_shard": (lambda folder: _edit_index(folder, wrong_shard), "does not hold it"),
+        "tensor_in_two_shards": (twice, "two shards"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_shard_sets()))
+def test_bad_shard_sets_are_refused(tmp_path, case):
+    folder = _sharded_save(tmp_path / case)
+    make, message = _bad_shard_sets()[case]
+    make(folder)
+    with pytest.raises(OSError, match=message):
+        Florence2ForConditionalGeneration.from_pretrained(folder, dtype="float32")
+
+
 def test_safetensors_are_preferred_over_bin(tmp_path):
     folder = _bin_copy(TINY / "hf", tmp_path / "both", keep_safetensors=True)
     # A .bin that cannot be read: loading succeeds only because the safetensors are taken first.
@@ -137,6 +217,31 @@ def _archive_with(folder: Path, edit) -> None:
 
 def _tensor_key(folder: Path) -> str:
     return next(iter(torch.load(folder / "pytorch_model.bin", weights_only=True)))
+
+
+def _text(value: str) -> bytes:
+    """A pickled str (BINUNICODE)."""
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _int(value: int) -> bytes:
+    """A pickled int: BININT (4 bytes) where it fits, else LONG1 (8 bytes), as pickle writes them."""
+    if -(2**31) <= value < 2**31:
+        return b"J" + struct.pack("<i", value)
+    return b"\x8a\x08" + value.to_bytes(8, "little", signed=True)
+
+
+STORAGE_ID = b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text("0") + _text("cpu") + _int(8) + b"t"
+
+
+def _rebuild_pickle(*, storage: bytes = STORAGE_ID, offset: bytes = _int(0), size: bytes = _int(8) + b"\x85",
+                    stride: bytes = _int(1) + b"\x85", rest: bytes = b"\x89") -> bytes:
+    """data.pkl of `{"model.vision_tower.x": _rebuild_tensor_v2(storage, offset, size, stride, *rest)}`, each part
+    given as pickle opcodes (by default a float32 tensor of 8 elements, the whole of storage "0")."""
+    args = b"(" + storage + b"Q" + offset + size + stride + rest + b"t"
+    return (b"\x80\x02}" + _text("model.vision_tower.x") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args
+            + b"Rs.")
 
 
 def _bad_archives():
@@ -189,7 +294,27 @@ def _bad_archives():
         body = b"\x80\x02N" + b"\x85" * 1_000_000 + b"."
         _archive_with(folder, lambda name, data: body if name.endswith("data.pkl") else data)
 
+    def rebuilt_with(**parts):
+        # One float32 storage of 8 elements under key "0", described by a hand-written rebuild call.
+        def make(folder):
+            _write_state(folder, {"model.vision_tower.x": torch.zeros(8)})
+            body = _rebuild_pickle(**parts)
+            _archive_with(folder, lambda name, data: body if name.endswith("data.pkl") else data)
+
+        return make
+
     return {
+        # 2**62 elements of 4 bytes wrap to byte 0 in 64-bit arithmetic: refused as torch refuses it.
+        "huge_storage_offset": (rebuilt_with(offset=_int(2**62)), "overflowed"),
+        "offset_past_storage": (rebuilt_with(offset=_int(1000)), "beyond its storage"),
+        "negative_offset": (rebuilt_with(offset=_int(-4)), "non-negative"),
+        "huge_stride": (rebuilt_with(size=_int(2) + b"\x85", stride=_int(2**62) + b"\x85"), "overflowed"),
+        "storage_larger_than_record": (
+            rebuilt_with(storage=STORAGE_ID.replace(_int(8), _int(1000))), "its storage claims"),
+        "rebuild_with_two_arguments": (rebuilt_with(size=b"", stride=b"", rest=b""), "malformed"),
+        "storage_id_too_short": (rebuilt_with(storage=b"(" + _text("storage") + b"t"), "malformed"),
+        "size_not_a_tuple": (rebuilt_with(size=_int(8)), "malformed"),
+        "sizes_and_strides_differ": (rebuilt_with(stride=_int(1) + _int(1) + b"\x86"), "malformed"),
         "memo_bomb": (memo_bomb, "grow far past"),
         "deep_nesting": (deep_nesting, "grow far past"),
         "garbage": (garbage, "zip archive"),
@@ -199,7 +324,7 @@ def _bad_archives():
         "strided": (strided, "strided"),
         "truncated_storage": (truncated_storage, "truncated"),
         "broken_pickle": (broken_pickle, "pickle"),
-        "huge_shape": (huge_shape, "claims"),
+        "huge_shape": (huge_shape, "beyond its storage"),
     }
 
 
@@ -223,6 +348,8 @@ def test_bad_archives_are_refused_with_oserror(tmp_path, case):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert message in run.stdout, run.stdout
+    # A panic caught inside the reader still prints its message and backtrace: nothing may panic.
+    assert "panicked" not in run.stderr, run.stderr
 
 
 def test_pickle_code_never_runs(tmp_path):
@@ -234,3 +361,21 @@ def test_pickle_code_never_runs(tmp_path):
     with pytest.raises(OSError, match="payload"):
         Florence2ForConditionalGeneration.from_pretrained(folder, dtype="float32")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("subfolder", ["", "checkpoints/final"])
+def test_sharded_bin_repository_downloads_and_loads(hub, tmp_path, subfolder):
+    """A Hub repository (test_hub.py's fake Hub) whose weights are PyTorch shards, at its top or in a subfolder."""
+    from florence2_rs.hub import resolve_checkpoint
+
+    sharded = _sharded_save(tmp_path / "sharded")
+    prefix = f"{subfolder}/" if subfolder else ""
+    hub.repos[test_hub.REPO] = {f"{prefix}{p.name}": p.read_bytes() for p in sharded.iterdir() if p.is_file()}
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    folder = resolve_checkpoint(test_hub.REPO, **kwargs, **test_hub.MODEL_FILES)
+    for shard in sharded.glob("pytorch_model-*.bin"):
+        assert (folder / shard.name).read_bytes() == shard.read_bytes()
+    inputs = _inputs("hf")
+    want = Florence2ForConditionalGeneration.from_pretrained(TINY / "hf", dtype="float32")(**inputs).logits
+    got = Florence2ForConditionalGeneration.from_pretrained(test_hub.REPO, dtype="float32", **kwargs)(**inputs).logits
+    np.testing.assert_array_equal(got, want)

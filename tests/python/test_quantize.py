@@ -79,3 +79,66 @@ def test_quantized_embedding_refuses_ids_outside_the_vocabulary(quantize):
     with pytest.raises(ValueError, match="vocabulary"):
         model.forward(np.array([[0, 10**6, 2]], dtype=np.int64), np.array([[2]], dtype=np.int64), None, None,
                       None)
+
+
+# quantization_config values transformers' from_pretrained refuses before it loads anything; florence2-rs must
+# refuse each with the same exception type (transformers' message is kept at the start of ours where it has one).
+REFUSED_LIKE_TRANSFORMERS = {  # name: (config, what our message must say)
+    "load_in_4bit 'false'": ({"load_in_4bit": "false"}, "load_in_4bit must be a boolean"),
+    "load_in_8bit 1.0": ({"load_in_8bit": 1.0}, "load_in_8bit must be a boolean"),
+    "both flags": ({"load_in_8bit": True, "load_in_4bit": True}, "only one can be used"),
+    "threshold an int": ({"load_in_8bit": True, "llm_int8_threshold": 6}, "llm_int8_threshold must be a float"),
+    "skip modules a string": ({"load_in_4bit": True, "llm_int8_skip_modules": "lm_head"},
+                              "llm_int8_skip_modules must be a list"),
+    "empty dict": ({}, "no `quant_method`.*load_in_8bit=True or load_in_4bit=True"),
+    "flags False": ({"load_in_8bit": False, "load_in_4bit": False}, "no `quant_method`"),
+    "bitsandbytes without a flag": ({"quant_method": "bitsandbytes"}, "sets neither load_in_8bit nor load_in_4bit"),
+    "unknown method": ({"quant_method": "int3"}, "quant_method 'int3' is not supported"),
+    "a string": ("int8", "must be a BitsAndBytesConfig or a dict.*not str"),
+    "a number": (8, "must be a BitsAndBytesConfig or a dict.*not int"),
+}
+
+
+def _transformers_refusal(config) -> type:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    try:
+        transformers.Florence2ForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32,
+                                                                       quantization_config=config)
+    except Exception as err:  # noqa: BLE001 - the type is what is compared
+        return type(err)
+    pytest.fail(f"transformers accepted {config!r}")
+
+
+@pytest.mark.parametrize("config, message", list(REFUSED_LIKE_TRANSFORMERS.values()),
+                         ids=list(REFUSED_LIKE_TRANSFORMERS))
+def test_quantization_configs_are_refused_as_transformers_refuses_them(config, message):
+    from florence2_rs import Florence2ForConditionalGeneration
+
+    expected = _transformers_refusal(config)
+    with pytest.raises(Exception, match=message) as raised:
+        Florence2ForConditionalGeneration.from_pretrained(TINY, quantization_config=config)
+    assert type(raised.value) is expected, f"{type(raised.value).__name__}: {raised.value}"
+
+
+@pytest.mark.parametrize("config", [
+    {"quant_method": "gptq", "bits": 4}, {"quant_method": "awq", "bits": 4}, {"quant_method": "quanto"},
+    {"quant_method": "torchao", "quant_type": "int4_weight_only"}, {"quant_method": "fp8"},
+], ids=lambda c: c["quant_method"])
+def test_other_quantization_methods_are_refused_not_ignored(config):
+    """transformers runs these through their own packages (optimum, autoawq, quanto, torchao ...) and fails
+    without them; florence2-rs never runs them: a ValueError that says so, never a model loaded unquantized."""
+    from florence2_rs import Florence2ForConditionalGeneration
+
+    with pytest.raises(ValueError, match=f"quant_method '{config['quant_method']}' is not supported"):
+        Florence2ForConditionalGeneration.from_pretrained(TINY, quantization_config=config)
+
+
+def test_transformers_config_objects_of_other_methods_are_refused():
+    transformers = pytest.importorskip("transformers")
+    from florence2_rs.quantization import quantize_mode
+
+    with pytest.raises(ValueError, match="'gptq' is not supported"):
+        quantize_mode(transformers.GPTQConfig(bits=4))
+    assert quantize_mode(transformers.BitsAndBytesConfig(load_in_4bit=True)) == "int4"
+    assert quantize_mode({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}) == "int4"
