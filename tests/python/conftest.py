@@ -52,3 +52,17 @@ def end_to_end_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("end_to_end")
     make_fixtures.make("tiny_768", root)
     return root / "tiny_768"
+
+
+@pytest.fixture(scope="module")
+def hf_native_processors(tmp_path_factory: pytest.TempPathFactory):
+    """(transformers' processor of the released HF-native files, florence2-rs' processor of the folder it saved);
+    one pair per test module, so that a module that changes a processor's settings changes only its own."""
+    import make_fixtures
+
+    from florence2_rs import AutoProcessor
+
+    ref = make_fixtures.reference_processor(make_fixtures.RELEASE_FILES)
+    folder = tmp_path_factory.mktemp("hf_native")
+    ref.save_pretrained(folder)
+    return ref, AutoProcessor.from_pretrained(folder)

@@ -39,11 +39,8 @@ INPUTS = {"pil": PIL_IMAGE, "uint8": UINT8, "float64": FLOAT64, "float32_chw": F
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    ref = make_fixtures.reference_processor(make_fixtures.RELEASE_FILES)
-    folder = tmp_path_factory.mktemp("hf_native")
-    ref.save_pretrained(folder)
-    return ref, AutoProcessor.from_pretrained(folder)
+def pair(hf_native_processors):
+    return hf_native_processors
 
 
 def _assert_pixels(got, want):
@@ -483,7 +480,6 @@ def test_tokenizer_settings_are_call_defaults(pair, tmp_path):
     folder is saved by a transformers tokenizer that has truncated before, so its tokenizer.json holds that
     truncation, which is not a setting (transformers sets each call's own)."""
     import json
-    import shutil
 
     ref, _ = pair
     folder = tmp_path / "settings"

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from florence2_rs import AutoProcessor, Florence2Processor  # noqa: E402
+from florence2_rs import Florence2Processor  # noqa: E402
 
 import make_fixtures  # noqa: E402  (tests/fixtures, on sys.path through conftest.py)
 
@@ -36,11 +36,8 @@ TASKS_WITH_INPUT = [
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    ref = make_fixtures.reference_processor(RELEASE)
-    folder = tmp_path_factory.mktemp("hf_native")
-    ref.save_pretrained(folder)
-    return ref, AutoProcessor.from_pretrained(folder)
+def pair(hf_native_processors):
+    return hf_native_processors
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,8 @@ PADDINGS = [False, True, "max_length"]
 
 
 @pytest.fixture(scope="module")
-def hf_native(tmp_path_factory):
-    ref = make_fixtures.reference_processor(RELEASE)
-    folder = tmp_path_factory.mktemp("hf_native")
-    ref.save_pretrained(folder)
-    return ref, AutoProcessor.from_pretrained(folder)
+def hf_native(hf_native_processors):
+    return hf_native_processors
 
 
 @pytest.fixture(scope="module")
