@@ -128,7 +128,7 @@ def _load_ours(path: Path, dtype: str, threads: int, device: str):
                                  min_new_tokens=new_tokens, max_new_tokens=new_tokens)
             return out[0].tolist()
         if kind == "vision":
-            return model._native.vision_features(pixel_values)
+            return model._state.native.vision_features(pixel_values)
         return model(input_ids=input_ids, decoder_input_ids=np.array([[DECODER_START]], dtype=np.int64))
 
     return run

@@ -25,6 +25,7 @@ pub mod layers;
 pub mod limits;
 pub mod model;
 pub mod processor;
+pub mod profile;
 
 #[cfg(feature = "python")]
 mod bindings;

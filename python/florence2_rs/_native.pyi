@@ -39,6 +39,12 @@ def check_alloc(what: str, bytes: int) -> None:
     """Raises ValueError naming `what` when `bytes` is more than one allocation may take
     (FLORENCE2_MAX_ALLOC_BYTES; default the smaller of 64 GiB and the machine's memory)."""
 
+def profile_enable(enabled: bool) -> None:
+    """Turns the operation profile's recording on or off (benches/tower_profile.py)."""
+
+def profile_take() -> list[tuple[Optional[int], str, int, float, float]]:
+    """The profile recorded since the last call as (stage, kind, calls, self seconds, flops) rows, and clears it."""
+
 class Florence2Error(Exception):
     """Base class of the errors raised by florence2_rs that are not plain ValueError/OSError."""
 
@@ -46,9 +52,12 @@ class NativeModel:
     """The loaded Rust model; immutable, so threads may share it. Heavy calls release the GIL."""
 
     @staticmethod
-    def load(path: _Path, dtype: str, device: str) -> NativeModel:
+    def load(
+        path: _Path, dtype: str, device: str, quantize: Optional[str] = None, adapter: Optional[_Path] = None
+    ) -> NativeModel:
         """Loads a checkpoint folder (either layout). dtype: "auto", "float32", "float16" or "bfloat16";
-        device: "cpu", "cuda" or "cuda:N"."""
+        device: "cpu", "cuda" or "cuda:N"; quantize: None, "int8" or "int4"; adapter: a PEFT adapter folder to
+        merge."""
     @staticmethod
     def save_weights(
         source: _Path, out: _Path, dtype: str, max_shard_size: int, adapter: Optional[str] = None

@@ -7,6 +7,7 @@ mod errors;
 mod hub;
 mod model;
 mod processor;
+mod profile;
 
 /// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
 #[pymodule]
@@ -15,6 +16,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     processor::register(m)?;
     hub::register(m)?;
+    profile::register(m)?;
     // Whether this build has the `cuda` cargo feature: the tests that need a GPU build skip without it.
     m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
     // Constants the Python side needs, defined once, here.

@@ -23,6 +23,7 @@ pub fn activation(name: &str) -> std::result::Result<Activation, String> {
 /// tensor takes the vectorized kernel (candle's `gelu_erf` calls libm's scalar `erf` per element). bf16 is
 /// computed in f32 and rounded once, as torch does.
 pub fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
+    let _span = crate::profile::span("activation");
     if matches!(act, Activation::Gelu)
         && xs.device().is_cpu()
         && matches!(xs.dtype(), DType::F32 | DType::BF16)

@@ -24,6 +24,7 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let _span = crate::profile::span("attention core");
     let half = matches!(q.dtype(), DType::BF16 | DType::F16);
     if q.device().is_cpu() && half {
         let [q32, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
@@ -61,6 +62,7 @@ pub fn attention(
 /// CPU matmul widens half-precision operands anyway, for each product and with copies, and the whole
 /// attention in f32 is no less exact than torch's, which rounds the scores and probabilities to bf16.
 pub fn window_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let _span = crate::profile::span("window attention core");
     if qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         let out =
             cpu_window_attention::window_attention(&to_dtype(qkv, DType::F32)?, heads, scale)?;

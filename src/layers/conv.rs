@@ -124,7 +124,11 @@ fn conv_as_gemm(
         .map(|b| {
             let image = tokens.get(b)?;
             concat_row_chunks(outputs, chunk, |first, rows| {
-                let out = patches(&image, geometry, first, rows)?.apply(linear)?;
+                let patches = {
+                    let _span = crate::profile::span("im2col");
+                    patches(&image, geometry, first, rows)?
+                };
+                let out = patches.apply(linear)?;
                 match post_norm {
                     Some(norm) => out.apply(norm),
                     None => Ok(out),
@@ -138,6 +142,7 @@ fn conv_as_gemm(
 /// `xs + conv2d(xs, weight, bias, padding=1, groups=C)` for channels-last `xs` `[B, H, W, C]`, with the
 /// weight given as `taps` (from [`depthwise_taps`]), in `xs`'s dtype.
 pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let _span = crate::profile::span("depthwise conv");
     let f32 = |t: &Tensor| to_dtype(t, DType::F32);
     let out = depthwise::depthwise_conv3x3_residual(&f32(xs)?, taps, &f32(bias)?)?;
     to_dtype(&out, xs.dtype())

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 
@@ -200,6 +200,15 @@ fn bias_values<T: candle_core::WithDType>(bias: Option<Tensor>, n: usize) -> Res
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut span = crate::profile::span("linear");
+        let ys = self.forward_unprofiled(xs)?;
+        span.add_flops(2.0 * xs.elem_count() as f64 * ys.dim(D::Minus1)? as f64);
+        Ok(ys)
+    }
+}
+
+impl Linear {
+    fn forward_unprofiled(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             // CPU f32: the bias-seeded GEMM, or the few-row kernel while decoding.
             Self::Float(linear) => match gemm::linear(xs, linear.weight(), linear.bias())? {

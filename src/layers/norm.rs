@@ -26,6 +26,7 @@ pub fn layer_norm(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<La
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _span = crate::profile::span("layer norm");
         let (weight, bias) = (self.inner.weight(), self.inner.bias());
         let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == xs.dtype();
         match bias {

@@ -3,11 +3,15 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::kernels::cpu::elementwise;
+use crate::kernels::cpu::{elementwise, grouped};
 
 /// `xs.to_dtype(dtype)`: between f32 and bf16 on the CPU in parallel, vectorized (candle's CPU conversion is
 /// one sequential scalar loop, and the bf16 tower widens its attention's operands to f32 and back).
 pub fn to_dtype(xs: &Tensor, dtype: DType) -> Result<Tensor> {
+    if xs.dtype() == dtype {
+        return Ok(xs.clone());
+    }
+    let _span = crate::profile::span("dtype conversion");
     let pair = (xs.dtype(), dtype);
     if xs.device().is_cpu() && matches!(pair, (DType::F32, DType::BF16) | (DType::BF16, DType::F32))
     {
@@ -20,6 +24,7 @@ pub fn to_dtype(xs: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `a + b` for tensors of one shape; on the CPU in f32 or bf16 in parallel (bf16 summed in f32 and rounded
 /// once, as candle does), elsewhere candle's.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _span = crate::profile::span("residual add");
     let cpu = a.device().is_cpu() && b.device().is_cpu();
     if cpu
         && a.dtype() == b.dtype()
@@ -30,6 +35,26 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         a + b
     }
+}
+
+/// `x` `[R, G*d]` times `w` `[G, d, e]` group by group → `[R, G*e]` in `x`'s dtype: output group `g` of a row
+/// is its input group `g` times `w[g]`, computed in `w`'s dtype. On the CPU (f32 `w`, f32 or bf16 `x`) the
+/// kernel reads the rows in place; elsewhere the groups are transposed out for one batched matmul and back.
+pub fn grouped_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu()
+        && w.dtype() == DType::F32
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+    {
+        return grouped::grouped_matmul(x, w);
+    }
+    let (rows, width) = x.dims2()?;
+    let groups = w.dim(0)?;
+    let by_group = to_dtype(x, w.dtype())?
+        .reshape((rows, groups, width / groups))?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let out = by_group.matmul(w)?.transpose(0, 1)?.reshape((rows, ()))?;
+    to_dtype(&out, x.dtype())
 }
 
 /// `f` applied to consecutive slices of at most `rows` along dim 0 of `xs`, the results concatenated: the
@@ -57,6 +82,8 @@ pub fn concat_row_chunks(
     rows: usize,
     part: impl Fn(usize, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    // Its self time is the copying of the parts into the output.
+    let _span = crate::profile::span("chunk copy");
     let rows = rows.max(1);
     let mut out: Option<Tensor> = None;
     for start in (0..total).step_by(rows) {
@@ -81,6 +108,7 @@ pub fn concat_row_chunks(
 
 /// Per-image results `[N, C]` as a batch `[B, N, C]`; one image without a copy.
 pub fn stack(images: Vec<Tensor>) -> Result<Tensor> {
+    let _span = crate::profile::span("chunk copy");
     match <[Tensor; 1]>::try_from(images) {
         Ok([image]) => image.unsqueeze(0),
         Err(images) => Tensor::stack(&images, 0),
@@ -101,11 +129,13 @@ pub fn pre_norm_residual(
 
 /// `[B, C, H, W]` → `[B, H*W, C]`.
 pub fn nchw_to_tokens(xs: &Tensor) -> Result<Tensor> {
+    let _span = crate::profile::span("layout change");
     xs.flatten_from(2)?.transpose(1, 2)?.contiguous()
 }
 
 /// `[B, H*W, C]` → `[B, C, H, W]`.
 pub fn tokens_to_nchw(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let _span = crate::profile::span("layout change");
     let (b, _, c) = xs.dims3()?;
     xs.transpose(1, 2)?
         .contiguous()?

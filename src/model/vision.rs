@@ -19,7 +19,9 @@ use crate::interrupt::{checked_within, Interrupt};
 use crate::layers::activation::activation;
 use crate::layers::attention::window_attention;
 use crate::layers::conv::{depthwise_conv3x3_residual, depthwise_taps, TokenConv2d};
-use crate::layers::ops::{nchw_to_tokens, pre_norm_residual, stack, to_dtype, tokens_to_nchw};
+use crate::layers::ops::{
+    grouped_matmul, nchw_to_tokens, pre_norm_residual, stack, to_dtype, tokens_to_nchw,
+};
 use crate::layers::{layer_norm, LayerNorm, Linear, Mlp, Quantization, LAYER_NORM_EPS};
 use crate::model::config::VisionConfig;
 
@@ -228,6 +230,8 @@ impl Florence2VisionWindowAttention {
     /// windows) → `[R, W, C]`. The map is padded with zeros to whole windows after the norm, as
     /// transformers pads it.
     fn band(&self, rows: &Tensor) -> Result<Tensor> {
+        // Its self time is the window partition (padding, permuting) and its inverse.
+        let _span = crate::profile::span("window partition");
         let (h, w, c) = rows.dims3()?;
         let ws = self.window;
         let (hp, wp) = (h.next_multiple_of(ws), w.next_multiple_of(ws));
@@ -339,7 +343,7 @@ impl Florence2VisionChannelAttention {
                 checked_within(interrupt, |check| {
                     pre_norm_residual(&image, norm, rows, |x| {
                         check()?;
-                        self.mix(x, &weights_t, image.dtype())
+                        self.mix(x, &weights_t)
                     })
                 })
             })
@@ -358,6 +362,7 @@ impl Florence2VisionChannelAttention {
     /// Pass 1 over the tokens `[N, C]` of one image: the transposed attention weights
     /// `softmax(qᵀk * N^-1/2)ᵀ` per group, `[groups, group_dim, group_dim]`, in the dtype of pass 2's product.
     fn weights(&self, image: &Tensor, norm: &LayerNorm, rows: usize) -> Result<Tensor> {
+        let _span = crate::profile::span("channel attention scores");
         let (n, c) = image.dims2()?;
         let mut scores: Option<Tensor> = None;
         for start in (0..n).step_by(rows) {
@@ -385,8 +390,8 @@ impl Florence2VisionChannelAttention {
         to_dtype(&probs.transpose(1, 2)?, self.product_dtype(image))?.contiguous()
     }
 
-    /// On the CPU pass 2's product is taken in f32 (candle's CPU matmul would widen a half-precision one for
-    /// each chunk anyway, with copies), with one rounding at the end.
+    /// On the CPU pass 2's product is taken in f32 (the grouped kernel sums in f32 whatever the rows' dtype),
+    /// with one rounding at the end.
     fn product_dtype(&self, image: &Tensor) -> DType {
         if image.device().is_cpu() {
             DType::F32
@@ -395,11 +400,14 @@ impl Florence2VisionChannelAttention {
         }
     }
 
-    /// Pass 2 for normed rows `[R, C]`: `proj(v weights_t)`, in `dtype`.
-    fn mix(&self, normed: &Tensor, weights_t: &Tensor, dtype: DType) -> Result<Tensor> {
-        let v = self.by_group(normed.apply(&self.v)?)?;
-        let out = to_dtype(&v, weights_t.dtype())?.matmul(weights_t)?;
-        to_dtype(&out.transpose(0, 1)?.reshape((normed.dim(0)?, ()))?, dtype)?.apply(&self.proj)
+    /// Pass 2 for normed rows `[R, C]`: `proj(v weights_t)`, in the rows' dtype.
+    fn mix(&self, normed: &Tensor, weights_t: &Tensor) -> Result<Tensor> {
+        let v = normed.apply(&self.v)?;
+        let mixed = {
+            let _span = crate::profile::span("channel attention mix");
+            grouped_matmul(&v, weights_t)?
+        };
+        mixed.apply(&self.proj)
     }
 }
 
@@ -540,6 +548,7 @@ impl Florence2VisionBackbone {
         pixel_values: Tensor,
         interrupt: &dyn Interrupt,
     ) -> crate::Result<Tensor> {
+        let _span = crate::profile::span("tower: other");
         let (_, _, height, width) = pixel_values.dims4()?;
         let mut map = FeatureMap {
             tokens: nchw_to_tokens(&pixel_values)?,
@@ -547,7 +556,8 @@ impl Florence2VisionBackbone {
             width,
         };
         drop(pixel_values);
-        for (conv, stage_blocks) in self.convs.iter().zip(&self.blocks) {
+        for (stage, (conv, stage_blocks)) in self.convs.iter().zip(&self.blocks).enumerate() {
+            let _stage = crate::profile::stage(stage);
             interrupt.check()?;
             map = conv.forward(map)?;
             for block in stage_blocks {

@@ -129,11 +129,31 @@ impl Packed {
     }
 }
 
-/// The many-row kernel: `x[m, k]` against packed weights.
+/// The many-row kernel: `x[m, k]` against packed weights; the whole blocks of rows on the tile unit
+/// ([`super::amx`]) where it runs and `k` fits it, the rest here.
 #[cfg(target_arch = "x86_64")]
 fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf16>) {
     let (n, k) = packed.dims();
     let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
+    #[cfg(target_os = "linux")]
+    let (x, m, out) = {
+        use super::amx;
+        let tiled = if k % amx::K_STEP == 0 && amx::available() {
+            m / amx::BLOCK_ROWS * amx::BLOCK_ROWS
+        } else {
+            0
+        };
+        if tiled > 0 {
+            amx::linear(&x[..tiled * k], (tiled, k, n), &packed.panels, &bias, out);
+        }
+        if tiled == m {
+            return;
+        }
+        // SAFETY: the rows past `tiled` of `out`, under its contract.
+        (&x[tiled * k..], m - tiled, unsafe {
+            TaskPtr::new(out.at(tiled * n))
+        })
+    };
     let weights = Panels {
         data: &packed.panels,
         panel_len: k.div_ceil(2) * PANEL,
@@ -366,8 +386,17 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group.
-        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
+        // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group;
+        // and for the tile unit, where it runs: whole blocks of 32 rows only, several row blocks with a
+        // partial panel, one block of the smallest k, and a remainder of rows for the vector kernel.
+        let tile_shapes = [(640, 256, 100), (32, 32, 33), (97, 64, 64)];
+        if super::super::amx::available() {
+            eprintln!("the tile unit runs the shapes with k a multiple of 32 and 32 rows or more");
+        }
+        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES
+            .into_iter()
+            .chain(tile_shapes)
+        {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
             let per_call = linear(&x, m, k, &w, n, &bias);

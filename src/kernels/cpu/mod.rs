@@ -4,6 +4,7 @@
 //! Nothing here knows the model: each kernel takes tensors or slices of given shapes and says what it
 //! requires (device, dtype, contiguity). The layers above choose between a kernel and candle.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod depthwise;
@@ -12,6 +13,7 @@ pub mod f32_gemm;
 pub mod features;
 pub mod few_rows;
 pub mod gemm;
+pub mod grouped;
 pub mod im2col;
 pub mod layer_norm;
 pub mod math;

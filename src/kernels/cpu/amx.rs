@@ -1,0 +1,230 @@
+//! `x @ wᵀ + b` in bf16 on Intel's AMX tile unit (`tdpbf16ps`), for the many-row products of
+//! [`super::bf16_gemm`].
+//!
+//! On Intel CPUs from Sapphire Rapids on, AVX512-BF16's `vdpbf16ps` runs no faster than an f32 FMA, so the
+//! vector kernel makes bf16 no faster than f32; the tile unit multiplies a 16x32 bf16 tile by a 32x16 one into
+//! 16x16 f32 sums in one instruction, many times the vector rate, and it is what torch's oneDNN uses there.
+//! The weights are the vector kernel's packed panels ([`super::bf16_gemm::Packed`]): for each pair of `k`,
+//! 32 lanes of two bf16, which is the tile unit's layout for its second operand, so a panel's 16 columns
+//! load as a tile with a stride of one panel row. `x` loads in place, 16 rows by 32 values of `k`.
+//!
+//! A register block is 32 rows x one panel (32 columns): four f32 tiles, two tiles of `x`, two of the
+//! panel. Sums start at zero, accumulate in f32 (the unit rounds to nearest even, reads subnormal inputs as
+//! zero and flushes subnormal sums, as oneDNN's AMX path does), and the bias is added to each before it is
+//! rounded once to bf16. `k` must be a multiple of 32 and the rows a multiple of 32; the caller runs the
+//! rest on the vector kernel.
+//!
+//! x86-64 Linux with AMX-TILE and AMX-BF16, at the AVX-512 tier with AVX512-BF16 (the epilogue's
+//! conversion), and the kernel's permission to use the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked
+//! once); [`available`] is false elsewhere. Rust has no stable AMX intrinsics, so the tile instructions are
+//! inline assembly.
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use half::bf16;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::panels::{for_each_block, PANEL};
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::parallel::TaskPtr;
+
+/// Values of `k` in one step: a tile row of `x` is 64 bytes.
+pub const K_STEP: usize = 32;
+
+/// Rows of `x` in a register block: two tiles of 16.
+pub const BLOCK_ROWS: usize = 32;
+
+/// Whether the kernel runs here (asks the OS for the tile data permission on the first call).
+pub fn available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    if !super::features::has_avx512_bf16() {
+        return false;
+    }
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    #[allow(unused_unsafe)] // a safe function from Rust 1.94 on
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    let has = |bit: u32| edx >> bit & 1 == 1;
+    if !(has(22) && has(24)) {
+        return false;
+    }
+    // Linux leaves the tile data off until a process asks for it (from 5.16; older kernels have no AMX
+    // support, and the call fails there).
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// `x[m, k] @ wᵀ + bias` into `out` (rows `n` values apart) for `m` and `k` multiples of 32, `w` the packed
+/// panels of `n` columns (`k / 2 * PANEL` values each), `bias` `n` values.
+///
+/// # Panics
+/// If [`available`] is false or the shapes do not hold.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub fn linear(
+    x: &[bf16],
+    (m, k, n): (usize, usize, usize),
+    panels: &[u32],
+    bias: &[f32],
+    out: TaskPtr<bf16>,
+) {
+    assert!(available(), "amx::linear needs AMX-BF16");
+    assert!(m % BLOCK_ROWS == 0 && k % K_STEP == 0 && k > 0);
+    let panel_len = k / 2 * PANEL;
+    let count = n.div_ceil(PANEL);
+    assert!(x.len() == m * k && panels.len() == count * panel_len && bias.len() == n);
+    for_each_block(m, count, k * 2, BLOCK_ROWS, |rows, p| {
+        let cols = PANEL.min(n - p * PANEL);
+        let panel = &panels[p * panel_len..][..panel_len];
+        let bias = &bias[p * PANEL..][..cols];
+        let mut sums = [0f32; BLOCK_ROWS * PANEL];
+        // SAFETY: `available` checked the CPU and the permission; the tiles stay configured until
+        // `_tiles` drops, and the asm reads the operands within `x` and `panel` (whole blocks of rows of
+        // `k` values, `k / 2` panel rows) and writes `sums`.
+        let _tiles = unsafe { Tiles::configure() };
+        for first in rows.step_by(BLOCK_ROWS) {
+            unsafe {
+                block(x[first * k..].as_ptr(), k, panel.as_ptr(), &mut sums);
+                // SAFETY: `out` addresses rows first.. and this panel's columns, under its contract.
+                store(&sums, bias, out.at(first * n + p * PANEL), n);
+            }
+        }
+    });
+}
+
+/// The tile configuration (palette 1, `ldtilecfg`'s 64-byte layout): tiles 0-7 of 16 rows of 64 bytes.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+/// The tile registers configured on this thread; released when dropped.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+struct Tiles;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Tiles {
+    /// # Safety
+    /// The CPU has AMX-TILE and the process the tile data permission.
+    unsafe fn configure() -> Self {
+        let mut config = Config([0; 64]);
+        config.0[0] = 1; // palette
+        for tile in 0..8 {
+            // Bytes 16..48: bytes per row of each tile (u16, little-endian); 48..64: rows.
+            config.0[16 + 2 * tile] = 64;
+            config.0[48 + tile] = 16;
+        }
+        std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        Tiles
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured on this thread by `configure`.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// The sums of 32 rows of `x` (from `a`, rows `k` values apart) times one packed panel, into `sums`
+/// (32 rows of 32 f32): tiles 0-3 hold the four 16x16 quarters, 4-5 the two row halves of `x`, 6-7 the
+/// panel's two column halves.
+///
+/// # Safety
+/// Tiles configured by [`Tiles::configure`]; `a` addresses 32 rows of `k` values and `panel` `k / 2` panel
+/// rows; `k` is a multiple of 32.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BLOCK_ROWS * PANEL]) {
+    use std::arch::asm;
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+    let (a_stride, b_stride) = (k * 2, PANEL * 4);
+    for step in 0..k / K_STEP {
+        let a0 = a.add(step * K_STEP);
+        // A step of 32 values of `k` is 16 pairs: 16 panel rows.
+        let b0 = panel.add(step * (K_STEP / 2) * PANEL);
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a0.add(16 * k),
+            b0 = in(reg) b0,
+            b1 = in(reg) b0.add(16),
+            sa = in(reg) a_stride,
+            sb = in(reg) b_stride,
+            options(nostack, readonly)
+        );
+    }
+    let c = sums.as_mut_ptr();
+    asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) c,
+        c1 = in(reg) c.add(16),
+        c2 = in(reg) c.add(16 * PANEL),
+        c3 = in(reg) c.add(16 * PANEL + 16),
+        s = in(reg) PANEL * 4,
+        options(nostack)
+    );
+}
+
+/// `sums + bias` rounded to bf16 (to nearest even) into 32 output rows `n` values apart, the first
+/// `bias.len()` (at most 32) columns.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL and BF16; `dst` addresses 32 rows of `bias.len()` writable values, `n` apart.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn store(sums: &[f32; BLOCK_ROWS * PANEL], bias: &[f32], dst: *mut bf16, n: usize) {
+    use std::arch::x86_64::{
+        __m256i, __mmask16, _mm256_mask_storeu_epi16, _mm512_add_ps, _mm512_cvtneps_pbh,
+        _mm512_loadu_ps, _mm512_maskz_loadu_ps,
+    };
+    let mask = |from: usize| -> __mmask16 {
+        let valid = bias.len().saturating_sub(from).min(16);
+        ((1u32 << valid) - 1) as __mmask16
+    };
+    let (mask_lo, mask_hi) = (mask(0), mask(16));
+    let bias_lo = _mm512_maskz_loadu_ps(mask_lo, bias.as_ptr());
+    let bias_hi = _mm512_maskz_loadu_ps(mask_hi, bias.as_ptr().wrapping_add(16));
+    for r in 0..BLOCK_ROWS {
+        let row = sums.as_ptr().add(r * PANEL);
+        let lo = _mm512_add_ps(_mm512_loadu_ps(row), bias_lo);
+        let hi = _mm512_add_ps(_mm512_loadu_ps(row.add(16)), bias_hi);
+        let out = dst.add(r * n).cast::<i16>();
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+        let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+        _mm256_mask_storeu_epi16(out, mask_lo, lo);
+        _mm256_mask_storeu_epi16(out.wrapping_add(16), mask_hi, hi);
+    }
+}
