@@ -143,8 +143,12 @@ fn conv_as_gemm(
 /// weight given as `taps` (from [`depthwise_taps`]), in `xs`'s dtype.
 pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let _span = crate::profile::span("depthwise conv");
-    let f32 = |t: &Tensor| to_dtype(t, DType::F32);
-    let out = depthwise::depthwise_conv3x3_residual(&f32(xs)?, taps, &f32(bias)?)?;
+    let bias = to_dtype(bias, DType::F32)?;
+    // The CPU kernel reads and writes bf16 itself; the CUDA one takes f32.
+    if xs.device().is_cpu() && xs.dtype() == DType::BF16 {
+        return depthwise::depthwise_conv3x3_residual(xs, taps, &bias);
+    }
+    let out = depthwise::depthwise_conv3x3_residual(&to_dtype(xs, DType::F32)?, taps, &bias)?;
     to_dtype(&out, xs.dtype())
 }
 

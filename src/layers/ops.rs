@@ -57,6 +57,24 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     to_dtype(&out, x.dtype())
 }
 
+/// For `x` `[R, 2*G*d]` whose halves are `q` and `k` in `groups` groups of `d`: the f32 sums over the rows
+/// `Σ_r q[r, g]ᵀ k[r, g]` → `[G, d, d]` (whatever `x`'s dtype: summed in f32). On the CPU (f32 or bf16) the
+/// kernel reads the rows in place; elsewhere the halves are transposed out by group for one batched matmul.
+pub fn grouped_outer_sums(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return grouped::grouped_outer_sums(x, groups);
+    }
+    let (rows, width) = x.dims2()?;
+    let c = width / 2;
+    let half = |i: usize| -> Result<Tensor> {
+        to_dtype(&x.narrow(1, i * c, c)?, DType::F32)?
+            .reshape((rows, groups, c / groups))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    half(0)?.transpose(1, 2)?.contiguous()?.matmul(&half(1)?)
+}
+
 /// `f` applied to consecutive slices of at most `rows` along dim 0 of `xs`, the results concatenated: the
 /// one way the model bounds the memory of row-local work (an MLP, window attention) over a large feature map.
 /// Its intermediates then stay a few MiB: small enough to stay in cache and to be reused by the allocator

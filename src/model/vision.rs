@@ -20,7 +20,8 @@ use crate::layers::activation::activation;
 use crate::layers::attention::window_attention;
 use crate::layers::conv::{depthwise_conv3x3_residual, depthwise_taps, TokenConv2d};
 use crate::layers::ops::{
-    grouped_matmul, nchw_to_tokens, pre_norm_residual, stack, to_dtype, tokens_to_nchw,
+    grouped_matmul, grouped_outer_sums, nchw_to_tokens, pre_norm_residual, stack, to_dtype,
+    tokens_to_nchw,
 };
 use crate::layers::{layer_norm, LayerNorm, Linear, Mlp, Quantization, LAYER_NORM_EPS};
 use crate::model::config::VisionConfig;
@@ -351,31 +352,20 @@ impl Florence2VisionChannelAttention {
         Ok(stack(images)?)
     }
 
-    /// `[rows, C]` → `[groups, rows, group_dim]`.
-    fn by_group(&self, t: Tensor) -> Result<Tensor> {
-        let (r, c) = t.dims2()?;
-        t.reshape((r, self.groups, c / self.groups))?
-            .transpose(0, 1)?
-            .contiguous()
-    }
-
     /// Pass 1 over the tokens `[N, C]` of one image: the transposed attention weights
     /// `softmax(qᵀk * N^-1/2)ᵀ` per group, `[groups, group_dim, group_dim]`, in the dtype of pass 2's product.
     fn weights(&self, image: &Tensor, norm: &LayerNorm, rows: usize) -> Result<Tensor> {
         let _span = crate::profile::span("channel attention scores");
-        let (n, c) = image.dims2()?;
+        let n = image.dim(0)?;
         let mut scores: Option<Tensor> = None;
         for start in (0..n).step_by(rows) {
             let qk = image
                 .narrow(0, start, rows.min(n - start))?
                 .apply(norm)?
                 .apply(&self.qk)?;
-            let q = self.by_group(qk.narrow(1, 0, c)?)?;
-            let k = self.by_group(qk.narrow(1, c, c)?)?;
             // Summed in f32 whatever the model dtype: one rounding at the end, as a single product
             // accumulating in f32 would have.
-            let partial =
-                to_dtype(&q.transpose(1, 2)?, DType::F32)?.matmul(&to_dtype(&k, DType::F32)?)?;
+            let partial = grouped_outer_sums(&qk, self.groups)?;
             scores = Some(match scores {
                 Some(sum) => (sum + partial)?,
                 None => partial,

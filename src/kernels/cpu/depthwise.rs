@@ -14,8 +14,11 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// The op: input `[B, H, W, C]`, taps `[9, C]` (row-major 3×3, channel last), bias `[C]`, all f32 and
-/// contiguous. Output: `input + conv(input)`.
+use super::storage::{contiguous, contiguous_f32, Element};
+
+/// The op: input `[B, H, W, C]` (f32, or bf16 on the CPU), taps `[9, C]` (row-major 3×3, channel last) and
+/// bias `[C]` in f32, all contiguous. Output: `input + conv(input)` in the input's dtype, computed in f32 and
+/// rounded once.
 struct DepthwiseResidual3x3;
 
 impl CustomOp3 for DepthwiseResidual3x3 {
@@ -32,37 +35,28 @@ impl CustomOp3 for DepthwiseResidual3x3 {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, w, b) else {
-            candle_core::bail!("depthwise-conv3x3 takes f32 tensors");
-        };
-        let (Some((xo, _)), Some((wo, _)), Some((bo, _))) = (
-            xs_l.contiguous_offsets(),
-            w_l.contiguous_offsets(),
-            b_l.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("depthwise-conv3x3 takes contiguous tensors");
-        };
         let (batch, height, width, channels) = xs_l.shape().dims4()?;
-        let row = width * channels;
-        let xs = &xs[xo..xo + batch * height * row];
-        let taps = &w[wo..wo + 9 * channels];
-        let bias = &b[bo..bo + channels];
-
-        let mut out = vec![0f32; batch * height * row];
-        out.par_chunks_mut(row)
-            .enumerate()
-            .for_each(|(i, out_row)| {
-                let (image, y) = (i / height, i % height);
-                let plane = Plane {
-                    values: &xs[image * height * row..(image + 1) * height * row],
-                    taps,
-                    bias,
-                    height,
-                    width,
-                };
-                conv_row_wide(&plane, y, out_row);
-            });
-        Ok((CpuStorage::F32(out), xs_l.shape().clone()))
+        let taps = contiguous_f32(w, w_l, self.name())?;
+        let bias = contiguous_f32(b, b_l, self.name())?;
+        if taps.len() != 9 * channels || bias.len() != channels {
+            candle_core::bail!(
+                "{}: taps or bias do not have {channels} channels",
+                self.name()
+            );
+        }
+        let geometry = (batch, height, width);
+        let out = match xs {
+            CpuStorage::BF16(xs) => {
+                CpuStorage::BF16(convolve(contiguous(xs, xs_l)?, taps, bias, geometry))
+            }
+            _ => CpuStorage::F32(convolve(
+                contiguous_f32(xs, xs_l, self.name())?,
+                taps,
+                bias,
+                geometry,
+            )),
+        };
+        Ok((out, xs_l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -79,9 +73,38 @@ impl CustomOp3 for DepthwiseResidual3x3 {
     }
 }
 
+/// The convolution of `batch` images `[height, width, C]`, one output row per task.
+fn convolve<T: Element>(
+    xs: &[T],
+    taps: &[f32],
+    bias: &[f32],
+    (batch, height, width): (usize, usize, usize),
+) -> Vec<T> {
+    let row = width * bias.len();
+    let mut out = vec![T::default(); batch * height * row];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(row).enumerate().for_each_init(
+        || vec![0f32; bias.len()],
+        |sums, (i, out_row)| {
+            let (image, y) = (i / height, i % height);
+            let plane = Plane {
+                values: &xs[image * height * row..(image + 1) * height * row],
+                taps,
+                bias,
+                height,
+                width,
+            };
+            conv_row_wide(&plane, y, out_row, sums);
+        },
+    );
+    out
+}
+
 /// One image `[H, W, C]` (channels last) with the convolution's taps `[9, C]` and bias `[C]`.
-struct Plane<'a> {
-    values: &'a [f32],
+struct Plane<'a, T> {
+    values: &'a [T],
     taps: &'a [f32],
     bias: &'a [f32],
     height: usize,
@@ -90,13 +113,13 @@ struct Plane<'a> {
 
 super::features::wide_fn! {
     /// [`conv_row`] for the widest SIMD the CPU has.
-    fn conv_row_wide(plane: &Plane, y: usize, out_row: &mut [f32]) = conv_row;
+    fn conv_row_wide[T: Element](plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mut [f32]) = conv_row;
 }
 
 /// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
-/// zero outside the map.
+/// zero outside the map; each pixel summed in `sums` (`C` values) in f32 and rounded once.
 #[inline(always)]
-fn conv_row(plane: &Plane, y: usize, out_row: &mut [f32]) {
+fn conv_row<T: Element>(plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mut [f32]) {
     let Plane {
         values: plane,
         taps,
@@ -107,10 +130,9 @@ fn conv_row(plane: &Plane, y: usize, out_row: &mut [f32]) {
     let channels = bias.len();
     let row = width * channels;
     for x in 0..width {
-        let out = &mut out_row[x * channels..(x + 1) * channels];
         let centre = &plane[y * row + x * channels..y * row + (x + 1) * channels];
-        for ((o, &v), &bv) in out.iter_mut().zip(centre).zip(bias) {
-            *o = v + bv;
+        for ((s, &v), &bv) in sums.iter_mut().zip(centre).zip(bias) {
+            *s = v.to_f32() + bv;
         }
         for dy in 0..3 {
             let Some(src_y) = (y + dy).checked_sub(1).filter(|&s| s < height) else {
@@ -123,10 +145,14 @@ fn conv_row(plane: &Plane, y: usize, out_row: &mut [f32]) {
                 let start = src_y * row + src_x * channels;
                 let input = &plane[start..start + channels];
                 let tap = &taps[(dy * 3 + dx) * channels..(dy * 3 + dx + 1) * channels];
-                for ((o, &v), &t) in out.iter_mut().zip(input).zip(tap) {
-                    *o += t * v;
+                for ((s, &v), &t) in sums.iter_mut().zip(input).zip(tap) {
+                    *s += t * v.to_f32();
                 }
             }
+        }
+        let out = &mut out_row[x * channels..(x + 1) * channels];
+        for (o, &s) in out.iter_mut().zip(sums.iter()) {
+            *o = T::from_f32(s);
         }
     }
 }
@@ -140,8 +166,8 @@ pub fn channels_last_taps(weight: &Tensor) -> Result<Tensor> {
         .contiguous()
 }
 
-/// `xs + conv2d(xs, weight, bias, padding=1, groups=C)` for f32 channels-last `xs` `[B, H, W, C]` on the CPU
-/// or a CUDA device; `taps` comes from [`channels_last_taps`], `bias` is f32 `[C]`.
+/// `xs + conv2d(xs, weight, bias, padding=1, groups=C)` for channels-last `xs` `[B, H, W, C]`, f32 or (on the
+/// CPU) bf16, on the CPU or a CUDA device; `taps` comes from [`channels_last_taps`], `bias` is f32 `[C]`.
 pub fn depthwise_conv3x3_residual(xs: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     xs.contiguous()?
         .apply_op3_no_bwd(taps, &bias.contiguous()?, &DepthwiseResidual3x3)
@@ -191,6 +217,26 @@ mod tests {
                 .max(0)
                 .unwrap();
             assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{c}x{h}x{w}");
+
+            // bf16 in and out: the f32 computation on the same values, rounded once.
+            let nhwc = nhwc.to_dtype(DType::BF16).unwrap();
+            let got = depthwise_conv3x3_residual(&nhwc, &taps, &bias).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let want =
+                depthwise_conv3x3_residual(&nhwc.to_dtype(DType::F32).unwrap(), &taps, &bias)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+            let bits = |t: &Tensor| -> Vec<u16> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .into_iter()
+                    .map(half::bf16::to_bits)
+                    .collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "bf16 {c}x{h}x{w}");
         }
     }
 }

@@ -1,18 +1,20 @@
-//! The product of each row's channel groups with their group's matrix: `x` `[R, G*d]` times `w` `[G, d, e]`
-//! → `[R, G*e]`, where output group `g` of a row is the row's input group `g` times `w[g]`.
+//! Products over channel groups, the two halves of the vision tower's channel attention:
+//! - [`grouped_matmul`]: each row's channel groups times their group's matrix, `x` `[R, G*d]` times `w`
+//!   `[G, d, e]` → `[R, G*e]`, where output group `g` of a row is the row's input group `g` times `w[g]`;
+//! - [`grouped_outer_sums`]: per group, the sum over rows of the outer product of the row's group in one
+//!   half of `x` `[R, 2*G*d]` with its group in the other half → `[G, d, d]` (the attention scores `qᵀk`).
 //!
-//! The vision tower's channel attention applies its per-group attention weights this way to every token. As
+//! The channel attention applies its per-group attention weights to every token with the first. As
 //! tensor ops that is a transpose of the tokens to groups first, a batched matmul of many small products and
 //! a transpose back, with the copies (and, in bf16, conversions to f32 and back) dominating the few
 //! multiply-adds. Here each row is read in place and written once; the sums are taken in f32 and rounded once
 //! to the input's dtype. Subnormal entries of `w` count as zero (see `cpu_fwd`).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use half::bf16;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::features::wide_fn;
-use super::storage::{contiguous, contiguous_f32};
+use super::storage::{contiguous, contiguous_f32, Element};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -25,33 +27,109 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct GroupedMatmul;
 
-/// An input row's values, read as f32.
-trait Value: Copy + Send + Sync {
-    fn f32(self) -> f32;
-    fn of(value: f32) -> Self;
+/// For `x` `[R, 2*G*d]` (CPU, f32 or bf16; its first half the `q`, its second the `k` of `G` groups of `d`)
+/// the f32 sums over the rows `Σ_r q[r, g]ᵀ k[r, g]` → `[G, d, d]`, each summed in f32 in row order.
+pub fn grouped_outer_sums(x: &Tensor, groups: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&GroupedOuterSums { groups })
 }
 
-impl Value for f32 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
+struct GroupedOuterSums {
+    groups: usize,
+}
+
+impl CustomOp1 for GroupedOuterSums {
+    fn name(&self) -> &'static str {
+        "grouped-outer-sums"
     }
-    #[inline(always)]
-    fn of(value: f32) -> Self {
-        value
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, width) = xl.shape().dims2()?;
+        let groups = self.groups;
+        if groups == 0 || width % (2 * groups) != 0 {
+            candle_core::bail!(
+                "{}: {width} features are not 2 x {groups} groups",
+                self.name()
+            );
+        }
+        let d = width / 2 / groups;
+        let out = match x {
+            CpuStorage::BF16(x) => outer_sums(contiguous(x, xl)?, groups, d),
+            _ => outer_sums(contiguous_f32(x, xl, self.name())?, groups, d),
+        };
+        Ok((CpuStorage::F32(out), Shape::from((groups, d, d))))
     }
 }
 
-impl Value for bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
+/// One task per group, over all rows, its `d`×`d` sums in a buffer of its own that stays in L1.
+fn outer_sums<T: Element>(x: &[T], groups: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; groups * d * d];
+    out.par_chunks_mut(d * d)
+        .enumerate()
+        .for_each(|(g, sums)| outer_sums_wide(x, (groups, d, g), sums));
+    out
+}
+
+wide_fn! {
+    fn outer_sums_wide[T: Element](x: &[T], shape: (usize, usize, usize), sums: &mut [f32]) = outer_sums_portable;
+}
+
+/// Group `g`'s sums: for each row, `sums[i][..] += q[i] * k[..]`; for the released models' groups of 32
+/// in register blocks ([`outer_sums_blocked`]).
+#[inline(always)]
+fn outer_sums_portable<T: Element>(
+    x: &[T],
+    (groups, d, g): (usize, usize, usize),
+    sums: &mut [f32],
+) {
+    if d == 32 {
+        return outer_sums_blocked::<T, 32>(x, groups, g, sums);
     }
-    #[inline(always)]
-    fn of(value: f32) -> Self {
-        bf16::from_f32(value)
+    let c = groups * d;
+    let mut k = vec![0f32; d];
+    for row in x.chunks_exact(2 * c) {
+        let q = &row[g * d..(g + 1) * d];
+        for (kv, &v) in k.iter_mut().zip(&row[c + g * d..c + (g + 1) * d]) {
+            *kv = v.to_f32();
+        }
+        for (&qv, sums_row) in q.iter().zip(sums.chunks_exact_mut(d)) {
+            let qv = qv.to_f32();
+            for (s, &kv) in sums_row.iter_mut().zip(&k) {
+                *s += qv * kv;
+            }
+        }
     }
 }
+
+/// Each row `i` of the sums in registers over a run of [`OUTER_RUN`] rows of `x` (whose group values stay in
+/// L1 for the `D` passes).
+#[inline(always)]
+fn outer_sums_blocked<T: Element, const D: usize>(
+    x: &[T],
+    groups: usize,
+    g: usize,
+    sums: &mut [f32],
+) {
+    let c = groups * D;
+    for run in x.chunks(2 * c * OUTER_RUN) {
+        for (i, sums_row) in sums.chunks_exact_mut(D).enumerate() {
+            let mut acc = [0f32; D];
+            for row in run.chunks_exact(2 * c) {
+                let qv = row[g * D + i].to_f32();
+                let k: &[T; D] = row[c + g * D..][..D].try_into().expect("D values");
+                for (a, &kv) in acc.iter_mut().zip(k) {
+                    *a += qv * kv.to_f32();
+                }
+            }
+            for (s, a) in sums_row.iter_mut().zip(acc) {
+                *s += a;
+            }
+        }
+    }
+}
+
+/// Rows of `x` summed per pass over the sums' rows.
+const OUTER_RUN: usize = 256;
 
 impl CustomOp2 for GroupedMatmul {
     fn name(&self) -> &'static str {
@@ -90,7 +168,7 @@ impl CustomOp2 for GroupedMatmul {
     }
 }
 
-fn run<T: Value + Default>(x: &[T], w: &[f32], (groups, d, e): (usize, usize, usize)) -> Vec<T> {
+fn run<T: Element>(x: &[T], w: &[f32], (groups, d, e): (usize, usize, usize)) -> Vec<T> {
     let (width, out_width) = (groups * d, groups * e);
     let mut out = vec![T::default(); x.len() / width.max(1) * out_width];
     if out.is_empty() {
@@ -106,39 +184,51 @@ fn run<T: Value + Default>(x: &[T], w: &[f32], (groups, d, e): (usize, usize, us
 }
 
 wide_fn! {
-    fn rows[T: Value](out: &mut [T], x: &[T], w: &[f32], shape: (usize, usize, usize), acc: &mut [f32]) = rows_portable;
+    fn rows[T: Element](out: &mut [T], x: &[T], w: &[f32], shape: (usize, usize, usize), acc: &mut [f32]) = rows_portable;
 }
 
 /// Rows of `x` (`groups` groups of `d`) times their group's `d`×`e` block of `w` into `out` (groups of `e`);
-/// `acc` holds `e` sums.
+/// `acc` holds `e` sums. The released models' groups are 32 wide: with `e` known at compile time the sums
+/// stay in registers.
 #[inline(always)]
-fn rows_portable<T: Value>(
+fn rows_portable<T: Element>(
     out: &mut [T],
     x: &[T],
     w: &[f32],
     (groups, d, e): (usize, usize, usize),
     acc: &mut [f32],
 ) {
-    for (out_row, x_row) in out
-        .chunks_exact_mut(groups * e)
-        .zip(x.chunks_exact(groups * d))
-    {
-        for ((out_group, x_group), w_group) in out_row
-            .chunks_exact_mut(e)
-            .zip(x_row.chunks_exact(d))
-            .zip(w.chunks_exact(d * e))
+    // Group by group over the task's rows, so that the group's block of `w` stays in L1.
+    for (g, w_group) in w.chunks_exact(d * e).enumerate().take(groups) {
+        for (out_row, x_row) in out
+            .chunks_exact_mut(groups * e)
+            .zip(x.chunks_exact(groups * d))
         {
-            acc.fill(0.0);
-            for (&xv, w_row) in x_group.iter().zip(w_group.chunks_exact(e)) {
-                let xv = xv.f32();
-                for (a, &wv) in acc.iter_mut().zip(w_row) {
-                    *a += xv * wv;
-                }
-            }
-            for (o, &a) in out_group.iter_mut().zip(acc.iter()) {
-                *o = T::of(a);
+            let out_group = &mut out_row[g * e..(g + 1) * e];
+            let x_group = &x_row[g * d..(g + 1) * d];
+            match e {
+                32 => group(out_group, x_group, w_group, &mut [0f32; 32]),
+                16 => group(out_group, x_group, w_group, &mut [0f32; 16]),
+                _ => group(out_group, x_group, w_group, acc),
             }
         }
+    }
+}
+
+/// One group: `out = x_group @ w_group` (`d`×`e`, `e` = `acc.len()`), summed in `acc`.
+#[inline(always)]
+fn group<T: Element, A: AsMut<[f32]> + ?Sized>(out: &mut [T], x: &[T], w: &[f32], acc: &mut A) {
+    let acc = acc.as_mut();
+    let e = acc.len();
+    acc.fill(0.0);
+    for (&xv, w_row) in x.iter().zip(w.chunks_exact(e)) {
+        let xv = xv.to_f32();
+        for (a, &wv) in acc.iter_mut().zip(w_row) {
+            *a += xv * wv;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = T::from_f32(a);
     }
 }
 
@@ -146,6 +236,43 @@ fn rows_portable<T: Value>(
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Against the tensor ops in f32: the halves by group, transposed, a batched matmul.
+    #[test]
+    fn outer_sums_match_the_batched_matmul() {
+        let dev = Device::Cpu;
+        for (rows, groups, d) in [(1, 1, 1), (7, 2, 3), (300, 4, 32)] {
+            let x = Tensor::randn(0f32, 1., (rows, 2 * groups * d), &dev).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let x = x.to_dtype(dtype).unwrap();
+                let half = |i: usize| {
+                    x.to_dtype(DType::F32)
+                        .unwrap()
+                        .narrow(1, i * groups * d, groups * d)
+                        .unwrap()
+                        .reshape((rows, groups, d))
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let want = half(0).transpose(1, 2).unwrap().matmul(&half(1)).unwrap();
+                let got = grouped_outer_sums(&x, groups).unwrap();
+                assert_eq!(got.dims(), &[groups, d, d]);
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // Both sum exact products of the same values in f32, in different orders.
+                assert!(diff <= 1e-3, "{rows}x{groups}x{d} {dtype:?}: {diff}");
+            }
+        }
+    }
 
     /// Against the tensor ops: groups first, a batched matmul in f32, back to rows.
     #[test]

@@ -10,11 +10,12 @@
 //! parallel.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{matmul, softmax_rows, Mat};
 use super::parallel::TaskPtr;
-use super::storage::contiguous_f32;
+use super::storage::{contiguous, contiguous_f32};
 
 /// The CPU kernel: `heads` heads, scores scaled by `scale`.
 struct StridedWindowAttention {
@@ -22,9 +23,9 @@ struct StridedWindowAttention {
     scale: f32,
 }
 
-/// Window attention on a CPU f32 `qkv` `[windows, tokens, 3 * C]` (the qkv projection of each window's
+/// Window attention on a CPU f32 or bf16 `qkv` `[windows, tokens, 3 * C]` (the qkv projection of each window's
 /// tokens, laid out `[3, heads, head_dim]` along the last dim) → `[windows, tokens, C]`, heads concatenated
-/// as transformers concatenates them.
+/// as transformers concatenates them, in `qkv`'s dtype (bf16 computed in f32 and rounded once).
 pub fn window_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let op = StridedWindowAttention {
         heads,
@@ -39,7 +40,6 @@ impl CustomOp1 for StridedWindowAttention {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, self.name())?;
         let (items, tokens, width) = layout.shape().dims3()?;
         let heads = self.heads;
         if width % 3 != 0 || (width / 3) % heads != 0 {
@@ -47,39 +47,113 @@ impl CustomOp1 for StridedWindowAttention {
                 "strided-window-attention: {width} features are not 3 x {heads} heads"
             );
         }
-        let c = width / 3;
-        let head_dim = c / heads;
-        let scores_len = tokens * tokens;
+        let shape = (items, tokens, width / 3);
+        let out = match storage {
+            CpuStorage::BF16(data) => CpuStorage::BF16(self.bf16(contiguous(data, layout)?, shape)),
+            _ => CpuStorage::F32(self.f32(contiguous_f32(storage, layout, self.name())?, shape)),
+        };
+        Ok((out, Shape::from(shape)))
+    }
+}
+
+impl StridedWindowAttention {
+    /// f32 `src` `[items, tokens, 3C]`: each task reads its q, k and v in place and writes its output block in
+    /// place.
+    fn f32(&self, src: &[f32], (items, tokens, c): (usize, usize, usize)) -> Vec<f32> {
+        let head_dim = c / self.heads;
         let mut out = vec![0f32; items * tokens * c];
         // SAFETY: `out` lives past the loop, and each task writes only its own (item, head) block.
         let dst = unsafe { TaskPtr::new(out.as_mut_ptr()) };
-        (0..items * heads).into_par_iter().for_each_init(
-            || vec![0f32; scores_len],
-            |scores, task| {
-                let (item, head) = (task / heads, task % heads);
-                // Head `head` of window `item`: its q, k and v are `[tokens, head_dim]` with rows 3C apart; its
-                // output, the same columns of `out` with rows C apart.
-                let at = item * tokens * 3 * c + head * head_dim;
-                let [q, k, v] =
-                    [0, c, 2 * c].map(|offset| Mat::rows(src[at + offset..].as_ptr(), 3 * c));
-                // SAFETY: the matrices above stay inside item `item` of `src`; the output block lies inside
-                // `out`, and tasks write disjoint (item, head) blocks.
-                unsafe {
-                    let out = dst.at(item * tokens * c + head * head_dim);
-                    let product = Product {
-                        q,
-                        k,
-                        v,
-                        tokens,
-                        head_dim,
-                        out,
-                        out_stride: c,
-                    };
-                    product.window(scores, self.scale);
+        self.for_each_task(items, tokens, |scores, _, item, head| {
+            // Head `head` of window `item`: its q, k and v are `[tokens, head_dim]` with rows 3C apart; its
+            // output, the same columns of `out` with rows C apart.
+            let at = item * tokens * 3 * c + head * head_dim;
+            let [q, k, v] =
+                [0, c, 2 * c].map(|offset| Mat::rows(src[at + offset..].as_ptr(), 3 * c));
+            // SAFETY: the matrices above stay inside item `item` of `src`; the output block lies inside
+            // `out`, and tasks write disjoint (item, head) blocks.
+            unsafe {
+                let out = dst.at(item * tokens * c + head * head_dim);
+                Product {
+                    q,
+                    k,
+                    v,
+                    tokens,
+                    head_dim,
+                    out,
+                    out_stride: c,
                 }
-            },
+                .window(scores, self.scale);
+            }
+        });
+        out
+    }
+
+    /// bf16 `src`: each task widens its q, k and v to f32 in a buffer of its own (in cache, where widening the
+    /// whole projection first streams it through memory twice), computes in f32 and rounds its output once.
+    fn bf16(&self, src: &[bf16], (items, tokens, c): (usize, usize, usize)) -> Vec<bf16> {
+        let head_dim = c / self.heads;
+        let mut out = vec![bf16::ZERO; items * tokens * c];
+        // SAFETY: `out` lives past the loop, and each task writes only its own (item, head) block.
+        let dst = unsafe { TaskPtr::new(out.as_mut_ptr()) };
+        self.for_each_task(items, tokens, |scores, wide, item, head| {
+            let block = tokens * head_dim;
+            wide.resize(4 * block, 0.0);
+            let at = item * tokens * 3 * c + head * head_dim;
+            for (part, offset) in [0, c, 2 * c].into_iter().enumerate() {
+                let rows = src[at + offset..].chunks(3 * c).take(tokens);
+                for (wide_row, row) in wide[part * block..].chunks_exact_mut(head_dim).zip(rows) {
+                    for (w, &v) in wide_row.iter_mut().zip(&row[..head_dim]) {
+                        *w = v.to_f32();
+                    }
+                }
+            }
+            let (operands, result) = wide.split_at_mut(3 * block);
+            let [q, k, v] =
+                [0, 1, 2].map(|part| Mat::rows(operands[part * block..].as_ptr(), head_dim));
+            // SAFETY: the matrices address `operands`, the output `result` (`tokens x head_dim`).
+            unsafe {
+                let out = result.as_mut_ptr();
+                Product {
+                    q,
+                    k,
+                    v,
+                    tokens,
+                    head_dim,
+                    out,
+                    out_stride: head_dim,
+                }
+                .window(scores, self.scale);
+            }
+            for (t, row) in result.chunks_exact(head_dim).enumerate() {
+                // SAFETY: row `t` of this task's (item, head) block of `out`, which no other task writes.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        dst.at((item * tokens + t) * c + head * head_dim),
+                        head_dim,
+                    )
+                };
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = bf16::from_f32(v);
+                }
+            }
+        });
+        out
+    }
+
+    /// `task(scores, buffer, item, head)` for every (window, head) in parallel, with a scores buffer of
+    /// `tokens²` and a scratch buffer per thread.
+    fn for_each_task(
+        &self,
+        items: usize,
+        tokens: usize,
+        task: impl Fn(&mut [f32], &mut Vec<f32>, usize, usize) + Sync + Send,
+    ) {
+        let heads = self.heads;
+        (0..items * heads).into_par_iter().for_each_init(
+            || (vec![0f32; tokens * tokens], Vec::new()),
+            |(scores, wide), i| task(scores, wide, i / heads, i % heads),
         );
-        Ok((CpuStorage::F32(out), Shape::from((items, tokens, c))))
     }
 }
 
