@@ -237,6 +237,11 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
+        let diff = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        diff.and_then(|d| d.to_scalar::<f32>()).unwrap()
+    }
+
     /// Against the tensor ops in f32: the halves by group, transposed, a batched matmul.
     #[test]
     fn outer_sums_match_the_batched_matmul() {
@@ -260,14 +265,7 @@ mod tests {
                 let want = half(0).transpose(1, 2).unwrap().matmul(&half(1)).unwrap();
                 let got = grouped_outer_sums(&x, groups).unwrap();
                 assert_eq!(got.dims(), &[groups, d, d]);
-                let diff = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(got, want);
                 // Both sum exact products of the same values in f32, in different orders.
                 assert!(diff <= 1e-3, "{rows}x{groups}x{d} {dtype:?}: {diff}");
             }
@@ -306,14 +304,7 @@ mod tests {
                 let got = grouped_matmul(&x, &w).unwrap();
                 assert_eq!(got.dtype(), dtype);
                 let got = got.to_dtype(DType::F32).unwrap();
-                let diff = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(got, want);
                 // f32: summation order only; bf16: at most one rounding step of the outputs (up to ~20).
                 let tol = if dtype == DType::F32 { 1e-4 } else { 0.13 };
                 assert!(diff <= tol, "{rows}x{groups}x{d}x{e} {dtype:?}: {diff}");
