@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use florence2_rs::generation::DecoderSession;
 use florence2_rs::kernels::cpu::depthwise::{channels_last_taps, depthwise_conv3x3_residual};
+use florence2_rs::kernels::cpu::gemm::Epilogue;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 
 /// The stage shapes of Florence-2-base's vision tower at 768x768 (channels, side).
@@ -176,7 +177,7 @@ fn linear_kernels(c: &mut Criterion) {
         });
         let packed = f32_gemm::Packed::new(&ws, n, k);
         group.bench_function(format!("f32 packed {m}x{k}x{n}"), |bench| {
-            bench.iter(|| f32_gemm::linear(&xs, m, &packed, &bs))
+            bench.iter(|| f32_gemm::linear(&xs, m, &packed, &bs, Epilogue::None))
         });
         let x16 = to_vec(&x.to_dtype(DType::BF16).expect("bf16"));
         let w16 = to_vec(&w.to_dtype(DType::BF16).expect("bf16"));
@@ -184,7 +185,13 @@ fn linear_kernels(c: &mut Criterion) {
         let packed = florence2_rs::kernels::cpu::bf16_gemm::Packed::new(&w16, n, k);
         group.bench_function(format!("bf16 packed {m}x{k}x{n}"), |bench| {
             bench.iter(|| {
-                florence2_rs::kernels::cpu::bf16_gemm::linear_packed(&x16, m, &packed, &b16)
+                florence2_rs::kernels::cpu::bf16_gemm::linear_packed(
+                    &x16,
+                    m,
+                    &packed,
+                    &b16,
+                    Epilogue::None,
+                )
             })
         });
         for (name, bits) in [
@@ -193,7 +200,7 @@ fn linear_kernels(c: &mut Criterion) {
         ] {
             let packed = quantized_gemm::Packed::new(&ws, n, k, bits);
             group.bench_function(format!("{name} {m}x{k}x{n}"), |bench| {
-                bench.iter(|| quantized_gemm::linear(&x16, m, &packed, &bs))
+                bench.iter(|| quantized_gemm::linear(&x16, m, &packed, &bs, Epilogue::None))
             });
         }
     }

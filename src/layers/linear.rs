@@ -17,12 +17,13 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::{Activation, VarBuilder};
 use half::bf16;
 
+use super::activation::activate;
 use crate::kernels::cpu::bf16_gemm::{self, Packed};
 use crate::kernels::cpu::f32_gemm;
-use crate::kernels::cpu::gemm::{self, PackedWeights};
+use crate::kernels::cpu::gemm::{self, Epilogue, PackedWeights};
 use crate::kernels::cpu::quantized_gemm::{self, Bits};
 
 /// How the weights of the linear layers are stored.
@@ -200,15 +201,34 @@ fn bias_values<T: candle_core::WithDType>(bias: Option<Tensor>, n: usize) -> Res
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut span = crate::profile::span("linear");
-        let ys = self.forward_unprofiled(xs)?;
-        span.add_flops(2.0 * xs.elem_count() as f64 * ys.dim(D::Minus1)? as f64);
-        Ok(ys)
+        self.forward_with(xs, Epilogue::None)
     }
 }
 
 impl Linear {
-    fn forward_unprofiled(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `act(x @ wᵀ + b)`. The packed CPU kernels apply the exact GELU to each block of outputs as they write
+    /// it (the same values as a GELU after the product, without its pass over the whole output); everything
+    /// else applies `act` after the product.
+    pub fn forward_activated(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        let packed = matches!(
+            self,
+            Self::PackedF32 { .. } | Self::PackedBf16 { .. } | Self::PackedQuantized { .. }
+        );
+        if packed && matches!(act, Activation::Gelu) {
+            return self.forward_with(xs, Epilogue::Gelu);
+        }
+        activate(&self.forward(xs)?, act)
+    }
+
+    fn forward_with(&self, xs: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        let mut span = crate::profile::span("linear");
+        let ys = self.forward_unprofiled(xs, epilogue)?;
+        span.add_flops(2.0 * xs.elem_count() as f64 * ys.dim(D::Minus1)? as f64);
+        Ok(ys)
+    }
+
+    /// `epilogue` is applied by the packed kernels only; callers pass `Epilogue::None` for the others.
+    fn forward_unprofiled(&self, xs: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         match self {
             // CPU f32: the bias-seeded GEMM, or the few-row kernel while decoding.
             Self::Float(linear) => match gemm::linear(xs, linear.weight(), linear.bias())? {
@@ -216,13 +236,13 @@ impl Linear {
                 None => linear.forward(xs),
             },
             Self::PackedF32 { weight, bias } => {
-                gemm::linear_packed(xs, PackedWeights::F32(weight, bias))
+                gemm::linear_packed(xs, PackedWeights::F32(weight, bias), epilogue)
             }
             Self::PackedBf16 { weight, bias } => {
-                gemm::linear_packed(xs, PackedWeights::Bf16(weight, bias))
+                gemm::linear_packed(xs, PackedWeights::Bf16(weight, bias), epilogue)
             }
             Self::PackedQuantized { weight, bias } => {
-                gemm::linear_packed(xs, PackedWeights::Quantized(weight, bias))
+                gemm::linear_packed(xs, PackedWeights::Quantized(weight, bias), epilogue)
             }
             Self::Quantized { weight, bias } => {
                 // candle's quantized matmul takes f32 activations.
@@ -234,6 +254,43 @@ impl Linear {
                 };
                 ys.to_dtype(dtype)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The GELU applied by the packed kernels as they write (the AMX and the vector kernel's rows, several
+    /// tasks, a partial panel) equals the GELU after the product, bit for bit, in every packed form.
+    #[test]
+    fn fused_gelu_is_the_gelu_after_the_product() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (70, 64, 100);
+        let x = Tensor::randn(0f32, 1., (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., n, &dev).unwrap();
+        for (dtype, quantize) in [
+            (DType::F32, None),
+            (DType::BF16, None),
+            (DType::F32, Some(Quantization::Int8)),
+            (DType::BF16, Some(Quantization::Int4)),
+        ] {
+            let [x, w, b] = [&x, &w, &b].map(|t| t.to_dtype(dtype).unwrap());
+            let linear = Linear::new(w, Some(b), quantize).unwrap();
+            let fused = linear.forward_activated(&x, Activation::Gelu).unwrap();
+            let after = activate(&linear.forward(&x).unwrap(), Activation::Gelu).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect()
+            };
+            assert_eq!(bits(&fused), bits(&after), "{dtype:?} {quantize:?}");
         }
     }
 }

@@ -3,7 +3,6 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use super::activation::activate;
 use super::{Linear, Quantization};
 
 /// `fc2(act(fc1(x)))` from `dim` to `hidden` features and back, with biases (BART's `fc1`/`fc2`, DaViT's
@@ -40,6 +39,6 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        activate(&xs.apply(&self.fc1)?, self.act)?.apply(&self.fc2)
+        self.fc1.forward_activated(xs, self.act)?.apply(&self.fc2)
     }
 }

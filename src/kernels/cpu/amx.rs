@@ -23,7 +23,7 @@
 use half::bf16;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-use super::panels::{for_each_block, PANEL};
+use super::panels::{for_each_block, Epilogue, PANEL};
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 use super::parallel::TaskPtr;
 
@@ -71,7 +71,7 @@ fn detect() -> bool {
     false
 }
 
-/// `x[m, k] @ wᵀ + bias` into `out` (rows `n` values apart) for `m` and `k` multiples of 32, `w` the packed
+/// `epilogue(x[m, k] @ wᵀ + bias)` into `out` (rows `n` values apart) for `m` and `k` multiples of 32, `w` the packed
 /// panels of `n` columns (`k / 2 * PANEL` values each), `bias` `n` values.
 ///
 /// # Panics
@@ -82,7 +82,7 @@ pub fn linear(
     (m, k, n): (usize, usize, usize),
     panels: &[u32],
     bias: &[f32],
-    out: TaskPtr<bf16>,
+    (out, epilogue): (TaskPtr<bf16>, Epilogue),
 ) {
     assert!(available(), "amx::linear needs AMX-BF16");
     assert!(m % BLOCK_ROWS == 0 && k % K_STEP == 0 && k > 0);
@@ -98,13 +98,15 @@ pub fn linear(
         // `_tiles` drops, and the asm reads the operands within `x` and `panel` (whole blocks of rows of
         // `k` values, `k / 2` panel rows) and writes `sums`.
         let _tiles = unsafe { Tiles::configure() };
-        for first in rows.step_by(BLOCK_ROWS) {
+        for first in rows.clone().step_by(BLOCK_ROWS) {
             unsafe {
                 block(x[first * k..].as_ptr(), k, panel.as_ptr(), &mut sums);
                 // SAFETY: `out` addresses rows first.. and this panel's columns, under its contract.
                 store(&sums, bias, out.at(first * n + p * PANEL), n);
             }
         }
+        // SAFETY: the outputs this task just wrote.
+        unsafe { epilogue.apply(out, rows, (p * PANEL, cols, n)) };
     });
 }
 

@@ -23,6 +23,7 @@ use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
 use super::few_rows::{row_tiles, MAX_ROWS as FEW_ROWS, WEIGHT_ROWS_PER_TASK};
+use super::panels::Epilogue;
 use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
 use super::panels::{by_rows, run_tiles, PanelTile, Panels};
@@ -58,7 +59,7 @@ pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16
         if m <= FEW_ROWS {
             few_rows(x, m, k, w, n, bias, dst);
         } else {
-            panels(x, m, &Packed::new(w, n, k), bias, dst);
+            panels(x, m, &Packed::new(w, n, k), bias, (dst, Epilogue::None));
         }
     }
     // SAFETY: both kernels write each of the m x n outputs (every row, every column).
@@ -66,12 +67,18 @@ pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16
     out
 }
 
-/// [`linear`] with weights packed beforehand (a model's layers pack theirs once, at load): `x[m, k]`,
-/// `bias[n]`, any `m` from 1.
+/// `epilogue` of [`linear`] with weights packed beforehand (a model's layers pack theirs once, at load):
+/// `x[m, k]`, `bias[n]`, any `m` from 1.
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
-pub fn linear_packed(x: &[bf16], m: usize, w: &Packed, bias: &[bf16]) -> Vec<bf16> {
+pub fn linear_packed(
+    x: &[bf16],
+    m: usize,
+    w: &Packed,
+    bias: &[bf16],
+    epilogue: Epilogue,
+) -> Vec<bf16> {
     assert!(available(), "bf16_gemm::linear_packed needs AVX512-BF16");
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let mut out = Vec::with_capacity(m * w.n);
@@ -80,7 +87,7 @@ pub fn linear_packed(x: &[bf16], m: usize, w: &Packed, bias: &[bf16]) -> Vec<bf1
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
-        panels(x, m, w, bias, dst);
+        panels(x, m, w, bias, (dst, epilogue));
     }
     // SAFETY: the kernel writes each of the m x n outputs.
     unsafe { out.set_len(m * w.n) };
@@ -132,7 +139,13 @@ impl Packed {
 /// The many-row kernel: `x[m, k]` against packed weights; the whole blocks of rows on the tile unit
 /// ([`super::amx`]) where it runs and `k` fits it, the rest here.
 #[cfg(target_arch = "x86_64")]
-fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf16>) {
+fn panels(
+    x: &[bf16],
+    m: usize,
+    packed: &Packed,
+    bias: &[bf16],
+    (out, epilogue): (TaskPtr<bf16>, Epilogue),
+) {
     let (n, k) = packed.dims();
     let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     #[cfg(target_os = "linux")]
@@ -144,7 +157,13 @@ fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf1
             0
         };
         if tiled > 0 {
-            amx::linear(&x[..tiled * k], (tiled, k, n), &packed.panels, &bias, out);
+            amx::linear(
+                &x[..tiled * k],
+                (tiled, k, n),
+                &packed.panels,
+                &bias,
+                (out, epilogue),
+            );
         }
         if tiled == m {
             return;
@@ -165,7 +184,7 @@ fn panels(x: &[bf16], m: usize, packed: &Packed, bias: &[bf16], out: TaskPtr<bf1
         m,
         weights,
         &bias,
-        out,
+        (out, epilogue),
         TILE_ROWS,
         |tile, a, size, dst| {
             // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
@@ -400,7 +419,7 @@ mod tests {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
             let per_call = linear(&x, m, k, &w, n, &bias);
-            let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias);
+            let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
             for (idx, (g, e)) in per_call
                 .iter()
                 .chain(&packed)

@@ -11,6 +11,7 @@
 //! x86-64 with AVX-512 F/BW/VL, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
 //! [`available`] is false elsewhere and the caller keeps the gemm crate.
 
+use super::panels::Epilogue;
 use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
 use super::panels::{by_rows, run_tiles, PanelTile, Panels};
@@ -65,11 +66,11 @@ impl Packed {
     }
 }
 
-/// `x[m, k] @ wᵀ + bias[n]`, row-major `[m, n]`; `m` at least 1.
+/// `epilogue(x[m, k] @ wᵀ + bias[n])`, row-major `[m, n]`; `m` at least 1.
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
-pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32]) -> Vec<f32> {
+pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
     assert!(available(), "f32_gemm::linear needs AVX-512");
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let n = w.n;
@@ -85,10 +86,18 @@ pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32]) -> Vec<f32> {
             n,
             k: w.k,
         };
-        run_tiles(x, m, weights, bias, dst, TILE_ROWS, |tile, a, size, dst| {
-            // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
-            unsafe { by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst)) }
-        });
+        run_tiles(
+            x,
+            m,
+            weights,
+            bias,
+            (dst, epilogue),
+            TILE_ROWS,
+            |tile, a, size, dst| {
+                // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
+                unsafe { by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst)) }
+            },
+        );
     }
     // SAFETY: the kernel writes each of the m x n outputs.
     unsafe { out.set_len(m * n) };
@@ -145,7 +154,7 @@ mod tests {
         // Few and many rows; partial panels and row tiles; more than one row block and panel group.
         for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
-            let got = linear(&x, m, &Packed::new(&w, n, k), &bias);
+            let got = linear(&x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
             for i in 0..m {
                 for c in 0..n {
                     let terms = (0..k).map(|t| x[i * k + t] as f64 * w[c * k + t] as f64);

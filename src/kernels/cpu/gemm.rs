@@ -18,6 +18,7 @@ use gemm::Parallelism;
 use super::bf16_gemm::{self, Packed};
 use super::f32_gemm;
 use super::few_rows;
+pub use super::panels::Epilogue;
 use super::quantized_gemm;
 use super::storage::{contiguous, contiguous_f32};
 
@@ -77,9 +78,9 @@ impl PackedWeights<'_> {
     }
 }
 
-/// `x @ wᵀ + bias` for a CPU `x` `[..., K]` and weights packed at load, in `x`'s dtype (f32 for
+/// `epilogue(x @ wᵀ + bias)` for a CPU `x` `[..., K]` and weights packed at load, in `x`'s dtype (f32 for
 /// [`PackedWeights::F32`], bf16 for [`PackedWeights::Bf16`], either for [`PackedWeights::Quantized`]).
-pub fn linear_packed(x: &Tensor, w: PackedWeights) -> Result<Tensor> {
+pub fn linear_packed(x: &Tensor, w: PackedWeights, epilogue: Epilogue) -> Result<Tensor> {
     let dtype = x.dtype();
     let fits = match w {
         PackedWeights::F32(..) => dtype == DType::F32,
@@ -97,7 +98,7 @@ pub fn linear_packed(x: &Tensor, w: PackedWeights) -> Result<Tensor> {
     let out = if x2.dim(0)? == 0 {
         Tensor::zeros(out_dims.as_slice(), dtype, x.device())?
     } else {
-        x2.apply_op1_no_bwd(&PackedMatmulT(w))?
+        x2.apply_op1_no_bwd(&PackedMatmulT(w, epilogue))?
     };
     out.reshape(out_dims)
 }
@@ -116,8 +117,8 @@ fn as_rows(x: &Tensor, k: usize, n: usize) -> Result<(Tensor, Vec<usize>)> {
     Ok((x.reshape((rows, k))?.contiguous()?, out_dims))
 }
 
-/// `[M, K] x packed [N, K] + bias → [M, N]`.
-struct PackedMatmulT<'a>(PackedWeights<'a>);
+/// `epilogue([M, K] x packed [N, K] + bias) → [M, N]`.
+struct PackedMatmulT<'a>(PackedWeights<'a>, Epilogue);
 
 impl CustomOp1 for PackedMatmulT<'_> {
     fn name(&self) -> &'static str {
@@ -127,19 +128,20 @@ impl CustomOp1 for PackedMatmulT<'_> {
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, _) = xl.shape().dims2()?;
         let shape = Shape::from((m, self.0.dims().0));
+        let epilogue = self.1;
         let out = match (x, self.0) {
             (CpuStorage::F32(x), PackedWeights::F32(w, b)) => {
-                CpuStorage::F32(f32_gemm::linear(contiguous(x, xl)?, m, w, b))
+                CpuStorage::F32(f32_gemm::linear(contiguous(x, xl)?, m, w, b, epilogue))
             }
-            (CpuStorage::BF16(x), PackedWeights::Bf16(w, b)) => {
-                CpuStorage::BF16(bf16_gemm::linear_packed(contiguous(x, xl)?, m, w, b))
-            }
-            (CpuStorage::F32(x), PackedWeights::Quantized(w, b)) => {
-                CpuStorage::F32(quantized_gemm::linear(contiguous(x, xl)?, m, w, b))
-            }
-            (CpuStorage::BF16(x), PackedWeights::Quantized(w, b)) => {
-                CpuStorage::BF16(quantized_gemm::linear(contiguous(x, xl)?, m, w, b))
-            }
+            (CpuStorage::BF16(x), PackedWeights::Bf16(w, b)) => CpuStorage::BF16(
+                bf16_gemm::linear_packed(contiguous(x, xl)?, m, w, b, epilogue),
+            ),
+            (CpuStorage::F32(x), PackedWeights::Quantized(w, b)) => CpuStorage::F32(
+                quantized_gemm::linear(contiguous(x, xl)?, m, w, b, epilogue),
+            ),
+            (CpuStorage::BF16(x), PackedWeights::Quantized(w, b)) => CpuStorage::BF16(
+                quantized_gemm::linear(contiguous(x, xl)?, m, w, b, epilogue),
+            ),
             _ => candle_core::bail!(
                 "{}: the input's dtype does not fit the weights",
                 self.name()

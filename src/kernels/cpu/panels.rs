@@ -5,7 +5,9 @@
 
 use std::ops::Range;
 
-#[cfg(target_arch = "x86_64")]
+use super::math::gelu;
+use super::storage::Element;
+
 use super::parallel::TaskPtr;
 
 /// Output columns in a panel: two 16-lane vectors.
@@ -139,14 +141,15 @@ pub struct Panels<'a, W> {
 
 /// `x[m, k]` (rows of `A`) against packed weights, in parallel: `tile(panel, rows of x, row count, output)`
 /// for every register tile of up to `tile_rows` rows, the output addressing those rows of `out` (`[m, n]`,
-/// row-major) from the panel's first column; `bias` has `n` values. Each call writes only its own outputs.
+/// row-major) from the panel's first column; `bias` has `n` values. Each call writes only its own outputs,
+/// and `epilogue` is applied to each task's outputs after its tiles.
 #[cfg(target_arch = "x86_64")]
-pub fn run_tiles<W: Sync, A: Sync + Send>(
+pub fn run_tiles<W: Sync, A: Element>(
     x: &[A],
     m: usize,
     weights: Panels<W>,
     bias: &[f32],
-    out: TaskPtr<A>,
+    (out, epilogue): (TaskPtr<A>, Epilogue),
     tile_rows: usize,
     tile: impl Fn(&PanelTile<W>, &[A], usize, *mut A) + Sync,
 ) {
@@ -172,7 +175,7 @@ pub fn run_tiles<W: Sync, A: Sync + Send>(
                 n,
                 cols: PANEL.min(n - p * PANEL),
             };
-            for (r, size) in tiles(rows, tile_rows) {
+            for (r, size) in tiles(rows.clone(), tile_rows) {
                 tile(
                     &panel,
                     &x[r * k..(r + size) * k],
@@ -180,8 +183,52 @@ pub fn run_tiles<W: Sync, A: Sync + Send>(
                     out.at(r * n + p * PANEL),
                 );
             }
+            // SAFETY: the outputs this task just wrote.
+            unsafe { epilogue.apply(out, rows, (p * PANEL, panel.cols, n)) };
         },
     );
+}
+
+/// What a GEMM applies to its outputs after the bias, to each task's block of rows x panel right after the
+/// block is written (while it is in cache), instead of in a pass of its own over the whole output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// The exact GELU ([`super::math::gelu`]) of each output as stored (bf16 outputs: of the rounded value,
+    /// rounded again), which is what the GELU after the product computes.
+    Gelu,
+}
+
+impl Epilogue {
+    /// Applies to `cols` outputs from column `col` in each of `rows` of `out` (rows `n` values apart).
+    ///
+    /// # Safety
+    /// `out` addresses those outputs, written, and touched by no other thread during the call.
+    pub unsafe fn apply<T: Element>(
+        self,
+        out: TaskPtr<T>,
+        rows: Range<usize>,
+        (col, cols, n): (usize, usize, usize),
+    ) {
+        if self == Epilogue::None {
+            return;
+        }
+        for r in rows {
+            let values = std::slice::from_raw_parts_mut(out.at(r * n + col), cols);
+            gelu_in_place(values);
+        }
+    }
+}
+
+super::features::wide_fn! {
+    fn gelu_in_place[T: Element](values: &mut [T]) = gelu_in_place_portable;
+}
+
+#[inline(always)]
+fn gelu_in_place_portable<T: Element>(values: &mut [T]) {
+    for v in values {
+        *v = T::from_f32(gelu(v.to_f32()));
+    }
 }
 
 /// The register tiles of a block of rows, as (first row, rows): `tile_rows` each, the last one shorter.

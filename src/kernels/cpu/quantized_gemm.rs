@@ -26,11 +26,12 @@
 
 use half::bf16;
 
-use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
 use super::panels::{by_rows, for_each_block, tiles};
+use super::panels::{Epilogue, PANEL};
 #[cfg(target_arch = "x86_64")]
 use super::parallel::TaskPtr;
+use super::storage::Element;
 
 /// Inputs that share an int4 scale (GGML's `Q4_0` block).
 pub const INT4_GROUP: usize = 32;
@@ -394,11 +395,17 @@ const TILE_ROWS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 
-/// `x[m, k] @ wᵀ + bias[n]`, row-major `[m, n]` in the activations' type; `m` at least 1.
+/// `epilogue(x[m, k] @ wᵀ + bias[n])`, row-major `[m, n]` in the activations' type; `m` at least 1.
 ///
 /// # Panics
 /// If [`available`] is false for `A`, or the slices do not hold the shapes given.
-pub fn linear<A: Activation>(x: &[A], m: usize, w: &Packed, bias: &[f32]) -> Vec<A> {
+pub fn linear<A: Activation + Element>(
+    x: &[A],
+    m: usize,
+    w: &Packed,
+    bias: &[f32],
+    epilogue: Epilogue,
+) -> Vec<A> {
     assert!(available(), "quantized_gemm::linear needs AVX512-VNNI");
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let mut out = Vec::with_capacity(m * w.n);
@@ -426,7 +433,7 @@ pub fn linear<A: Activation>(x: &[A], m: usize, w: &Packed, bias: &[f32]) -> Vec
                 n: w.n,
                 cols: PANEL.min(w.n - p * PANEL),
             };
-            for (r, size) in tiles(rows, TILE_ROWS) {
+            for (r, size) in tiles(rows.clone(), TILE_ROWS) {
                 let dst = dst.at(r * w.n + p * PANEL);
                 // SAFETY: `available` checked the CPU; rows r..r + size exist, and `dst` addresses them from
                 // the panel's first column of the m x n output, which only this call writes.
@@ -437,6 +444,8 @@ pub fn linear<A: Activation>(x: &[A], m: usize, w: &Packed, bias: &[f32]) -> Vec
                     }
                 }
             }
+            // SAFETY: the outputs this task just wrote.
+            unsafe { epilogue.apply(dst, rows, (p * PANEL, tile.cols, w.n)) };
         });
     }
     // SAFETY: the kernel writes each of the m x n outputs.
@@ -611,13 +620,13 @@ mod tests {
                 let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
                 let want = reference(&x, m, k, &w, n, &bias, bits);
                 let packed = Packed::new(&w, n, k, bits);
-                let in_f32 = linear(&x, m, &packed, &bias);
+                let in_f32 = linear(&x, m, &packed, &bias, Epilogue::None);
                 let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
                 // bf16 inputs quantize like their f32 values only where those are bf16 already: compare the
                 // bf16 run with the reference from the rounded inputs.
                 let rounded: Vec<f32> = x_bf16.iter().map(|v| v.to_f32()).collect();
                 let want_bf16 = reference(&rounded, m, k, &w, n, &bias, bits);
-                let in_bf16 = linear(&x_bf16, m, &packed, &bias);
+                let in_bf16 = linear(&x_bf16, m, &packed, &bias, Epilogue::None);
                 let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 for (idx, (g, e)) in in_f32.iter().zip(&want).enumerate() {
                     // f32 sums of exact int32 groups; a quantized value may round the other way where the
@@ -685,7 +694,7 @@ mod tests {
         let mut x = values(3 * k, 1);
         x[5] = f32::NAN;
         x[k + 7] = f32::INFINITY;
-        let out = linear(&x, 3, &packed, &[0.0; 3]);
+        let out = linear(&x, 3, &packed, &[0.0; 3], Epilogue::None);
         assert!(out[..2 * n].iter().all(|v| v.is_nan()));
         assert!(out[2 * n..].iter().all(|v| v.is_finite()));
         // A non-finite weight makes its column's outputs NaN, in both formats.
@@ -697,6 +706,7 @@ mod tests {
                 2,
                 &Packed::new(&w, n, k, bits),
                 &[0.0; 3],
+                Epilogue::None,
             );
             for (i, v) in out.iter().enumerate() {
                 assert_eq!(v.is_nan(), i % n == 1, "{bits:?} output {i}: {v}");
