@@ -12,7 +12,8 @@ pub fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer (to nearest) in plain SSE2, where `round` is a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.min(88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = [
         1.0 / 5040.0,
@@ -26,7 +27,10 @@ pub fn exp(x: f32) -> f32 {
     ]
     .iter()
     .fold(0.0, |acc, &c| acc * r + c);
-    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    // `n` as an integer from the low mantissa bits of `shifted` (integer operations only: a float-to-int
+    // `as` saturates, which keeps the loop from vectorizing). Garbage below -87.3, where the result is 0.
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits((n_int.wrapping_add(127).max(0) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
