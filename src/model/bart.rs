@@ -14,7 +14,7 @@ use crate::interrupt::Interrupt;
 use crate::layers::activation::activation;
 use crate::layers::attention::attention;
 use crate::layers::embedding::TokenEmbedding;
-use crate::layers::ops::to_dtype;
+use crate::layers::ops::{add, to_dtype};
 use crate::layers::{layer_norm, LayerNorm, LAYER_NORM_EPS};
 use crate::layers::{Linear, Mlp, Quantization};
 use crate::model::config::TextConfig;
@@ -132,9 +132,9 @@ impl BartEncoderLayer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (k, v) = self.self_attn.key_values(xs)?;
-        let xs = (xs + self.self_attn.attend(xs, &k, &v, Some(mask), 1)?)?
+        let xs = add(xs, &self.self_attn.attend(xs, &k, &v, Some(mask), 1)?)?
             .apply(&self.self_attn_layer_norm)?;
-        (&xs + xs.apply(&self.ffn)?)?.apply(&self.final_layer_norm)
+        add(&xs, &xs.apply(&self.ffn)?)?.apply(&self.final_layer_norm)
     }
 }
 

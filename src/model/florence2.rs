@@ -394,6 +394,7 @@ impl Florence2ForConditionalGeneration {
         image_features: Option<&Tensor>,
         interrupt: &dyn Interrupt,
     ) -> Result<EncoderOutput> {
+        let _span = crate::profile::span("encoder: other");
         let (batch, len) = input_ids.dims2().map_err(|_| {
             Error::invalid(format!(
                 "input_ids must have shape [batch, length], got {:?}",
@@ -600,6 +601,7 @@ impl Florence2ForConditionalGeneration {
         decoder_input_ids: &Tensor,
         encoder: &EncoderOutput,
     ) -> Result<(Tensor, Tensor)> {
+        let _span = crate::profile::span("decoder: other");
         let mut state = self.start_decoding(encoder)?;
         let hidden = state.hidden_step(decoder_input_ids)?;
         let logits = self.logits(&hidden)?;
