@@ -11,7 +11,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::features::wide_fn;
-use super::math::{dot, exp, lane_sum};
+use super::math::{dot, exp, lane_max, lane_sum};
 use super::parallel::TaskPtr;
 
 /// Query rows per task: 64 rows of scores over ~600 keys stay in L2.
@@ -292,7 +292,7 @@ wide_fn! {
 #[inline(always)]
 fn softmax_rows_portable(rows: &mut [f32], len: usize) {
     for row in rows.chunks_exact_mut(len) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = lane_max(row);
         row.iter_mut().for_each(|v| *v = exp(*v - max));
         let inv = 1.0 / lane_sum(row, |v| v);
         row.iter_mut().for_each(|v| *v *= inv);

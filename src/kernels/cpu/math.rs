@@ -52,6 +52,25 @@ pub fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// The largest of `xs` (NaNs ignored, as `f32::max` ignores them; -inf for none) in 16 interleaved partial
+/// maxima, so that the loop vectorizes (one running maximum is a chain of dependent instructions).
+#[inline(always)]
+pub fn lane_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter().copied().fold(rest, f32::max)
+}
+
 /// `Σ a[i] b[i]` in 16 interleaved partial sums, so that the loop vectorizes.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
