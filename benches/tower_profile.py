@@ -11,10 +11,14 @@ of a span minus that of the spans inside it, on the thread that drives the model
 - the non-GEMM share of the pass (everything but `linear`) and, with --transformers, transformers' tower
   time on the same input and threads, and the ratio.
 
+With `--rounds N` the two sides run in turn N times (ours, theirs, ours, theirs ...), each round a fresh
+process per side; the table is the median round's, and the ratio is the median of the rounds' ratios, so that a
+machine whose speed drifts (a shared VM) moves both sides of a pair alike.
+
 `tower: other` is the time inside the tower that no finer span covers (reshapes, views, bookkeeping).
 
     python benches/tower_profile.py --model CHECKPOINT [--dtype float32 --dtype bfloat16 --dtype int8]
-        [--threads 2] [--repeats 3] [--size 768] [--transformers]
+        [--threads 2] [--repeats 3] [--size 768] [--transformers] [--rounds 1]
 
 CHECKPOINT: a checkpoint folder (either layout), e.g. a full-size random-weight one made by
 `python tests/fixtures/make_fixtures.py OUT --spec base` (OUT/base/hf). int8/int4 load with
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +108,7 @@ def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(dtype: str, result: dict, reference: float | None, repeats: int) -> None:
+def report(dtype: str, result: dict, reference: float | None, repeats: int, ratio: float | None) -> None:
     by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     by_stage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for stage, kind, calls, seconds, flops in result["rows"]:
@@ -127,9 +132,9 @@ def report(dtype: str, result: dict, reference: float | None, repeats: int) -> N
     for label, (gemm_s, other_s) in sorted(by_stage.items()):
         print(f"| {label} | {gemm_s:.3f} | {other_s:.3f} |")
     print(f"\nnon-GEMM share: {(total - gemm) / total:.1%}")
-    if reference is not None:
-        print(f"transformers' tower ({'bfloat16' if dtype in QUANTIZED else dtype}): {reference:.3f} s; "
-              f"ratio {reference / result['wall']:.2f}x")
+    if reference is not None and ratio is not None:
+        print(f"transformers' tower ({'bfloat16' if dtype in QUANTIZED else dtype}): {reference:.3f} s "
+              f"(median); ratio transformers / florence2-rs {ratio:.2f}x (median of the rounds)")
 
 
 def main() -> None:
@@ -141,6 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=768, help="image side in pixels (default 768)")
     parser.add_argument("--transformers", action="store_true", help="also time transformers' tower")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the two sides in turn (median)")
     parser.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtypes = args.dtype or ["float32"]
@@ -151,9 +157,16 @@ def main() -> None:
     print(f"# {cpu_name()}, {args.threads} threads, {args.size}x{args.size}, "
           f"{time.strftime('%Y-%m-%d')}, mean of {args.repeats}")
     for dtype in dtypes:
-        result = run_worker("ours", args, dtype)
-        reference = run_worker("theirs", args, dtype)["wall"] if args.transformers else None
-        report(dtype, result, reference, args.repeats)
+        results, references = [], []
+        for _ in range(max(args.rounds, 1)):
+            results.append(run_worker("ours", args, dtype))
+            if args.transformers:
+                references.append(run_worker("theirs", args, dtype)["wall"])
+        median_round = sorted(results, key=lambda r: r["wall"])[len(results) // 2]
+        reference = statistics.median(references) if references else None
+        ratio = (statistics.median(ref / res["wall"] for ref, res in zip(references, results))
+                 if references else None)
+        report(dtype, median_round, reference, args.repeats, ratio)
 
 
 if __name__ == "__main__":
