@@ -14,6 +14,9 @@
 //! rounded once to bf16. `k` must be a multiple of 32 and the rows a multiple of 32; the caller runs the
 //! rest on the vector kernel.
 //!
+//! [`block_int8`] is the same register block for int8 weights against activations quantized to unsigned bytes
+//! (`tdpbusd`), for [`super::quantized_gemm`], which owns that scheme's arithmetic around the sums.
+//!
 //! x86-64 Linux with AMX-TILE and AMX-BF16, at the AVX-512 tier with AVX512-BF16 (the epilogue's
 //! conversion), and the kernel's permission to use the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked
 //! once); [`available`] is false elsewhere. Rust has no stable AMX intrinsics, so the tile instructions are
@@ -38,6 +41,24 @@ pub fn available() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(detect)
+}
+
+/// Bytes of `k` in one step of the int8 product [`block_int8`]: a tile row of quantized activations.
+pub const INT8_K_STEP: usize = 64;
+
+/// Whether [`block_int8`] runs here: [`available`] and AMX-INT8.
+pub fn int8_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7: EDX bit 25 AMX-INT8.
+        #[allow(unused_unsafe)] // a safe function from Rust 1.94 on
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        available() && edx >> 25 & 1 == 1
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -117,13 +138,15 @@ struct Config([u8; 64]);
 
 /// The tile registers configured on this thread; released when dropped.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-struct Tiles;
+pub struct Tiles;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl Tiles {
+    /// Configures tiles 0-7 as 16 rows of 64 bytes each.
+    ///
     /// # Safety
-    /// The CPU has AMX-TILE and the process the tile data permission.
-    unsafe fn configure() -> Self {
+    /// [`available`] is true (the CPU has AMX-TILE and the process the tile data permission).
+    pub unsafe fn configure() -> Self {
         let mut config = Config([0; 64]);
         config.0[0] = 1; // palette
         for tile in 0..8 {
@@ -144,6 +167,45 @@ impl Drop for Tiles {
     }
 }
 
+/// Zeroes the four sum tiles (tiles 0-3) of a register block.
+///
+/// # Safety
+/// Tiles configured by [`Tiles::configure`].
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+unsafe fn zero_sums() {
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+}
+
+/// Stores the four sum tiles (4-byte f32 or int32 sums) as the block's 32 rows of 32 in `sums`: tile 0 rows
+/// 0-15 columns 0-15, tile 1 columns 16-31, tiles 2 and 3 the same for rows 16-31.
+///
+/// # Safety
+/// Tiles configured by [`Tiles::configure`] and holding sums of `T`'s type; `T` is 4 bytes.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+unsafe fn store_sums<T>(sums: &mut [T; BLOCK_ROWS * PANEL]) {
+    let c = sums.as_mut_ptr();
+    std::arch::asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) c,
+        c1 = in(reg) c.add(16),
+        c2 = in(reg) c.add(16 * PANEL),
+        c3 = in(reg) c.add(16 * PANEL + 16),
+        s = in(reg) std::mem::size_of::<T>() * PANEL,
+        options(nostack)
+    );
+}
+
 /// The sums of 32 rows of `x` (from `a`, rows `k` values apart) times one packed panel, into `sums`
 /// (32 rows of 32 f32): tiles 0-3 hold the four 16x16 quarters, 4-5 the two row halves of `x`, 6-7 the
 /// panel's two column halves.
@@ -155,13 +217,7 @@ impl Drop for Tiles {
 #[inline(always)]
 unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BLOCK_ROWS * PANEL]) {
     use std::arch::asm;
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
+    zero_sums();
     let (a_stride, b_stride) = (k * 2, PANEL * 4);
     for step in 0..k / K_STEP {
         let a0 = a.add(step * K_STEP);
@@ -185,19 +241,51 @@ unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BL
             options(nostack, readonly)
         );
     }
-    let c = sums.as_mut_ptr();
-    asm!(
-        "tilestored [{c0} + {s}*1], tmm0",
-        "tilestored [{c1} + {s}*1], tmm1",
-        "tilestored [{c2} + {s}*1], tmm2",
-        "tilestored [{c3} + {s}*1], tmm3",
-        c0 = in(reg) c,
-        c1 = in(reg) c.add(16),
-        c2 = in(reg) c.add(16 * PANEL),
-        c3 = in(reg) c.add(16 * PANEL + 16),
-        s = in(reg) PANEL * 4,
-        options(nostack)
-    );
+    store_sums(sums);
+}
+
+/// The int32 sums of 32 rows of unsigned bytes (from `a`, rows `k` bytes apart) times one panel of signed
+/// bytes (`k / 4` panel rows of 32 lanes of 4 bytes, the layout of [`super::quantized_gemm`]'s int8 weights,
+/// which is the tile unit's for its second operand) into `sums` (32 rows of 32), by `tdpbusd`; the tiles as in
+/// [`block`].
+///
+/// # Safety
+/// Tiles configured by [`Tiles::configure`] and [`int8_available`]; `a` addresses 32 rows of `k` bytes and
+/// `panel` `k / 4` panel rows; `k` is a multiple of [`INT8_K_STEP`].
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub unsafe fn block_int8(
+    a: *const u8,
+    k: usize,
+    panel: *const u8,
+    sums: &mut [i32; BLOCK_ROWS * PANEL],
+) {
+    use std::arch::asm;
+    zero_sums();
+    // A panel row holds 4 inputs of each of the 32 columns: 128 bytes.
+    let b_stride = 4 * PANEL;
+    for step in 0..k / INT8_K_STEP {
+        let a0 = a.add(step * INT8_K_STEP);
+        // A step of 64 inputs is 16 panel rows.
+        let b0 = panel.add(step * (INT8_K_STEP / 4) * b_stride);
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a0.add(16 * k),
+            b0 = in(reg) b0,
+            b1 = in(reg) b0.add(64),
+            sa = in(reg) k,
+            sb = in(reg) b_stride,
+            options(nostack, readonly)
+        );
+    }
+    store_sums(sums);
 }
 
 /// `sums + bias` rounded to bf16 (to nearest even) into 32 output rows `n` values apart, the first

@@ -27,6 +27,8 @@
 use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
+use super::amx;
+#[cfg(target_arch = "x86_64")]
 use super::panels::{by_rows, for_each_block, tiles};
 use super::panels::{Epilogue, PANEL};
 #[cfg(target_arch = "x86_64")]
@@ -419,7 +421,13 @@ pub fn linear<A: Activation + Element>(
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<A>()) };
-        for_each_block(m, panels, w.k_padded, TILE_ROWS, |rows, p| {
+        // int8 on the tile unit where it runs: blocks of rows in whole register blocks of 32.
+        let tiled = w.bits == Bits::Int8
+            && w.k_padded.is_multiple_of(amx::INT8_K_STEP)
+            && m >= amx::BLOCK_ROWS
+            && amx::int8_available();
+        let block_unit = if tiled { amx::BLOCK_ROWS } else { TILE_ROWS };
+        for_each_block(m, panels, w.k_padded, block_unit, |rows, p| {
             let tile = Tile {
                 qx: &qx,
                 sx: &sx,
@@ -433,7 +441,26 @@ pub fn linear<A: Activation + Element>(
                 n: w.n,
                 cols: PANEL.min(w.n - p * PANEL),
             };
-            for (r, size) in tiles(rows.clone(), TILE_ROWS) {
+            let whole = if tiled {
+                rows.len() / amx::BLOCK_ROWS * amx::BLOCK_ROWS
+            } else {
+                0
+            };
+            #[cfg(target_os = "linux")]
+            if whole > 0 {
+                // SAFETY: `int8_available` checked the CPU and the permission; each block reads 32 whole rows
+                // of `qx` and `k_padded / 4` panel rows, and writes rows of the output only this task writes.
+                unsafe {
+                    let _tiles = amx::Tiles::configure();
+                    let mut sums = [0i32; amx::BLOCK_ROWS * PANEL];
+                    for first in (rows.start..rows.start + whole).step_by(amx::BLOCK_ROWS) {
+                        let a = qx[first * w.k_padded..].as_ptr();
+                        amx::block_int8(a, w.k_padded, tile.panel.as_ptr(), &mut sums);
+                        tile.finish_block(first, &sums, dst.at(first * w.n + p * PANEL));
+                    }
+                }
+            }
+            for (r, size) in tiles(rows.start + whole..rows.end, TILE_ROWS) {
                 let dst = dst.at(r * w.n + p * PANEL);
                 // SAFETY: `available` checked the CPU; rows r..r + size exist, and `dst` addresses them from
                 // the panel's first column of the m x n output, which only this call writes.
@@ -528,19 +555,56 @@ impl Tile<'_> {
                 }
             }
         }
-        let offsets = [
-            _mm512_loadu_ps(self.offsets.as_ptr()),
-            _mm512_loadu_ps(self.offsets.as_ptr().add(16)),
+        for (r, &totals) in totals.iter().enumerate() {
+            self.store_row(first + r, totals, dst.add(r * self.n));
+        }
+    }
+
+    /// Output row `row` from its scaled sums (`Σ_g s_w[g][c] * Σ_t ...` for the panel's two halves of 16
+    /// columns): the activations' offset taken off, times the row's scale, plus the bias.
+    ///
+    /// # Safety
+    /// As [`Self::run`]; called only from functions compiled with AVX-512 F.
+    #[inline(always)]
+    unsafe fn store_row<A: Activation>(
+        &self,
+        row: usize,
+        totals: [std::arch::x86_64::__m512; 2],
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        let scale = _mm512_set1_ps(self.sx[row]);
+        let [lo, hi] = [0, 1].map(|h| {
+            let offsets = _mm512_loadu_ps(self.offsets.as_ptr().add(16 * h));
+            let bias = _mm512_loadu_ps(self.bias.as_ptr().add(16 * h));
+            _mm512_fmadd_ps(_mm512_sub_ps(totals[h], offsets), scale, bias)
+        });
+        A::store(dst, lo, hi, self.cols);
+    }
+
+    /// Output rows `first..first + 32` from the int8 sums of the tile unit ([`amx::block_int8`], 32 rows of
+    /// 32): the same arithmetic as [`Self::tile`]'s single group of int8, so the same outputs.
+    ///
+    /// # Safety
+    /// As [`Self::run`] for 32 rows; the CPU has AVX-512 F/BW/VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn finish_block<A: Activation>(
+        &self,
+        first: usize,
+        sums: &[i32; amx::BLOCK_ROWS * PANEL],
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        let scale = [
+            _mm512_loadu_ps(self.scales.as_ptr()),
+            _mm512_loadu_ps(self.scales.as_ptr().add(16)),
         ];
-        let bias = [
-            _mm512_loadu_ps(self.bias.as_ptr()),
-            _mm512_loadu_ps(self.bias.as_ptr().add(16)),
-        ];
-        for (r, totals) in totals.iter().enumerate() {
-            let scale = _mm512_set1_ps(self.sx[first + r]);
-            let [lo, hi] = [0, 1]
-                .map(|h| _mm512_fmadd_ps(_mm512_sub_ps(totals[h], offsets[h]), scale, bias[h]));
-            A::store(dst.add(r * self.n), lo, hi, self.cols);
+        for r in 0..amx::BLOCK_ROWS {
+            let totals = [0, 1].map(|h| {
+                let sums = _mm512_loadu_si512(sums.as_ptr().add(r * PANEL + 16 * h).cast());
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale[h], _mm512_setzero_ps())
+            });
+            self.store_row(first + r, totals, dst.add(r * self.n));
         }
     }
 }
