@@ -16,6 +16,9 @@
 //! - A few rows through [`linear`] (the LM head, which is the token embedding and stays row-major): each
 //!   weight row is read once, where it lies, against all rows of `x`, as [`super::few_rows`] does in f32.
 //!
+//! On Intel CPUs with AMX, the many-row kernel hands whole blocks of 32 rows to the tile unit
+//! ([`super::amx`]), which reads the same packed panels.
+//!
 //! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
 //! [`available`] is false elsewhere and the caller keeps candle's matmul.
 

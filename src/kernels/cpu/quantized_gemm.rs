@@ -18,7 +18,8 @@
 //! The packed weights lie in panels of [`PANEL`] output columns ([`super::panels`]), four consecutive
 //! inputs of a column in each 32-bit lane, so that one 64-byte load (int8) or half of one (int4, two
 //! nibbles a byte) gives a `vpdpbusd` operand for 16 columns. One kernel serves every row count: a decode
-//! step's few rows read each panel once.
+//! step's few rows read each panel once. On CPUs with AMX-INT8, int8's whole blocks of 32 rows take the tile
+//! unit instead ([`super::amx::block_int8`], the same int32 sums), and the epilogue here.
 //!
 //! x86-64 with AVX-512 F/BW/VL and VNNI (and AVX512-BF16 for bf16 activations), detected at run time, at the
 //! AVX-512 tier ([`super::features::cpu_tier`]); [`available`] is false elsewhere and the caller keeps
