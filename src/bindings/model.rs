@@ -103,7 +103,8 @@ fn ids(array: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<HostArray<i64>
 impl PyModel {
     /// Loads a checkpoint folder (config.json + model.safetensors or pytorch_model.bin, either layout).
     /// `dtype` "auto" follows transformers: the config's dtype, else the stored weights'. `quantize` "int8" or
-    /// "int4" stores the linear layers' weights quantized (candle's Q8_0 / Q4_0); None keeps them as loaded.
+    /// "int4" stores the linear layers' weights quantized (the formats of `layers::linear`); None keeps them as
+    /// loaded.
     /// `adapter`: a PEFT LoRA adapter folder merged into the weights.
     #[staticmethod]
     #[pyo3(signature = (path, dtype, device, quantize=None, adapter=None))]

@@ -5,7 +5,7 @@
 //!
 //! Quantized weights (transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here)
 //! take one of two kernels. On a CPU with AVX512-VNNI, [`quantized_gemm`]: int8 weights with a scale per
-//! output column, or int4 with a scale per column and 64 inputs, against activations quantized to int8 per
+//! output column, or int4 with a scale per column and 32 inputs, against activations quantized to int8 per
 //! row at each call (bitsandbytes' LLM.int8() scheme, without its outlier columns), in the model's f32 or
 //! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
 //! 32 int8 weights and one f16 scale, 8.5 bits a weight; `Q4_0`, 32 int4 weights and one f16 scale, 4.5
