@@ -237,6 +237,14 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    /// Rows `[R, G*d]` as f32 groups `[G, R, d]`.
+    fn by_group(x: &Tensor, groups: usize) -> Tensor {
+        let (rows, width) = x.dims2().unwrap();
+        let x = x.to_dtype(DType::F32).unwrap();
+        let x = x.reshape((rows, groups, width / groups)).unwrap();
+        x.transpose(0, 1).unwrap().contiguous().unwrap()
+    }
+
     fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
         let diff = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
         diff.and_then(|d| d.to_scalar::<f32>()).unwrap()
@@ -250,18 +258,8 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (rows, 2 * groups * d), &dev).unwrap();
             for dtype in [DType::F32, DType::BF16] {
                 let x = x.to_dtype(dtype).unwrap();
-                let half = |i: usize| {
-                    x.to_dtype(DType::F32)
-                        .unwrap()
-                        .narrow(1, i * groups * d, groups * d)
-                        .unwrap()
-                        .reshape((rows, groups, d))
-                        .unwrap()
-                        .transpose(0, 1)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
+                let half =
+                    |i: usize| by_group(&x.narrow(1, i * groups * d, groups * d).unwrap(), groups);
                 let want = half(0).transpose(1, 2).unwrap().matmul(&half(1)).unwrap();
                 let got = grouped_outer_sums(&x, groups).unwrap();
                 assert_eq!(got.dims(), &[groups, d, d]);
@@ -281,16 +279,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1., (groups, d, e), &dev).unwrap();
             for dtype in [DType::F32, DType::BF16] {
                 let x = x.to_dtype(dtype).unwrap();
-                let by_group = x
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .reshape((rows, groups, d))
-                    .unwrap()
-                    .transpose(0, 1)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap();
-                let want = by_group
+                let want = by_group(&x, groups)
                     .matmul(&w)
                     .unwrap()
                     .transpose(0, 1)
