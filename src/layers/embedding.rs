@@ -1,19 +1,17 @@
-//! The token embedding `[vocab, d_model]`: dense, or quantized where the linear layers are quantized by
-//! [`quantized_gemm`] (the table is then the LM head's weight too, when the two are tied, and a lookup
-//! dequantizes its rows).
-
-use std::sync::Arc;
+//! The token embedding `[vocab, d_model]`: packed for the CPU kernels where one runs (dense f32 or bf16, or
+//! quantized where the linear layers are quantized by [`quantized_gemm`](crate::kernels::cpu::quantized_gemm)),
+//! else as loaded. A packed table is the LM head's weight too when the two are tied (one copy of the
+//! largest matrix of the model, multiplied at the packed kernels' speed), and a lookup reads its rows back.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::{pack_quantized, Linear, Quantization};
-use crate::kernels::cpu::quantized_gemm;
+use super::linear::{Linear, PackedTable, Quantization};
 
 pub enum TokenEmbedding {
     Dense(candle_nn::Embedding),
-    Quantized {
-        table: Arc<quantized_gemm::Packed>,
+    Packed {
+        table: PackedTable,
         /// The model's dtype, which lookups return.
         dtype: DType,
         device: Device,
@@ -21,7 +19,7 @@ pub enum TokenEmbedding {
 }
 
 impl TokenEmbedding {
-    /// Loads `weight` `[vocab, d_model]` from `vb`, quantized when asked and the kernel runs here.
+    /// Loads `weight` `[vocab, d_model]` from `vb`, packed (quantized when asked) where a kernel runs here.
     pub fn load(
         vocab: usize,
         d_model: usize,
@@ -29,13 +27,9 @@ impl TokenEmbedding {
         quantize: Option<Quantization>,
     ) -> Result<Self> {
         let weight = vb.get((vocab, d_model), "weight")?;
-        let packed = match quantize {
-            Some(quantize) => pack_quantized(&weight, quantize)?,
-            None => None,
-        };
-        Ok(match packed {
-            Some(table) => Self::Quantized {
-                table: Arc::new(table),
+        Ok(match PackedTable::pack(&weight, quantize)? {
+            Some(table) => Self::Packed {
+                table,
                 dtype: weight.dtype(),
                 device: weight.device().clone(),
             },
@@ -47,7 +41,7 @@ impl TokenEmbedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (table, dtype, device) = match self {
             Self::Dense(embedding) => return embedding.forward(ids),
-            Self::Quantized {
+            Self::Packed {
                 table,
                 dtype,
                 device,
@@ -68,15 +62,13 @@ impl TokenEmbedding {
     }
 
     /// The LM head tied to this embedding: the same weights, no bias.
-    pub fn tied_head(&self) -> Linear {
+    pub fn tied_head(&self) -> Result<Linear> {
         match self {
-            Self::Dense(embedding) => {
-                Linear::Float(candle_nn::Linear::new(embedding.embeddings().clone(), None))
-            }
-            Self::Quantized { table, .. } => Linear::PackedQuantized {
-                weight: table.clone(),
-                bias: vec![0.0; table.dims().0],
-            },
+            Self::Dense(embedding) => Ok(Linear::Float(candle_nn::Linear::new(
+                embedding.embeddings().clone(),
+                None,
+            ))),
+            Self::Packed { table, .. } => table.linear(None),
         }
     }
 }

@@ -10,8 +10,10 @@
 //! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
 //! 32 int8 weights and one f16 scale, 8.5 bits a weight; `Q4_0`, 32 int4 weights and one f16 scale, 4.5
 //! bits), activations in f32. Convolutions and norms are not quantized; the token embedding and the LM head
-//! are where the first kernel runs ([`super::embedding`]: they share one quantized table when tied) and stay
-//! dense with the second.
+//! are where the first kernel runs and stay dense with the second.
+//!
+//! Packed weights are a [`PackedTable`], which the token embedding and the LM head share when they are tied
+//! ([`super::embedding`]).
 
 use std::sync::Arc;
 
@@ -68,12 +70,15 @@ pub enum Linear {
     /// f32 on a CPU with AVX-512: the weights packed once at load for [`f32_gemm`], the bias as values (zeros
     /// for none).
     PackedF32 {
-        weight: f32_gemm::Packed,
+        weight: Arc<f32_gemm::Packed>,
         bias: Vec<f32>,
     },
     /// bf16 on a CPU with AVX512-BF16: the weights packed once at load for [`bf16_gemm`] (packing them for
     /// each call writes the whole weight to fresh pages every time), the bias as values (zeros for none).
-    PackedBf16 { weight: Packed, bias: Vec<bf16> },
+    PackedBf16 {
+        weight: Arc<Packed>,
+        bias: Vec<bf16>,
+    },
     /// Quantized for [`quantized_gemm`] (a CPU with AVX512-VNNI, f32 or bf16 activations), the bias in f32
     /// (zeros for none).
     PackedQuantized {
@@ -85,6 +90,67 @@ pub enum Linear {
         weight: QMatMul,
         bias: Option<Tensor>,
     },
+}
+
+/// Weights `[out, in]` packed at load for one of the CPU kernels, shared (reference-counted) between the
+/// layers that use them: a token embedding reads its rows back ([`Self::row`]) and the LM head tied to it
+/// multiplies by the same table.
+#[derive(Clone)]
+pub enum PackedTable {
+    F32(Arc<f32_gemm::Packed>),
+    Bf16(Arc<Packed>),
+    Quantized(Arc<quantized_gemm::Packed>),
+}
+
+impl PackedTable {
+    /// `weight` packed for the kernel that runs for it here: quantized when `quantize` asks and
+    /// [`pack_quantized`] runs, else dense where a kernel runs for its dtype ([`pack_dense`]); `None` where
+    /// neither does.
+    pub fn pack(weight: &Tensor, quantize: Option<Quantization>) -> Result<Option<Self>> {
+        if let Some(quantize) = quantize {
+            if let Some(packed) = pack_quantized(weight, quantize)? {
+                return Ok(Some(Self::Quantized(Arc::new(packed))));
+            }
+        }
+        pack_dense(weight)
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::F32(w) => w.dims(),
+            Self::Bf16(w) => w.dims(),
+            Self::Quantized(w) => w.dims(),
+        }
+    }
+
+    /// Row `c` (`in` values; dequantized for a quantized table) into `out`.
+    pub fn row(&self, c: usize, out: &mut [f32]) {
+        match self {
+            Self::F32(w) => w.row(c, out),
+            Self::Bf16(w) => w.row(c, out),
+            Self::Quantized(w) => w.row(c, out),
+        }
+    }
+
+    /// The layer `x @ wᵀ + bias` over these weights (`bias` `[out]`, none for zeros).
+    pub fn linear(&self, bias: Option<Tensor>) -> Result<Linear> {
+        let n = self.dims().0;
+        Ok(match self {
+            Self::F32(weight) => Linear::PackedF32 {
+                weight: weight.clone(),
+                bias: bias_values(bias, n)?,
+            },
+            Self::Bf16(weight) => Linear::PackedBf16 {
+                weight: weight.clone(),
+                bias: bias_values(bias, n)?,
+            },
+            Self::Quantized(weight) => Linear::PackedQuantized {
+                weight: weight.clone(),
+                bias: bias_values(bias, n)?,
+            },
+        })
+    }
 }
 
 impl Linear {
@@ -111,15 +177,12 @@ impl Linear {
         bias: Option<Tensor>,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
-        let (out_dim, in_dim) = weight.dims2()?;
+        let in_dim = weight.dims2()?.1;
         let Some(quantize) = quantize else {
             return Self::float(weight, bias);
         };
         if let Some(packed) = pack_quantized(&weight, quantize)? {
-            return Ok(Self::PackedQuantized {
-                weight: Arc::new(packed),
-                bias: bias_values(bias, out_dim)?,
-            });
+            return PackedTable::Quantized(Arc::new(packed)).linear(bias);
         }
         if in_dim % quantize.ggml().block_size() != 0 {
             // GGML blocks run along the input dim; a layer that does not fill whole blocks stays dense.
@@ -131,33 +194,36 @@ impl Linear {
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
         })
     }
-}
 
-impl Linear {
-    /// Unquantized: packed for the bf16 kernel where it runs, else as loaded.
+    /// Unquantized: packed for the f32 or bf16 kernel where it runs, else as loaded.
     fn float(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        if !(weight.device().is_cpu() && n > 0 && k > 0) {
-            return Ok(Self::Float(candle_nn::Linear::new(weight, bias)));
-        }
-        match weight.dtype() {
-            DType::F32 if f32_gemm::available() => {
-                let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
-                Ok(Self::PackedF32 {
-                    weight: f32_gemm::Packed::new(&values, n, k),
-                    bias: bias_values(bias, n)?,
-                })
-            }
-            DType::BF16 if bf16_gemm::available() => {
-                let values: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
-                Ok(Self::PackedBf16 {
-                    weight: Packed::new(&values, n, k),
-                    bias: bias_values(bias, n)?,
-                })
-            }
-            _ => Ok(Self::Float(candle_nn::Linear::new(weight, bias))),
+        match pack_dense(&weight)? {
+            Some(table) => table.linear(bias),
+            None => Ok(Self::Float(candle_nn::Linear::new(weight, bias))),
         }
     }
+}
+
+/// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32 on a CPU with AVX-512) or [`bf16_gemm`] (bf16 with
+/// AVX512-BF16); `None` elsewhere.
+pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
+    let (n, k) = weight.dims2()?;
+    if !(weight.device().is_cpu() && n > 0 && k > 0) {
+        return Ok(None);
+    }
+    Ok(match weight.dtype() {
+        DType::F32 if f32_gemm::available() => {
+            let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            Some(PackedTable::F32(Arc::new(f32_gemm::Packed::new(
+                &values, n, k,
+            ))))
+        }
+        DType::BF16 if bf16_gemm::available() => {
+            let values: Vec<bf16> = weight.flatten_all()?.to_vec1()?;
+            Some(PackedTable::Bf16(Arc::new(Packed::new(&values, n, k))))
+        }
+        _ => None,
+    })
 }
 
 /// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (a CPU with

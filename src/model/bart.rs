@@ -454,7 +454,7 @@ impl BartModel {
 
     /// The LM head tied to the shared embedding (as the HF-native layout and Microsoft's remote code tie
     /// them): the same weights.
-    pub fn tied_head(&self) -> Linear {
+    pub fn tied_head(&self) -> Result<Linear> {
         self.shared.tied_head()
     }
 }

@@ -19,7 +19,7 @@ use crate::interrupt::Interrupt;
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::io::Layout;
-use crate::layers::linear::{pack_quantized, Linear, Quantization};
+use crate::layers::linear::{Linear, PackedTable, Quantization};
 use crate::limits::product;
 use crate::model::bart::{BartModel, DecoderCache};
 use crate::model::config::Florence2Config;
@@ -277,17 +277,15 @@ impl Florence2ForConditionalGeneration {
             q,
         )?;
         let language = BartModel::new(text, vb.pp("model.language_model"), q)?;
-        // A tied head shares the embedding's storage (tensors are reference-counted, a quantized table is
-        // shared) instead of loading it twice. An untied one is quantized where the embedding would be.
+        // A tied head shares the embedding's weights (its packed table, or its reference-counted tensor
+        // where none is packed) instead of holding them twice. An untied one is packed (and quantized) as
+        // the embedding would be.
         let lm_head = if tied_head {
-            language.tied_head()
+            language.tied_head()?
         } else {
             let weight = vb.get((text.vocab_size, text.d_model), LM_HEAD)?;
-            match q.map(|q| pack_quantized(&weight, q)).transpose()?.flatten() {
-                Some(packed) => Linear::PackedQuantized {
-                    weight: Arc::new(packed),
-                    bias: vec![0.0; text.vocab_size],
-                },
+            match PackedTable::pack(&weight, q)? {
+                Some(table) => table.linear(None)?,
                 None => Linear::Float(candle_nn::Linear::new(weight, None)),
             }
         };

@@ -11,8 +11,8 @@
 //! A register block is 32 rows x one panel (32 columns): four f32 tiles, two tiles of `x`, two of the
 //! panel. Sums start at zero, accumulate in f32 (the unit rounds to nearest even, reads subnormal inputs as
 //! zero and flushes subnormal sums, as oneDNN's AMX path does), and the bias is added to each before it is
-//! rounded once to bf16. `k` must be a multiple of 32 and the rows a multiple of 32; the caller runs the
-//! rest on the vector kernel.
+//! rounded once to bf16. `k` must be a multiple of 32; the last block of a product may have fewer rows
+//! ([`Tiles::configure`] sizes the tiles of `x` and the sums to them), so any number of rows runs here.
 //!
 //! [`block_int8`] is the same register block for int8 weights against activations quantized to unsigned bytes
 //! (`tdpbusd`), for [`super::quantized_gemm`], which owns that scheme's arithmetic around the sums.
@@ -92,8 +92,8 @@ fn detect() -> bool {
     false
 }
 
-/// `epilogue(x[m, k] @ wᵀ + bias)` into `out` (rows `n` values apart) for `m` and `k` multiples of 32, `w` the packed
-/// panels of `n` columns (`k / 2 * PANEL` values each), `bias` `n` values.
+/// `epilogue(x[m, k] @ wᵀ + bias)` into `out` (rows `n` values apart) for `k` a multiple of 32, `w` the
+/// packed panels of `n` columns (`k / 2 * PANEL` values each), `bias` `n` values.
 ///
 /// # Panics
 /// If [`available`] is false or the shapes do not hold.
@@ -106,7 +106,7 @@ pub fn linear(
     (out, epilogue): (TaskPtr<bf16>, Epilogue),
 ) {
     assert!(available(), "amx::linear needs AMX-BF16");
-    assert!(m % BLOCK_ROWS == 0 && k % K_STEP == 0 && k > 0);
+    assert!(k % K_STEP == 0 && k > 0);
     let panel_len = k / 2 * PANEL;
     let count = n.div_ceil(PANEL);
     assert!(x.len() == m * k && panels.len() == count * panel_len && bias.len() == n);
@@ -115,15 +115,22 @@ pub fn linear(
         let panel = &panels[p * panel_len..][..panel_len];
         let bias = &bias[p * PANEL..][..cols];
         let mut sums = [0f32; BLOCK_ROWS * PANEL];
-        // SAFETY: `available` checked the CPU and the permission; the tiles stay configured until
-        // `_tiles` drops, and the asm reads the operands within `x` and `panel` (whole blocks of rows of
-        // `k` values, `k / 2` panel rows) and writes `sums`.
-        let _tiles = unsafe { Tiles::configure() };
-        for first in rows.clone().step_by(BLOCK_ROWS) {
-            unsafe {
-                block(x[first * k..].as_ptr(), k, panel.as_ptr(), &mut sums);
-                // SAFETY: `out` addresses rows first.. and this panel's columns, under its contract.
-                store(&sums, bias, out.at(first * n + p * PANEL), n);
+        for (blocks, size) in register_blocks(rows.clone()) {
+            // SAFETY: `available` checked the CPU and the permission; the tiles stay configured for blocks
+            // of `size` rows until `_tiles` drops, and the asm reads the operands within `x` and `panel`
+            // (`size` rows of `k` values, `k / 2` panel rows) and writes `sums`.
+            let _tiles = unsafe { Tiles::configure(size) };
+            for first in blocks.step_by(BLOCK_ROWS) {
+                unsafe {
+                    block(
+                        x[first * k..].as_ptr(),
+                        (k, size),
+                        panel.as_ptr(),
+                        &mut sums,
+                    );
+                    // SAFETY: `out` addresses rows first.. and this panel's columns, under its contract.
+                    store(&sums, bias, out.at(first * n + p * PANEL), (n, size));
+                }
             }
         }
         // SAFETY: the outputs this task just wrote.
@@ -131,7 +138,21 @@ pub fn linear(
     });
 }
 
-/// The tile configuration (palette 1, `ldtilecfg`'s 64-byte layout): tiles 0-7 of 16 rows of 64 bytes.
+/// The register blocks of `rows` as runs of blocks of one size: (rows of the run, rows per block): whole
+/// blocks of [`BLOCK_ROWS`], then the remainder as one shorter block. Each run needs the tiles configured for
+/// its size.
+pub fn register_blocks(
+    rows: std::ops::Range<usize>,
+) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> {
+    let whole = rows.start + rows.len() / BLOCK_ROWS * BLOCK_ROWS;
+    let runs = [
+        (rows.start..whole, BLOCK_ROWS),
+        (whole..rows.end, rows.end - whole),
+    ];
+    runs.into_iter().filter(|(run, _)| !run.is_empty())
+}
+
+/// The tile configuration (palette 1, `ldtilecfg`'s 64-byte layout): 64-byte rows, row counts per tile.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[repr(C, align(64))]
 struct Config([u8; 64]);
@@ -142,20 +163,43 @@ pub struct Tiles;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl Tiles {
-    /// Configures tiles 0-7 as 16 rows of 64 bytes each.
+    /// Configures the tiles for register blocks of `rows` (1 to [`BLOCK_ROWS`]) rows of `x`: tiles 0, 1
+    /// (sums) and 4 (`x`) hold the first 16 rows or fewer, tiles 2, 3 and 5 the rest; tiles 6-7 (weights) 16
+    /// rows of 64 bytes. Every tile has 64-byte rows. A block of 16 rows or fewer configures the second half
+    /// with one row, which the kernels load from the first row of the block (memory they read anyway) and
+    /// whose sums no one reads: the tile unit loads and stores only the configured rows, so no read or write
+    /// goes past the block.
     ///
     /// # Safety
     /// [`available`] is true (the CPU has AMX-TILE and the process the tile data permission).
-    pub unsafe fn configure() -> Self {
+    pub unsafe fn configure(rows: usize) -> Self {
+        assert!((1..=BLOCK_ROWS).contains(&rows));
+        let half = BLOCK_ROWS / 2;
+        let (upper, lower) = (rows.min(half) as u8, rows.saturating_sub(half).max(1) as u8);
         let mut config = Config([0; 64]);
         config.0[0] = 1; // palette
-        for tile in 0..8 {
+        for (tile, tile_rows) in [upper, upper, lower, lower, upper, lower, 16, 16]
+            .into_iter()
+            .enumerate()
+        {
             // Bytes 16..48: bytes per row of each tile (u16, little-endian); 48..64: rows.
             config.0[16 + 2 * tile] = 64;
-            config.0[48 + tile] = 16;
+            config.0[48 + tile] = tile_rows;
         }
         std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
         Tiles
+    }
+}
+
+/// Where the second half of a register block of `rows` rows of `x` starts (rows `stride` elements apart):
+/// row 16, or for 16 rows or fewer the first row again (see [`Tiles::configure`]).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn lower_half<T>(a: *const T, rows: usize, stride: usize) -> *const T {
+    if rows > BLOCK_ROWS / 2 {
+        a.wrapping_add(BLOCK_ROWS / 2 * stride)
+    } else {
+        a
     }
 }
 
@@ -183,8 +227,9 @@ unsafe fn zero_sums() {
     );
 }
 
-/// Stores the four sum tiles (4-byte f32 or int32 sums) as the block's 32 rows of 32 in `sums`: tile 0 rows
-/// 0-15 columns 0-15, tile 1 columns 16-31, tiles 2 and 3 the same for rows 16-31.
+/// Stores the four sum tiles (4-byte f32 or int32 sums) as the block's rows of 32 in `sums`: tile 0 rows
+/// 0-15 columns 0-15, tile 1 columns 16-31, tiles 2 and 3 the same for rows 16-31 (each tile its configured
+/// rows).
 ///
 /// # Safety
 /// Tiles configured by [`Tiles::configure`] and holding sums of `T`'s type; `T` is 4 bytes.
@@ -206,16 +251,21 @@ unsafe fn store_sums<T>(sums: &mut [T; BLOCK_ROWS * PANEL]) {
     );
 }
 
-/// The sums of 32 rows of `x` (from `a`, rows `k` values apart) times one packed panel, into `sums`
-/// (32 rows of 32 f32): tiles 0-3 hold the four 16x16 quarters, 4-5 the two row halves of `x`, 6-7 the
-/// panel's two column halves.
+/// The sums of a block of `rows` rows of `x` (from `a`, rows `k` values apart) times one packed panel, into
+/// the first `rows` rows of `sums` (32 rows of 32 f32): tiles 0-3 hold the four quarters (rows 0-15 and
+/// 16-31 by columns 0-15 and 16-31), 4-5 the two row halves of `x`, 6-7 the panel's two column halves.
 ///
 /// # Safety
-/// Tiles configured by [`Tiles::configure`]; `a` addresses 32 rows of `k` values and `panel` `k / 2` panel
-/// rows; `k` is a multiple of 32.
+/// Tiles configured by [`Tiles::configure`] for `rows`; `a` addresses `rows` rows of `k` values and `panel`
+/// `k / 2` panel rows; `k` is a multiple of 32.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BLOCK_ROWS * PANEL]) {
+unsafe fn block(
+    a: *const bf16,
+    (k, rows): (usize, usize),
+    panel: *const u32,
+    sums: &mut [f32; BLOCK_ROWS * PANEL],
+) {
     use std::arch::asm;
     zero_sums();
     let (a_stride, b_stride) = (k * 2, PANEL * 4);
@@ -233,7 +283,7 @@ unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BL
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a0 = in(reg) a0,
-            a1 = in(reg) a0.add(16 * k),
+            a1 = in(reg) lower_half(a0, rows, k),
             b0 = in(reg) b0,
             b1 = in(reg) b0.add(16),
             sa = in(reg) a_stride,
@@ -244,18 +294,18 @@ unsafe fn block(a: *const bf16, k: usize, panel: *const u32, sums: &mut [f32; BL
     store_sums(sums);
 }
 
-/// The int32 sums of 32 rows of unsigned bytes (from `a`, rows `k` bytes apart) times one panel of signed
-/// bytes (`k / 4` panel rows of 32 lanes of 4 bytes, the layout of [`super::quantized_gemm`]'s int8 weights,
-/// which is the tile unit's for its second operand) into `sums` (32 rows of 32), by `tdpbusd`; the tiles as in
-/// [`block`].
+/// The int32 sums of a block of `rows` rows of unsigned bytes (from `a`, rows `k` bytes apart) times one
+/// panel of signed bytes (`k / 4` panel rows of 32 lanes of 4 bytes, the layout of
+/// [`super::quantized_gemm`]'s int8 weights, which is the tile unit's for its second operand) into the first
+/// `rows` rows of `sums` (32 rows of 32), by `tdpbusd`; the tiles as in [`block`].
 ///
 /// # Safety
-/// Tiles configured by [`Tiles::configure`] and [`int8_available`]; `a` addresses 32 rows of `k` bytes and
-/// `panel` `k / 4` panel rows; `k` is a multiple of [`INT8_K_STEP`].
+/// Tiles configured by [`Tiles::configure`] for `rows`, and [`int8_available`]; `a` addresses `rows` rows of
+/// `k` bytes and `panel` `k / 4` panel rows; `k` is a multiple of [`INT8_K_STEP`].
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub unsafe fn block_int8(
     a: *const u8,
-    k: usize,
+    (k, rows): (usize, usize),
     panel: *const u8,
     sums: &mut [i32; BLOCK_ROWS * PANEL],
 ) {
@@ -277,7 +327,7 @@ pub unsafe fn block_int8(
             "tdpbusd tmm2, tmm5, tmm6",
             "tdpbusd tmm3, tmm5, tmm7",
             a0 = in(reg) a0,
-            a1 = in(reg) a0.add(16 * k),
+            a1 = in(reg) lower_half(a0, rows, k),
             b0 = in(reg) b0,
             b1 = in(reg) b0.add(64),
             sa = in(reg) k,
@@ -288,14 +338,20 @@ pub unsafe fn block_int8(
     store_sums(sums);
 }
 
-/// `sums + bias` rounded to bf16 (to nearest even) into 32 output rows `n` values apart, the first
+/// `sums + bias` rounded to bf16 (to nearest even) into `rows` output rows `n` values apart, the first
 /// `bias.len()` (at most 32) columns.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL and BF16; `dst` addresses 32 rows of `bias.len()` writable values, `n` apart.
+/// The CPU has AVX-512 F/BW/VL and BF16; `dst` addresses `rows` rows of `bias.len()` writable values, `n`
+/// apart.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn store(sums: &[f32; BLOCK_ROWS * PANEL], bias: &[f32], dst: *mut bf16, n: usize) {
+unsafe fn store(
+    sums: &[f32; BLOCK_ROWS * PANEL],
+    bias: &[f32],
+    dst: *mut bf16,
+    (n, rows): (usize, usize),
+) {
     use std::arch::x86_64::{
         __m256i, __mmask16, _mm256_mask_storeu_epi16, _mm512_add_ps, _mm512_cvtneps_pbh,
         _mm512_loadu_ps, _mm512_maskz_loadu_ps,
@@ -307,7 +363,7 @@ unsafe fn store(sums: &[f32; BLOCK_ROWS * PANEL], bias: &[f32], dst: *mut bf16, 
     let (mask_lo, mask_hi) = (mask(0), mask(16));
     let bias_lo = _mm512_maskz_loadu_ps(mask_lo, bias.as_ptr());
     let bias_hi = _mm512_maskz_loadu_ps(mask_hi, bias.as_ptr().wrapping_add(16));
-    for r in 0..BLOCK_ROWS {
+    for r in 0..rows {
         let row = sums.as_ptr().add(r * PANEL);
         let lo = _mm512_add_ps(_mm512_loadu_ps(row), bias_lo);
         let hi = _mm512_add_ps(_mm512_loadu_ps(row.add(16)), bias_hi);

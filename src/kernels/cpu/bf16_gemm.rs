@@ -40,6 +40,12 @@ const TILE_ROWS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 
+/// The fewest rows that go to the tile unit ([`super::amx`]): each of its steps loads a whole weight tile
+/// and runs one tile product whatever the rows, so for one or two rows (greedy decoding's) this module's
+/// vector kernel, which streams the same weights with one multiply-add per row, is as fast or faster.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const TILE_UNIT_MIN_ROWS: usize = 3;
+
 /// Whether the kernels run here ([`super::features::has_avx512_bf16`]).
 pub fn available() -> bool {
     super::features::has_avx512_bf16()
@@ -137,10 +143,21 @@ impl Packed {
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
+
+    /// Row `c` of `w` (`k` values, exact in f32) into `out`: a tied token embedding's lookup.
+    pub fn row(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k);
+        let pairs = self.k.div_ceil(2);
+        let panel = &self.panels[c / PANEL * pairs * PANEL..][..pairs * PANEL];
+        for (t, out) in out.iter_mut().enumerate() {
+            let pair = panel[t / 2 * PANEL + c % PANEL];
+            *out = bf16::from_bits((pair >> (16 * (t % 2))) as u16).to_f32();
+        }
+    }
 }
 
-/// The many-row kernel: `x[m, k]` against packed weights; the whole blocks of rows on the tile unit
-/// ([`super::amx`]) where it runs and `k` fits it, the rest here.
+/// The many-row kernel: `x[m, k]` against packed weights; on the tile unit ([`super::amx`]) where it runs
+/// and `k` fits it, else here.
 #[cfg(target_arch = "x86_64")]
 fn panels(
     x: &[bf16],
@@ -152,30 +169,13 @@ fn panels(
     let (n, k) = packed.dims();
     let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     #[cfg(target_os = "linux")]
-    let (x, m, out) = {
+    {
         use super::amx;
-        let tiled = if k % amx::K_STEP == 0 && amx::available() {
-            m / amx::BLOCK_ROWS * amx::BLOCK_ROWS
-        } else {
-            0
-        };
-        if tiled > 0 {
-            amx::linear(
-                &x[..tiled * k],
-                (tiled, k, n),
-                &packed.panels,
-                &bias,
-                (out, epilogue),
-            );
-        }
-        if tiled == m {
+        if k % amx::K_STEP == 0 && m >= TILE_UNIT_MIN_ROWS && amx::available() {
+            amx::linear(x, (m, k, n), &packed.panels, &bias, (out, epilogue));
             return;
         }
-        // SAFETY: the rows past `tiled` of `out`, under its contract.
-        (&x[tiled * k..], m - tiled, unsafe {
-            TaskPtr::new(out.at(tiled * n))
-        })
-    };
+    }
     let weights = Panels {
         data: &packed.panels,
         panel_len: k.div_ceil(2) * PANEL,
@@ -410,10 +410,19 @@ mod tests {
         }
         // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group;
         // and for the tile unit, where it runs: whole blocks of 32 rows only, several row blocks with a
-        // partial panel, one block of the smallest k, and a remainder of rows for the vector kernel.
-        let tile_shapes = [(640, 256, 100), (32, 32, 33), (97, 64, 64)];
+        // partial panel, one block of the smallest k, and blocks of fewer rows (the fewest it takes, 16 or
+        // fewer, more than 16) after whole ones or alone.
+        let tile_shapes = [
+            (640, 256, 100),
+            (32, 32, 33),
+            (97, 64, 64),
+            (3, 64, 40),
+            (7, 32, 33),
+            (50, 96, 70),
+            (17, 128, 64),
+        ];
         if super::super::amx::available() {
-            eprintln!("the tile unit runs the shapes with k a multiple of 32 and 32 rows or more");
+            eprintln!("the tile unit runs the shapes with k a multiple of 32 and 3 rows or more");
         }
         for (m, k, n) in crate::kernels::cpu::test_values::SHAPES
             .into_iter()

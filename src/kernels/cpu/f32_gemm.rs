@@ -64,6 +64,15 @@ impl Packed {
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
+
+    /// Row `c` of `w` (`k` values) into `out`: a tied token embedding's lookup.
+    pub fn row(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k);
+        let panel = &self.panels[c / PANEL * self.k * PANEL..][..self.k * PANEL];
+        for (out, values) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
+            *out = values[c % PANEL];
+        }
+    }
 }
 
 /// `epilogue(x[m, k] @ wᵀ + bias[n])`, row-major `[m, n]`; `m` at least 1.

@@ -18,8 +18,8 @@
 //! The packed weights lie in panels of [`PANEL`] output columns ([`super::panels`]), four consecutive
 //! inputs of a column in each 32-bit lane, so that one 64-byte load (int8) or half of one (int4, two
 //! nibbles a byte) gives a `vpdpbusd` operand for 16 columns. One kernel serves every row count: a decode
-//! step's few rows read each panel once. On CPUs with AMX-INT8, int8's whole blocks of 32 rows take the tile
-//! unit instead ([`super::amx::block_int8`], the same int32 sums), and the epilogue here.
+//! step's few rows read each panel once. On CPUs with AMX-INT8, int8 products of many rows take the tile unit
+//! instead ([`super::amx::block_int8`], the same int32 sums), and the epilogue here.
 //!
 //! x86-64 with AVX-512 F/BW/VL and VNNI (and AVX512-BF16 for bf16 activations), detected at run time, at the
 //! AVX-512 tier ([`super::features::cpu_tier`]); [`available`] is false elsewhere and the caller keeps
@@ -398,6 +398,11 @@ const TILE_ROWS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 
+/// The fewest rows that go to the tile unit (int8 only): `vpdpbusd` does four byte products per lane, so
+/// this module's vector kernel keeps up with the tile unit until its register block is most of the way full.
+#[cfg(target_arch = "x86_64")]
+const TILE_UNIT_MIN_ROWS: usize = 24;
+
 /// `epilogue(x[m, k] @ wᵀ + bias[n])`, row-major `[m, n]` in the activations' type; `m` at least 1.
 ///
 /// # Panics
@@ -422,10 +427,10 @@ pub fn linear<A: Activation + Element>(
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<A>()) };
-        // int8 on the tile unit where it runs: blocks of rows in whole register blocks of 32.
+        // int8 on the tile unit where it runs and there are rows enough for it, in register blocks of 32.
         let tiled = w.bits == Bits::Int8
             && w.k_padded.is_multiple_of(amx::INT8_K_STEP)
-            && m >= amx::BLOCK_ROWS
+            && m >= TILE_UNIT_MIN_ROWS
             && amx::int8_available();
         let block_unit = if tiled { amx::BLOCK_ROWS } else { TILE_ROWS };
         for_each_block(m, panels, w.k_padded, block_unit, |rows, p| {
@@ -442,26 +447,23 @@ pub fn linear<A: Activation + Element>(
                 n: w.n,
                 cols: PANEL.min(w.n - p * PANEL),
             };
-            let whole = if tiled {
-                rows.len() / amx::BLOCK_ROWS * amx::BLOCK_ROWS
-            } else {
-                0
-            };
+            let on_tiles = if tiled { rows.end } else { rows.start };
             #[cfg(target_os = "linux")]
-            if whole > 0 {
-                // SAFETY: `int8_available` checked the CPU and the permission; each block reads 32 whole rows
-                // of `qx` and `k_padded / 4` panel rows, and writes rows of the output only this task writes.
+            for (blocks, size) in amx::register_blocks(rows.start..on_tiles) {
+                // SAFETY: `int8_available` checked the CPU and the permission; the tiles stay configured for
+                // blocks of `size` rows until `_tiles` drops; each block reads its rows of `qx` and
+                // `k_padded / 4` panel rows, and writes rows of the output only this task writes.
                 unsafe {
-                    let _tiles = amx::Tiles::configure();
+                    let _tiles = amx::Tiles::configure(size);
                     let mut sums = [0i32; amx::BLOCK_ROWS * PANEL];
-                    for first in (rows.start..rows.start + whole).step_by(amx::BLOCK_ROWS) {
+                    for first in blocks.step_by(amx::BLOCK_ROWS) {
                         let a = qx[first * w.k_padded..].as_ptr();
-                        amx::block_int8(a, w.k_padded, tile.panel.as_ptr(), &mut sums);
-                        tile.finish_block(first, &sums, dst.at(first * w.n + p * PANEL));
+                        amx::block_int8(a, (w.k_padded, size), tile.panel.as_ptr(), &mut sums);
+                        tile.finish_block((first, size), &sums, dst.at(first * w.n + p * PANEL));
                     }
                 }
             }
-            for (r, size) in tiles(rows.start + whole..rows.end, TILE_ROWS) {
+            for (r, size) in tiles(on_tiles..rows.end, TILE_ROWS) {
                 let dst = dst.at(r * w.n + p * PANEL);
                 // SAFETY: `available` checked the CPU; rows r..r + size exist, and `dst` addresses them from
                 // the panel's first column of the m x n output, which only this call writes.
@@ -583,15 +585,15 @@ impl Tile<'_> {
         A::store(dst, lo, hi, self.cols);
     }
 
-    /// Output rows `first..first + 32` from the int8 sums of the tile unit ([`amx::block_int8`], 32 rows of
+    /// Output rows `first..first + rows` from the int8 sums of the tile unit ([`amx::block_int8`], rows of
     /// 32): the same arithmetic as [`Self::tile`]'s single group of int8, so the same outputs.
     ///
     /// # Safety
-    /// As [`Self::run`] for 32 rows; the CPU has AVX-512 F/BW/VL.
+    /// As [`Self::run`] for `rows` rows; the CPU has AVX-512 F/BW/VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn finish_block<A: Activation>(
         &self,
-        first: usize,
+        (first, rows): (usize, usize),
         sums: &[i32; amx::BLOCK_ROWS * PANEL],
         dst: *mut A,
     ) {
@@ -600,7 +602,7 @@ impl Tile<'_> {
             _mm512_loadu_ps(self.scales.as_ptr()),
             _mm512_loadu_ps(self.scales.as_ptr().add(16)),
         ];
-        for r in 0..amx::BLOCK_ROWS {
+        for r in 0..rows {
             let totals = [0, 1].map(|h| {
                 let sums = _mm512_loadu_si512(sums.as_ptr().add(r * PANEL + 16 * h).cast());
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale[h], _mm512_setzero_ps())
@@ -706,6 +708,32 @@ mod tests {
                     assert!(
                         (g.to_f64() - e).abs() <= tol,
                         "{bits:?} {m}x{k}x{n} bf16 at {idx}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A row's outputs do not depend on the rows beside it: one row at a time (the vector kernel) and all of
+    /// them at once (on CPUs with AMX-INT8, int8 on the tile unit in whole and partial register blocks) give
+    /// the same bits, so a batch answers as its requests alone.
+    #[test]
+    fn rows_alone_and_together_are_the_same() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-VNNI");
+            return;
+        }
+        for bits in [Bits::Int8, Bits::Int4] {
+            for (m, k, n) in [(24, 128, 40), (40, 64, 96), (50, 192, 33), (97, 256, 70)] {
+                let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
+                let packed = Packed::new(&w, n, k, bits);
+                let together = linear(&x, m, &packed, &bias, Epilogue::None);
+                for (r, row) in x.chunks(k).enumerate() {
+                    let alone = linear(row, 1, &packed, &bias, Epilogue::None);
+                    let same = together[r * n..][..n].iter().zip(&alone);
+                    assert!(
+                        same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{bits:?} {m}x{k}x{n} row {r}"
                     );
                 }
             }
