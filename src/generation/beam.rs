@@ -9,9 +9,10 @@
 //! (EOS or max_length) compete, length-penalized, for the finished slots.
 
 use rand::Rng;
+use rayon::prelude::*;
 
 use super::config::{EarlyStopping, GenerationConfig, Plan};
-use super::processors::{log_softmax, softmax, top_k, LogitsProcessors};
+use super::processors::{log_softmax, softmax, top_k, top_k_of, LogitsProcessors};
 use super::{logits_step, sample::sample, DecoderSession, GenerateOutput};
 use crate::interrupt::Interrupt;
 use crate::Result;
@@ -92,29 +93,40 @@ pub(crate) fn run(
     let mut cur_len = prompt;
 
     loop {
+        // Its self time is the search's own work in the step: all but the decoder's.
+        let _span = crate::profile::span("search");
         let last: Vec<u32> = items
             .iter()
             .flat_map(|it| it.running.iter().map(|h| h.ids[h.ids.len() - 1]))
             .collect();
         let mut log_probs = logits_step(session, interrupt, &last)?;
         let vocab = log_probs[0].len();
-        for (row, lp) in log_probs.iter_mut().enumerate() {
-            log_softmax(lp);
-            processors.apply(&items[row / nb].running[row % nb].ids, lp)?;
-        }
+        // Rows and items are independent until the cache is reordered: the passes over the vocabulary run on
+        // all threads (sampling draws from one generator, in order).
+        log_probs
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(row, lp)| {
+                log_softmax(lp);
+                processors.apply(&items[row / nb].running[row % nb].ids, lp)
+            })?;
+        // c. top-K continuations over all beams of each item, scored by accumulated log-probability.
+        let rows = |b: usize| &log_probs[b * nb..][..nb];
+        let picks: Vec<Vec<(f32, usize)>> = if plan.do_sample {
+            let draw = |(b, item): (usize, &Item)| {
+                let acc: Vec<f32> = accumulated(rows(b), &item.running_scores).collect();
+                sample_without_replacement(&acc, beams_to_keep, rng)
+            };
+            items.iter().enumerate().map(draw).collect()
+        } else {
+            let best = |(b, item): (usize, &Item)| {
+                top_k_of(accumulated(rows(b), &item.running_scores), beams_to_keep)
+            };
+            items.par_iter().enumerate().map(best).collect()
+        };
 
         let mut all_hit = true;
-        for (b, item) in items.iter_mut().enumerate() {
-            // c. top-K continuations over all beams of this item, scored by accumulated log-probability.
-            let mut acc = Vec::with_capacity(nb * vocab);
-            for (j, &running_score) in item.running_scores.iter().enumerate() {
-                acc.extend(log_probs[b * nb + j].iter().map(|&x| x + running_score));
-            }
-            let picks = if plan.do_sample {
-                sample_without_replacement(&acc, beams_to_keep, rng)
-            } else {
-                top_k(&acc, beams_to_keep)
-            };
+        for ((b, item), picks) in items.iter_mut().enumerate().zip(picks) {
             let candidates: Vec<(f32, Hypothesis, bool)> = picks
                 .into_iter()
                 .map(|(score, idx)| {
@@ -251,6 +263,18 @@ fn output(items: Vec<Item>, plan: &Plan, scores: Option<Vec<Vec<Vec<f32>>>>) -> 
         out.token_scores.push(token_scores);
     }
     out
+}
+
+/// An item's continuations in the order of its rows and tokens: each token's log-probability plus the
+/// running score of the beam it extends.
+fn accumulated<'a>(
+    log_probs: &'a [Vec<f32>],
+    running_scores: &'a [f32],
+) -> impl Iterator<Item = f32> + 'a {
+    log_probs
+        .iter()
+        .zip(running_scores)
+        .flat_map(|(row, &running_score)| row.iter().map(move |&x| x + running_score))
 }
 
 /// `torch.multinomial(softmax(scores), k)` without replacement, returning (score, index) in draw order.

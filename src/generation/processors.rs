@@ -278,6 +278,9 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
 /// The `k` largest values with their indices, largest first; equal values keep index order. (torch's CPU
 /// topk orders exact ties by libstdc++'s heap order instead; with real scores exact ties are very rare.)
 pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<(f32, usize)> {
+    if k <= SCAN_MAX_K {
+        return top_k_of(values.iter().copied(), k);
+    }
     let mut idx: Vec<usize> = (0..values.len()).collect();
     let desc = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
     if k < idx.len() {
@@ -286,6 +289,31 @@ pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<(f32, usize)> {
     }
     idx.sort_by(desc);
     idx.into_iter().map(|i| (values[i], i)).collect()
+}
+
+/// Up to this many, [`top_k_of`] finds the largest values in one pass (a value enters the kept list only when
+/// it beats the last kept one, which is rare after the first few); beyond it the insertions would cost more
+/// than [`top_k`]'s selection.
+const SCAN_MAX_K: usize = 64;
+
+/// [`top_k`] of a stream of values (the same values, indices and order), in one pass keeping the best `k`
+/// seen so far: beam search's few candidates out of every beam's whole vocabulary, without gathering them.
+pub(crate) fn top_k_of(values: impl Iterator<Item = f32>, k: usize) -> Vec<(f32, usize)> {
+    use std::cmp::Ordering;
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
+    }
+    for (i, v) in values.enumerate() {
+        // A value equal to the last kept one comes later, so it ranks below it.
+        if best.len() == k && v.total_cmp(&best[k - 1].0) != Ordering::Greater {
+            continue;
+        }
+        let at = best.partition_point(|(kept, _)| kept.total_cmp(&v) != Ordering::Less);
+        best.insert(at, (v, i));
+        best.truncate(k);
+    }
+    best
 }
 
 #[cfg(test)]
@@ -297,6 +325,44 @@ mod tests {
         let v = [1.0, 3.0, 3.0, 2.0, f32::NEG_INFINITY];
         assert_eq!(top_k(&v, 3), vec![(3.0, 1), (3.0, 2), (2.0, 3)]);
         assert_eq!(top_k(&v, 9).len(), 5);
+    }
+
+    /// The one-pass scan and the selection give the same values, indices and order, ties and non-finite
+    /// values included, for every k from none to more than there are values.
+    #[test]
+    fn scan_and_selection_agree() {
+        let mut state = 7u32;
+        let values: Vec<f32> = (0..500)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                match i % 50 {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::INFINITY,
+                    2 => f32::NAN,
+                    // Few distinct values, so that ties are common.
+                    _ => (state >> 28) as f32 - 8.0,
+                }
+            })
+            .collect();
+        let selected = |k: usize| {
+            let mut idx: Vec<usize> = (0..values.len()).collect();
+            idx.sort_by(|a, b| values[*b].total_cmp(&values[*a]).then(a.cmp(b)));
+            idx.truncate(k);
+            idx.into_iter()
+                .map(|i| (values[i].to_bits(), i))
+                .collect::<Vec<_>>()
+        };
+        for k in [0, 1, 2, 6, 64, 65, 499, 500, 600] {
+            let bits = |picks: Vec<(f32, usize)>| -> Vec<(u32, usize)> {
+                picks.into_iter().map(|(v, i)| (v.to_bits(), i)).collect()
+            };
+            assert_eq!(
+                bits(top_k_of(values.iter().copied(), k)),
+                selected(k),
+                "scan, k = {k}"
+            );
+            assert_eq!(bits(top_k(&values, k)), selected(k), "top_k, k = {k}");
+        }
     }
 
     #[test]

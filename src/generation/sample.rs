@@ -2,6 +2,7 @@
 //! step; rows that finished get `pad_token_id` until every row is done or `max_length` is reached.
 
 use rand::Rng;
+use rayon::prelude::*;
 
 use super::config::Plan;
 use super::processors::{argmax, log_softmax, softmax, LogitsProcessors};
@@ -24,20 +25,34 @@ pub(crate) fn run(
     let has_eos = !plan.eos.is_empty();
 
     loop {
+        // Its self time is the search's own work in the step: all but the decoder's.
+        let _span = crate::profile::span("search");
         let last: Vec<u32> = ids.iter().map(|r| r[r.len() - 1]).collect();
         let mut scores = logits_step(session, interrupt, &last)?;
+        // The rows are independent: their passes over the vocabulary run on all threads, except the draws,
+        // which take one generator in order.
+        scores
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(row, s)| processors.apply(&ids[row], s))?;
+        let tokens: Vec<usize> = if plan.do_sample {
+            scores.iter().map(|s| sample(&softmax(s), rng)).collect()
+        } else {
+            scores.par_iter().map(|s| argmax(s)).collect()
+        };
+        // The confidence kept per token is the log-probability under the processed scores, i.e.
+        // transformers' compute_transition_scores(..., normalize_logits=True).
+        let chosen: Vec<f32> = scores
+            .par_iter()
+            .zip(&tokens)
+            .map(|(s, &token)| {
+                let mut logp = s.clone();
+                log_softmax(&mut logp);
+                logp[token]
+            })
+            .collect();
         let mut next = Vec::with_capacity(rows);
-        for (row, s) in scores.iter_mut().enumerate() {
-            processors.apply(&ids[row], s)?;
-            let token = if plan.do_sample {
-                sample(&softmax(s), rng)
-            } else {
-                argmax(s)
-            };
-            // The confidence kept per token is the log-probability under the processed scores, i.e.
-            // transformers' compute_transition_scores(..., normalize_logits=True).
-            let mut logp = s.clone();
-            log_softmax(&mut logp);
+        for (row, (&token, &logp)) in tokens.iter().zip(&chosen).enumerate() {
             let finished_pad = (has_eos && !unfinished[row]).then_some(plan.pad).flatten();
             match finished_pad {
                 Some(pad) => {
@@ -46,7 +61,7 @@ pub(crate) fn run(
                 }
                 None => {
                     next.push(token as u32);
-                    token_scores[row].push(logp[token]);
+                    token_scores[row].push(logp);
                 }
             }
         }

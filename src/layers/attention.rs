@@ -13,10 +13,11 @@ use crate::kernels::cpu::window_attention as cpu_window_attention;
 /// The scale is applied after the product, as transformers' eager attention does. `mask` is additive
 /// (0 where attending is allowed, a large negative value elsewhere) and broadcast over the scores.
 ///
-/// On the CPU in f32 it is one fused kernel ([`cpu_attention::fused_attention`]). Half-precision operands are
-/// widened to f32 once and the output rounded once: candle's CPU matmul has no bf16 kernel and widens each
-/// product's operands itself, with copies; f32 scores and probabilities are no less exact than torch's bf16
-/// ones.
+/// On the CPU in f32 and bf16 it is one fused kernel ([`cpu_attention::fused_attention`], bf16 computed in f32
+/// and rounded once); f16 operands, and operands of different dtypes (f32 encoder states against bf16
+/// queries), are widened to f32 first and the output rounded once to `q`'s dtype. candle's CPU matmul
+/// has no half-precision kernel and widens each product's operands itself, with copies; f32 scores and
+/// probabilities are no less exact than torch's half-precision ones.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -25,8 +26,9 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let _span = crate::profile::span("attention core");
-    let half = matches!(q.dtype(), DType::BF16 | DType::F16);
-    if q.device().is_cpu() && half {
+    let cpu = q.device().is_cpu();
+    let mixed = k.dtype() != q.dtype() || v.dtype() != q.dtype();
+    if cpu && (q.dtype() == DType::F16 || mixed) {
         let [q32, k, v] = [q, k, v].map(|t| to_dtype(t, DType::F32));
         let mask = mask.map(|m| to_dtype(m, DType::F32)).transpose()?;
         return to_dtype(
@@ -34,7 +36,13 @@ pub fn attention(
             q.dtype(),
         );
     }
-    if let Some(out) = cpu_attention::fused_attention(q, k, v, scale, mask)? {
+    let wide_mask = match mask {
+        Some(m) if cpu && m.dtype() != DType::F32 => Some(to_dtype(m, DType::F32)?),
+        _ => None,
+    };
+    let half = matches!(q.dtype(), DType::BF16 | DType::F16);
+    if let Some(out) = cpu_attention::fused_attention(q, k, v, scale, wide_mask.as_ref().or(mask))?
+    {
         return Ok(out);
     }
     // The queries are scaled before the product, as transformers' BART scales them, so that half-precision
@@ -122,6 +130,12 @@ mod tests {
         );
     }
 
+    /// The bits of a bf16 tensor's values, to compare exactly.
+    fn bf16_bits(t: &Tensor) -> Vec<u16> {
+        let values: Vec<half::bf16> = t.flatten_all().unwrap().to_vec1().unwrap();
+        values.into_iter().map(half::bf16::to_bits).collect()
+    }
+
     /// bf16 in and out: the f32 kernel on the same values, rounded once (windows of 5 and of 144 tokens).
     #[test]
     fn bf16_kernel_is_the_f32_one_rounded() {
@@ -137,11 +151,40 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
-            let bits = |t: &Tensor| -> Vec<u16> {
-                let values: Vec<half::bf16> = t.flatten_all().unwrap().to_vec1().unwrap();
-                values.into_iter().map(half::bf16::to_bits).collect()
+            assert_eq!(
+                bf16_bits(&got),
+                bf16_bits(&want),
+                "{windows}x{tokens}, {heads} heads"
+            );
+        }
+    }
+
+    /// bf16 q, k and v: the f32 kernel on the same values, rounded once (a decode step's stacked beams
+    /// against many keys, and more queries than a task's block).
+    #[test]
+    fn bf16_fused_kernel_is_the_f32_one_rounded() {
+        let dev = Device::Cpu;
+        for (b, h, t, s, d) in [(2, 3, 3, 581, 64), (1, 2, 70, 50, 8)] {
+            let bf16 = |shape: (usize, usize, usize, usize)| {
+                Tensor::randn(0f32, 1., shape, &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
             };
-            assert_eq!(bits(&got), bits(&want), "{windows}x{tokens}, {heads} heads");
+            let (q, k, v) = (bf16((b, h, t, d)), bf16((b, h, s, d)), bf16((b, h, s, d)));
+            let mask = Tensor::randn(0f32, 1., (b, 1, 1, s), &dev).unwrap();
+            let got = cpu_attention::fused_attention(&q, &k, &v, 0.3, Some(&mask))
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let want =
+                cpu_attention::fused_attention(&wide(&q), &wide(&k), &wide(&v), 0.3, Some(&mask))
+                    .unwrap()
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+            assert_eq!(bf16_bits(&got), bf16_bits(&want), "{b}x{h}x{t}x{s}x{d}");
         }
     }
 

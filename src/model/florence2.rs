@@ -20,6 +20,7 @@ use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, FINAL_LOGITS_BIAS};
 use crate::io::Layout;
 use crate::layers::linear::{Linear, PackedTable, Quantization};
+use crate::layers::ops::to_dtype;
 use crate::limits::product;
 use crate::model::bart::{BartModel, DecoderCache};
 use crate::model::config::Florence2Config;
@@ -308,6 +309,16 @@ impl Florence2ForConditionalGeneration {
                 );
             }
         }
+        // Adding zeros leaves every logit as it is (a -0.0 becomes +0.0, the same to the softmax): an
+        // all-zero bias, BART's initial buffer, is not added at every step.
+        let zeros = |bias: &Tensor| -> candle_core::Result<bool> {
+            let values = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            Ok(values.iter().all(|&v| v == 0.0))
+        };
+        let final_logits_bias = match final_logits_bias {
+            Some(bias) if zeros(&bias)? => None,
+            bias => bias,
+        };
         Ok(Self {
             config,
             vision_tower,
@@ -624,6 +635,7 @@ pub struct DecoderState<'m> {
 impl DecoderState<'_> {
     /// Feeds `ids` `[rows, T]` and returns their logits `[rows, T, vocab]` in the model's dtype.
     pub fn step(&mut self, ids: &Tensor) -> Result<Tensor> {
+        let _span = crate::profile::span("decoder: other");
         let hidden = self.hidden_step(ids)?;
         self.model.logits(&hidden)
     }
@@ -649,7 +661,7 @@ impl DecoderSession for DecoderState<'_> {
     fn next_logits(&mut self, last_tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let rows = last_tokens.len();
         let ids = Tensor::from_slice(last_tokens, (rows, 1), &self.model.device)?;
-        let logits = self.step(&ids)?.squeeze(1)?.to_dtype(DType::F32)?;
+        let logits = to_dtype(&self.step(&ids)?.squeeze(1)?, DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 

@@ -6,13 +6,14 @@
 //! The pieces ([`Mat`], [`matmul`], [`softmax_rows`]) are shared with the vision tower's window attention
 //! ([`super::window_attention`]).
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::features::wide_fn;
 use super::math::{dot, exp, lane_max, lane_sum};
 use super::parallel::TaskPtr;
+use super::storage::Element;
 
 /// Query rows per task: 64 rows of scores over ~600 keys stay in L2.
 const QUERY_BLOCK: usize = 64;
@@ -22,9 +23,11 @@ const QUERY_BLOCK: usize = 64;
 /// product.
 const DIRECT_ROWS: usize = 4;
 
-/// `softmax(q kᵀ * scale + mask) v` for f32 CPU tensors `q` `[B, H, T, D]`, `k` and `v` `[B, H, S, D]`, and
-/// an additive `mask` broadcastable to `[B, H, T, S]`; `None` where this kernel does not apply (another
-/// device or dtype), for the tensor ops.
+/// `softmax(q kᵀ * scale + mask) v` for CPU tensors `q` `[B, H, T, D]`, `k` and `v` `[B, H, S, D]`, all f32 or
+/// all bf16, and an additive f32 `mask` broadcastable to `[B, H, T, S]`; `None` where this kernel does not
+/// apply (another device or dtype), for the tensor ops. bf16 is computed in f32, each task widening its own
+/// rows of q, k and v in a buffer that stays in cache (widening whole tensors first streams them through
+/// memory twice, at every decode step for the encoder's keys and values), and its output rounded once.
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
@@ -32,8 +35,13 @@ pub fn fused_attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v) && mask.is_none_or(f32_cpu)) {
+    let dtype = q.dtype();
+    let cpu = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
+    let operands = cpu(q, dtype) && cpu(k, dtype) && cpu(v, dtype);
+    if !(matches!(dtype, DType::F32 | DType::BF16)
+        && operands
+        && mask.is_none_or(|m| cpu(m, DType::F32)))
+    {
         return Ok(None);
     }
     let (b, h, t, d) = q.dims4()?;
@@ -57,68 +65,155 @@ pub fn fused_attention(
     let (k_store, k_layout) = k.storage_and_layout();
     let (v_store, v_layout) = v.storage_and_layout();
     let mask_parts = mask.as_ref().map(|m| m.storage_and_layout());
-    let data = |store: &Storage, start: usize| -> Result<*const f32> {
-        match store {
-            Storage::Cpu(CpuStorage::F32(data)) => Ok(data[start..].as_ptr()),
-            _ => candle_core::bail!("attention: expected f32 CPU storage"),
-        }
-    };
-    // SAFETY: q, k, v and the mask are only read, and their storage guards live past the loop.
-    let shared = |p: *const f32| unsafe { TaskPtr::read_only(p) };
-    let (qp, kp, vp) = (
-        shared(data(&q_store, q_layout.start_offset())?),
-        shared(data(&k_store, k_layout.start_offset())?),
-        shared(data(&v_store, v_layout.start_offset())?),
-    );
     let mask = match &mask_parts {
         Some((store, layout)) => {
             let stride = layout.stride();
-            Some((
-                shared(data(store, layout.start_offset())?),
-                [stride[0], stride[1], stride[2], stride[3]],
-            ))
+            Some(Mask {
+                values: &cpu_slice::<f32>(store)?[layout.start_offset()..],
+                stride: [stride[0], stride[1], stride[2], stride[3]],
+            })
         }
         None => None,
     };
+    let shape = Dims { b, h, t, s, d };
+    let operands = [
+        (&*q_store, q_layout.start_offset()),
+        (&*k_store, k_layout.start_offset()),
+        (&*v_store, v_layout.start_offset()),
+    ];
+    let dims = (b, h, t, d);
+    let out = match dtype {
+        DType::BF16 => Tensor::from_vec(
+            attend::<half::bf16>(values(operands)?, mask, shape, scale as f32),
+            dims,
+            q.device(),
+        )?,
+        _ => Tensor::from_vec(
+            attend::<f32>(values(operands)?, mask, shape, scale as f32),
+            dims,
+            q.device(),
+        )?,
+    };
+    Ok(Some(out))
+}
 
-    let mut out = vec![0f32; b * h * t * d];
+/// The values of q, k and v from their storage and start offsets.
+fn values<T: WithDType>(operands: [(&Storage, usize); 3]) -> Result<[&[T]; 3]> {
+    let [q, k, v] =
+        operands.map(|(store, start)| Ok::<_, candle_core::Error>(&cpu_slice(store)?[start..]));
+    Ok([q?, k?, v?])
+}
+
+/// The values of a CPU tensor's storage.
+fn cpu_slice<T: WithDType>(store: &Storage) -> Result<&[T]> {
+    match store {
+        Storage::Cpu(data) => data.as_slice::<T>(),
+        _ => candle_core::bail!("attention: expected CPU storage"),
+    }
+}
+
+/// The sizes of an attention: items, heads, queries, keys, head dim.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+/// An additive mask read through the strides of its `[B, H, T, S]` broadcast.
+#[derive(Clone, Copy)]
+struct Mask<'a> {
+    values: &'a [f32],
+    stride: [usize; 4],
+}
+
+/// The kernel over contiguous `[q, k, v]` of `T`: each task takes one (item, head, block of query rows).
+fn attend<T: Element>(
+    [q, k, v]: [&[T]; 3],
+    mask: Option<Mask>,
+    Dims { b, h, t, s, d }: Dims,
+    scale: f32,
+) -> Vec<T> {
+    let mut out = vec![T::default(); b * h * t * d];
     // SAFETY: `out` lives past the loop, and each task writes only its own rows of it.
     let dst = unsafe { TaskPtr::new(out.as_mut_ptr()) };
     let blocks = t.div_ceil(QUERY_BLOCK);
-    let scale = scale as f32;
     (0..b * h * blocks).into_par_iter().for_each_init(
-        || vec![0f32; QUERY_BLOCK * s],
-        |scores, task| {
+        || (vec![0f32; QUERY_BLOCK * s], Vec::new()),
+        |(scores, wide), task| {
             let (item, head, block) = (task / (h * blocks), task / blocks % h, task % blocks);
             let first = block * QUERY_BLOCK;
             let rows = QUERY_BLOCK.min(t - first);
-            let head_at = (item * h + head) * t * d;
+            let q_at = (item * h + head) * t * d + first * d;
             let kv_at = (item * h + head) * s * d;
             let scores = &mut scores[..rows * s];
-            // SAFETY: q, k and v are contiguous `[B, H, T|S, D]` and outlive the loop; the offsets stay inside
-            // this (item, head); each task writes its own rows of `out`; the mask is read within its
-            // broadcast layout.
+            let (q, k, v) = (
+                &q[q_at..][..rows * d],
+                &k[kv_at..][..s * d],
+                &v[kv_at..][..s * d],
+            );
+            // f32 operands are read in place; others are widened into `wide`: q, k, v, then the output.
+            let in_place = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
+            let (q, k, v, result) = match in_place {
+                (Some(q), Some(k), Some(v)) => (q, k, v, None),
+                _ => {
+                    wide.resize(2 * (rows + s) * d, 0.0);
+                    let (operands, result) = wide.split_at_mut((rows + 2 * s) * d);
+                    let (wq, kv) = operands.split_at_mut(rows * d);
+                    let (wk, wv) = kv.split_at_mut(s * d);
+                    for (from, to) in [(q, &mut *wq), (k, &mut *wk), (v, &mut *wv)] {
+                        widen(from, to);
+                    }
+                    (&*wq, &*wk, &*wv, Some(&mut result[..rows * d]))
+                }
+            };
+            // SAFETY: q, k and v hold this task's rows; the mask is read within its broadcast layout; the
+            // output (this task's rows of `out`, or `result`) is written by this task only.
             unsafe {
-                let q = Mat::rows(qp.at(head_at + first * d), d);
-                let k = Mat::rows(kp.at(kv_at), d);
-                matmul((rows, s, d), q, k.t(), scores.as_mut_ptr(), s, scale);
-                if let Some((mask, stride)) = mask {
+                let k = Mat::rows(k.as_ptr(), d);
+                matmul(
+                    (rows, s, d),
+                    Mat::rows(q.as_ptr(), d),
+                    k.t(),
+                    scores.as_mut_ptr(),
+                    s,
+                    scale,
+                );
+                if let Some(Mask { values, stride }) = mask {
                     for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                         let at = item * stride[0] + head * stride[1] + (first + i) * stride[2];
                         for (j, v) in row.iter_mut().enumerate() {
-                            *v += *mask.at(at + j * stride[3]);
+                            *v += values[at + j * stride[3]];
                         }
                     }
                 }
                 softmax_rows(scores, s);
-                let v = Mat::rows(vp.at(kv_at), d);
+                let v = Mat::rows(v.as_ptr(), d);
                 let probs = Mat::rows(scores.as_ptr(), s);
-                matmul((rows, d, s), probs, v, dst.at(head_at + first * d), d, 1.0);
+                let out_at = (item * h + head) * t * d + first * d;
+                match result {
+                    None => matmul((rows, d, s), probs, v, dst.at(out_at).cast::<f32>(), d, 1.0),
+                    Some(result) => {
+                        matmul((rows, d, s), probs, v, result.as_mut_ptr(), d, 1.0);
+                        let out = std::slice::from_raw_parts_mut(dst.at(out_at), rows * d);
+                        for (o, &r) in out.iter_mut().zip(result.iter()) {
+                            *o = T::from_f32(r);
+                        }
+                    }
+                }
             }
         },
     );
-    drop((q_store, k_store, v_store, mask_parts));
-    Ok(Some(Tensor::from_vec(out, (b, h, t, d), q.device())?))
+    out
+}
+
+/// `to[i] = from[i]` as f32.
+fn widen<T: Element>(from: &[T], to: &mut [f32]) {
+    for (w, &x) in to.iter_mut().zip(from) {
+        *w = x.to_f32();
+    }
 }
 
 /// A matrix in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
