@@ -32,8 +32,14 @@ def torch_module():
     return torch
 
 
+def imported_torch():
+    """torch where the program has imported it (it works with torch), else None: reading an attribute never
+    imports torch (about half a gigabyte) for a program that does not use it."""
+    return sys.modules.get("torch")
+
+
 def is_torch_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")
+    torch = imported_torch()
     return torch is not None and isinstance(x, torch.Tensor)
 
 

@@ -1,6 +1,6 @@
 """The `florence2` command: Florence-2 tasks on images, one JSON line per image and task on stdout.
 
-    florence2 [--model ID_OR_DIR] [--task TASK] [--text TEXT] [--dtype DTYPE] [--threads N]
+    florence2 [--model ID_OR_DIR] [--task TASK] [--text TEXT] [--dtype DTYPE] [--quantize int8|int4] [--threads N]
               [--batch-size N] [--draw DIR] [--output FILE.jsonl [--resume]] IMAGES_OR_FOLDERS_OR_GLOBS...
 
 Exit status: 0 when every image was labeled, 1 when any image failed (its JSON line says why; the others are
@@ -25,6 +25,7 @@ from typing import IO, Any, Iterator, Sequence, TextIO
 from .draw import draw
 from .labeling import (DEFAULT_MODEL, TASKS_WITHOUT_INPUT, Labeler, labeled_pairs, read_json_lines, task_token,
                        try_load_image)
+from .quantization import QUANTIZE_MODES
 
 try:
     import fcntl
@@ -72,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # only its missing lines are written.
     files = [path for path in files if not all((_key(path), task) in out.done for task in tasks)]
     try:
-        labeler = Labeler(args.model, tasks, args.text, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                          num_beams=args.num_beams)
+        labeler = Labeler(args.model, tasks, args.text, dtype=args.dtype, quantize=args.quantize,
+                          max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     except Exception as err:  # noqa: BLE001 - any failure to load is exit status 2 with its reason
         print(f"florence2: {err}", file=sys.stderr)
         return 2
@@ -142,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "<loc_x1><loc_y1><loc_x2><loc_y2>)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="compute dtype; auto is the checkpoint's (default: %(default)s)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES,
+                        help="quantize the linear layers' weights at load (as load_in_8bit / load_in_4bit)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads, at most the CPUs this process can run "
                                                               "on (default: all of them)")
     parser.add_argument("--batch-size", type=positive_int, default=1,

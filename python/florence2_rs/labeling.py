@@ -19,6 +19,7 @@ from . import _native
 from ._native import LOCATION_BINS
 from .modeling import Florence2ForConditionalGeneration
 from .processing import AutoProcessor, load_image
+from .quantization import config_for_mode
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
@@ -141,12 +142,15 @@ class Labeler:
         tasks: task tokens (see `task_token`).
         text: the input of tasks that need one (a phrase, or `<loc_x1><loc_y1><loc_x2><loc_y2>`).
         dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+        quantize: None, "int8" or "int4": the linear layers' weights quantized at load, as
+            `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))` (or 4 bits) does.
         **generate_kwargs: generation settings (max_new_tokens, num_beams, ...); the defaults are those of
             Microsoft's Florence-2 examples.
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, tasks: Sequence[str] = ("<OD>",),
-                 text: str | None = None, dtype: str = "auto", **generate_kwargs: Any) -> None:
+                 text: str | None = None, dtype: str = "auto", quantize: str | None = None,
+                 **generate_kwargs: Any) -> None:
         self.tasks = [task_token(t) for t in tasks]
         for task in self.tasks:
             if task in TASKS_WITH_INPUT and not text:
@@ -154,7 +158,8 @@ class Labeler:
             if task in TASKS_WITHOUT_INPUT and text:
                 raise ValueError(f"{task} takes no input, but text was given")
         self.processor = AutoProcessor.from_pretrained(model)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(
+            model, dtype=dtype, quantization_config=config_for_mode(quantize))
         self.generate_kwargs = {"max_new_tokens": 1024, "num_beams": 3, "do_sample": False, **generate_kwargs}
         # The prompt ids of a task are the same for every image: build them once. The processor's public
         # __call__ would also resize the images again for each task; encode_prompts builds only the ids

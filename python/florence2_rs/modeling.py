@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, is_torch_tensor, torch_module, wrap
+from ._tensors import any_torch, as_numpy, device_name, dtype_name, is_dtype_like, imported_torch, is_torch_tensor, wrap
 from .adapters import LoadedWeights, PeftAdapterMixin, adapter_base, resolve_adapter
 from .configuration import Florence2Config, GenerationConfig
 from .hub import WEIGHTS, WEIGHTS_INDEX, resolve_checkpoint
@@ -141,15 +141,15 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
     # -- torch-like surface -------------------------------------------------------------------------------
     @property
     def device(self):
-        """torch.device when torch is installed, else the device name."""
-        torch = torch_module()
+        """torch.device where the program has imported torch, else the device name."""
+        torch = imported_torch()
         device = self._state.device
         return torch.device(device) if torch is not None else device
 
     @property
     def dtype(self):
-        """torch dtype when torch is installed, else the dtype name."""
-        torch = torch_module()
+        """torch dtype where the program has imported torch, else the dtype name."""
+        torch = imported_torch()
         dtype = self._state.native.dtype
         return getattr(torch, dtype) if torch is not None else dtype
 

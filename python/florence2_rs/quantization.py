@@ -7,7 +7,10 @@ from typing import Any, Optional
 
 from ._tensors import dtype_name
 
-__all__ = ["BitsAndBytesConfig", "quantize_mode"]
+__all__ = ["BitsAndBytesConfig", "QUANTIZE_MODES", "config_for_mode", "quantize_mode"]
+
+# The modes `quantize_mode` returns, which the applications' --quantize options take.
+QUANTIZE_MODES = ("int8", "int4")
 
 
 class BitsAndBytesConfig:
@@ -132,6 +135,16 @@ class BitsAndBytesConfig:
 
     def __repr__(self) -> str:
         return f"BitsAndBytesConfig({self.to_dict()})"
+
+
+def config_for_mode(mode: Optional[str]) -> Optional[BitsAndBytesConfig]:
+    """The `quantization_config` of a mode `quantize_mode` returns ("int8", "int4", or None for none): the
+    applications' `--quantize` option, given to `from_pretrained`."""
+    if mode is None:
+        return None
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={mode!r} is not supported: use one of {', '.join(QUANTIZE_MODES)}")
+    return BitsAndBytesConfig(load_in_8bit=mode == "int8", load_in_4bit=mode == "int4")
 
 
 def quantize_mode(config: Any) -> Optional[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -70,6 +72,43 @@ def test_native_stub_declares_what_the_module_has():
         methods = {n.name for n in declared[class_name].body if isinstance(n, ast.FunctionDef)}
         native = {name for name in dir(getattr(_native, class_name)) if not name.startswith("_")}
         assert native == methods, class_name
+
+
+def _stub_parameters(fn: ast.FunctionDef) -> tuple[list[str], list[str], set[str]]:
+    """(positional parameters, keyword-only ones, those with a default) of a stub's def, `self` left out."""
+    args = fn.args
+    positional = [a.arg for a in args.posonlyargs + args.args]
+    positional = positional[1:] if positional[:1] == ["self"] else positional
+    with_default = set(positional[len(positional) - len(args.defaults):]) if args.defaults else set()
+    with_default |= {a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    return positional, [a.arg for a in args.kwonlyargs], with_default
+
+
+def _native_parameters(obj) -> tuple[list[str], list[str], set[str]]:
+    """The same of a native function or method, from the signature PyO3 gives it."""
+    params = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
+    positional_kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return ([p.name for p in params if p.kind in positional_kinds],
+            [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY],
+            {p.name for p in params if p.default is not inspect.Parameter.empty})
+
+
+def test_native_stub_signatures_are_the_modules():
+    """Every function and method the stub declares takes the parameters the native one takes: the same names
+    in the same order, keyword-only where they are, with a default where they have one."""
+    stub = ast.parse((Path(florence2_rs.__file__).parent / "_native.pyi").read_text())
+    checked = 0
+    for node in stub.body:
+        owner, defs = (_native, [node]) if isinstance(node, ast.FunctionDef) else (None, [])
+        if isinstance(node, ast.ClassDef):
+            owner, defs = getattr(_native, node.name), [n for n in node.body if isinstance(n, ast.FunctionDef)]
+        for fn in defs:
+            native = getattr(owner, fn.name)
+            if isinstance(native, property) or not callable(native):
+                continue  # properties have no parameters
+            assert _stub_parameters(fn) == _native_parameters(native), f"{getattr(owner, '__name__', '')}.{fn.name}"
+            checked += 1
+    assert checked >= 20
 
 
 def test_package_ships_py_typed_and_stubs():
@@ -181,3 +220,18 @@ def test_model_surface(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert model.to("cpu") is model
+
+
+def test_dtype_and_device_are_names_until_the_program_imports_torch(end_to_end_checkpoint):
+    """A program that does not use torch reads `model.dtype` / `model.device` without importing it (about half a
+    gigabyte); once it has imported torch it gets torch's dtype and device, as with transformers."""
+    code = ("import sys\n"
+            "from florence2_rs import Florence2ForConditionalGeneration\n"
+            "model = Florence2ForConditionalGeneration.from_pretrained(sys.argv[1])\n"
+            "print(repr(model.dtype), repr(str(model.device)), 'torch' in sys.modules)\n"
+            "import torch\n"
+            "print(model.dtype is torch.float32, model.device == torch.device('cpu'))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(end_to_end_checkpoint / "hf")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["'float32' 'cpu' False", "True True"]

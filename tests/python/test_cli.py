@@ -332,3 +332,27 @@ def test_a_killed_run_resumes_without_losing_or_redoing_an_image(end_to_end_chec
     final = _records(output)  # every line parses: the partial one is gone
     results = [(Path(r["file"]).name, r["task"]) for r in final if "error" not in r]
     assert sorted(results) == sorted(expected), "an image lost or labeled twice"
+
+
+def test_quantize_answers_as_the_python_api_quantized(end_to_end_checkpoint, images):
+    """`--quantize int8` loads the model `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` loads: the
+    same answer as the library's quantized model, and the Labeler's model is the quantized one."""
+    from florence2_rs import BitsAndBytesConfig, Florence2ForConditionalGeneration
+
+    folder = end_to_end_checkpoint / "hf"
+    result = run("--model", folder, "--task", "OD", "--quantize", "int8", *FAST, images / "astronaut.jpg")
+    assert result.returncode == 0, result.stderr
+    got = lines(result)[0]["result"]
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Florence2ForConditionalGeneration.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    image = Image.open(images / "astronaut.jpg")
+    inputs = processor(text="<OD>", images=image, return_tensors="np")
+    ids = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=6,
+                         num_beams=1)
+    text = processor.batch_decode(ids, skip_special_tokens=False)[0]
+    want = processor.post_process_generation(text, task="<OD>", image_size=image.size)["<OD>"]
+    assert {key: got[key] for key in want} == want
+    assert Labeler(folder, ["<OD>"], quantize="int8").model._state.quantize == "int8"
+    refused = run("--model", folder, "--quantize", "int3", images / "astronaut.jpg")
+    assert refused.returncode == 2 and "--quantize" in refused.stderr

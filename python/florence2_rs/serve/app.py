@@ -69,15 +69,12 @@ def load_engine(options: ServerOptions, metrics: ServeMetrics) -> Engine:
     """Loads the model and processor once and starts the engine."""
     from ..modeling import Florence2ForConditionalGeneration
     from ..processing import AutoProcessor
-    from ..quantization import BitsAndBytesConfig
+    from ..quantization import config_for_mode
 
-    quantization = None
-    if options.quantize:
-        quantization = BitsAndBytesConfig(**{f"load_in_{options.quantize[-1]}bit": True})
     processor = AutoProcessor.from_pretrained(options.model)
     model = Florence2ForConditionalGeneration.from_pretrained(options.model, dtype=options.dtype,
                                                               device=options.device,
-                                                              quantization_config=quantization)
+                                                              quantization_config=config_for_mode(options.quantize))
     return Engine(model, processor, options.engine, metrics)
 
 

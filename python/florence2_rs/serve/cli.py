@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import uvicorn
 
 from ..cli import positive_int, usable_threads
+from ..quantization import QUANTIZE_MODES
 from .app import ServerOptions, ServerState, create_app
 from .engine import DEFAULT_GENERATION, EngineOptions
 from .images import ImageLimits
@@ -51,7 +52,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model name /v1/models lists (default: --model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype; auto is the checkpoint's (default: %(default)s)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the linear layers' weights")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize the linear layers' weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, help="CPU threads of the model (default: all cores)")
     defaults = p.add_argument_group("generation defaults (a request's own settings override them)")
