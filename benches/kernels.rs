@@ -141,8 +141,17 @@ fn bf16_gemm(c: &mut Criterion) {
         let b = Tensor::randn(0f32, 1., n, &dev).expect("b");
         let [x, w, b] = [x, w, b].map(|t| t.to_dtype(DType::BF16).expect("bf16"));
         let (xs, ws, bs) = (to_vec(&x), to_vec(&w), to_vec(&b));
+        let packed = florence2_rs::kernels::cpu::bf16_gemm::Packed::new(&ws, n, k);
         group.bench_function(format!("AVX512-BF16 {m}x{k}x{n}"), |bench| {
-            bench.iter(|| florence2_rs::kernels::cpu::bf16_gemm::linear(&xs, m, k, &ws, n, &bs))
+            bench.iter(|| {
+                florence2_rs::kernels::cpu::bf16_gemm::linear_packed(
+                    &xs,
+                    m,
+                    &packed,
+                    &bs,
+                    Epilogue::None,
+                )
+            })
         });
         let candle = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         group.bench_function(format!("candle {m}x{k}x{n}"), |bench| {

@@ -279,7 +279,7 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
 /// topk orders exact ties by libstdc++'s heap order instead; with real scores exact ties are very rare.)
 pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<(f32, usize)> {
     if k <= SCAN_MAX_K {
-        return top_k_of(values.iter().copied(), k);
+        return scan(values.iter().copied(), k);
     }
     let mut idx: Vec<usize> = (0..values.len()).collect();
     let desc = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
@@ -291,14 +291,23 @@ pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<(f32, usize)> {
     idx.into_iter().map(|i| (values[i], i)).collect()
 }
 
-/// Up to this many, [`top_k_of`] finds the largest values in one pass (a value enters the kept list only when
-/// it beats the last kept one, which is rare after the first few); beyond it the insertions would cost more
-/// than [`top_k`]'s selection.
+/// [`top_k`] of a stream of values (the same values, indices and order): beam search's few candidates out of
+/// every beam's whole vocabulary, in one pass without gathering them where `k` is small enough.
+pub(crate) fn top_k_of(values: impl Iterator<Item = f32>, k: usize) -> Vec<(f32, usize)> {
+    if k <= SCAN_MAX_K {
+        scan(values, k)
+    } else {
+        top_k(&values.collect::<Vec<f32>>(), k)
+    }
+}
+
+/// Up to this many, [`scan`] finds the largest values in one pass (a value enters the kept list only when it
+/// beats the last kept one, which is rare after the first few); beyond it the insertions would cost more than
+/// [`top_k`]'s selection.
 const SCAN_MAX_K: usize = 64;
 
-/// [`top_k`] of a stream of values (the same values, indices and order), in one pass keeping the best `k`
-/// seen so far: beam search's few candidates out of every beam's whole vocabulary, without gathering them.
-pub(crate) fn top_k_of(values: impl Iterator<Item = f32>, k: usize) -> Vec<(f32, usize)> {
+/// [`top_k`] in one pass, keeping the best `k` seen so far.
+fn scan(values: impl Iterator<Item = f32>, k: usize) -> Vec<(f32, usize)> {
     use std::cmp::Ordering;
     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     if k == 0 {
@@ -327,8 +336,8 @@ mod tests {
         assert_eq!(top_k(&v, 9).len(), 5);
     }
 
-    /// The one-pass scan and the selection give the same values, indices and order, ties and non-finite
-    /// values included, for every k from none to more than there are values.
+    /// The one-pass scan, the selection and the stream form give the same values, indices and order, ties and
+    /// non-finite values included, for every k from none to more than there are values.
     #[test]
     fn scan_and_selection_agree() {
         let mut state = 7u32;

@@ -359,4 +359,29 @@ mod tests {
             assert_eq!(bits(&fused), bits(&after), "{dtype:?} {quantize:?}");
         }
     }
+
+    /// A dense packed table reads back each row of the weights, bits and all, in f32 and bf16 (where their
+    /// kernels run): an odd `k` (bf16 pairs) and a partial last panel, as a tied embedding's lookups need.
+    #[test]
+    fn packed_rows_read_back_the_weights() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            for (n, k) in [(33, 7), (70, 64)] {
+                let weight = Tensor::randn(0f32, 1., (n, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let Some(table) = pack_dense(&weight).unwrap() else {
+                    eprintln!("skipped: no {dtype:?} kernel on this CPU");
+                    continue;
+                };
+                let want: Vec<Vec<f32>> = weight.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+                let mut row = vec![0f32; k];
+                for (c, want) in want.iter().enumerate() {
+                    table.row(c, &mut row);
+                    assert_eq!(&row, want, "{dtype:?} {n}x{k} row {c}");
+                }
+            }
+        }
+    }
 }

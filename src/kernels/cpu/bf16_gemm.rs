@@ -6,26 +6,20 @@
 //! products of an f32 FMA of the same width. The sums start from the bias, accumulate in f32 and are rounded
 //! to bf16 once (to nearest even), as torch's oneDNN path does.
 //!
-//! Two kernels, chosen by the number of rows of `x`:
-//! - Many rows (vision tower, encoder): `w` is repacked ([`Packed`]) into panels of 32 output columns with
-//!   the pairs of `k` interleaved, so that one 64-byte load gives a `vdpbf16ps` operand for 16 columns. A
-//!   task takes a block of rows and a range of panels, and each tile of up to [`TILE_ROWS`] rows x 32
-//!   columns is summed over the whole of `k` in registers, each pair of a row of `x` broadcast to 16 lanes.
-//!   A model's layers pack their weights once, at load ([`linear_packed`]; a few rows then take the same
-//!   kernel, which reads each panel once); [`linear`] packs for the call.
-//! - A few rows through [`linear`] (the LM head, which is the token embedding and stays row-major): each
-//!   weight row is read once, where it lies, against all rows of `x`, as [`super::few_rows`] does in f32.
+//! `w` is packed once, at load ([`Packed`]), into panels of 32 output columns with the pairs of `k`
+//! interleaved, so that one 64-byte load gives a `vdpbf16ps` operand for 16 columns. A task takes a block of
+//! rows and a range of panels, and each tile of up to [`TILE_ROWS`] rows x 32 columns is summed over the
+//! whole of `k` in registers, each pair of a row of `x` broadcast to 16 lanes; a decode step's few rows read
+//! each panel once.
 //!
-//! On Intel CPUs with AMX, the many-row kernel hands whole blocks of 32 rows to the tile unit
-//! ([`super::amx`]), which reads the same packed panels.
+//! On Intel CPUs with AMX, products of [`TILE_UNIT_MIN_ROWS`] rows or more go to the tile unit
+//! ([`super::amx`]) instead, which reads the same packed panels.
 //!
 //! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
 //! [`available`] is false elsewhere and the caller keeps candle's matmul.
 
 use half::bf16;
 
-#[cfg(target_arch = "x86_64")]
-use super::few_rows::{row_tiles, MAX_ROWS as FEW_ROWS, WEIGHT_ROWS_PER_TASK};
 use super::panels::Epilogue;
 use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
@@ -51,33 +45,8 @@ pub fn available() -> bool {
     super::features::has_avx512_bf16()
 }
 
-/// `x[m, k] @ w[n, k]ᵀ + bias[n]`, row-major `[m, n]`; `m`, `n` and `k` are at least 1.
-///
-/// # Panics
-/// If [`available`] is false, or the slices do not hold the shapes given.
-pub fn linear(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[bf16]) -> Vec<bf16> {
-    assert!(available(), "bf16_gemm::linear needs AVX512-BF16");
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!(x.len() == m * k && w.len() == n * k && bias.len() == n);
-    let mut out = Vec::with_capacity(m * n);
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `out` has room for m x n values and lives past the kernels, whose tasks write disjoint
-        // outputs.
-        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
-        if m <= FEW_ROWS {
-            few_rows(x, m, k, w, n, bias, dst);
-        } else {
-            panels(x, m, &Packed::new(w, n, k), bias, (dst, Epilogue::None));
-        }
-    }
-    // SAFETY: both kernels write each of the m x n outputs (every row, every column).
-    unsafe { out.set_len(m * n) };
-    out
-}
-
-/// `epilogue` of [`linear`] with weights packed beforehand (a model's layers pack theirs once, at load):
-/// `x[m, k]`, `bias[n]`, any `m` from 1.
+/// `epilogue(x[m, k] @ wᵀ + bias[n])` with weights packed beforehand (a model's layers pack theirs once, at
+/// load), row-major `[m, n]`; any `m` from 1.
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
@@ -255,130 +224,6 @@ impl PanelTile<'_, u32> {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn few_rows(
-    x: &[bf16],
-    m: usize,
-    k: usize,
-    w: &[bf16],
-    n: usize,
-    bias: &[bf16],
-    out: TaskPtr<bf16>,
-) {
-    use rayon::prelude::*;
-    w.par_chunks(WEIGHT_ROWS_PER_TASK * k)
-        .enumerate()
-        .for_each(|(task, w)| {
-            let first = task * WEIGHT_ROWS_PER_TASK;
-            let dots = Dots {
-                x,
-                m,
-                k,
-                w,
-                bias: &bias[first..first + w.len() / k],
-                // SAFETY: a sub-range of `out`, under its contract.
-                out: unsafe { TaskPtr::new(out.at(first)) },
-                n,
-            };
-            // SAFETY: `available` checked the CPU; `out` addresses columns first.. of the m x n output.
-            unsafe { dots.all() };
-        });
-}
-
-/// The rows of `x` against a run of weight rows, each output a horizontal sum of `vdpbf16ps` lanes.
-#[cfg(target_arch = "x86_64")]
-struct Dots<'a> {
-    x: &'a [bf16],
-    m: usize,
-    k: usize,
-    w: &'a [bf16],
-    bias: &'a [bf16],
-    /// Column 0 of this run's outputs, in row 0.
-    out: TaskPtr<bf16>,
-    n: usize,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Dots<'_> {
-    /// `x` in the tiles of [`super::few_rows::row_tiles`].
-    ///
-    /// # Safety
-    /// The CPU has AVX512-BF16; `out` addresses, in each of the `m` output rows (`n` values apart), the
-    /// columns of this run's weight rows, and no other thread writes them during the call.
-    unsafe fn all(&self) {
-        for (first, size) in row_tiles(self.m) {
-            match size {
-                1 => self.weight_rows::<1, 8>(first),
-                2 => self.weight_rows::<2, 6>(first),
-                3 => self.weight_rows::<3, 5>(first),
-                _ => self.weight_rows::<4, 4>(first),
-            }
-        }
-    }
-
-    /// Rows `first..first + MR` of `x` against all the weight rows, `NR` at a time.
-    ///
-    /// # Safety
-    /// As [`Self::all`], with `first + MR <= m`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn weight_rows<const MR: usize, const NR: usize>(&self, first: usize) {
-        let rows = self.w.len() / self.k;
-        let mut r = 0;
-        while r + NR <= rows {
-            self.block::<MR, NR>(first, r);
-            r += NR;
-        }
-        while r < rows {
-            self.block::<MR, 1>(first, r);
-            r += 1;
-        }
-    }
-
-    /// Weight rows `r0..r0 + NR` against rows `first..first + MR` of `x`.
-    ///
-    /// # Safety
-    /// As [`Self::weight_rows`], with `r0 + NR` at most this run's weight rows; called only from a function
-    /// compiled with AVX512-BF16.
-    #[inline(always)]
-    unsafe fn block<const MR: usize, const NR: usize>(&self, first: usize, r0: usize) {
-        use std::arch::x86_64::{
-            __m512bh, __mmask32, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps,
-            _mm512_setzero_ps,
-        };
-        let k = self.k;
-        let xs: [*const bf16; MR] = std::array::from_fn(|i| self.x.as_ptr().add((first + i) * k));
-        let ws: [*const bf16; NR] = std::array::from_fn(|r| self.w.as_ptr().add((r0 + r) * k));
-        let mut acc = [[_mm512_setzero_ps(); MR]; NR];
-        let mut at = 0;
-        while at < k {
-            // 32 values at a time; the last step loads the remainder and zeros past it.
-            let mask: __mmask32 = if k - at >= 32 {
-                !0
-            } else {
-                (1u32 << (k - at)) - 1
-            };
-            let xv: [__m512bh; MR] = std::array::from_fn(|i| {
-                std::mem::transmute(_mm512_maskz_loadu_epi16(mask, xs[i].add(at).cast()))
-            });
-            for r in 0..NR {
-                let wv: __m512bh =
-                    std::mem::transmute(_mm512_maskz_loadu_epi16(mask, ws[r].add(at).cast()));
-                for i in 0..MR {
-                    acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xv[i], wv);
-                }
-            }
-            at += 32;
-        }
-        for (r, sums) in acc.iter().enumerate() {
-            let bias = self.bias[r0 + r].to_f32();
-            for (i, &sum) in sums.iter().enumerate() {
-                let sum = _mm512_reduce_add_ps(sum) + bias;
-                *self.out.at((first + i) * self.n + r0 + r) = bf16::from_f32(sum);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,14 +275,8 @@ mod tests {
         {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
-            let per_call = linear(&x, m, k, &w, n, &bias);
             let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
-            for (idx, (g, e)) in per_call
-                .iter()
-                .chain(&packed)
-                .zip(want.iter().cycle())
-                .enumerate()
-            {
+            for (idx, (g, e)) in packed.iter().zip(&want).enumerate() {
                 // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
                 // accumulation error on top.
                 let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();

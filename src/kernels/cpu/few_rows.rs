@@ -1,11 +1,11 @@
-//! `x @ wᵀ` for an `x` of a few rows, with `w` as stored: the LM head during generation (and, on CPUs whose
-//! linear layers are not packed at load, the decoder's linear layers), where `x` holds one row per beam. A general GEMM packs (copies) `w` before multiplying, which for a handful of rows
-//! costs more than the product itself. Here each weight row is read once, straight from where it lies, against all rows of
-//! `x` (held in L1), so the product runs at the speed memory delivers the weights (measured in
-//! benches/kernels.rs).
+//! `x @ wᵀ` for an `x` of a few rows, with f32 `w` as stored: on CPUs whose linear layers are not packed at load
+//! (no AVX-512), the decoder's linear layers and LM head during generation, where `x` holds one row per beam. A
+//! general GEMM packs (copies) `w` before multiplying, which for a handful of rows costs more than the product
+//! itself. Here each weight row is read once, straight from where it lies, against all rows of `x` (held in
+//! L1), so the product runs at the speed memory delivers the weights (measured in benches/kernels.rs).
 //!
 //! x86-64 with AVX2 + FMA only (detected at run time); elsewhere [`matmul_t`] answers `None` and the caller
-//! uses candle's matmul. The bf16 twin of this kernel is in [`super::bf16_gemm`], with the same threshold.
+//! uses candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -14,19 +14,18 @@ use super::features::has_avx2_fma;
 use super::storage::contiguous_f32;
 
 /// Up to this many rows of `x` reading the weights in place beats a packing GEMM on the decoder's shapes (one
-/// row per beam, a handful of beams); the f32 and bf16 kernels share it (docs/performance.md).
+/// row per beam, a handful of beams; docs/performance.md).
 pub const MAX_ROWS: usize = 8;
 
 /// Weight rows per parallel task: 32 rows of 768-4096 values keep a task inside L2.
-pub const WEIGHT_ROWS_PER_TASK: usize = 32;
+const WEIGHT_ROWS_PER_TASK: usize = 32;
 
 /// The most rows of `x` a register tile of the few-row kernels holds.
 const ROW_TILE: usize = 4;
 
 /// The register tiles over `m` rows of `x`, as (first row, rows): at most [`ROW_TILE`] rows each, balanced
-/// (6 rows: 3 + 3), so that no tile is left with a single row while another has four. The f32 and bf16
-/// few-row kernels both walk `x` this way.
-pub fn row_tiles(m: usize) -> impl Iterator<Item = (usize, usize)> {
+/// (6 rows: 3 + 3), so that no tile is left with a single row while another has four.
+fn row_tiles(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let tiles = m.div_ceil(ROW_TILE);
     (0..tiles).scan(0, move |first, tile| {
         let size = (m - *first).div_ceil(tiles - tile);

@@ -1,13 +1,12 @@
-//! `x @ wᵀ + b` on the CPU: the glue between the linear layer and the GEMM kernels, for weights as stored
-//! (f32, and bf16 where the CPU has AVX512-BF16: [`linear`]) and for weights packed at load
+//! `x @ wᵀ + b` on the CPU: the glue between the linear layer and the GEMM kernels, for f32 weights as stored
+//! ([`linear`]: CPUs without AVX-512, where nothing is packed) and for weights packed at load
 //! ([`linear_packed`]).
 //!
 //! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
 //! passes over every output, and the vision tower's linear layers write gigabytes of outputs per image. Here
 //! the output buffer starts as the bias repeated on each row and the GEMM (the gemm crate) accumulates the
 //! product into it (`dst = dst + x @ wᵀ`), so each output is written once by the fill and once by the GEMM.
-//! Up to [`super::few_rows::MAX_ROWS`] rows go to [`super::few_rows`] instead. bf16 goes to
-//! [`super::bf16_gemm`], which starts its sums from the bias too. Weights packed at load go to
+//! Up to [`super::few_rows::MAX_ROWS`] rows go to [`super::few_rows`] instead. Weights packed at load go to
 //! [`super::f32_gemm`], [`super::bf16_gemm`] or [`super::quantized_gemm`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -22,11 +21,11 @@ pub use super::panels::Epilogue;
 use super::quantized_gemm;
 use super::storage::{contiguous, contiguous_f32};
 
-/// `x @ wᵀ + b` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, all f32 (or all bf16) on the CPU; `None` where
-/// this path does not apply (another device or dtype, bf16 without AVX512-BF16), for candle's.
+/// `x @ wᵀ + b` for `x` `[..., K]`, `w` `[N, K]`, `b` `[N]`, all f32 on the CPU; `None` where this path does
+/// not apply (another device or dtype), for candle's.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
     let dtype = x.dtype();
-    let supported = cpu_supports(dtype);
+    let supported = dtype == DType::F32;
     let cpu_same_dtype = |t: &Tensor| t.device().is_cpu() && t.dtype() == dtype;
     if !(supported && cpu_same_dtype(x) && cpu_same_dtype(w) && b.is_none_or(cpu_same_dtype))
         || w.rank() != 2
@@ -151,7 +150,8 @@ impl CustomOp1 for PackedMatmulT<'_> {
     }
 }
 
-/// Whether [`linear`] has a kernel for `dtype` on this CPU.
+/// Whether the linear layers have a CPU kernel for `dtype` here: [`linear`] for f32 weights as stored, the
+/// packed kernels for f32 and (with AVX512-BF16) bf16 weights packed at load.
 pub fn cpu_supports(dtype: DType) -> bool {
     match dtype {
         DType::F32 => true,
@@ -160,7 +160,7 @@ pub fn cpu_supports(dtype: DType) -> bool {
     }
 }
 
-/// `[M, K] x [N, K] + [N] → [M, N]`, contiguous operands, f32 or bf16.
+/// `[M, K] x [N, K] + [N] → [M, N]`, contiguous f32 operands.
 struct BiasedMatmulT;
 
 impl BiasedMatmulT {
@@ -215,18 +215,12 @@ impl CustomOp3 for BiasedMatmulT {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
         let (n, _) = wl.shape().dims2()?;
         if bl.shape().elem_count() != n {
             candle_core::bail!(
                 "linear: bias has {} entries, the weight {n} rows",
                 bl.shape().elem_count()
             );
-        }
-        if let (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) = (x, w, b) {
-            let (x, w, b) = (contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?);
-            let out = bf16_gemm::linear(x, m, k, w, n, b);
-            return Ok((CpuStorage::BF16(out), Shape::from((m, n))));
         }
         let bias = contiguous_f32(b, bl, self.name())?;
         let (x, w) = (
@@ -245,13 +239,7 @@ mod tests {
     #[test]
     fn matches_candle_linear() {
         let dev = Device::Cpu;
-        let mut dtypes = vec![(DType::F32, 1e-5)];
-        if bf16_gemm::available() {
-            // Both sum in f32; candle rounds the product and then the sum with the bias to bf16, this path
-            // rounds once.
-            dtypes.push((DType::BF16, 1e-2));
-        }
-        for (dtype, tol) in dtypes {
+        for (dtype, tol) in [(DType::F32, 1e-5)] {
             for (rows, k, n) in [(1, 7, 5), (20, 33, 17), (2 * 65, 64, 96)] {
                 let x = Tensor::randn(0f32, 1., (2, rows / 2 + 1, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
