@@ -243,13 +243,28 @@ fn top_p(scores: &mut [f32], p: f64, keep: usize) {
 
 /// `log_softmax` over one row, as torch computes it in f32: `x - max - log(sum(exp(x - max)))`.
 pub(crate) fn log_softmax(row: &mut [f32]) {
+    if let Some((max, log_sum)) = normalizer(row) {
+        row.iter_mut().for_each(|x| *x = *x - max - log_sum);
+    }
+}
+
+/// [`log_softmax`] of `row` at `index` alone (the same value, without writing the row).
+pub(crate) fn log_softmax_at(row: &[f32], index: usize) -> f32 {
+    match normalizer(row) {
+        Some((max, log_sum)) => row[index] - max - log_sum,
+        None => row[index],
+    }
+}
+
+/// `(max, log(sum(exp(x - max))))` of a row (the sum in f64), or None for an all -inf row, which
+/// [`log_softmax`] leaves as it is.
+fn normalizer(row: &[f32]) -> Option<(f32, f32)> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
-        return;
+        return None;
     }
     let sum: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
-    let log_sum = sum.ln() as f32;
-    row.iter_mut().for_each(|x| *x = *x - max - log_sum);
+    Some((max, sum.ln() as f32))
 }
 
 /// Softmax over one row in f32 (sums in f64); an all -inf row gives NaN like torch.

@@ -5,7 +5,7 @@ use rand::Rng;
 use rayon::prelude::*;
 
 use super::config::Plan;
-use super::processors::{argmax, log_softmax, softmax, LogitsProcessors};
+use super::processors::{argmax, log_softmax_at, softmax, LogitsProcessors};
 use super::{logits_step, DecoderSession, GenerateOutput};
 use crate::interrupt::Interrupt;
 use crate::Result;
@@ -45,11 +45,7 @@ pub(crate) fn run(
         let chosen: Vec<f32> = scores
             .par_iter()
             .zip(&tokens)
-            .map(|(s, &token)| {
-                let mut logp = s.clone();
-                log_softmax(&mut logp);
-                logp[token]
-            })
+            .map(|(s, &token)| log_softmax_at(s, token))
             .collect();
         let mut next = Vec::with_capacity(rows);
         for (row, (&token, &logp)) in tokens.iter().zip(&chosen).enumerate() {
