@@ -14,6 +14,7 @@
 //! the model also drives [`generation`]; [`processor`] and [`generation`] stand beside it and use only
 //! [`io`] (checkpoint files and layouts) and [`limits`]. docs/architecture.md describes the layout.
 
+pub mod dtype;
 pub mod error;
 pub mod generation;
 pub mod interrupt;

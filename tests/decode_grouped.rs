@@ -3,35 +3,18 @@
 //! copy per beam): transformers' ids from `model.generate`, the same logits step by step, and beam reorders
 //! that would leave an item's group refused.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use florence2_rs::generation::{DecoderSession, GenerationConfig};
+use candle_core::{DType, Tensor};
+use common::{fixture, fixtures, generation_config, load, read_json, reference_tensors};
+use florence2_rs::generation::DecoderSession;
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
-use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).expect("json file")).expect("valid json")
-}
 
 /// The tiny HF-native checkpoint, its reference inputs and image features.
 fn tiny(spec: &str) -> (Florence2ForConditionalGeneration, Tensor, Tensor, Tensor) {
-    let refs = candle_core::safetensors::load(
-        fixtures().join(spec).join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("reference tensors");
-    let model = Florence2ForConditionalGeneration::from_dir(
-        &fixtures().join(spec).join("hf"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect("tiny checkpoint");
+    let refs = reference_tensors(spec);
+    let model = load(spec, "hf", DType::F32);
     let features = model
         .get_image_features(refs["pixel_values"].clone(), &Uninterrupted)
         .expect("image features");
@@ -48,18 +31,9 @@ fn model_generate_gives_transformers_ids() {
     let expected = read_json(&fixtures().join("generation/e2e_reference.json"));
     for (spec, cases) in expected.as_object().expect("specs") {
         let (model, ids, mask, features) = tiny(spec);
-        let dir = fixtures().join(spec).join("hf");
+        let dir = fixture(spec).join("hf");
         for case in cases.as_array().expect("cases") {
-            let gen = dir.join("generation_config.json");
-            let gen = gen.exists().then(|| read_json(&gen));
-            let mut cfg = GenerationConfig::from_checkpoint(
-                gen.as_ref(),
-                &read_json(&dir.join("config.json")),
-            )
-            .expect("generation config");
-            for (k, v) in case["kwargs"].as_object().expect("kwargs") {
-                cfg.set(k, v.clone()).expect("setting");
-            }
+            let cfg = generation_config(&dir, &case["kwargs"]);
             let want: Vec<Vec<u32>> =
                 serde_json::from_value(case["sequences"].clone()).expect("ids");
             let got = model

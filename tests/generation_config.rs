@@ -1,8 +1,9 @@
 //! GenerationConfig: loading like transformers (generation_config.json, else config.json + text_config),
 //! keyword overrides, and transformers' validation errors.
 
-use std::path::Path;
+mod common;
 
+use common::{read_json, release};
 use florence2_rs::generation::{generate, DecoderSession, EarlyStopping, GenerationConfig};
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::io::Layout;
@@ -45,24 +46,21 @@ fn model_config_text_config_fallback() {
 
 #[test]
 fn released_config_files() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/release");
-    let read =
-        |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
-    let large = root.join("microsoft_Florence-2-large/config.json");
-    let cfg = GenerationConfig::from_checkpoint(None, &read(&large)).unwrap();
+    let large = release("microsoft_Florence-2-large").join("config.json");
+    let cfg = GenerationConfig::from_checkpoint(None, &read_json(&large)).unwrap();
     assert_florence_defaults(&cfg);
     // large-ft carries a generation_config.json, which replaces the model config's settings entirely.
-    let ft = root.join("microsoft_Florence-2-large-ft");
+    let ft = release("microsoft_Florence-2-large-ft");
     let cfg = GenerationConfig::from_checkpoint(
-        Some(&read(&ft.join("generation_config.json"))),
-        &read(&ft.join("config.json")),
+        Some(&read_json(&ft.join("generation_config.json"))),
+        &read_json(&ft.join("config.json")),
     )
     .unwrap();
     assert_eq!(cfg.num_beams, Some(3));
     assert_eq!(cfg.early_stopping, Some(EarlyStopping::False));
     assert_eq!(cfg.no_repeat_ngram_size, None);
-    let onnx = root.join("onnx-community_Florence-2-base-ft/generation_config.json");
-    let cfg = GenerationConfig::from_json(&read(&onnx)).unwrap();
+    let onnx = release("onnx-community_Florence-2-base-ft").join("generation_config.json");
+    let cfg = GenerationConfig::from_json(&read_json(&onnx)).unwrap();
     assert_florence_defaults(&cfg);
 }
 
@@ -70,8 +68,7 @@ fn released_config_files() {
 fn original_layout_uses_text_config_not_generation_config_json() {
     // Microsoft's remote code generates with the language model's config (text_config); large-ft's bare
     // generation_config.json sits beside it and is not read.
-    let ft = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/release/microsoft_Florence-2-large-ft");
+    let ft = release("microsoft_Florence-2-large-ft");
     assert!(ft.join("generation_config.json").is_file());
     let cfg = GenerationConfig::from_dir(&ft, Layout::Original).unwrap();
     assert_florence_defaults(&cfg);

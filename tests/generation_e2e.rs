@@ -2,33 +2,16 @@
 //! generation loop gives transformers' `generate` ids (tests/fixtures/generation/make_e2e_reference.py),
 //! in both checkpoint layouts, batched and one item at a time, from pixels and from cached image features.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
+use common::{
+    fixture, fixtures, generation_config, load, n_image_tokens, read_json, reference_tensors,
+    skip_columns,
+};
 use florence2_rs::generation::{generate, GenerationConfig};
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
-use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).expect("json file")).expect("valid json")
-}
-
-fn generation_config(dir: &Path, kwargs: &Value) -> GenerationConfig {
-    let gen = dir.join("generation_config.json");
-    let gen = gen.exists().then(|| read_json(&gen));
-    let mut cfg =
-        GenerationConfig::from_checkpoint(gen.as_ref(), &read_json(&dir.join("config.json")))
-            .unwrap();
-    for (k, v) in kwargs.as_object().unwrap() {
-        cfg.set(k, v.clone()).unwrap();
-    }
-    cfg
-}
 
 fn run(
     model: &Florence2ForConditionalGeneration,
@@ -51,34 +34,20 @@ fn run(
 fn tiny_checkpoints_generate_like_transformers() {
     let expected = read_json(&fixtures().join("generation/e2e_reference.json"));
     for (spec, cases) in expected.as_object().unwrap() {
-        let refs = candle_core::safetensors::load(
-            fixtures().join(spec).join("reference.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("reference tensors");
-        let n_image = refs["n_image_tokens"].to_vec1::<i64>().unwrap()[0] as usize;
+        let refs = reference_tensors(spec);
+        let n_image = n_image_tokens(&refs);
         let pixels = &refs["pixel_values"];
         for layout in ["hf", "original"] {
-            let dir = fixtures().join(spec).join(layout);
-            let model = Florence2ForConditionalGeneration::from_dir(&dir, DType::F32, &Device::Cpu)
-                .unwrap();
+            let model = load(spec, layout, DType::F32);
             // The original layout's processor puts no <image> tokens in input_ids.
             let skip = if layout == "hf" { 0 } else { n_image };
-            let ids = refs["input_ids"]
-                .i((.., skip..))
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let mask = refs["attention_mask"]
-                .i((.., skip..))
-                .unwrap()
-                .contiguous()
-                .unwrap();
+            let ids = skip_columns(&refs["input_ids"], skip);
+            let mask = skip_columns(&refs["attention_mask"], skip);
             let features = model
                 .get_image_features(pixels.clone(), &Uninterrupted)
                 .unwrap();
             for case in cases.as_array().unwrap() {
-                let cfg = generation_config(&fixtures().join(spec).join("hf"), &case["kwargs"]);
+                let cfg = generation_config(&fixture(spec).join("hf"), &case["kwargs"]);
                 let want: Vec<Vec<u32>> =
                     serde_json::from_value(case["sequences"].clone()).unwrap();
                 let what = format!("{spec}/{layout} {}", case["kwargs"]);

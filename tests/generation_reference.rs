@@ -3,20 +3,18 @@
 //! that florence2_rs's loop returns the same ids, beam indices and scores; and that its logits processors
 //! give transformers' values on fixed score tensors.
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::{fixtures, read_json};
 use florence2_rs::generation::{generate, DecoderSession, GenerationConfig};
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::Result;
 use serde_json::Value;
 
 fn reference() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/generation/reference.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).expect("reference.json"))
-        .expect("valid JSON")
+    read_json(&fixtures().join("generation/reference.json"))
 }
 
 fn f32s(v: &Value) -> Vec<f32> {

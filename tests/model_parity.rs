@@ -1,20 +1,17 @@
 //! The model against transformers: the committed fixtures in tests/fixtures (made by make_fixtures.py with
 //! transformers 5.23.0) hold random-weight checkpoints in both layouts and transformers' outputs on them.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, load, n_image_tokens, read_json, reference_tensors, skip_columns};
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::model::Florence2ForConditionalGeneration;
 use florence2_rs::Error;
 
 const SPECS: [&str; 2] = ["tiny", "tiny_uneven"];
-
-fn fixture(spec: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(spec)
-}
 
 struct Reference {
     tensors: std::collections::HashMap<String, Tensor>,
@@ -22,22 +19,16 @@ struct Reference {
 
 impl Reference {
     fn load(spec: &str) -> Self {
-        let path = fixture(spec).join("reference.safetensors");
         Self {
-            tensors: candle_core::safetensors::load(path, &Device::Cpu).expect("reference tensors"),
+            tensors: reference_tensors(spec),
         }
     }
     fn get(&self, name: &str) -> &Tensor {
         &self.tensors[name]
     }
-    fn n_image_tokens(&self) -> usize {
-        self.get("n_image_tokens").to_vec1::<i64>().unwrap()[0] as usize
-    }
     /// The text part of input_ids/attention_mask: what the original layout's processor produces.
     fn text_only(&self, name: &str) -> Tensor {
-        let t = self.get(name);
-        let n = self.n_image_tokens();
-        t.i((.., n..)).unwrap().contiguous().unwrap()
+        skip_columns(self.get(name), n_image_tokens(&self.tensors))
     }
 }
 
@@ -62,11 +53,6 @@ fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f32 {
         .max(0)
         .unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
-}
-
-fn load(spec: &str, layout: &str, dtype: DType) -> Florence2ForConditionalGeneration {
-    Florence2ForConditionalGeneration::from_dir(&fixture(spec).join(layout), dtype, &Device::Cpu)
-        .expect("model loads")
 }
 
 /// Runs the whole model as transformers' forward does and returns (vision, image features, encoder, logits).
@@ -244,8 +230,7 @@ fn config_that_contradicts_the_weights_names_the_key() {
         let dir = tmp.path().join(layout);
         copy_dir(&fixture("tiny").join(layout), &dir);
         let config_path = dir.join("config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let mut config = read_json(&config_path);
         config["text_config"]["encoder_layers"] = 3.into();
         std::fs::write(&config_path, config.to_string()).unwrap();
         let msg = load_err(&dir);

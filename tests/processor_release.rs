@@ -1,18 +1,13 @@
 //! The processor against the released tokenizer files (tests/fixtures/release), and a
 //! property test that the parsers and the prompt builder never panic.
 
-use std::path::PathBuf;
+mod common;
 
+use common::release;
 use florence2_rs::processor::{
     postprocess, prompts, EncodeOptions, Florence2Processor, PostProcessorConfig,
 };
 use proptest::prelude::*;
-
-fn release(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/release")
-        .join(name)
-}
 
 #[test]
 fn microsoft_tokenizer_gets_florence_tokens_in_the_released_order() {

@@ -1,18 +1,13 @@
 //! Weight-only quantization (`quantize="int8"|"int4"`): the model loads, its logits stay close to the
 //! dense f32 ones, and generation runs. Agreement on full-size checkpoints is in docs/performance.md.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{fixture, load, reference_tensors};
 use florence2_rs::interrupt::Uninterrupted;
 use florence2_rs::layers::linear::Quantization;
 use florence2_rs::model::Florence2ForConditionalGeneration;
-
-fn fixture(spec: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(spec)
-}
 
 fn logits(
     model: &Florence2ForConditionalGeneration,
@@ -36,12 +31,9 @@ fn logits(
 
 #[test]
 fn quantized_models_load_and_stay_close_to_f32() {
-    let refs =
-        candle_core::safetensors::load(fixture("tiny").join("reference.safetensors"), &Device::Cpu)
-            .expect("reference tensors");
+    let refs = reference_tensors("tiny");
     let dir = fixture("tiny").join("hf");
-    let dense =
-        Florence2ForConditionalGeneration::from_dir(&dir, DType::F32, &Device::Cpu).expect("dense");
+    let dense = load("tiny", "hf", DType::F32);
     let want = logits(&dense, &refs);
     let scale = want
         .abs()

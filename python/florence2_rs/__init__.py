@@ -7,7 +7,6 @@ from ._native import Florence2Error
 from .auto import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from .batch_feature import BatchFeature
 from .configuration import Florence2Config, Florence2VisionConfig, GenerationConfig
-from .draw import draw
 from .modeling import Florence2ForConditionalGeneration, Florence2Model, Florence2PreTrainedModel, Florence2VisionBackbone
 from .pipeline import ImageTextToTextPipeline, pipeline
 from .processing import AutoProcessor, Florence2ImageProcessor, Florence2Processor, Florence2Tokenizer
@@ -33,7 +32,6 @@ __all__ = [
     "Florence2VisionConfig",
     "GenerationConfig",
     "ImageTextToTextPipeline",
-    "draw",
     "pipeline",
     "set_seed",
 ]

@@ -11,8 +11,14 @@ _Path = Union[str, PathLike[str]]
 
 CUDA_BUILD: bool
 """Whether this build has the `cuda` cargo feature."""
+DTYPES: list[str]
+"""The dtypes a model loads in, by name: "float32", "float16", "bfloat16"."""
+DTYPE_NAMES: dict[str, str]
+"""Every accepted spelling of a dtype ("half", "bf16", "torch.float32" ...) to its name in `DTYPES`."""
 LOCATION_BINS: int
 """How many bins location tokens quantize each axis into (`<loc_0>` .. `<loc_999>`)."""
+TEXT_CONFIG_DEFAULTS: dict[str, Any]
+"""BartConfig's defaults, by setting name, that the model applies to a text_config that leaves them out."""
 WEIGHTS: str
 """The weights file of a checkpoint folder (`model.safetensors`)."""
 WEIGHTS_INDEX: str
@@ -74,7 +80,7 @@ class NativeModel:
         """"hf" or "original"."""
     @property
     def dtype(self) -> str:
-        """"float32", "float16" or "bfloat16"."""
+        """The name in `DTYPES` of the dtype the model was loaded in."""
     def vision_features(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The vision tower's last hidden state [B, C, H', W'] for pixel_values [B, 3, H, W]."""
     def get_image_features(
@@ -98,18 +104,18 @@ class NativeModel:
         attention_mask: Optional[npt.NDArray[np.int64]] = None,
         pixel_values: Optional[npt.NDArray[np.float32]] = None,
         image_features: Optional[npt.NDArray[np.float32]] = None,
-        config: Optional[str] = None,
-        kwargs: str = "{}",
+        config: Optional[dict[str, Any]] = None,
+        kwargs: Optional[dict[str, Any]] = None,
     ) -> dict[str, Any]:
-        """config: a JSON object of generation-config attributes (unknown ones ignored; None: the checkpoint's
-        generation_config); kwargs: one of
-        generate() keywords (unknown ones are errors), applied after config over transformers' global
-        defaults. Returns {"sequences": int64 [N, T], "token_scores": float32 [N, T-1],
+        """config: generation-config attributes (unknown ones ignored; None: the checkpoint's
+        generation_config); kwargs: generate() keywords (unknown ones are errors), applied after config over
+        transformers' global defaults. Values are None, bool, int, finite float, str, lists, tuples, sets
+        and dicts of them, or numpy/torch scalars and arrays (by `tolist()`). Returns {"sequences": int64 [N, T], "token_scores": float32 [N, T-1],
         "return_dict_in_generate": bool, "sequences_scores": float32 [N] | None,
         "scores": list of float32 [rows, vocab] | None, "ignored": names of the ignored config attributes}."""
     @property
-    def generation_config(self) -> str:
-        """The checkpoint's generation settings (JSON object) as its layout's code resolves them."""
+    def generation_config(self) -> dict[str, Any]:
+        """The checkpoint's generation settings (those that are set) as its layout's code resolves them."""
 
 class ProcessorCore:
     """Tokenizer, image preprocessing, prompts and post-processing of one checkpoint."""
@@ -189,12 +195,20 @@ class ProcessorCore:
         image_size: Optional[tuple[float, float]] = None,
     ) -> dict[str, Any]:
         """{task: answer}: a string or a dict of boxes/polygons and labels."""
+    def post_process_sequence(
+        self,
+        task: str,
+        sequence: list[int],
+        image_size: Optional[tuple[float, float]] = None,
+    ) -> tuple[dict[str, Any], list[Optional[list[int]]]]:
+        """({task: answer} of the decoded ids, per box the indices in `sequence` of its location tokens)."""
 
 def hub_download(
     repo_id: str,
     files: list[str],
     optional_files: list[str],
     *,
+    subfolder: Optional[str] = None,
     revision: Optional[str] = None,
     cache_dir: Optional[_Path] = None,
     token: Optional[str] = None,
@@ -202,4 +216,12 @@ def hub_download(
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> Path:
-    """Makes sure the Hugging Face cache holds the files of a Hub repository; returns the snapshot folder."""
+    """Makes sure the Hugging Face cache holds the files of a Hub repository (those of `subfolder` in it);
+    returns the snapshot folder (with `subfolder`, the folder below it)."""
+
+def check_subfolder(subfolder: str) -> str:
+    """transformers' `subfolder` as a `/`-separated relative path ("" for the top level); ValueError for one
+    that could lead out of the checkpoint folder or repository."""
+
+def checkpoint_layout(config: dict[str, Any]) -> str:
+    """The checkpoint layout config.json's content follows: "hf" or "original" (Microsoft's)."""

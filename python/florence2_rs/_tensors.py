@@ -13,12 +13,8 @@ import numpy as np
 
 from . import _native
 
-_DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "float": "float32", "torch.float32": "float32", "torch.float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16", "torch.half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
-    "auto": "auto",
-}
+# Every spelling of a dtype the native table knows ("half" -> "float16"), and "auto" (the checkpoint's own).
+_DTYPE_ALIASES = {**_native.DTYPE_NAMES, "auto": "auto"}
 
 
 def torch_module():
@@ -44,13 +40,13 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def dtype_name(dtype: Any, *, allow_auto: bool = True) -> str:
-    """Normalizes a torch dtype, a numpy dtype or a name to "float32", "float16", "bfloat16" (or "auto")."""
+    """Normalizes a torch dtype, a numpy dtype or a name to a name of `_native.DTYPES` (or "auto")."""
     key = str(dtype).lower()
     if key.startswith("<class 'numpy."):
         key = key[len("<class 'numpy."):-2]
     name = _DTYPE_ALIASES.get(key)
     if name is None or (name == "auto" and not allow_auto):
-        raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16"
+        raise ValueError(f"dtype {dtype!r} is not supported: use {', '.join(_native.DTYPES)}"
                          + (' or "auto"' if allow_auto else ""))
     return name
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._native import TEXT_CONFIG_DEFAULTS, checkpoint_layout
 from .hub import resolve_checkpoint
 
 
@@ -41,15 +42,23 @@ class Florence2VisionConfig(_AttrConfig):
 
 
 class Florence2TextConfig(_AttrConfig):
-    """The BART language model's settings (transformers' `BartConfig` fields)."""
+    """The BART language model's settings (transformers' `BartConfig` fields). A setting config.json leaves out
+    reads as the default the model applies (BartConfig's, from the native module's `TEXT_CONFIG_DEFAULTS`), as
+    transformers' `BartConfig` attributes do; `to_dict` keeps config.json's content."""
 
     model_type = "bart"
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for a name the instance and its class lack.
+        if name in TEXT_CONFIG_DEFAULTS:
+            return TEXT_CONFIG_DEFAULTS[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class Florence2Config(_AttrConfig):
     """transformers' `Florence2Config`: `vision_config`, `text_config`, `image_token_id` and the rest of
-    config.json. Microsoft's original config.json (vision model_type "davit") loads too; `layout` says
-    which one it was ("hf" or "original")."""
+    config.json. Microsoft's original config.json loads too; `layout` says which one it was ("hf" or
+    "original", by the native rule `_native.checkpoint_layout` that the model and the processor read)."""
 
     model_type = "florence2"
 
@@ -57,7 +66,7 @@ class Florence2Config(_AttrConfig):
         super().__init__(**kwargs)
         self.text_config = Florence2TextConfig(**(text_config or {}))
         self.vision_config = Florence2VisionConfig(**(vision_config or {}))
-        self.layout = "original" if getattr(self.vision_config, "model_type", None) == "davit" else "hf"
+        self.layout = checkpoint_layout(self.to_dict())
 
     def to_dict(self) -> dict:
         """config.json's content (without the `layout` this class adds)."""

@@ -7,10 +7,9 @@ of them downloaded is not downloaded again. `HF_ENDPOINT`, `HF_TOKEN` and `HF_HU
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable
 
 from . import _native
@@ -63,10 +62,8 @@ def resolve_checkpoint(
         return path
     if Path(name_or_path).expanduser().exists():
         raise OSError(f"{name_or_path} is a file; pass the checkpoint folder that holds it")
-    native_kwargs = _native_kwargs(hub_kwargs)
-    if not subfolder:
-        return _native.hub_download(str(name_or_path), files, optional_files, **native_kwargs)
-    return _hub_subfolder(str(name_or_path), subfolder, files, optional_files, native_kwargs)
+    return _native.hub_download(str(name_or_path), files, optional_files, subfolder=subfolder,
+                                **_native_kwargs(hub_kwargs))
 
 
 def local_folder(name_or_path: str | Path, subfolder: Any = None) -> Path | None:
@@ -87,74 +84,14 @@ def local_folder(name_or_path: str | Path, subfolder: Any = None) -> Path | None
 
 def _subfolder(subfolder: Any) -> str:
     """transformers' `subfolder` as a `/`-separated relative path ("" for none). It names a folder inside the
-    checkpoint folder or repository, so a path that could lead out of it is refused."""
+    checkpoint folder or repository; `_native.check_subfolder` refuses a path that could lead out of it
+    (ValueError), the one check for local folders and Hub repositories."""
     if subfolder is None:
         return ""
     text = os.fspath(subfolder) if isinstance(subfolder, os.PathLike) else subfolder
     if not isinstance(text, str):
         raise TypeError(f"subfolder must be a string, not {type(subfolder).__name__}")
-    parts = [part for part in text.split("/") if part not in ("", ".")]
-    if text.startswith("/") or os.path.isabs(text) or ".." in parts or any(c in text for c in "\\:\0"):
-        raise ValueError(
-            f"Invalid subfolder {text!r}: a subfolder is a relative path inside the checkpoint folder or repository "
-            "(such as \"model\" or \"checkpoints/final\"), without \"..\" segments, backslashes or colons"
-        )
-    return "/".join(parts)
-
-
-def _hub_subfolder(repo_id: str, subfolder: str, files: list[str], optional_files: list[str],
-                   native_kwargs: dict[str, Any]) -> Path:
-    """`resolve_checkpoint` for the files of a repository's subfolder: `<subfolder>/<file>` in the repository.
-
-    The weights stand for `<subfolder>/model.safetensors`, else the index beside it and its shards (named
-    relative to the index), else `<subfolder>/pytorch_model.bin`, else its index and shards. Every call after
-    the first asks for the commit the first one found, so that all the files come from one snapshot.
-    """
-    inside = PurePosixPath(subfolder)
-    required = [str(inside / name) for name in files if name != WEIGHTS]
-    optional = [str(inside / name) for name in optional_files]
-    if WEIGHTS in files:
-        optional.insert(0, str(inside / WEIGHTS))
-    snapshot = Path(_native.hub_download(repo_id, required, optional, **native_kwargs))
-    folder = snapshot / subfolder
-    if WEIGHTS not in files or (folder / WEIGHTS).is_file():
-        return folder
-    pinned = {**native_kwargs, "revision": snapshot.name}
-    index = WEIGHTS_INDEX
-    try:
-        _native.hub_download(repo_id, [str(inside / WEIGHTS_INDEX)], [], **pinned)
-    except FileNotFoundError:
-        # No safetensors: an older checkpoint's PyTorch weights, whole or in shards, as at the repository's top
-        # level.
-        try:
-            _native.hub_download(repo_id, [str(inside / PYTORCH_WEIGHTS)], [], **pinned)
-            return folder
-        except FileNotFoundError:
-            pass
-        try:
-            _native.hub_download(repo_id, [str(inside / PYTORCH_WEIGHTS_INDEX)], [], **pinned)
-            index = PYTORCH_WEIGHTS_INDEX
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{repo_id} (revision {snapshot.name}) has none of {inside / WEIGHTS}, {inside / WEIGHTS_INDEX}, "
-                f"{inside / PYTORCH_WEIGHTS} and {inside / PYTORCH_WEIGHTS_INDEX}; is {subfolder} a Florence-2 "
-                "checkpoint folder?"
-            ) from None
-    shards = [str(inside / shard) for shard in _shard_names(folder / index)]
-    _native.hub_download(repo_id, shards, [], **pinned)
-    return folder
-
-
-def _shard_names(index: Path) -> list[str]:
-    """The shard files a shard index lists, in order, each once (the download checks that they are relative
-    paths inside the repository)."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (ValueError, AttributeError) as err:
-        raise OSError(f"{index} is not a shard index: {err}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
-        raise OSError(f"{index} has no \"weight_map\" of tensor names to shard files")
-    return list(dict.fromkeys(weight_map.values()))
+    return _native.check_subfolder(text)
 
 
 def _has_local(folder: Path, name: str) -> bool:

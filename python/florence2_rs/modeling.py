@@ -32,8 +32,6 @@ _HUB_KWARGS = {"revision", "token", "cache_dir", "local_files_only", "force_down
                "use_auth_token", "resume_download"}
 
 
-# BartConfig's defaults, which the native config applies to a text_config that leaves them out.
-_TEXT_DEFAULTS = {"vocab_size": 50265, "pad_token_id": 1, "decoder_start_token_id": 2}
 # The label of positions that count in no loss (transformers' ignore_index).
 IGNORE_INDEX = -100
 
@@ -73,7 +71,7 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         self.config = config
         # What generate() starts from, resolved as the checkpoint layout's own code does (Microsoft's layout:
         # its text_config; the HF-native one: generation_config.json); editable, as in transformers.
-        self.generation_config = GenerationConfig(**json.loads(state.native.generation_config))
+        self.generation_config = GenerationConfig(**state.native.generation_config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any):
@@ -258,9 +256,6 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         return BaseModelOutputWithPooling(last_hidden_state=wrap(vision, as_torch, dtype),
                                           pooler_output=wrap(pooled, as_torch, dtype))
 
-    def _text_setting(self, name: str) -> int:
-        return getattr(self.config.text_config, name, _TEXT_DEFAULTS[name])
-
     def _forward(self, input_ids: Any, pixel_values: Any, attention_mask: Any, decoder_input_ids: Any,
                  kwargs: dict, labels: Any = None) -> dict:
         """The native forward pass shared by the model classes: its outputs by name, as torch tensors when
@@ -278,13 +273,13 @@ class Florence2PreTrainedModel(PeftAdapterMixin):
         ids = as_numpy(input_ids, np.int64, "input_ids")
         if decoder_input_ids is not None:
             decoder_input_ids = as_numpy(decoder_input_ids, np.int64, "decoder_input_ids")
+        text = self.config.text_config
         if labels is not None:
-            labels = _labels_array(labels, ids.shape[0], decoder_input_ids, self._text_setting("vocab_size"))
+            labels = _labels_array(labels, ids.shape[0], decoder_input_ids, text.vocab_size)
             if decoder_input_ids is None:
-                decoder_input_ids = shift_tokens_right(labels, self._text_setting("pad_token_id"),
-                                                       self._text_setting("decoder_start_token_id"))
+                decoder_input_ids = shift_tokens_right(labels, text.pad_token_id, text.decoder_start_token_id)
         if decoder_input_ids is None:
-            decoder_input_ids = np.full((ids.shape[0], 1), self._text_setting("decoder_start_token_id"), np.int64)
+            decoder_input_ids = np.full((ids.shape[0], 1), text.decoder_start_token_id, np.int64)
         native = self._state.native
         out = native.forward(
             ids,
@@ -531,8 +526,6 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
         settings = self.generation_config.to_dict()
         if generation_config is not None:
             settings.update(_set_attributes(generation_config))
-        _check_finite(settings)
-        _check_finite(kwargs)
         if kwargs.get("seed", settings.get("seed")) is None and kwargs.get("do_sample", settings.get("do_sample")):
             # Follows the seeds the caller set (torch.manual_seed, set_seed) as transformers' sampling does.
             kwargs["seed"] = sampling_seed()
@@ -541,8 +534,8 @@ class Florence2ForConditionalGeneration(Florence2PreTrainedModel):
             None if attention_mask is None else as_numpy(attention_mask, np.int64, "attention_mask"),
             None if pixel_values is None else as_numpy(pixel_values, np.float32, "pixel_values"),
             None if image_features is None else as_numpy(image_features, np.float32, "image_features"),
-            json.dumps(settings, default=_json_default),
-            json.dumps(kwargs, default=_json_default),
+            settings,
+            kwargs,
         )
         _warn_ignored(result["ignored"])
         sequences = wrap(result["sequences"], as_torch)
@@ -646,14 +639,6 @@ def _set_attributes(generation_config: Any) -> dict:
     raise TypeError(f"generation_config must be a GenerationConfig, not {type(generation_config).__name__}")
 
 
-def _check_finite(settings: dict) -> None:
-    """JSON, which carries the settings to the native code, has no inf or NaN: name the setting instead of
-    failing there."""
-    for key, value in settings.items():
-        if isinstance(value, float) and not np.isfinite(value):
-            raise ValueError(f"`{key}` must be a finite number, but is {value}")
-
-
 _WARNED_IGNORED: set[str] = set()
 
 
@@ -664,15 +649,6 @@ def _warn_ignored(names: list[str]) -> None:
         _WARNED_IGNORED.update(new)
         warnings.warn(f"generation_config attributes ignored by florence2-rs (not supported here): {new}",
                       UserWarning, stacklevel=3)
-
-
-def _json_default(value: Any) -> Any:
-    """Lets generate() kwargs given as numpy/torch scalars or tuples pass through JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"generate() got a value of type {type(value).__name__} that is not a setting: {value!r}")
 
 
 def _load_native(folder: Path, dtype: str, device: str, quantize: str | None, adapter: Path | None = None) -> Any:

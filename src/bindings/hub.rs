@@ -1,5 +1,6 @@
 //! `hub_download`: the Hub half of `florence2_rs.hub.resolve_checkpoint`, with the GIL released while it
-//! waits on the network.
+//! waits on the network; `check_subfolder`: the rule for transformers' `subfolder`, for local folders and
+//! Hub repositories alike.
 
 use std::path::PathBuf;
 
@@ -13,8 +14,12 @@ use crate::io::hub::{self, Auth, HubOptions};
 ///
 /// Args:
 ///     repo_id: `org/name` on the Hub (`HF_ENDPOINT` picks another Hub).
-///     files: required files; "model.safetensors" stands for the weights, single or sharded.
+///     files: required files; "model.safetensors" stands for the weights: model.safetensors, else its index
+///         and every shard it lists, else pytorch_model.bin, else its index and shards.
 ///     optional_files: files fetched where the repository has them, skipped where it does not.
+///     subfolder: the folder of the repository that holds the files (transformers' `subfolder`): the files
+///         are `<subfolder>/<file>` in the repository, shards named relative to their index; default the
+///         top level.
 ///     revision: branch, tag or commit hash (default "main").
 ///     cache_dir: the hub cache folder; default `HF_HUB_CACHE`, else `$HF_HOME/hub`.
 ///     token: the token to send; default `HF_TOKEN`, else the token file `hf auth login` wrote.
@@ -23,21 +28,23 @@ use crate::io::hub::{self, Auth, HubOptions};
 ///     force_download: download again even where the cache has the files.
 ///
 /// Returns:
-///     pathlib.Path of `snapshots/{commit}` in the cache.
+///     pathlib.Path of `snapshots/{commit}` in the cache (with `subfolder`, the folder below it).
 ///
 /// Raises:
 ///     FileNotFoundError: the repository, revision or a required file does not exist, or is not in the
 ///         cache in offline mode.
 ///     OSError: the download failed (network, permissions, an interrupted transfer: the next call resumes).
+///     ValueError: a revision or subfolder that leads out of the cache (see `check_subfolder`).
 #[pyfunction]
-#[pyo3(signature = (repo_id, files, optional_files, *, revision=None, cache_dir=None, token=None,
-                    anonymous=false, local_files_only=false, force_download=false))]
+#[pyo3(signature = (repo_id, files, optional_files, *, subfolder=None, revision=None, cache_dir=None,
+                    token=None, anonymous=false, local_files_only=false, force_download=false))]
 #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of from_pretrained
 fn hub_download(
     py: Python<'_>,
     repo_id: String,
     files: Vec<String>,
     optional_files: Vec<String>,
+    subfolder: Option<String>,
     revision: Option<String>,
     cache_dir: Option<PathBuf>,
     token: Option<String>,
@@ -56,6 +63,7 @@ fn hub_download(
         auth,
         local_files_only,
         force_download,
+        subfolder,
     };
     py.detach(move || {
         guarded("the Hub download", || {
@@ -66,6 +74,24 @@ fn hub_download(
     })
 }
 
+/// transformers' `subfolder` as the `/`-separated path of a folder inside a checkpoint folder or Hub
+/// repository ("" for its top level; empty and "." segments dropped).
+///
+/// Args:
+///     subfolder: the `subfolder=` of `from_pretrained`.
+///
+/// Returns:
+///     str: the path, such as "checkpoints/final".
+///
+/// Raises:
+///     ValueError: a path that could lead out of the folder (absolute, with ".." segments, backslashes,
+///         colons or NUL).
+#[pyfunction]
+fn check_subfolder(subfolder: &str) -> PyResult<String> {
+    Ok(hub::check_subfolder(subfolder)?)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(hub_download, m)?)
+    m.add_function(wrap_pyfunction!(hub_download, m)?)?;
+    m.add_function(wrap_pyfunction!(check_subfolder, m)?)
 }

@@ -5,9 +5,11 @@ use pyo3::prelude::*;
 mod arrays;
 mod errors;
 mod hub;
+mod layout;
 mod model;
 mod processor;
 mod profile;
+mod values;
 
 /// The native half of the `florence2_rs` package. Import `florence2_rs`, not this module.
 #[pymodule]
@@ -16,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     processor::register(m)?;
     hub::register(m)?;
+    layout::register(m)?;
     profile::register(m)?;
     // Whether this build has the `cuda` cargo feature: the tests that need a GPU build skip without it.
     m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
@@ -24,8 +27,19 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "LOCATION_BINS",
         crate::processor::postprocess::LOCATION_BINS,
     )?;
-    m.add("WEIGHTS", crate::io::checkpoint::WEIGHTS)?;
-    m.add("WEIGHTS_INDEX", crate::io::checkpoint::WEIGHTS_INDEX)?;
+    // BartConfig's defaults for the settings a text_config leaves out, as the model applies them.
+    let text_defaults = crate::model::config::TextConfig::defaults()?;
+    m.add(
+        "TEXT_CONFIG_DEFAULTS",
+        values::to_python(m.py(), &serde_json::Value::Object(text_defaults))?,
+    )?;
+    m.add("DTYPES", crate::dtype::names().collect::<Vec<_>>())?;
+    m.add(
+        "DTYPE_NAMES",
+        crate::dtype::spellings().collect::<std::collections::HashMap<_, _>>(),
+    )?;
+    m.add("WEIGHTS", crate::io::shards::WEIGHTS)?;
+    m.add("WEIGHTS_INDEX", crate::io::shards::WEIGHTS_INDEX)?;
     m.add("PYTORCH_WEIGHTS", crate::io::pytorch::PYTORCH_WEIGHTS)?;
     m.add(
         "PYTORCH_WEIGHTS_INDEX",

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::arrays::{HostArray, HostOutput};
 use super::errors::{detached_interruptible, guarded};
+use super::values;
 use crate::generation::{GenerateOutput, GenerationConfig};
 use crate::interrupt::Interrupt;
 use crate::io::adapter::Adapter;
@@ -19,18 +20,6 @@ use crate::io::save::save_weights;
 use crate::layers::linear::Quantization;
 use crate::model::{Florence2ForConditionalGeneration, LoadOptions};
 use crate::{Error, Result};
-
-/// Parses a dtype name as the Python layer normalizes them ("float32", "float16", "bfloat16").
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "float32" => Ok(DType::F32),
-        "float16" => Ok(DType::F16),
-        "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::invalid(format!(
-            "dtype {other:?} is not supported: use float32, float16 or bfloat16"
-        ))),
-    }
-}
 
 /// True when this is a CUDA build and GPU 0 can be opened: what `device_map="auto"` picks the GPU on.
 #[pyfunction]
@@ -121,7 +110,7 @@ impl PyModel {
         let dtype = if dtype == "auto" {
             None
         } else {
-            Some(parse_dtype(dtype)?)
+            Some(crate::dtype::parse(dtype)?)
         };
         let (model, generation, ignored) = py.detach(move || {
             guarded("from_pretrained", move || {
@@ -168,7 +157,7 @@ impl PyModel {
         max_shard_size: u64,
         adapter: Option<PathBuf>,
     ) -> PyResult<Vec<String>> {
-        let dtype = parse_dtype(dtype)?;
+        let dtype = crate::dtype::parse(dtype)?;
         py.detach(move || {
             guarded("save_pretrained", move || {
                 let checkpoint = Checkpoint::open(&source)?;
@@ -191,28 +180,21 @@ impl PyModel {
 
     #[getter]
     fn layout(&self) -> &'static str {
-        match self.inner.config().layout {
-            crate::io::Layout::HfNative => "hf",
-            crate::io::Layout::Original => "original",
-        }
+        super::layout::name(self.inner.config().layout)
     }
 
-    /// The checkpoint's generation settings as a JSON object (the settings that are set): what `generate`
+    /// The checkpoint's generation settings (those that are set, by transformers' names): what `generate`
     /// starts from for this layout (see `GenerationConfig::from_dir`).
     #[getter]
-    fn generation_config(&self) -> String {
-        self.generation.to_json().to_string()
+    fn generation_config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        values::to_python(py, &self.generation.to_json())
     }
 
-    /// The dtype the model was loaded in ("float32", "float16", "bfloat16"), as asked: on the CPU float16
-    /// computes in float32 (bfloat16 when quantized), see `compute_dtype` in the model.
+    /// The dtype the model was loaded in (a name of `crate::dtype`), as asked: on the CPU float16 computes in
+    /// float32 (bfloat16 when quantized), see `compute_dtype` in the model.
     #[getter]
     fn dtype(&self) -> &'static str {
-        match self.inner.dtype() {
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            _ => "float32",
-        }
+        crate::dtype::name(self.inner.dtype())
     }
 
     /// The vision tower's last hidden state for `pixel_values` [B, 3, H, W].
@@ -303,12 +285,12 @@ impl PyModel {
         Ok(out)
     }
 
-    /// transformers' `generate`: `config` is a JSON object of generation-config attributes (the caller's
-    /// generation config over the model's, as the Python layer merges them; unknown attributes are ignored;
-    /// None: the checkpoint's settings) and `kwargs` one of generate() keyword arguments (unknown names are
-    /// errors), applied in that order over transformers' global defaults. Returns a dict (see
-    /// `generate_output_dict`), whose `ignored` lists the attributes of `config` that were ignored.
-    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, config=None, kwargs="{}"))]
+    /// transformers' `generate`: `config` holds generation-config attributes (the caller's generation config
+    /// over the model's, as the Python layer merges them; unknown attributes are ignored; None: the
+    /// checkpoint's settings) and `kwargs` generate() keyword arguments (unknown names are errors), applied in
+    /// that order over transformers' global defaults. Returns a dict (see `generate_output_dict`), whose
+    /// `ignored` lists the attributes of `config` that were ignored.
+    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, image_features=None, config=None, kwargs=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -317,10 +299,17 @@ impl PyModel {
         attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
         pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
         image_features: Option<PyReadonlyArrayDyn<'py, f32>>,
-        config: Option<&str>,
-        kwargs: &str,
+        config: Option<&Bound<'py, PyDict>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let (cfg, ignored) = settings(&self.generation, config, kwargs)?;
+        let config = config
+            .map(|c| values::settings(c, "generation_config"))
+            .transpose()?;
+        let kwargs = kwargs
+            .map(|k| values::settings(k, "generate()"))
+            .transpose()?
+            .unwrap_or_default();
+        let (cfg, ignored) = settings(&self.generation, config.as_ref(), kwargs)?;
         let input_ids = ids(&input_ids, "input_ids")?;
         let attention_mask = attention_mask
             .map(|m| ids(&m, "attention_mask"))
@@ -350,32 +339,21 @@ impl PyModel {
 }
 
 /// The settings of one generate call: the generation-config attributes `config` (lenient; None: `checkpoint`),
-/// then the keyword arguments `kwargs` (strict), each a JSON object; with the names of the ignored attributes.
+/// then the keyword arguments `kwargs` (strict); with the names of the ignored attributes.
 fn settings(
     checkpoint: &GenerationConfig,
-    config: Option<&str>,
-    kwargs: &str,
+    config: Option<&serde_json::Map<String, serde_json::Value>>,
+    kwargs: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(GenerationConfig, Vec<String>)> {
-    let object = |json: &str, what: &str| -> Result<serde_json::Map<String, serde_json::Value>> {
-        match serde_json::from_str(json) {
-            Ok(serde_json::Value::Object(map)) => Ok(map),
-            Ok(_) => Err(Error::invalid(format!(
-                "generate() {what} must be a JSON object"
-            ))),
-            Err(e) => Err(Error::invalid(format!(
-                "generate() {what} are not valid: {e}"
-            ))),
-        }
-    };
     let (mut cfg, ignored) = match config {
         Some(config) => {
             let mut cfg = GenerationConfig::default();
-            let ignored = cfg.merge_lenient(&object(config, "generation config attributes")?)?;
+            let ignored = cfg.merge_lenient(config)?;
             (cfg, ignored)
         }
         None => (checkpoint.clone(), Vec::new()),
     };
-    for (key, value) in object(kwargs, "keyword arguments")? {
+    for (key, value) in kwargs {
         cfg.set(&key, value)?;
     }
     cfg.validate()?;

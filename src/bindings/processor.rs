@@ -92,6 +92,9 @@ fn answer_to_py<'py>(py: Python<'py>, task: &str, answer: Answer) -> PyResult<Bo
 /// `(input_ids, attention_mask)` rows, as the processor methods return them.
 type IdsAndMask = (Vec<Vec<u32>>, Vec<Vec<u32>>);
 
+/// `{task: answer}` and, per box of the answer, the indices of its location tokens (or None).
+type AnswerAndBoxTokens<'py> = (Bound<'py, PyDict>, Vec<Option<Vec<usize>>>);
+
 #[pymethods]
 impl PyProcessorCore {
     /// Loads the processor files of a local checkpoint folder.
@@ -381,6 +384,26 @@ impl PyProcessorCore {
         })?;
         answer_to_py(py, task, answer)
     }
+
+    /// `{task: answer}` of the decoded generated ids (`batch_decode(..., skip_special_tokens=False)`'s
+    /// text), and for each box of the answer the indices in `sequence` of its location tokens (None where
+    /// no location token of `sequence` wrote it): what a box's score is computed from.
+    #[pyo3(signature = (task, sequence, image_size=None))]
+    fn post_process_sequence<'py>(
+        &self,
+        py: Python<'py>,
+        task: &str,
+        sequence: Vec<u32>,
+        image_size: Option<(f64, f64)>,
+    ) -> PyResult<AnswerAndBoxTokens<'py>> {
+        let (answer, spans) = py.detach(|| {
+            guarded("post_process_generation", || {
+                self.inner
+                    .post_process_sequence(&sequence, task, image_size)
+            })
+        })?;
+        Ok((answer_to_py(py, task, answer)?, spans))
+    }
 }
 
 /// `image_mean` / `image_std` of a call: one number for all channels, or one per channel.
@@ -466,7 +489,7 @@ fn check_alloc(what: &str, bytes: u128) -> PyResult<()> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyProcessorCore>()?;
     m.add_function(wrap_pyfunction!(check_alloc, m)?)?;
-    // The task table's two halves, in its order, for the labeling tools (python/florence2_rs/labeling.py).
+    // The task table's two halves, in its order, for the labeling tools (python/florence2_rs/apps/labeling.py).
     let tokens = |with_input: bool| {
         TASKS
             .iter()

@@ -32,9 +32,9 @@ use candle_core::{DType, Device, Tensor};
 use regex::Regex;
 use serde_json::Value;
 
-use super::checkpoint::original_name;
 use super::json::read_json;
 use super::layout::Layout;
+use super::names::original_name;
 use super::pytorch::read_state_dict;
 use crate::{Error, Result};
 

@@ -6,8 +6,9 @@
 //! there with a `Range` request, renames the finished blob and only then links it into `snapshots/{commit}`:
 //! an interrupted download never leaves a file that looks complete. This module adds what hf-hub lacks:
 //! huggingface_hub's cache and token rules (`HF_HUB_CACHE`, `HF_HOME`, `HF_TOKEN`), offline mode, optional
-//! files (remembered as missing in `.no_exist/`, as huggingface_hub does), sharded safetensors weights, one
-//! snapshot for all the files of a call, and errors that name the repository and the file.
+//! files (remembered as missing in `.no_exist/`, as huggingface_hub does), sharded safetensors weights and
+//! PyTorch weights, transformers' `subfolder` (the files of a folder inside the repository), one snapshot for
+//! all the files of a call, and errors that name the repository and the file.
 //!
 //! Why hf-hub 0.4 with its `ureq` feature: its 1.0 is async (tokio, reqwest) and pulls in hf-xet, far more
 //! than fetching a handful of files needs. Known limits of 0.4's client: it sets no read timeout, and it
@@ -21,13 +22,13 @@ use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::ProgressBar;
 
-use crate::io::checkpoint::{shard_names, weights_index};
+use super::pytorch::{PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX};
+use super::shards::{shard_names, weights_index};
 use crate::{Error, Result};
 
 /// The name that stands for "the model weights" in `files`: `model.safetensors`, or, where the repository
 /// has no single file, `model.safetensors.index.json` and every shard it lists.
-pub use super::checkpoint::{WEIGHTS, WEIGHTS_INDEX};
-use super::pytorch::{PYTORCH_WEIGHTS, PYTORCH_WEIGHTS_INDEX};
+pub use super::shards::{WEIGHTS, WEIGHTS_INDEX};
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Smaller files download without a progress bar: config and tokenizer files would only flicker.
 const PROGRESS_MIN_BYTES: usize = 10 * 1024 * 1024;
@@ -59,12 +60,19 @@ pub struct HubOptions {
     pub local_files_only: bool,
     /// Download the files again even where the cache has them.
     pub force_download: bool,
+    /// The folder of the repository that holds the files (transformers' `subfolder`): a file `f` of a call
+    /// is `{subfolder}/f` in the repository, shards are named relative to their index there, and
+    /// [`download`] returns this folder of the snapshot. `None` or empty: the top level. Checked by
+    /// [`check_subfolder`].
+    pub subfolder: Option<String>,
 }
 
 /// Makes sure the snapshot of `repo_id` at the chosen revision holds `files` (all required) and those of
-/// `optional_files` the repository has, downloading what the cache lacks, and returns the snapshot folder.
+/// `optional_files` the repository has, downloading what the cache lacks, and returns the snapshot folder
+/// (with `options.subfolder`, that folder of the snapshot; the files are named relative to it).
 ///
-/// [`WEIGHTS`] in `files` means the safetensors weights, single or sharded. Files found in the cache are not
+/// [`WEIGHTS`] in `files` means the weights: `model.safetensors`, else its index and every shard it lists,
+/// else `pytorch_model.bin`, else its index and shards. Files found in the cache are not
 /// checked against the Hub again (no request at all), unless `force_download` is set; a branch that moved
 /// on is picked up with `force_download`, as with huggingface_hub's cache.
 pub fn download(
@@ -76,6 +84,9 @@ pub fn download(
     check_repo_id(repo_id)?;
     let revision = options.revision.as_deref().unwrap_or("main");
     check_revision(revision)?;
+    let inside = Subfolder(check_subfolder(
+        options.subfolder.as_deref().unwrap_or_default(),
+    )?);
     for file in files.iter().chain(optional_files) {
         check_filename(file)?;
     }
@@ -87,8 +98,8 @@ pub fn download(
     // Offline, force_download cannot download anything, so a complete cache still serves.
     if !options.force_download || offline {
         if let Some(dir) = &cached {
-            if first_missing(&cache, dir, files, optional_files)?.is_none() {
-                return Ok(dir.clone());
+            if first_missing(&cache, dir, &inside, files, optional_files)?.is_none() {
+                return Ok(inside.in_snapshot(dir));
             }
         }
     }
@@ -96,11 +107,17 @@ pub fn download(
         let (folder, missing) = match &cached {
             Some(dir) => (
                 dir.clone(),
-                first_missing(&cache, dir, files, optional_files)?,
+                first_missing(&cache, dir, &inside, files, optional_files)?,
             ),
-            None => (cache.dir.clone(), files.first().map(|f| f.to_string())),
+            None => (
+                cache.dir.clone(),
+                files.first().map(|f| inside.repo_path(f)),
+            ),
         };
-        let file = missing.unwrap_or_else(|| files.join(", "));
+        let file = missing.unwrap_or_else(|| {
+            let names: Vec<String> = files.iter().map(|f| inside.repo_path(f)).collect();
+            names.join(", ")
+        });
         return Err(Error::NotFound {
             path: folder.join(&file),
             hint: format!(
@@ -111,8 +128,52 @@ pub fn download(
             ),
         });
     }
-    let remote = Remote::new(cache, cache_root, repo_id, revision, options)?;
-    remote.fetch_all(files, optional_files, cached, options.force_download)
+    let remote = Remote::new(cache, cache_root, repo_id, revision, inside, options)?;
+    let snapshot = remote.fetch_all(files, optional_files, cached, options.force_download)?;
+    Ok(remote.inside.in_snapshot(&snapshot))
+}
+
+/// transformers' `subfolder` as the `/`-separated path of a folder inside the checkpoint folder or
+/// repository (empty for its top level), empty and `.` segments dropped. It becomes a path in the cache and
+/// in a local checkpoint folder, so one that could lead out of them (absolute, with `..` segments,
+/// backslashes, colons or NUL) is refused.
+pub fn check_subfolder(subfolder: &str) -> Result<String> {
+    let parts: Vec<&str> = subfolder
+        .split('/')
+        .filter(|part| !part.is_empty() && *part != ".")
+        .collect();
+    if subfolder.starts_with('/') || parts.contains(&"..") || subfolder.contains(['\\', ':', '\0'])
+    {
+        return Err(Error::invalid(format!(
+            "Invalid subfolder {subfolder:?}: a subfolder is a relative path inside the checkpoint folder or \
+             repository (such as \"model\" or \"checkpoints/final\"), without \"..\" segments, backslashes or colons"
+        )));
+    }
+    Ok(parts.join("/"))
+}
+
+/// The folder of the repository a call's files are in, as [`check_subfolder`] returns it ("" for the top).
+#[derive(Debug, Clone, Default)]
+struct Subfolder(String);
+
+impl Subfolder {
+    /// The repository path of `file` (a file name relative to the folder).
+    fn repo_path(&self, file: &str) -> String {
+        if self.0.is_empty() {
+            file.to_string()
+        } else {
+            format!("{}/{file}", self.0)
+        }
+    }
+
+    /// The folder inside the snapshot folder `snapshot`.
+    fn in_snapshot(&self, snapshot: &Path) -> PathBuf {
+        if self.0.is_empty() {
+            snapshot.to_path_buf()
+        } else {
+            snapshot.join(&self.0)
+        }
+    }
 }
 
 /// The cache folder of one repository: `{cache}/models--{org}--{name}`.
@@ -153,29 +214,32 @@ impl RepoCache {
     }
 }
 
-/// The first of the files the snapshot `dir` lacks, `None` when it has them all. A missing optional file
-/// counts only where no `.no_exist` marker says the commit has none.
+/// The repository path of the first of the files the snapshot `snapshot` lacks in the folder `inside`, `None`
+/// when it has them all. A missing optional file counts only where no `.no_exist` marker says the commit has
+/// none.
 fn first_missing(
     cache: &RepoCache,
-    dir: &Path,
+    snapshot: &Path,
+    inside: &Subfolder,
     files: &[&str],
     optional_files: &[&str],
 ) -> Result<Option<String>> {
+    let dir = inside.in_snapshot(snapshot);
     for &file in files {
         let missing = if file == WEIGHTS {
-            missing_weights(dir)?
+            missing_weights(&dir)?
         } else {
             (!dir.join(file).is_file()).then(|| file.to_string())
         };
-        if missing.is_some() {
-            return Ok(missing);
+        if let Some(missing) = missing {
+            return Ok(Some(inside.repo_path(&missing)));
         }
     }
-    let commit = commit_of(dir);
+    let commit = commit_of(snapshot);
     Ok(optional_files
         .iter()
-        .find(|f| !dir.join(f).is_file() && !cache.no_exist_marker(&commit, f).is_file())
-        .map(|f| f.to_string()))
+        .map(|f| inside.repo_path(f))
+        .find(|f| !snapshot.join(f).is_file() && !cache.no_exist_marker(&commit, f).is_file()))
 }
 
 /// The first weight file the snapshot lacks: `model.safetensors`, or a shard of the index when there is one;
@@ -338,6 +402,8 @@ struct Remote<'a> {
     cache: RepoCache,
     repo_id: &'a str,
     revision: &'a str,
+    /// The folder of the repository the files of the call are in.
+    inside: Subfolder,
     token: Option<String>,
     progress: bool,
 }
@@ -348,6 +414,7 @@ impl<'a> Remote<'a> {
         cache_root: PathBuf,
         repo_id: &'a str,
         revision: &'a str,
+        inside: Subfolder,
         options: &HubOptions,
     ) -> Result<Self> {
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
@@ -366,14 +433,16 @@ impl<'a> Remote<'a> {
             cache,
             repo_id,
             revision,
+            inside,
             token,
             progress,
         })
     }
 
-    /// Fetches what `start` (the cached snapshot) lacks. All files must end in one snapshot: when a download
-    /// lands in another commit's snapshot (the branch moved since the cache was filled), the whole set is
-    /// checked again against that one.
+    /// Fetches what `start` (the cached snapshot) lacks and returns the snapshot folder. All files must end in
+    /// one snapshot: when a download lands in another commit's snapshot (the branch moved since the cache was
+    /// filled), the whole set is checked again against that one. Here and below, files are named relative to
+    /// `inside` and the folders are snapshot folders.
     fn fetch_all(
         &self,
         files: &[&str],
@@ -432,22 +501,29 @@ impl<'a> Remote<'a> {
         match target.take() {
             Some(dir) => Ok(Some(dir)),
             // Only optional files were asked for and the repository has none of them: an empty snapshot.
-            None => Err(Error::NotFound {
-                path: PathBuf::from(self.api.url(optional_files.first().copied().unwrap_or(""))),
-                hint: format!(
-                    "{} (revision {}) has none of {}",
-                    self.repo_id,
-                    self.revision,
-                    optional_files.join(", ")
-                ),
-            }),
+            None => {
+                let names: Vec<String> = optional_files
+                    .iter()
+                    .map(|f| self.inside.repo_path(f))
+                    .collect();
+                Err(Error::NotFound {
+                    path: PathBuf::from(self.api.url(names.first().map_or("", String::as_str))),
+                    hint: format!(
+                        "{} (revision {}) has none of {}",
+                        self.repo_id,
+                        self.revision,
+                        names.join(", ")
+                    ),
+                })
+            }
         }
     }
 
     /// Whether the snapshot already holds `file` and need not be fetched in this pass.
     fn have(&self, target: &Option<PathBuf>, file: &str, fetched: &[String], force: bool) -> bool {
         let Some(dir) = target else { return false };
-        dir.join(file).is_file() && (!force || fetched.iter().any(|f| f == file))
+        self.inside.in_snapshot(dir).join(file).is_file()
+            && (!force || fetched.iter().any(|f| f == file))
     }
 
     /// Downloads `file` unless huggingface_hub's `.no_exist` marker says the snapshot's commit lacks it. The
@@ -458,15 +534,16 @@ impl<'a> Remote<'a> {
         file: &str,
         force: bool,
     ) -> Result<Fetched> {
+        let path = self.inside.repo_path(file);
         let known_absent = !force
             && target.as_ref().is_some_and(|dir| {
-                !dir.join(file).is_file()
-                    && self.cache.no_exist_marker(&commit_of(dir), file).is_file()
+                !dir.join(&path).is_file()
+                    && self.cache.no_exist_marker(&commit_of(dir), &path).is_file()
             });
         if known_absent {
             Ok(Fetched::Absent)
         } else {
-            self.fetch(file)
+            self.fetch(&path)
         }
     }
 
@@ -486,13 +563,16 @@ impl<'a> Remote<'a> {
                 fetched.push(file.to_string());
                 Ok(settle(target, dir))
             }
-            Fetched::Absent => Err(Error::NotFound {
-                path: PathBuf::from(self.api.url(file)),
-                hint: format!(
-                    "{} (revision {}) has no file {file}.",
-                    self.repo_id, self.revision
-                ),
-            }),
+            Fetched::Absent => {
+                let path = self.inside.repo_path(file);
+                Err(Error::NotFound {
+                    path: PathBuf::from(self.api.url(&path)),
+                    hint: format!(
+                        "{} (revision {}) has no file {path}.",
+                        self.repo_id, self.revision
+                    ),
+                })
+            }
         }
     }
 
@@ -507,7 +587,7 @@ impl<'a> Remote<'a> {
         // Done when nothing is missing; without force a snapshot stopped part-way through its shards resumes
         // at the first missing one.
         let done = match target {
-            Some(dir) if !force => missing_weights(dir)?.is_none(),
+            Some(dir) if !force => missing_weights(&self.inside.in_snapshot(dir))?.is_none(),
             _ => self.have(target, WEIGHTS, fetched, force),
         };
         if done {
@@ -515,7 +595,7 @@ impl<'a> Remote<'a> {
         }
         let has_index = target
             .as_ref()
-            .and_then(|dir| weights_index(dir))
+            .and_then(|dir| weights_index(&self.inside.in_snapshot(dir)))
             .is_some_and(|index| {
                 let name = index
                     .file_name()
@@ -559,7 +639,10 @@ impl<'a> Remote<'a> {
                 }
             }
         }
-        let Some(index) = target.as_ref().and_then(|dir| weights_index(dir)) else {
+        let Some(index) = target
+            .as_ref()
+            .and_then(|dir| weights_index(&self.inside.in_snapshot(dir)))
+        else {
             return Err(Error::invalid(
                 "internal: the weights index was fetched without a snapshot folder",
             ));
@@ -572,13 +655,25 @@ impl<'a> Remote<'a> {
         Ok(false)
     }
 
-    /// The error for a repository without weights florence2-rs reads.
+    /// The error for a repository (or its subfolder) without weights florence2-rs reads.
     fn no_weights(&self) -> Error {
+        let [weights, index, pytorch, pytorch_index] = [
+            WEIGHTS,
+            WEIGHTS_INDEX,
+            PYTORCH_WEIGHTS,
+            PYTORCH_WEIGHTS_INDEX,
+        ]
+        .map(|name| self.inside.repo_path(name));
+        let checkpoint = if self.inside.0.is_empty() {
+            "it a Florence-2 checkpoint".to_string()
+        } else {
+            format!("{} a Florence-2 checkpoint folder", self.inside.0)
+        };
         Error::NotFound {
-            path: PathBuf::from(self.api.url(WEIGHTS)),
+            path: PathBuf::from(self.api.url(&weights)),
             hint: format!(
-                "{} (revision {}) has none of {WEIGHTS}, {WEIGHTS_INDEX}, {PYTORCH_WEIGHTS} and \
-                 {PYTORCH_WEIGHTS_INDEX}; is it a Florence-2 checkpoint?",
+                "{} (revision {}) has none of {weights}, {index}, {pytorch} and {pytorch_index}; is \
+                 {checkpoint}?",
                 self.repo_id, self.revision
             ),
         }
@@ -621,7 +716,8 @@ impl<'a> Remote<'a> {
         }
     }
 
-    /// Downloads one file into the cache (hf-hub: blob, then snapshot link, then `refs/{revision}`).
+    /// Downloads one file, named by its repository path, into the cache (hf-hub: blob, then snapshot link,
+    /// then `refs/{revision}`).
     fn fetch(&self, file: &str) -> Result<Fetched> {
         self.check_server_commit(file)?;
         let progress = BigFileProgress {
@@ -886,19 +982,20 @@ mod tests {
         assert_eq!(cache.snapshot("v2"), None);
 
         std::fs::write(snap.join("config.json"), "{}").unwrap();
+        let top = Subfolder::default();
         assert_eq!(
-            first_missing(&cache, &snap, &["config.json"], &[]).unwrap(),
+            first_missing(&cache, &snap, &top, &["config.json"], &[]).unwrap(),
             None
         );
         assert_eq!(
-            first_missing(&cache, &snap, &["config.json", WEIGHTS], &[])
+            first_missing(&cache, &snap, &top, &["config.json", WEIGHTS], &[])
                 .unwrap()
                 .as_deref(),
             Some(WEIGHTS)
         );
         // An optional file is settled by the file or by huggingface_hub's .no_exist marker.
         assert_eq!(
-            first_missing(&cache, &snap, &[], &["generation_config.json"])
+            first_missing(&cache, &snap, &top, &[], &["generation_config.json"])
                 .unwrap()
                 .as_deref(),
             Some("generation_config.json")
@@ -907,7 +1004,7 @@ mod tests {
         std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
         std::fs::write(&marker, b"").unwrap();
         assert_eq!(
-            first_missing(&cache, &snap, &[], &["generation_config.json"]).unwrap(),
+            first_missing(&cache, &snap, &top, &[], &["generation_config.json"]).unwrap(),
             None
         );
 
@@ -921,6 +1018,90 @@ mod tests {
         );
         std::fs::write(snap.join("model-00002-of-00002.safetensors"), b"x").unwrap();
         assert_eq!(missing_weights(&snap).unwrap(), None);
+    }
+
+    #[test]
+    fn subfolders_are_relative_paths_inside_the_repository() {
+        for (given, want) in [
+            ("", ""),
+            (".", ""),
+            ("model", "model"),
+            ("checkpoints/final/", "checkpoints/final"),
+            ("./checkpoints//final", "checkpoints/final"),
+        ] {
+            assert_eq!(check_subfolder(given).unwrap(), want, "{given}");
+        }
+        for bad in ["..", "../x", "a/../../x", "/tmp", "a\\..\\x", "C:x", "a\0b"] {
+            let err = check_subfolder(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{bad}");
+            assert!(err.to_string().contains("Invalid subfolder"), "{bad}");
+        }
+        // Refused before the cache is looked at, even where the path it names holds the files.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("config.json"), "{}").unwrap();
+        let options = HubOptions {
+            cache_dir: Some(root.path().join("hub")),
+            local_files_only: true,
+            subfolder: Some("../..".into()),
+            ..Default::default()
+        };
+        let err = download("org/name", &["config.json"], &[], &options).unwrap_err();
+        assert!(err.to_string().contains("Invalid subfolder"), "{err}");
+    }
+
+    #[test]
+    fn a_cached_subfolder_is_served_from_its_folder_of_the_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = RepoCache::new(root.path(), "org/name");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snap = cache.dir.join("snapshots").join(commit);
+        let folder = snap.join("checkpoints/final");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::create_dir_all(cache.dir.join("refs")).unwrap();
+        std::fs::write(cache.dir.join("refs/main"), commit).unwrap();
+        std::fs::write(folder.join("config.json"), "{}").unwrap();
+        // PyTorch weights in shards, named relative to their index.
+        let index = r#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}"#;
+        std::fs::write(folder.join(PYTORCH_WEIGHTS_INDEX), index).unwrap();
+        std::fs::write(folder.join("pytorch_model-00001-of-00002.bin"), b"x").unwrap();
+        let options = HubOptions {
+            cache_dir: Some(root.path().to_path_buf()),
+            local_files_only: true,
+            subfolder: Some("checkpoints/final/".into()),
+            ..Default::default()
+        };
+        let files = ["config.json", WEIGHTS];
+        let optional = ["generation_config.json"];
+        let err = download("org/name", &files, &optional, &options).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("checkpoints/final/pytorch_model-00002-of-00002.bin"),
+            "{err}"
+        );
+        std::fs::write(folder.join("pytorch_model-00002-of-00002.bin"), b"x").unwrap();
+        // The optional file is settled by the marker of its path in the repository.
+        let err = download("org/name", &files, &optional, &options).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("checkpoints/final/generation_config.json"),
+            "{err}"
+        );
+        let marker = cache.no_exist_marker(commit, "checkpoints/final/generation_config.json");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        std::fs::write(&marker, b"").unwrap();
+        assert_eq!(
+            download("org/name", &files, &optional, &options).unwrap(),
+            folder
+        );
+        // The top of the repository holds none of them.
+        let top = HubOptions {
+            subfolder: None,
+            ..options
+        };
+        assert!(matches!(
+            download("org/name", &files, &[], &top),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Layout, Tensor};
 
-use super::checkpoint::read_exact_at;
+use super::files::read_exact_at;
 use crate::error::panic_message;
 use crate::limits::check_alloc;
 use crate::{Error, Result};

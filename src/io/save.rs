@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use super::checkpoint::{Checkpoint, WEIGHTS, WEIGHTS_INDEX};
+use super::checkpoint::Checkpoint;
+use super::shards::{WEIGHTS, WEIGHTS_INDEX};
 use crate::{limits, Error, Result};
 
 /// One tensor to write: its stored name, its shape, its dtype in the checkpoint and the dtype it is written in.

@@ -3,7 +3,7 @@
 //! - HF-native (transformers >= 4.56, `model_type: florence2`): `vision_config` with `embed_dim`,
 //!   `num_heads`, `num_groups`, `depths`, `window_size`, `projection_dim`, `max_position_embeddings`,
 //!   `max_temporal_embeddings`; a BART `text_config`; `image_token_id`.
-//! - Microsoft's original (trust_remote_code): `vision_config.model_type: davit` with `dim_embed`,
+//! - Microsoft's original (trust_remote_code; `io::Layout::of_config` says which): `vision_config` with `dim_embed`,
 //!   `image_pos_embed.max_pos_embeddings`, `visual_temporal_embedding.max_temporal_embeddings`, and the
 //!   projection size at the top level (`projection_dim`).
 //!
@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::io::layout::Layout;
@@ -113,8 +113,9 @@ impl VisionConfig {
     }
 }
 
-/// The BART language model (transformers' `BartConfig` fields that change the computation).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The BART language model (transformers' `BartConfig` fields that change the computation). A setting
+/// the text_config leaves out takes BartConfig's default (see [`TextConfig::defaults`]).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct TextConfig {
     #[serde(default = "defaults::vocab_size")]
     pub vocab_size: usize,
@@ -166,6 +167,21 @@ pub struct Florence2Config {
     pub layout: Layout,
     /// `dtype` / `torch_dtype` from config.json ("float16", "float32", "bfloat16"), used by dtype="auto".
     pub dtype: Option<String>,
+}
+
+impl TextConfig {
+    /// Every setting of a text_config that leaves them all out, by name: the defaults applied here,
+    /// which the Python package reads (`TEXT_CONFIG_DEFAULTS`) rather than writing them again.
+    pub fn defaults() -> Result<serde_json::Map<String, Value>> {
+        let defaults: TextConfig = serde_json::from_value(Value::Object(serde_json::Map::new()))
+            .map_err(|e| Error::invalid(format!("text_config defaults: {e}")))?;
+        match serde_json::to_value(defaults) {
+            Ok(Value::Object(settings)) => Ok(settings),
+            other => Err(Error::invalid(format!(
+                "text_config defaults are not an object: {other:?}"
+            ))),
+        }
+    }
 }
 
 mod defaults {

@@ -12,6 +12,7 @@ pub mod prompts;
 mod pytext;
 pub mod tokenizer;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 pub use image::{ImageInput, ImageProcessorConfig, PixelData, PixelValues, RgbImage, Size};
@@ -21,6 +22,48 @@ pub use tokenizer::{BatchEncoding, EncodeOptions, Florence2Tokenizer, Padding};
 use crate::io::json::read_json_if_present;
 use crate::io::Layout;
 use crate::{Error, Result};
+
+const PROCESSOR_CONFIG: &str = "processor_config.json";
+const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
+
+/// A setting the checkpoint gets wrong is an error of that file, named as such.
+fn in_file(path: &Path) -> impl FnOnce(Error) -> Error {
+    let path = path.to_path_buf();
+    move |err: Error| Error::Config {
+        path,
+        msg: err.to_string(),
+    }
+}
+
+/// The image settings of a checkpoint folder, where transformers looks for them: processor_config.json's
+/// `image_processor` (`processor_config`, already read), else preprocessor_config.json; None where neither
+/// holds them.
+fn image_config_of(
+    dir: &Path,
+    processor_config: Option<&serde_json::Value>,
+) -> Result<Option<ImageProcessorConfig>> {
+    let (json, path) = match processor_config.and_then(|p| p.get("image_processor")) {
+        Some(v) => (v.clone(), dir.join(PROCESSOR_CONFIG)),
+        None => {
+            let path = dir.join(PREPROCESSOR_CONFIG);
+            match read_json_if_present(&path)? {
+                Some(v) => (v, path),
+                None => return Ok(None),
+            }
+        }
+    };
+    ImageProcessorConfig::from_json(&json)
+        .map(Some)
+        .map_err(in_file(&path))
+}
+
+/// The image settings of a checkpoint folder (see [`Florence2Processor::from_dir`]) read alone: the one
+/// reader of those files for the processor and for the model, which checks its vision tower against
+/// the image size the processor makes. None where neither file holds them.
+pub fn read_image_config(dir: &Path) -> Result<Option<ImageProcessorConfig>> {
+    let processor_config = read_json_if_present(&dir.join(PROCESSOR_CONFIG))?;
+    image_config_of(dir, processor_config.as_ref())
+}
 
 /// Everything needed to turn (text, images) into model inputs and generated ids back into answers.
 #[derive(Debug, Clone)]
@@ -40,34 +83,14 @@ impl Florence2Processor {
     /// from processor_config.json, and the layout from config.json and the vocabulary.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tokenizer = Florence2Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let processor_path = dir.join("processor_config.json");
-        let preprocessor_path = dir.join("preprocessor_config.json");
+        let processor_path = dir.join(PROCESSOR_CONFIG);
         let processor_config = read_json_if_present(&processor_path)?;
-        // transformers' priority: processor_config.json's nested `image_processor`, else
-        // preprocessor_config.json.
-        let image_json = match processor_config
-            .as_ref()
-            .and_then(|p| p.get("image_processor"))
-        {
-            Some(v) => Some((v.clone(), &processor_path)),
-            None => read_json_if_present(&preprocessor_path)?.map(|v| (v, &preprocessor_path)),
-        };
-        // A setting the checkpoint gets wrong is an error of that file, named as such.
-        let in_file = |path: &Path| {
-            let path = path.to_path_buf();
-            move |err: Error| Error::Config {
-                path,
-                msg: err.to_string(),
-            }
-        };
-        let image_config = match image_json {
-            Some((v, path)) => ImageProcessorConfig::from_json(&v).map_err(in_file(path))?,
-            None => return Err(Error::NotFound {
-                path: preprocessor_path,
+        let image_config =
+            image_config_of(dir, processor_config.as_ref())?.ok_or_else(|| Error::NotFound {
+                path: dir.join(PREPROCESSOR_CONFIG),
                 hint: "the image settings are in preprocessor_config.json or processor_config.json"
                     .into(),
-            }),
-        };
+            })?;
         let post_config = PostProcessorConfig::from_json(
             processor_config
                 .as_ref()
@@ -199,5 +222,59 @@ impl Florence2Processor {
             }
         };
         postprocess::post_process_generation(&self.post_config, &text, task, image_size)
+    }
+
+    /// The answer of `post_process_generation(batch_decode([sequence], skip_special_tokens=False)[0])`
+    /// (generated ids as `generate` returns them), and for each of its boxes (`bboxes`, or `quad_boxes`
+    /// for OCR, in order) the indices in `sequence` of the location tokens holding its coordinates;
+    /// `None` for a box whose coordinates no location token of `sequence` wrote (text that spells out
+    /// `<loc_N>` in ordinary tokens).
+    pub fn post_process_sequence(
+        &self,
+        sequence: &[u32],
+        task: &str,
+        image_size: Option<(f64, f64)>,
+    ) -> Result<(Answer, Vec<Option<Vec<usize>>>)> {
+        let text = self.tokenizer.decode(sequence, false)?;
+        let (answer, locations) =
+            postprocess::post_process_with_locations(&self.post_config, &text, task, image_size)?;
+        let written = self.location_tokens_in(sequence, &text)?;
+        let spans = locations
+            .iter()
+            .map(|at| {
+                at.iter()
+                    .map(|offset| written.get(offset).copied())
+                    .collect()
+            })
+            .collect();
+        Ok((answer, spans))
+    }
+
+    /// Byte offset in `text` (the decoded `sequence`) → index in `sequence`, for each location token.
+    ///
+    /// A location token is an added token, decoded verbatim, so the text is rebuilt in runs: the tokens
+    /// between two location tokens decoded together, each location token as its own text. Where that
+    /// rebuilt text is not `text` (a decoder that changes location tokens), no token is placed.
+    fn location_tokens_in(&self, sequence: &[u32], text: &str) -> Result<HashMap<usize, usize>> {
+        let mut placed = HashMap::new();
+        let mut rebuilt = String::with_capacity(text.len());
+        let mut run_start = 0;
+        for (index, &id) in sequence.iter().enumerate() {
+            let Some(token) = self.tokenizer.id_to_token(id) else {
+                continue;
+            };
+            if !postprocess::is_location_token(&token) {
+                continue;
+            }
+            rebuilt.push_str(&self.tokenizer.decode(&sequence[run_start..index], false)?);
+            placed.insert(rebuilt.len(), index);
+            rebuilt.push_str(&token);
+            run_start = index + 1;
+        }
+        rebuilt.push_str(&self.tokenizer.decode(&sequence[run_start..], false)?);
+        if rebuilt != text {
+            placed.clear();
+        }
+        Ok(placed)
     }
 }

@@ -216,6 +216,18 @@ pub fn post_process_generation(
     task: &str,
     image_size: Option<(f64, f64)>,
 ) -> Result<Answer> {
+    post_process_with_locations(config, text, task, image_size).map(|(answer, _)| answer)
+}
+
+/// [`post_process_generation`], and where each box of the answer was read: for each of its `bboxes`
+/// (`quad_boxes` for OCR), in order, the byte offsets in `text` of the location tokens that hold its
+/// coordinates (4, or 8 for a quad). Polygons are not boxes: their answers have none.
+pub fn post_process_with_locations(
+    config: &PostProcessorConfig,
+    text: &str,
+    task: &str,
+    image_size: Option<(f64, f64)>,
+) -> Result<(Answer, Vec<Vec<usize>>)> {
     let parse_type = parse_type_for(task);
     if !config.enabled.contains(&parse_type) {
         return Err(Error::invalid(format!(
@@ -224,11 +236,10 @@ pub fn post_process_generation(
         )));
     }
     let size = Dequantizer { size: image_size };
-    let cleaned = text
-        .replace("<s>", "")
-        .replace("</s>", "")
-        .replace("<pad>", "");
-    Ok(match parse_type {
+    let (cleaned, origin) = remove_markers(text)?;
+    // Offsets of the boxes' location tokens in `cleaned`, mapped back to `text` at the end.
+    let mut locations: Vec<Vec<usize>> = Vec::new();
+    let answer = match parse_type {
         ParseType::PureText => {
             Answer::Text(py_strip(&text.replace("<s>", "").replace("</s>", "")).to_string())
         }
@@ -238,9 +249,12 @@ pub fn post_process_generation(
                     "a custom ocr PATTERN in post_processor_config is not supported",
                 ));
             }
-            let (quad_boxes, labels) = parse_ocr(&cleaned, size, config.ocr_area_threshold)?
-                .into_iter()
-                .unzip();
+            let (quads, labels): (Vec<_>, _) =
+                parse_ocr(&cleaned, size, config.ocr_area_threshold)?
+                    .into_iter()
+                    .unzip();
+            let quad_boxes;
+            (quad_boxes, locations) = quads.into_iter().unzip();
             Answer::Ocr { quad_boxes, labels }
         }
         ParseType::PhraseGrounding => {
@@ -250,15 +264,20 @@ pub fn post_process_generation(
                 parse_phrase_grounding(&cleaned, size, &config.banned_grounding_tokens)?
             {
                 labels.extend(std::iter::repeat_n(label, boxes.len()));
-                bboxes.extend(boxes);
+                for (bbox, at) in boxes {
+                    bboxes.push(bbox);
+                    locations.push(at);
+                }
             }
             Answer::Boxes { bboxes, labels }
         }
         ParseType::DescriptionWithBboxes | ParseType::Bboxes => {
             let allow_empty = parse_type == ParseType::Bboxes;
-            let (bboxes, labels) = parse_bboxes(&cleaned, size, allow_empty)?
+            let (boxes, labels): (Vec<_>, _) = parse_bboxes(&cleaned, size, allow_empty)?
                 .into_iter()
                 .unzip();
+            let bboxes;
+            (bboxes, locations) = boxes.into_iter().unzip();
             Answer::Boxes { bboxes, labels }
         }
         ParseType::Polygons => {
@@ -277,8 +296,10 @@ pub fn post_process_generation(
                     polygons_labels,
                 }
             } else {
-                let (bboxes, bboxes_labels) =
+                let (boxes, bboxes_labels): (Vec<_>, _) =
                     parse_bboxes(&cleaned, size, false)?.into_iter().unzip();
+                let bboxes;
+                (bboxes, locations) = boxes.into_iter().unzip();
                 Answer::BoxesOrPolygons {
                     bboxes,
                     bboxes_labels,
@@ -287,7 +308,39 @@ pub fn post_process_generation(
                 }
             }
         }
-    })
+    };
+    for at in &mut locations {
+        for offset in at.iter_mut() {
+            *offset = origin[*offset];
+        }
+    }
+    Ok((answer, locations))
+}
+
+/// `text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")`, and for each byte of the
+/// result its offset in `text`. Each pass removes non-overlapping matches from left to right, as
+/// Python's `str.replace` does; a later pass may remove a marker that an earlier one joined.
+fn remove_markers(text: &str) -> Result<(String, Vec<usize>)> {
+    let mut bytes = text.as_bytes().to_vec();
+    let mut origin: Vec<usize> = (0..bytes.len()).collect();
+    for marker in [&b"<s>"[..], b"</s>", b"<pad>"] {
+        let (mut kept, mut kept_origin) = (Vec::with_capacity(bytes.len()), Vec::new());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(marker) {
+                i += marker.len();
+            } else {
+                kept.push(bytes[i]);
+                kept_origin.push(origin[i]);
+                i += 1;
+            }
+        }
+        (bytes, origin) = (kept, kept_origin);
+    }
+    // The markers are ASCII, so removing them leaves whole UTF-8 characters.
+    let cleaned = String::from_utf8(bytes)
+        .map_err(|_| Error::invalid("internal: removing markers split a character"))?;
+    Ok((cleaned, origin))
 }
 
 /// Bin → pixel coordinate, bit for bit as transformers computes it with torch: the int64 bins become
@@ -359,25 +412,36 @@ fn token_run(s: &[u8], i: usize, token_at: fn(&[u8], usize) -> Option<usize>) ->
     (end, count)
 }
 
+/// Whether `token` is exactly one location token (`<loc_N>`).
+pub fn is_location_token(token: &str) -> bool {
+    loc_at(token.as_bytes(), 0).is_some_and(|(_, end)| end == token.len())
+}
+
 fn loc_end(s: &[u8], i: usize) -> Option<usize> {
     loc_at(s, i).map(|(_, end)| end)
 }
 
-/// The bins of the consecutive `<loc_N>` tokens in `s[start..end]`.
-fn loc_bins(s: &[u8], start: usize, end: usize) -> Vec<u64> {
-    let mut bins = Vec::new();
+/// The consecutive `<loc_N>` tokens in `s[start..end]`: (bin, byte offset of the token).
+fn loc_tokens(s: &[u8], start: usize, end: usize) -> Vec<(u64, usize)> {
+    let mut tokens = Vec::new();
     let mut i = start;
     while i < end {
         match loc_at(s, i) {
             Some((bin, next)) => {
-                bins.push(bin);
+                tokens.push((bin, i));
                 i = next;
             }
             None => break,
         }
     }
-    bins
+    tokens
 }
+
+/// A box and the byte offsets of the location tokens it was read from.
+type Placed<B> = (B, Vec<usize>);
+
+/// `[x1, y1, x2, y2]`, placed.
+type PlacedBox = Placed<[i32; 4]>;
 
 /// A phrase match of `re.findall`: `[start, tokens)` is the text part, `[tokens, end)` the markup run.
 #[derive(Debug, Clone, Copy)]
@@ -466,7 +530,7 @@ fn phrases_with_boxes(
     text: &str,
     size: Dequantizer,
     allow_empty: bool,
-) -> Result<Vec<(String, Vec<[i32; 4]>)>> {
+) -> Result<Vec<(String, Vec<PlacedBox>)>> {
     let s = text.as_bytes();
     let mut out = Vec::new();
     for span in find_phrases(s, !allow_empty, loc_end) {
@@ -474,9 +538,12 @@ fn phrases_with_boxes(
         let Some(phrase) = text_before_stop(phrase_text, BOX_STOPS) else {
             continue;
         };
-        let boxes = loc_bins(s, span.tokens, span.end)
+        let boxes = loc_tokens(s, span.tokens, span.end)
             .chunks_exact(4)
-            .map(|chunk| size.bbox(chunk))
+            .map(|chunk| {
+                let (bins, at): (Vec<u64>, Vec<usize>) = chunk.iter().copied().unzip();
+                Ok((size.bbox(&bins)?, at))
+            })
             .collect::<Result<Vec<_>>>()?;
         out.push((py_strip(phrase).to_string(), boxes));
     }
@@ -488,7 +555,7 @@ fn parse_bboxes(
     text: &str,
     size: Dequantizer,
     allow_empty: bool,
-) -> Result<Vec<([i32; 4], String)>> {
+) -> Result<Vec<(PlacedBox, String)>> {
     let mut out = Vec::new();
     for (phrase, boxes) in phrases_with_boxes(text, size, allow_empty)? {
         let label = ascii_only(&phrase);
@@ -503,7 +570,7 @@ fn parse_phrase_grounding(
     text: &str,
     size: Dequantizer,
     banned: &HashSet<String>,
-) -> Result<Vec<(Vec<[i32; 4]>, String)>> {
+) -> Result<Vec<(Vec<PlacedBox>, String)>> {
     Ok(phrases_with_boxes(text, size, false)?
         .into_iter()
         .filter(|(phrase, _)| !banned.contains(phrase))
@@ -519,7 +586,7 @@ fn parse_ocr(
     text: &str,
     size: Dequantizer,
     area_threshold: f64,
-) -> Result<Vec<([i32; 8], String)>> {
+) -> Result<Vec<(Placed<[i32; 8]>, String)>> {
     let s = text.as_bytes();
     let (width, height) = size
         .size
@@ -550,16 +617,18 @@ fn parse_ocr(
         }
         let mut end = content_end;
         let mut bins = [0u64; 8];
+        let mut at = Vec::with_capacity(8);
         for bin in bins.iter_mut() {
             let (b, next) = loc_at(s, end)
                 .ok_or_else(|| Error::invalid("internal: OCR location run changed"))?;
             *bin = b;
+            at.push(end);
             end = next;
         }
         let q = size.points(&bins)?;
         let quad = [q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]];
         if area_threshold <= 0.0 || !below_area(&quad, width, height, area_threshold) {
-            out.push((quad, py_strip(&text[i..content_end]).to_string()));
+            out.push(((quad, at), py_strip(&text[i..content_end]).to_string()));
         }
         i = end;
     }
@@ -648,7 +717,12 @@ fn separated_loc_runs(s: &str) -> Vec<Vec<u64>> {
         let rest = &s[end..];
         // `$` also matches before a final newline.
         if rest.is_empty() || rest == "\n" || rest.starts_with("<sep>") {
-            runs.push(loc_bins(b, i, end));
+            runs.push(
+                loc_tokens(b, i, end)
+                    .into_iter()
+                    .map(|(bin, _)| bin)
+                    .collect(),
+            );
         }
         i = end;
     }
@@ -762,6 +836,33 @@ mod tests {
                 polygons_labels: vec!["cat".into()]
             }
         );
+    }
+
+    #[test]
+    fn box_locations_are_offsets_in_the_uncleaned_text() {
+        let text = "</s>car<loc_1><pad><loc_2><loc_3><loc_4>dog<loc_5><loc_6><loc_7><loc_8></s>";
+        let (answer, locations) = post_process_with_locations(
+            &PostProcessorConfig::default(),
+            text,
+            "<OD>",
+            Some((1000.0, 1000.0)),
+        )
+        .unwrap();
+        assert_eq!(answer, run(text, "<OD>"));
+        let at = |token: &str| text.find(token).unwrap();
+        let expected: Vec<Vec<usize>> = [[1, 2, 3, 4], [5, 6, 7, 8]]
+            .iter()
+            .map(|bins| bins.iter().map(|b| at(&format!("<loc_{b}>"))).collect())
+            .collect();
+        assert_eq!(locations, expected);
+    }
+
+    #[test]
+    fn markers_are_removed_pass_by_pass_like_str_replace() {
+        // "<s>" goes first, which joins "</" and "s>" into a "</s>" the second pass removes.
+        let (cleaned, origin) = remove_markers("a</<s>s>b<pad>c").unwrap();
+        assert_eq!(cleaned, "abc");
+        assert_eq!(origin, vec![0, 8, 14]);
     }
 
     #[test]

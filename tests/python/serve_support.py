@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from florence2_rs.labeling import _location_bins, add_box_scores
+from florence2_rs.apps.labeling import scored_answer
 
 WRAPPER = Path(__file__).resolve().parent / "serve_wrapper.py"
 
@@ -49,14 +49,16 @@ def data_url(data: bytes) -> str:
 
 def library_answer(processor: Any, model: Any, data: bytes, prompt: str, task: str, **settings: Any) -> Any:
     """The library's answer for one image alone: processor + generate + post_process_generation, with the
-    per-box scores of `florence2_rs.labeling.add_box_scores`, as JSON gives it back."""
+    per-box scores of `florence2_rs.apps.labeling.scored_answer`, as JSON gives it back."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     inputs = processor(text=prompt, images=image, return_tensors="np")
     out = model.generate(**inputs, return_dict_in_generate=True, **settings)
     text = processor.batch_decode(out.sequences, skip_special_tokens=False)[0]
     answer = processor.post_process_generation(text, task=task, image_size=image.size)[task]
     if isinstance(answer, dict):
-        add_box_scores(answer, out.sequences[0], out.token_scores[0], _location_bins(processor), image.size)
+        scored = scored_answer(processor, task, out.sequences[0], out.token_scores[0], image.size)
+        assert {key: scored[key] for key in answer} == answer
+        answer = scored
     return json.loads(json.dumps(answer))
 
 

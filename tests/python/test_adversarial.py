@@ -196,7 +196,7 @@ def _label_folder_with_the_cli() -> str:
     return textwrap.dedent("""
         import contextlib, io, json
         from pathlib import Path
-        from florence2_rs.cli import main
+        from florence2_rs.apps.cli import main
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             status = main(["--model", str(CKPT), "--max-new-tokens", "4", "--num-beams", "1", "--quiet",

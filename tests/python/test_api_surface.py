@@ -33,6 +33,25 @@ def test_documented_names_are_exported():
         assert hasattr(florence2_rs, name), name
 
 
+# Exported names that transformers spells otherwise: the processor's two parts (transformers' Florence-2
+# processor holds a CLIPImageProcessor and a BartTokenizer), and the package's own exception.
+OWN_SPELLINGS = {"Florence2ImageProcessor": "CLIPImageProcessor", "Florence2Tokenizer": "BartTokenizer",
+                 "Florence2Error": None}
+
+
+def test_top_level_exports_transformers_names_only():
+    """The top level is the drop-in: the applications (`florence2_rs.apps`) and the server
+    (`florence2_rs.serve`) are imported from their own modules, and `import florence2_rs` loads neither."""
+    import transformers
+
+    for name in florence2_rs.__all__:
+        counterpart = OWN_SPELLINGS.get(name, name)
+        assert counterpart is None or hasattr(transformers, counterpart), f"{name} is no transformers name"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, florence2_rs; print(*sorted(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not [m for m in loaded if m.startswith(("florence2_rs.apps", "florence2_rs.serve"))]
+
+
 def _public_members(cls):
     """Public methods and properties of `cls` defined in florence2_rs (not those inherited from dict & co.)."""
     for owner in cls.__mro__:

@@ -20,9 +20,9 @@ import pytest
 import skimage
 from PIL import Image
 
-from florence2_rs.cli import Progress, expand_inputs
+from florence2_rs.apps.cli import Progress, expand_inputs
 from florence2_rs import AutoProcessor
-from florence2_rs.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, Labeler
+from florence2_rs.apps.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, Labeler
 
 ROOT = Path(__file__).resolve().parents[2]
 # Short generations: random weights would otherwise run to the 1024-token default.
@@ -218,7 +218,7 @@ def test_progress_bar_counts_images():
 def test_the_console_script_is_declared():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["florence2"] == "florence2_rs.cli:main"
+    assert scripts["florence2"] == "florence2_rs.apps.cli:main"
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

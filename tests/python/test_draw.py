@@ -1,4 +1,4 @@
-"""florence2_rs.draw on hand-made answers of every shape post_process_generation returns."""
+"""florence2_rs.apps.draw.draw on hand-made answers of every shape post_process_generation returns."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import skimage
 from PIL import Image
 
-import florence2_rs
+from florence2_rs.apps.draw import draw
 
 POLYGON = [[180, 30, 330, 30, 350, 150, 300, 230, 200, 230, 160, 150]]
 # One answer of each shape, as post_process_generation returns them for a 512×512 image.
@@ -34,7 +34,7 @@ def _changed(before: Image.Image, after: Image.Image, x: int, y: int) -> bool:
 
 @pytest.mark.parametrize("task", sorted(ANSWERS))
 def test_shapes_are_drawn_where_the_answer_puts_them(astronaut, task, tmp_path):
-    picture = florence2_rs.draw(astronaut, {task: ANSWERS[task]})
+    picture = draw(astronaut, {task: ANSWERS[task]})
     picture.save(tmp_path / "picture.png")  # a PNG that opens: what --draw writes
     assert picture.mode == "RGB" and picture.width == astronaut.width and picture.height > astronaut.height
     answer = ANSWERS[task]
@@ -54,8 +54,8 @@ def test_confidence_and_label_tags_are_drawn(astronaut):
     """With scores the tag is wider (it holds "helmet 0.91"), and it sits above the box."""
     answer = ANSWERS["<OD>"]
     unscored = {key: value for key, value in answer.items() if key != "scores"}
-    with_scores = np.asarray(florence2_rs.draw(astronaut, {"<OD>": answer}))
-    without = np.asarray(florence2_rs.draw(astronaut, {"<OD>": unscored}))
+    with_scores = np.asarray(draw(astronaut, {"<OD>": answer}))
+    without = np.asarray(draw(astronaut, {"<OD>": unscored}))
     x1, y1 = answer["bboxes"][0][:2]
     tag_row = y1 - 3  # inside the tag above the top-left corner
     assert (with_scores[tag_row] != without[tag_row]).any()
@@ -63,8 +63,8 @@ def test_confidence_and_label_tags_are_drawn(astronaut):
 
 def test_text_answers_go_in_the_band_under_the_picture(astronaut):
     caption = "An astronaut in a white suit stands before an American flag, holding a helmet. " * 3
-    short = florence2_rs.draw(astronaut, {"<CAPTION>": "An astronaut."})
-    long = florence2_rs.draw(astronaut, {"<MORE_DETAILED_CAPTION>": caption})
+    short = draw(astronaut, {"<CAPTION>": "An astronaut."})
+    long = draw(astronaut, {"<MORE_DETAILED_CAPTION>": caption})
     assert np.array_equal(np.asarray(short)[: astronaut.height], np.asarray(astronaut))  # picture untouched
     assert long.height > short.height  # long captions wrap onto more lines
     band = np.asarray(long)[astronaut.height:]
@@ -73,13 +73,13 @@ def test_text_answers_go_in_the_band_under_the_picture(astronaut):
 
 def test_several_tasks_give_one_panel_each(astronaut):
     result = {**{task: ANSWERS[task] for task in ("<OD>", "<OCR_WITH_REGION>")}, "<CAPTION>": "An astronaut."}
-    sheet = florence2_rs.draw(astronaut, result)
+    sheet = draw(astronaut, result)
     assert sheet.width >= 3 * astronaut.width
 
 
 def test_small_pictures_are_enlarged_and_arrays_and_empty_answers_are_accepted(astronaut):
     small = np.asarray(astronaut.resize((128, 128)))
-    picture = florence2_rs.draw(small, {"<OD>": {"bboxes": [[40, 5, 85, 57]], "labels": ["helmet"]}})
+    picture = draw(small, {"<OD>": {"bboxes": [[40, 5, 85, 57]], "labels": ["helmet"]}})
     assert picture.width == 512
-    empty = florence2_rs.draw(astronaut, {"<OD>": {"bboxes": [], "labels": []}})
+    empty = draw(astronaut, {"<OD>": {"bboxes": [], "labels": []}})
     assert np.array_equal(np.asarray(empty)[: astronaut.height], np.asarray(astronaut))

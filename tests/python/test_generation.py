@@ -107,6 +107,28 @@ def test_return_dict_scores_match_transformers(case):
         torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
 
 
+def test_settings_given_as_numpy_torch_tuples_and_sets_equal_plain_values(case):
+    """Settings reach the native code as Python objects: numpy and torch scalars and arrays, tuples and sets
+    mean what the plain values mean (transformers run with the plain values)."""
+    folder, ref, references = case
+    plain = dict(max_new_tokens=9, num_beams=3, length_penalty=0.5, early_stopping=True, do_sample=False,
+                 bad_words_ids=[[5], [9, 11]], suppress_tokens=[13, 17], forced_eos_token_id=[2])
+    given = dict(max_new_tokens=np.int64(9), num_beams=torch.tensor(3), length_penalty=np.float32(0.5),
+                 early_stopping=np.bool_(True), do_sample=torch.tensor(False),
+                 bad_words_ids=(np.array([5]), (9, 11)), suppress_tokens={17, 13}, forced_eos_token_id=np.array([2]))
+    with torch.no_grad():
+        expected = references["hf"].generate(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"],
+                                             pixel_values=ref["pixel_values"], **plain).numpy()
+    model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(folder / "hf")
+    ids, mask, pixels = numpy_inputs(ref, "hf")
+    np.testing.assert_array_equal(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **given),
+                                  expected)
+    with pytest.raises(ValueError, match="`length_penalty` must be a finite number, but is nan"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, length_penalty=np.float64("nan"))
+    with pytest.raises(TypeError, match="`bad_words_ids` that is not a setting"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, bad_words_ids=[[object()]])
+
+
 @pytest.mark.parametrize("bad,error", [
     (dict(max_new_tokens=0), ValueError),
     (dict(max_new_tokens=-3), ValueError),

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from florence2_rs import AutoProcessor, Florence2Config, Florence2ForConditionalGeneration
+from florence2_rs import AutoProcessor, Florence2Config, Florence2ForConditionalGeneration, _native
 from florence2_rs.hub import WEIGHTS, resolve_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -435,6 +435,48 @@ def test_sharded_weights_in_a_subfolder_are_named_from_the_index(nested):
     count = len(nested.requests)
     assert resolve_checkpoint(REPO, subfolder=SUBFOLDER, local_files_only=True, **MODEL_FILES) == folder
     assert len(nested.requests) == count
+
+
+def _weights_below(files: dict[str, bytes], kind: str, folder: str) -> dict[str, bytes]:
+    """Puts weights of `kind` under `folder` of a fake repository in place of model.safetensors; returns the
+    weight files the download must bring, by their name in `folder`."""
+    del files[f"{folder}/{WEIGHTS}"]
+    stem, ext = ("model", "safetensors") if "safetensors" in kind else ("pytorch_model", "bin")
+    if "shards" in kind:
+        weights = {f"{stem}-0000{i}-of-00002.{ext}": f"shard {i}".encode() * 10 for i in (1, 2)}
+        index = {"metadata": {}, "weight_map": dict(zip("ab", weights))}
+        weights[f"{stem}.{ext}.index.json"] = json.dumps(index).encode()
+    else:
+        weights = {f"{stem}.{ext}": b"weights" * 10}
+    files.update({f"{folder}/{name}": data for name, data in weights.items()})
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["safetensors shards", "bin", "bin shards"])
+def test_one_native_call_resolves_the_weights_of_a_subfolder(nested, tmp_path, kind):
+    """The native resolver takes the subfolder: model.safetensors, else its index and shards, else
+    pytorch_model.bin, else its index and shards, each below the subfolder, as at the repository's top."""
+    weights = _weights_below(nested.repos[REPO], kind, SUBFOLDER)
+    folder = _native.hub_download(REPO, ["config.json", WEIGHTS], ["generation_config.json"], subfolder=SUBFOLDER)
+    assert folder == repo_cache(tmp_path) / "snapshots" / COMMIT / "checkpoints" / "final"
+    for name, data in weights.items():
+        assert (folder / name).read_bytes() == data
+    assert (folder / "config.json").read_bytes() == (TINY / "config.json").read_bytes()
+    asked = [p for p in nested.paths() if "/resolve/" in p]
+    assert all(f"/{SUBFOLDER}/" in p for p in asked)
+    count = len(nested.requests)
+    assert resolve_checkpoint(REPO, subfolder=SUBFOLDER, local_files_only=True, **MODEL_FILES) == folder
+    assert len(nested.requests) == count
+
+
+def test_pytorch_shards_in_a_subfolder_resume_at_the_missing_shard(nested):
+    weights = _weights_below(nested.repos[REPO], "bin shards", SUBFOLDER)
+    nested.truncate_once.add(f"{REPO}/{SUBFOLDER}/pytorch_model-00002-of-00002.bin")
+    with pytest.raises(OSError, match=f"{SUBFOLDER}/pytorch_model-00002-of-00002"):
+        resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
+    folder = resolve_checkpoint(REPO, subfolder=SUBFOLDER, **MODEL_FILES)
+    for name, data in weights.items():
+        assert (folder / name).read_bytes() == data
 
 
 def test_subfolder_without_weights_names_both_files(nested):

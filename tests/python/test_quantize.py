@@ -31,7 +31,7 @@ def test_quantized_model_generates_close_to_dense(quantize, bound):
     want = dense.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
     got = model.forward(input_ids, decoder_ids, None, pixel_values, None)["logits"]
     assert 0 < np.abs(got - want).max() / np.abs(want).max() < bound
-    out = model.generate(input_ids, None, pixel_values, None, kwargs='{"max_new_tokens": 8, "num_beams": 3}')
+    out = model.generate(input_ids, None, pixel_values, None, kwargs={"max_new_tokens": 8, "num_beams": 3})
     assert out["sequences"].shape[0] == 1
 
 

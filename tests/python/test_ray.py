@@ -14,7 +14,7 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from florence2_rs.ray_labeling import label_images  # noqa: E402
+from florence2_rs.apps.ray_labeling import label_images  # noqa: E402
 
 
 def _descendants(pid: int) -> set[int]:
@@ -78,7 +78,7 @@ def test_a_resumed_job_labels_only_what_the_output_folder_lacks(end_to_end_check
     short and the one that failed, and nothing the folder already holds; the skipped images are not read."""
     import ray.data
 
-    from florence2_rs.ray_labeling import labeled_paths
+    from florence2_rs.apps.ray_labeling import labeled_paths
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -124,7 +124,7 @@ def test_the_command_resumes_into_its_output_folder(end_to_end_checkpoint, tmp_p
     folder ends with one row per image and task, the first job's rows kept and none written twice."""
     import functools
 
-    from florence2_rs.ray_labeling import main
+    from florence2_rs.apps.ray_labeling import main
 
     # main's own ray.init, on two CPUs with a small object store (see local_ray).
     monkeypatch.setattr(ray, "init", functools.partial(ray.init, num_cpus=2, object_store_memory=128 * 1024**2,
@@ -162,7 +162,7 @@ def test_the_command_refuses_more_threads_per_worker_than_a_node_has(end_to_end_
     (tmp_path / "images").mkdir()
     Image.fromarray(skimage.data.coffee()[:60, :80]).save(tmp_path / "images" / "a.png")
     try:
-        done = subprocess.run([sys.executable, "-m", "florence2_rs.ray_labeling", str(tmp_path / "images"),
+        done = subprocess.run([sys.executable, "-m", "florence2_rs.apps.ray_labeling", str(tmp_path / "images"),
                                str(tmp_path / "labels"), "--model", str(end_to_end_checkpoint / "hf"),
                                "--threads-per-worker", str(10 ** 6)], capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
@@ -175,7 +175,7 @@ def test_the_command_refuses_more_threads_per_worker_than_a_node_has(end_to_end_
 def test_the_command_refuses_an_output_folder_that_holds_labels(tmp_path):
     """Without --resume, a folder that holds rows is a usage error (before Ray starts): the second job would
     add a second row per image beside the first."""
-    from florence2_rs.ray_labeling import main
+    from florence2_rs.apps.ray_labeling import main
 
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "part.json").write_text('{"path": "x.png", "task": "<OD>", "result": "{}", "error": null}\n')
@@ -186,7 +186,7 @@ def test_the_command_refuses_an_output_folder_that_holds_labels(tmp_path):
 
 def test_only_files_of_rows_count_as_labels(tmp_path):
     """A folder with other files (a README, Ray's hidden files) but no `*.json` holds no labels."""
-    from florence2_rs.ray_labeling import _holds_files
+    from florence2_rs.apps.ray_labeling import _holds_files
 
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "README.txt").write_text("labels of the spring batch\n")

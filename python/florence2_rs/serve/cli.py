@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 import uvicorn
 
-from ..cli import positive_int, usable_threads
+from ..apps.cli import positive_int, usable_threads
+from .._native import DTYPES
 from ..quantization import QUANTIZE_MODES
 from .app import ServerOptions, ServerState, create_app
 from .engine import DEFAULT_GENERATION, EngineOptions
@@ -50,7 +51,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     them), the generation defaults, batching and the image limits."""
     p.add_argument("--model", required=True, help="Hub id or local checkpoint folder")
     p.add_argument("--served-model-name", help="the model name /v1/models lists (default: --model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype; auto is the checkpoint's (default: %(default)s)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize the linear layers' weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: %(default)s)")

@@ -26,7 +26,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..labeling import _location_bins, add_box_scores
+from ..apps.labeling import scored_answer
 from ..pipeline import ImageTextToTextPipeline
 from .metrics import ServeMetrics
 from .schemas import RequestError, TaskPrompt
@@ -148,7 +148,6 @@ class Engine:
         self.model, self.processor, self.options = model, processor, options
         self.metrics = metrics or ServeMetrics()
         self._texts = ImageTextToTextPipeline(model, processor)
-        self._loc_bins = _location_bins(processor)
         # The encoder reads the image's tokens and the prompt's: the HF-native layout's prompt ids hold the
         # image's placeholders, Microsoft's layout puts the image tokens in front of them.
         self._max_positions = model.config.text_config.max_position_embeddings
@@ -335,14 +334,10 @@ class Engine:
         seconds = time.perf_counter() - start
         self.metrics.batch_size.observe(len(batch))
         sequences, token_scores = np.asarray(out.sequences), np.asarray(out.token_scores)
-        texts = self.processor.batch_decode(sequences, skip_special_tokens=False)
         answers = []
         for i, row in enumerate(batch):
-            size = row.job.image_size
-            result = self.processor.post_process_generation(texts[i], task=row.prompt.task, image_size=size)
-            result = result[row.prompt.task]
-            if isinstance(result, dict):
-                add_box_scores(result, sequences[i], token_scores[i], self._loc_bins, size)
+            result = scored_answer(self.processor, row.prompt.task, sequences[i], token_scores[i],
+                                   row.job.image_size)
             record = self._texts._records([row.prompt.prompt], row.ids[None], sequences[i:i + 1],
                                           return_full_text=False)[0]
             generated = sequences[i, 1:].tolist()

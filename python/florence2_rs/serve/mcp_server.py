@@ -26,7 +26,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ImageContent, TextContent
 from pydantic import BaseModel
 
-from ..cli import usable_threads
+from ..apps.cli import usable_threads
 from .app import ServerOptions, load_engine
 from .cli import add_model_arguments, options_from_args
 from .engine import Engine
@@ -122,7 +122,7 @@ def _is_file(source: str) -> bool:
 def _png_base64(image: Any, result: dict) -> str:
     import base64
 
-    from ..draw import draw
+    from ..apps.draw import draw
 
     out = io.BytesIO()
     draw(image, result).save(out, format="PNG")

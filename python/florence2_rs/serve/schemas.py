@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, task_token
+from ..apps.labeling import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, task_token
 
 #: The largest values a request may ask for; they bound the work one request can make.
 MAX_NEW_TOKENS = 4096

@@ -25,7 +25,8 @@ from typing import IO, Any, Iterator, Sequence, TextIO
 from .draw import draw
 from .labeling import (DEFAULT_MODEL, TASKS_WITHOUT_INPUT, Labeler, labeled_pairs, read_json_lines, task_token,
                        try_load_image)
-from .quantization import QUANTIZE_MODES
+from .._native import DTYPES
+from ..quantization import QUANTIZE_MODES
 
 try:
     import fcntl
@@ -141,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: OD)")
     parser.add_argument("--text", help="the input of tasks that take one (a phrase, or a region as "
                                        "<loc_x1><loc_y1><loc_x2><loc_y2>)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="compute dtype; auto is the checkpoint's (default: %(default)s)")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES,
                         help="quantize the linear layers' weights at load (as load_in_8bit / load_in_4bit)")

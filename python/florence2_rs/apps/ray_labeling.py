@@ -1,7 +1,7 @@
 """Labeling a folder of images at scale with Ray Data: each Ray worker loads the model once and labels
 batches of images; the same code runs in Ray's local mode on one machine and on a Ray cluster.
 
-    python -m florence2_rs.ray_labeling IMAGES_DIR OUTPUT_DIR [--model ID_OR_DIR] [--task TASK ...]
+    python -m florence2_rs.apps.ray_labeling IMAGES_DIR OUTPUT_DIR [--model ID_OR_DIR] [--task TASK ...]
         [--workers N] [--threads-per-worker N] [--batch-size N] [--address ADDRESS] [--resume]
 
 Writes JSON lines (one row per image and task: path, task, result as a JSON string, error) into OUTPUT_DIR.
@@ -33,7 +33,7 @@ class RayLabeler:
 
     Args:
         threads: CPU threads of this worker's model; match the `num_cpus` Ray reserves for the worker.
-        **labeler_kwargs: `florence2_rs.labeling.Labeler` arguments (model, tasks, text, dtype, generation).
+        **labeler_kwargs: `florence2_rs.apps.labeling.Labeler` arguments (model, tasks, text, dtype, generation).
     """
 
     def __init__(self, threads: int = 1, **labeler_kwargs: Any) -> None:
@@ -183,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Labels a folder into JSON files; connects to the cluster at --address, else starts Ray locally."""
     import ray
 
-    parser = argparse.ArgumentParser(prog="python -m florence2_rs.ray_labeling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m florence2_rs.apps.ray_labeling",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("images", help="folder (or file, or s3://...) of images")
     parser.add_argument("output", help="folder to write the JSON lines into")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or checkpoint folder on every node")

@@ -15,11 +15,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import _native
-from ._native import LOCATION_BINS
-from .modeling import Florence2ForConditionalGeneration
-from .processing import AutoProcessor, load_image
-from .quantization import config_for_mode
+from .. import _native
+from ..modeling import Florence2ForConditionalGeneration
+from ..processing import AutoProcessor, load_image
+from ..quantization import config_for_mode
 
 DEFAULT_MODEL = "microsoft/Florence-2-base"
 
@@ -29,8 +28,8 @@ DEFAULT_MODEL = "microsoft/Florence-2-base"
 TASKS_WITHOUT_INPUT: tuple[str, ...] = _native.TASKS_WITHOUT_INPUT
 TASKS_WITH_INPUT: tuple[str, ...] = _native.TASKS_WITH_INPUT
 
-# Answer keys that hold boxes with one score each, and how many location tokens make one of them.
-_SCORED_KEYS = {"bboxes": ("scores", 4), "quad_boxes": ("scores", 8)}
+# Answer keys that hold boxes; "scores" goes beside them.
+_BOX_KEYS = ("bboxes", "quad_boxes")
 
 
 def task_token(name: str) -> str:
@@ -167,7 +166,6 @@ class Labeler:
         self._prompt_ids = {
             task: self.processor._core.encode_prompts([task + (text or "")], True)[0][0] for task in self.tasks
         }
-        self._loc_bins = _location_bins(self.processor)
 
     def label(self, images: Sequence[Any]) -> list[list[dict[str, Any]]]:
         """Runs every task on every image.
@@ -190,12 +188,8 @@ class Labeler:
             start = time.perf_counter()
             sequences, token_scores = self._generate(task, features, count)
             generate_s = (time.perf_counter() - start) / count
-            texts = self.processor.batch_decode(sequences, skip_special_tokens=False)
             for i, image in enumerate(images):
-                size = _image_size(image)
-                answer = self.processor.post_process_generation(texts[i], task=task, image_size=size)[task]
-                if isinstance(answer, dict):
-                    add_box_scores(answer, sequences[i], token_scores[i], self._loc_bins, size)
+                answer = scored_answer(self.processor, task, sequences[i], token_scores[i], _image_size(image))
                 records[i].append({"task": task, "result": answer,
                                    "timings": {"image": round(image_s, 4), "generate": round(generate_s, 4)}})
         return records
@@ -227,63 +221,53 @@ def _image_size(image: Any) -> tuple[int, int]:
     return shape[1], shape[0]
 
 
-def _location_bins(processor: Any) -> dict[int, int]:
-    """Token id → bin of the 1000 `<loc_*>` tokens."""
-    ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{b}>" for b in range(LOCATION_BINS)])
-    return {token_id: b for b, token_id in enumerate(ids) if token_id is not None}
-
-
-def add_box_scores(answer: dict[str, Any], sequence: Iterable[int], token_scores: Sequence[float],
-                   loc_bins: dict[int, int], image_size: tuple[float, float]) -> None:
-    """Adds a confidence in [0, 1] beside the boxes of an answer: "scores" beside "bboxes" and "quad_boxes".
-
-    A box's confidence is the geometric mean of the probabilities the decoder gave its location tokens. It
-    ranks a model's boxes; it is not a calibrated detection score. Each box of the answer is matched, in
-    order, to the next run of location tokens in the generated ids that dequantizes to its coordinates; a
-    box without a match (none is expected) gets None.
+def scored_answer(processor: Any, task: str, sequence: Sequence[int], token_scores: Sequence[float],
+                  image_size: tuple[float, float]) -> Any:
+    """One task's answer for generated ids, with a score beside each box.
 
     Args:
-        answer: one task's answer from post_process_generation (changed in place).
-        sequence: the generated ids (starting with the decoder start token).
+        processor: the checkpoint's `Florence2Processor`.
+        task: the task token.
+        sequence: the generated ids (starting with the decoder start token, as `generate` returns them).
         token_scores: the log-probability of each generated token (`sequence[1:]`).
-        loc_bins: token id → bin of the location tokens.
-        image_size: (width, height) given to post_process_generation.
+        image_size: (width, height) of the image.
+
+    Returns:
+        `post_process_generation(batch_decode([sequence], skip_special_tokens=False)[0], task=task,
+        image_size=image_size)[task]`, with "scores" beside its boxes (see `add_box_scores`).
     """
-    tokens = list(sequence)[1:]
-    for key, (score_key, per_box) in _SCORED_KEYS.items():
-        boxes = answer.get(key)
-        if not boxes:
+    answers, box_tokens = processor._core.post_process_sequence(
+        task, np.asarray(sequence).tolist(), tuple(float(v) for v in image_size))
+    answer = answers[task]
+    if isinstance(answer, dict):
+        add_box_scores(answer, box_tokens, token_scores)
+    return answer
+
+
+def add_box_scores(answer: dict[str, Any], box_tokens: Sequence[Sequence[int] | None],
+                   token_scores: Sequence[float]) -> None:
+    """Adds a confidence in [0, 1] beside the boxes of an answer: "scores" beside "bboxes" and "quad_boxes".
+
+    A box's confidence is the geometric mean of the probabilities the decoder gave the location tokens its
+    coordinates were read from, which the post-processor reports (`box_tokens`). It ranks a model's boxes;
+    it is not a calibrated detection score. A box no location token wrote (text spelling out `<loc_N>`) gets
+    None.
+
+    Args:
+        answer: one task's answer from the processor's `post_process_sequence` (changed in place).
+        box_tokens: for each box of the answer, in order, the indices of its location tokens in the generated
+            ids, or None.
+        token_scores: the log-probability of each generated token (the ids after the decoder start token).
+    """
+    for key in _BOX_KEYS:
+        if not answer.get(key):
             continue
-        windows = _location_windows(tokens, token_scores, loc_bins, image_size, per_box)
-        scores, next_start = [], 0
-        for box in boxes:
-            match = next((w for w in windows if w[0] >= next_start and w[1] == list(box)), None)
-            if match is None:
+        scores = []
+        for tokens in box_tokens:
+            # The decoder start token (index 0) was not generated and has no log-probability.
+            if not tokens or min(tokens) < 1:
                 scores.append(None)
                 continue
-            scores.append(match[2])
-            next_start = match[0] + per_box
-        answer[score_key] = scores
-
-
-def _location_windows(tokens: list[int], log_probs: Sequence[float], loc_bins: dict[int, int],
-                      image_size: tuple[float, float], per_box: int) -> list[tuple[int, list[int], float]]:
-    """Every `per_box` consecutive location tokens: (first token's index, pixel coordinates, confidence).
-
-    Windows start anywhere, not only at multiples of `per_box` from a run's start, because the parser may
-    take location tokens as text (an OCR label can begin with one)."""
-    windows = []
-    for start in range(len(tokens) - per_box + 1):
-        window = tokens[start:start + per_box]
-        if all(token in loc_bins for token in window):
-            coords = _dequantize([loc_bins[token] for token in window], image_size)
-            confidence = float(np.exp(np.mean(np.asarray(log_probs[start:start + per_box], np.float64))))
-            windows.append((start, coords, round(confidence, 4)))
-    return windows
-
-
-def _dequantize(bins: Sequence[int], image_size: tuple[float, float]) -> list[int]:
-    """Bins → pixels with the post-processor's float32 arithmetic, so coordinates compare equal."""
-    per_bin = np.array([image_size[0] / LOCATION_BINS, image_size[1] / LOCATION_BINS], np.float32)
-    values = (np.asarray(bins, np.float32) + np.float32(0.5)) * np.resize(per_bin, len(bins))
-    return values.astype(np.int32).tolist()
+            log_probs = np.asarray([token_scores[t - 1] for t in tokens], np.float64)
+            scores.append(round(float(np.exp(log_probs.mean())), 4))
+        answer["scores"] = scores
