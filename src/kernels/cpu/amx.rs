@@ -273,13 +273,15 @@ unsafe fn block(
         let a0 = a.add(step * K_STEP);
         // A step of 32 values of `k` is 16 pairs: 16 panel rows.
         let b0 = panel.add(step * (K_STEP / 2) * PANEL);
+        // Each tile is loaded right before the first product that reads it (oneDNN's order), so that a product
+        // starts as soon as its two operands are in and the later loads overlap it.
         asm!(
             "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
             "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a0 = in(reg) a0,

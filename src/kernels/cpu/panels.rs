@@ -41,8 +41,15 @@ pub fn for_each_block(
     let row_blocks = m.div_ceil(block_rows);
     // Enough tasks for the threads to balance; when there are few row blocks (the encoder's few hundred
     // rows, a decode step's one block) the panels are split too.
-    let want = 4 * rayon::current_num_threads();
-    let panel_groups = want.div_ceil(row_blocks).clamp(1, panels.max(1));
+    let threads = rayon::current_num_threads();
+    let want = 4 * threads;
+    let mut panel_groups = want.div_ceil(row_blocks).clamp(1, panels.max(1));
+    // Tasks of one size finish together only if each thread gets as many: 9 row blocks on 2 threads leave
+    // one thread idle for the last task. Splitting the panels finer (up to twice) evens the count.
+    let most = panels.min(2 * panel_groups);
+    while (row_blocks * panel_groups) % threads != 0 && panel_groups < most {
+        panel_groups += 1;
+    }
     let group_panels = panels.div_ceil(panel_groups);
     (0..row_blocks * panel_groups)
         .into_par_iter()
