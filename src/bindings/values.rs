@@ -8,8 +8,18 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, Py
 use pyo3::IntoPyObjectExt;
 use serde_json::{Map, Number, Value};
 
+/// How deep lists and dicts may nest in a setting. The deepest real ones are two levels (`bad_words_ids`, a
+/// config's nested dicts three); the bound turns a list that contains itself, or a `tolist()` that returns
+/// its own object, into an error where recursing would overflow the stack.
+const MAX_DEPTH: usize = 32;
+
 /// The settings `dict` (names to values) as a JSON object; `what` names the call in errors.
 pub fn settings(dict: &Bound<'_, PyDict>, what: &str) -> PyResult<Map<String, Value>> {
+    object(dict, what, 0)
+}
+
+/// [`settings`] at nesting depth `depth`.
+fn object(dict: &Bound<'_, PyDict>, what: &str, depth: usize) -> PyResult<Map<String, Value>> {
     let mut map = Map::new();
     for (key, value) in dict.iter() {
         let key: String = key.extract().map_err(|_| {
@@ -17,15 +27,22 @@ pub fn settings(dict: &Bound<'_, PyDict>, what: &str) -> PyResult<Map<String, Va
                 "{what}: setting names must be strings, got {key:?}"
             ))
         })?;
-        let value = setting(&value, &key, what)?;
+        let value = setting(&value, &key, what, depth)?;
         map.insert(key, value);
     }
     Ok(map)
 }
 
 /// One setting's value: None, bool, int, float (finite), str, and lists, tuples, sets (sorted) and dicts of
-/// them; a numpy or torch scalar or array by its `tolist()`. Anything else is a TypeError naming `key`.
-fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str) -> PyResult<Value> {
+/// them; a numpy or torch scalar or array by its `tolist()`. Anything else is a TypeError naming `key`; nesting
+/// past [`MAX_DEPTH`] a ValueError naming it.
+fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str, depth: usize) -> PyResult<Value> {
+    if depth > MAX_DEPTH {
+        return Err(PyValueError::new_err(format!(
+            "{what}: `{key}` nests lists or dicts more than {MAX_DEPTH} deep (a list that contains itself?)"
+        )));
+    }
+    let inner = depth + 1;
     if value.is_none() {
         Ok(Value::Null)
     } else if let Ok(flag) = value.cast::<PyBool>() {
@@ -46,7 +63,7 @@ fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str) -> PyResult<Value> {
     } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
         let items = value
             .try_iter()?
-            .map(|item| setting(&item?, key, what))
+            .map(|item| setting(&item?, key, what, inner))
             .collect::<PyResult<_>>()?;
         Ok(Value::Array(items))
     } else if value.is_instance_of::<PySet>() || value.is_instance_of::<PyFrozenSet>() {
@@ -55,11 +72,11 @@ fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str) -> PyResult<Value> {
             .py()
             .import("builtins")?
             .call_method1("sorted", (value,))?;
-        setting(&sorted, key, what)
+        setting(&sorted, key, what, inner)
     } else if let Ok(dict) = value.cast::<PyDict>() {
-        Ok(Value::Object(settings(dict, what)?))
+        Ok(Value::Object(object(dict, what, inner)?))
     } else if value.hasattr("tolist")? {
-        setting(&value.call_method0("tolist")?, key, what)
+        setting(&value.call_method0("tolist")?, key, what, inner)
     } else {
         Err(PyTypeError::new_err(format!(
             "{what} got a value of type {} for `{key}` that is not a setting: {}",

@@ -52,6 +52,13 @@ def env(end_to_end_checkpoint, tmp_path_factory):
     return dict(root=root, source=source, processor=processor, model=model, image=image, inputs=inputs)
 
 
+def _self_list() -> list:
+    """A list that contains itself: no setting can be, and converting one must stop rather than recurse."""
+    items: list = [[5]]
+    items.append(items)
+    return items
+
+
 # (case, call, exception type, pattern the message must match)
 CASES = [
     ("missing folder", lambda e: load(e["root"] / "nowhere"), FileNotFoundError, "nowhere.*not found"),
@@ -79,6 +86,8 @@ CASES = [
      ValueError, "max_new_tokens"),
     ("generate kwarg that is no setting", lambda e: e["model"].generate(**e["inputs"], num_beams=object()),
      TypeError, "not a setting"),
+    ("generate kwarg that contains itself", lambda e: e["model"].generate(**e["inputs"], bad_words_ids=_self_list()),
+     ValueError, "bad_words_ids.*contains itself"),
     ("unknown generate kwarg", lambda e: e["model"].generate(**e["inputs"], num_beamz=3), ValueError,
      "num_beamz.*not a generation setting"),
     ("max_new_tokens 0", lambda e: e["model"].generate(**e["inputs"], max_new_tokens=0), ValueError,
