@@ -66,7 +66,11 @@ class Florence2Config(_AttrConfig):
         super().__init__(**kwargs)
         self.text_config = Florence2TextConfig(**(text_config or {}))
         self.vision_config = Florence2VisionConfig(**(vision_config or {}))
-        self.layout = checkpoint_layout(self.to_dict())
+        # The rule reads only the two model types; the rest of a config may hold what JSON cannot (a torch dtype,
+        # int keys), as transformers' configs may.
+        self.layout = checkpoint_layout({
+            name: {"model_type": getattr(getattr(self, name), "model_type", None)}
+            for name in ("vision_config", "text_config")})
 
     def to_dict(self) -> dict:
         """config.json's content (without the `layout` this class adds)."""

@@ -27,3 +27,13 @@ def test_a_setting_config_json_leaves_out_reads_as_the_default():
         assert getattr(config.text_config, name) == getattr(reference, name), name
     assert config.text_config.to_dict() == {"d_model": 8}
     assert not hasattr(config.text_config, "no_such_setting")
+
+
+def test_a_config_holds_what_json_cannot_as_transformers_configs_do():
+    """The layout rule reads only the model types: a torch dtype, int label keys or a huge number elsewhere in
+    a config are kept, as transformers' configs keep them, and the layout is still read."""
+    torch = pytest.importorskip("torch")
+    config = Florence2Config(text_config={"id2label": {0: "LABEL_0"}}, vision_config={"model_type": "davit"},
+                             torch_dtype=torch.float16, big=10**400)
+    assert config.layout == "original"
+    assert transformers.PretrainedConfig(torch_dtype=torch.float16, big=10**400).big == 10**400
