@@ -21,7 +21,9 @@ pub fn settings(dict: &Bound<'_, PyDict>, what: &str) -> PyResult<Map<String, Va
 /// [`settings`] at nesting depth `depth`.
 fn object(dict: &Bound<'_, PyDict>, what: &str, depth: usize) -> PyResult<Map<String, Value>> {
     let mut map = Map::new();
-    for (key, value) in dict.iter() {
+    // A snapshot of the items: iterating the dict itself panics when a value's `tolist()` changes it.
+    for item in dict.items().iter() {
+        let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
         let key: String = key.extract().map_err(|_| {
             PyTypeError::new_err(format!(
                 "{what}: setting names must be strings, got {key:?}"
@@ -88,7 +90,8 @@ fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str, depth: usize) -> PyR
 
 /// A Python number as a finite JSON number (JSON, like the settings, has no inf or NaN).
 fn finite(value: &Bound<'_, PyAny>, key: &str) -> PyResult<Value> {
-    match Number::from_f64(value.extract::<f64>()?) {
+    // An int too large for a float is out of every setting's range, as an infinite float is.
+    match value.extract::<f64>().ok().and_then(Number::from_f64) {
         Some(number) => Ok(Value::Number(number)),
         None => Err(PyValueError::new_err(format!(
             "`{key}` must be a finite number, but is {}",

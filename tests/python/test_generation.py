@@ -125,6 +125,8 @@ def test_settings_given_as_numpy_torch_tuples_and_sets_equal_plain_values(case):
                                   expected)
     with pytest.raises(ValueError, match="`length_penalty` must be a finite number, but is nan"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, length_penalty=np.float64("nan"))
+    with pytest.raises(ValueError, match="`length_penalty` must be a finite number, but is 1000"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, length_penalty=10**400)
     with pytest.raises(TypeError, match="`bad_words_ids` that is not a setting"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, bad_words_ids=[[object()]])
 
