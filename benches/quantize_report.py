@@ -30,9 +30,8 @@ VARIANTS = (("float32", None), ("bfloat16", None), ("float32", "int8"), ("bfloat
             ("float32", "int4"), ("bfloat16", "int4"))
 
 
-def _settings(beams: int, new_tokens: int) -> str:
-    return json.dumps({"num_beams": beams, "do_sample": False, "min_new_tokens": new_tokens,
-                       "max_new_tokens": new_tokens})
+def _settings(beams: int, new_tokens: int) -> dict:
+    return {"num_beams": beams, "do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
 
 
 def worker(path: Path, dtype: str, quantize: str | None, images: int, new_tokens: int, out: Path,
