@@ -47,7 +47,7 @@ pub fn for_each_block(
     // Tasks of one size finish together only if each thread gets as many: 9 row blocks on 2 threads leave
     // one thread idle for the last task. Splitting the panels finer (up to twice) evens the count.
     let most = panels.min(2 * panel_groups);
-    while (row_blocks * panel_groups) % threads != 0 && panel_groups < most {
+    while !(row_blocks * panel_groups).is_multiple_of(threads) && panel_groups < most {
         panel_groups += 1;
     }
     let group_panels = panels.div_ceil(panel_groups);
