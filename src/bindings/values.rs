@@ -15,33 +15,60 @@ const MAX_DEPTH: usize = 32;
 
 /// The settings `dict` (names to values) as a JSON object; `what` names the call in errors.
 pub fn settings(dict: &Bound<'_, PyDict>, what: &str) -> PyResult<Map<String, Value>> {
-    object(dict, what, 0)
+    object(dict, what, None, 0)
 }
 
-/// [`settings`] at nesting depth `depth`.
-fn object(dict: &Bound<'_, PyDict>, what: &str, depth: usize) -> PyResult<Map<String, Value>> {
+/// A dict at nesting depth `depth` as a JSON object. `parent` is the path of the setting that holds it (None
+/// for the settings themselves), so that errors name `setting.key` the way the user wrote it. The keys of a
+/// nested dict may be ints, which become their decimal text as `json.dumps` writes them (a config's
+/// `id2label`); the setting names themselves must be strings.
+fn object(
+    dict: &Bound<'_, PyDict>,
+    what: &str,
+    parent: Option<&str>,
+    depth: usize,
+) -> PyResult<Map<String, Value>> {
     let mut map = Map::new();
     // A snapshot of the items: iterating the dict itself panics when a value's `tolist()` changes it.
     for item in dict.items().iter() {
         let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
-        let key: String = key.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "{what}: setting names must be strings, got {key:?}"
-            ))
-        })?;
-        let value = setting(&value, &key, what, depth)?;
+        let key: String = match (key.extract::<String>(), parent) {
+            (Ok(key), _) => key,
+            (Err(_), Some(_))
+                if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() =>
+            {
+                key.str()?.to_string()
+            }
+            (Err(_), None) => {
+                return Err(PyTypeError::new_err(format!(
+                    "{what}: setting names must be strings, got {key:?}"
+                )))
+            }
+            (Err(_), Some(parent)) => {
+                return Err(PyTypeError::new_err(format!(
+                    "{what}: the keys of `{parent}` must be strings or ints, got {key:?}"
+                )))
+            }
+        };
+        let path = match parent {
+            Some(parent) => format!("{parent}.{key}"),
+            None => key.clone(),
+        };
+        let value = setting(&value, &path, what, depth)?;
         map.insert(key, value);
     }
     Ok(map)
 }
 
 /// One setting's value: None, bool, int, float (finite), str, and lists, tuples, sets (sorted) and dicts of
-/// them; a numpy or torch scalar or array by its `tolist()`. Anything else is a TypeError naming `key`; nesting
-/// past [`MAX_DEPTH`] a ValueError naming it.
+/// them; a numpy or torch scalar or array by its `tolist()`. Anything else is a TypeError naming `key` (the
+/// setting's path: `setting.key` inside a dict); nesting past [`MAX_DEPTH`] a ValueError naming it.
 fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str, depth: usize) -> PyResult<Value> {
     if depth > MAX_DEPTH {
+        // The setting's own name: the path of a dict that contains itself repeats its key 32 times.
+        let setting = key.split('.').next().unwrap_or(key);
         return Err(PyValueError::new_err(format!(
-            "{what}: `{key}` nests lists or dicts more than {MAX_DEPTH} deep (a list that contains itself?)"
+            "{what}: `{setting}` nests lists or dicts more than {MAX_DEPTH} deep (a list that contains itself?)"
         )));
     }
     let inner = depth + 1;
@@ -76,7 +103,7 @@ fn setting(value: &Bound<'_, PyAny>, key: &str, what: &str, depth: usize) -> PyR
             .call_method1("sorted", (value,))?;
         setting(&sorted, key, what, inner)
     } else if let Ok(dict) = value.cast::<PyDict>() {
-        Ok(Value::Object(object(dict, what, inner)?))
+        Ok(Value::Object(object(dict, what, Some(key), inner)?))
     } else if value.hasattr("tolist")? {
         setting(&value.call_method0("tolist")?, key, what, inner)
     } else {

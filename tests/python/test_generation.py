@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import florence2_rs
@@ -129,6 +130,17 @@ def test_settings_given_as_numpy_torch_tuples_and_sets_equal_plain_values(case):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, length_penalty=10**400)
     with pytest.raises(TypeError, match="`bad_words_ids` that is not a setting"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, bad_words_ids=[[object()]])
+    # Inside a dict the error names the path to the value; a nested dict's int keys are read as json.dumps
+    # writes them, so a config attribute such as `id2label` (ignored by generation) changes nothing.
+    with pytest.raises(ValueError, match=r"`watermarking_config\.bias` must be a finite number, but is inf"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                       watermarking_config={"bias": float("inf")})
+    with pytest.raises(TypeError, match=r"the keys of `watermarking_config\.extra` must be strings or ints"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                       watermarking_config={"extra": {(1, 2): 3}})
+    config = transformers.GenerationConfig(**plain, id2label={0: "zero", 1: {2: "two"}})
+    np.testing.assert_array_equal(
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=config), expected)
 
 
 @pytest.mark.parametrize("bad,error", [
