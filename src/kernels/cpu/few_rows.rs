@@ -21,10 +21,12 @@ pub const MAX_ROWS: usize = 8;
 const WEIGHT_ROWS_PER_TASK: usize = 32;
 
 /// The most rows of `x` a register tile of the few-row kernels holds.
+#[cfg(target_arch = "x86_64")]
 const ROW_TILE: usize = 4;
 
 /// The register tiles over `m` rows of `x`, as (first row, rows): at most [`ROW_TILE`] rows each, balanced
 /// (6 rows: 3 + 3), so that no tile is left with a single row while another has four.
+#[cfg(target_arch = "x86_64")]
 fn row_tiles(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let tiles = m.div_ceil(ROW_TILE);
     (0..tiles).scan(0, move |first, tile| {
@@ -103,6 +105,14 @@ fn run(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
             unsafe {
                 x86::dots(x, m, k, w, out)
             }
+            // `applies` asks for AVX2 + FMA, which no other target has.
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "few_rows::run without AVX2 + FMA ({} inputs, {} weights, {} outputs)",
+                x.len(),
+                w.len(),
+                out.len()
+            )
         });
     let mut out = vec![0f32; m * n];
     for (j, row) in out_t.chunks_exact(m).enumerate() {
@@ -229,6 +239,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn row_tiles_cover_the_rows_in_balanced_tiles() {
         for m in 1..=3 * MAX_ROWS {

@@ -118,7 +118,9 @@ pub struct Packed {
     data: Vec<u8>,
     /// Per panel and group, 32 column scales.
     scales: Vec<f32>,
-    /// Per column (padded to whole panels): `128 * Σ_g s_w[g][c] * Σ_{t in g} q_w[c][t]`.
+    /// Per column (padded to whole panels): `128 * Σ_g s_w[g][c] * Σ_{t in g} q_w[c][t]`. Read by the
+    /// x86-64 kernel only (elsewhere nothing packs weights: `available()` is false).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offsets: Vec<f32>,
 }
 
@@ -407,6 +409,8 @@ const TILE_UNIT_MIN_ROWS: usize = 24;
 ///
 /// # Panics
 /// If [`available`] is false for `A`, or the slices do not hold the shapes given.
+// Off x86-64 `available()` is false: the function only panics and its kernel arguments go unread.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn linear<A: Activation + Element>(
     x: &[A],
     m: usize,
