@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::ops::to_dtype;
+use super::ops::{broadcast_add, to_dtype};
 use crate::kernels::cpu::attention as cpu_attention;
 use crate::kernels::cpu::window_attention as cpu_window_attention;
 
@@ -54,7 +54,7 @@ pub fn attention(
         scores
     };
     let scores = match mask {
-        Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
+        Some(mask) => broadcast_add(&scores, &mask.to_dtype(scores.dtype())?)?,
         None => scores,
     };
     candle_nn::ops::softmax_last_dim(&scores)?

@@ -23,6 +23,7 @@ use candle_nn::{Activation, VarBuilder};
 use half::bf16;
 
 use super::activation::activate;
+use super::ops::broadcast_add;
 use crate::kernels::cpu::bf16_gemm::{self, Packed};
 use crate::kernels::cpu::f32_gemm;
 use crate::kernels::cpu::gemm::{self, Epilogue, PackedWeights};
@@ -299,7 +300,14 @@ impl Linear {
             // CPU f32: the bias-seeded GEMM, or the few-row kernel while decoding.
             Self::Float(linear) => match gemm::linear(xs, linear.weight(), linear.bias())? {
                 Some(ys) => Ok(ys),
-                None => linear.forward(xs),
+                // candle's product, with the bias added by `ops::broadcast_add` for its rounding.
+                None => {
+                    let ys = candle_nn::Linear::new(linear.weight().clone(), None).forward(xs)?;
+                    match linear.bias() {
+                        Some(bias) => broadcast_add(&ys, bias),
+                        None => Ok(ys),
+                    }
+                }
             },
             Self::PackedF32 { weight, bias } => {
                 gemm::linear_packed(xs, PackedWeights::F32(weight, bias), epilogue)

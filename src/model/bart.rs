@@ -14,7 +14,7 @@ use crate::interrupt::Interrupt;
 use crate::layers::activation::activation;
 use crate::layers::attention::attention;
 use crate::layers::embedding::TokenEmbedding;
-use crate::layers::ops::{add, to_dtype};
+use crate::layers::ops::{add, broadcast_add, to_dtype};
 use crate::layers::{layer_norm, LayerNorm, LAYER_NORM_EPS};
 use crate::layers::{Linear, Mlp, Quantization};
 use crate::model::config::TextConfig;
@@ -210,9 +210,7 @@ impl EmbedPositions {
             embeds.device(),
         )?;
         let positions = self.embed_positions.forward(&ids)?;
-        embeds
-            .broadcast_add(&positions)?
-            .apply(&self.layernorm_embedding)
+        broadcast_add(embeds, &positions)?.apply(&self.layernorm_embedding)
     }
 }
 

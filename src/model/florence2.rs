@@ -17,7 +17,7 @@ use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
 use crate::interrupt::Interrupt;
 use crate::io::Layout;
 use crate::layers::linear::Linear;
-use crate::layers::ops::to_dtype;
+use crate::layers::ops::{broadcast_add, to_dtype};
 use crate::limits::product;
 use crate::model::bart::{BartModel, DecoderCache};
 use crate::model::config::Florence2Config;
@@ -359,7 +359,7 @@ impl Florence2ForConditionalGeneration {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = self.lm_head.forward(hidden)?;
         Ok(match &self.final_logits_bias {
-            Some(bias) => logits.broadcast_add(bias)?,
+            Some(bias) => broadcast_add(&logits, bias)?,
             None => logits,
         })
     }

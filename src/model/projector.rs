@@ -10,7 +10,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::layers::ops::nchw_to_tokens;
+use crate::layers::ops::{broadcast_add, nchw_to_tokens};
 use crate::layers::{layer_norm, LayerNorm, LAYER_NORM_EPS};
 use crate::layers::{Linear, Quantization};
 use crate::model::config::VisionConfig;
@@ -82,8 +82,8 @@ impl Florence2MultiModalProjector {
         let rows = rows.unsqueeze(1)?.broadcast_as((h, w, c / 2))?;
         let position = Tensor::cat(&[cols, rows], 2)?.reshape((h * w, c))?;
 
-        let tokens = nchw_to_tokens(features)?.broadcast_add(&position)?;
-        let tokens = tokens.broadcast_add(&self.pos_idx_to_embed.get(0)?)?;
+        let tokens = broadcast_add(&nchw_to_tokens(features)?, &position)?;
+        let tokens = broadcast_add(&tokens, &self.pos_idx_to_embed.get(0)?)?;
         let spatial = mean_over_tokens(&tokens)?;
         Tensor::cat(&[spatial, tokens], 1)?
             .apply(&self.image_projection)?
