@@ -21,6 +21,13 @@ forced work:
 
     python benches/compare.py --checkpoints /work/bench-ckpt [--spec base --spec large] [--dtype float32
         --dtype bfloat16 --dtype float16 --dtype int8 --dtype int4] [--repeats 5] [--threads 2] [--device cuda]
+        [--cpu-tier avx2]
+
+`--cpu-tier avx2` runs both sides as on a CPU without AVX-512 (on one that has it): florence2-rs with
+FLORENCE2_CPU_TIER=avx2, torch with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL does torch's float32 products and ignores the other two). On a CPU whose
+AVX-512 units are two 256-bit halves (AMD Zen 4) this is a fair stand-in for an AVX2 CPU of the same clock;
+on one with full-width AVX-512 units it is not (AVX2 has half the peak rate of such units, on both sides).
 
 `--dtype int8` / `int4` load florence2-rs with `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True`
 in bfloat16, against transformers in plain bfloat16 (the fastest thing a transformers user runs on a CPU;
@@ -187,6 +194,9 @@ def run_side(side: str, path: Path, dtype: str, args: argparse.Namespace) -> dic
     env = dict(os.environ)
     threads = str(args.threads)
     env.update(RAYON_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if args.cpu_tier == "avx2":
+        env.update(FLORENCE2_CPU_TIER="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                   MKL_ENABLE_INSTRUCTIONS="AVX2")
     cmd = [sys.executable, __file__, "--worker", side, "--path", str(path), "--dtype", dtype,
            "--threads", threads, "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
            "--device", args.device]
@@ -220,6 +230,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda[:N]", for both sides')
+    parser.add_argument("--cpu-tier", choices=("native", "avx2"), default="native",
+                        help="avx2: both sides limited to AVX2 (see above)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -235,8 +247,9 @@ def main() -> None:
 
     specs = args.spec or ["base"]
     dtypes = args.dtype or ["float32", "bfloat16"]
-    print(f"# {machine(args.device)}, {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}, "
-          f"median of {args.repeats}", flush=True)
+    tier = ", both sides limited to AVX2" if args.cpu_tier == "avx2" else ""
+    print(f"# {machine(args.device)}{tier}, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d', time.gmtime())}, median of {args.repeats}", flush=True)
     results = {}
     for spec in specs:
         path = ensure_checkpoint(args.checkpoints, spec)

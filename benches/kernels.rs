@@ -1,7 +1,6 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
-//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
-//! few-row product of the decoder's linear layers and LM head (against candle's matmul), and one beam-search
-//! decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
+//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), one
+//! beam-search decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
 //! (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes.
 //!
 //!     cargo bench --bench kernels
@@ -47,31 +46,6 @@ fn depthwise(c: &mut Criterion) {
         let grouped = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
         group.bench_function(format!("candle conv2d {channels}x{side}x{side}"), |b| {
             b.iter(|| grouped.forward(&xs).expect("conv"))
-        });
-    }
-    group.finish();
-}
-
-/// `x @ wᵀ` shapes of one base decode step with 3 beams (rows, in, out): attention projections, FFN, LM head.
-const SKINNY_SHAPES: [(usize, usize, usize); 4] = [
-    (3, 768, 768),
-    (3, 768, 3072),
-    (3, 3072, 768),
-    (3, 768, 51289),
-];
-
-fn few_rows(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("few-row matmul");
-    group.sample_size(20);
-    for (m, k, n) in SKINNY_SHAPES {
-        let x = Tensor::randn(0f32, 1., (m, k), &dev).expect("x");
-        let w = Tensor::randn(0f32, 1., (n, k), &dev).expect("w");
-        group.bench_function(format!("few rows {m}x{k}x{n}"), |b| {
-            b.iter(|| florence2_rs::kernels::cpu::few_rows::matmul_t(&x, &w).expect("matmul"))
-        });
-        group.bench_function(format!("candle matmul {m}x{k}x{n}"), |b| {
-            b.iter(|| x.matmul(&w.t().expect("t")).expect("matmul"))
         });
     }
     group.finish();
@@ -223,7 +197,6 @@ fn to_vec(t: &Tensor) -> Vec<half::bf16> {
 criterion_group!(
     benches,
     depthwise,
-    few_rows,
     bf16_gemm,
     linear_kernels,
     decode_step

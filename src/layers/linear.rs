@@ -1,10 +1,11 @@
 //! The linear layer `x @ wᵀ + b` of every projection in the model, with its weights in one of these forms:
-//! packed at load for a CPU kernel (f32 with AVX-512, bf16 with AVX512-BF16), as stored (in the model's
-//! dtype; the CPU takes the bias-seeded GEMM or the few-row kernel of `kernels::cpu::gemm`, other devices
-//! candle's matmul), or quantized.
+//! packed at load for a CPU kernel (f32 and bf16, on x86-64 CPUs with AVX2 + FMA), as stored (in the model's
+//! dtype; other CPUs take the bias-seeded GEMM of `kernels::cpu::gemm` in f32, other devices candle's
+//! matmul), or quantized.
 //!
 //! Quantized weights (transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here)
-//! take one of two kernels. On a CPU with AVX512-VNNI, [`quantized_gemm`]: int8 weights with a scale per
+//! take one of two kernels. On an x86-64 CPU with AVX2 + FMA (AVX512-VNNI's byte products where it has them),
+//! [`quantized_gemm`]: int8 weights with a scale per
 //! output column, or int4 with a scale per column and 32 inputs, against activations quantized to int8 per
 //! row at each call (bitsandbytes' LLM.int8() scheme, without its outlier columns), in the model's f32 or
 //! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
@@ -68,19 +69,19 @@ impl Quantization {
 pub enum Linear {
     /// The weights as loaded, in the model's dtype.
     Float(candle_nn::Linear),
-    /// f32 on a CPU with AVX-512: the weights packed once at load for [`f32_gemm`], the bias as values (zeros
+    /// f32 on a CPU with AVX2 + FMA: the weights packed once at load for [`f32_gemm`], the bias as values (zeros
     /// for none).
     PackedF32 {
         weight: Arc<f32_gemm::Packed>,
         bias: Vec<f32>,
     },
-    /// bf16 on a CPU with AVX512-BF16: the weights packed once at load for [`bf16_gemm`] (packing them for
+    /// bf16 on a CPU with AVX2 + FMA: the weights packed once at load for [`bf16_gemm`] (packing them for
     /// each call writes the whole weight to fresh pages every time), the bias as values (zeros for none).
     PackedBf16 {
         weight: Arc<Packed>,
         bias: Vec<bf16>,
     },
-    /// Quantized for [`quantized_gemm`] (a CPU with AVX512-VNNI, f32 or bf16 activations), the bias in f32
+    /// Quantized for [`quantized_gemm`] (a CPU with AVX2 + FMA, f32 or bf16 activations), the bias in f32
     /// (zeros for none).
     PackedQuantized {
         weight: Arc<quantized_gemm::Packed>,
@@ -205,8 +206,8 @@ impl Linear {
     }
 }
 
-/// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32 on a CPU with AVX-512) or [`bf16_gemm`] (bf16 with
-/// AVX512-BF16); `None` elsewhere.
+/// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32) or [`bf16_gemm`] (bf16) on a CPU with AVX2 + FMA;
+/// `None` elsewhere.
 pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
     let (n, k) = weight.dims2()?;
     if !(weight.device().is_cpu() && n > 0 && k > 0) {
@@ -228,7 +229,7 @@ pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
 }
 
 /// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (a CPU with
-/// AVX512-VNNI, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
+/// AVX2 + FMA, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
 pub fn pack_quantized(
     weight: &Tensor,
     quantize: Quantization,
@@ -297,7 +298,7 @@ impl Linear {
     /// `epilogue` is applied by the packed kernels only; callers pass `Epilogue::None` for the others.
     fn forward_unprofiled(&self, xs: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         match self {
-            // CPU f32: the bias-seeded GEMM, or the few-row kernel while decoding.
+            // CPU f32 without a packed kernel: the bias-seeded GEMM.
             Self::Float(linear) => match gemm::linear(xs, linear.weight(), linear.bias())? {
                 Some(ys) => Ok(ys),
                 // candle's product, with the bias added by `ops::broadcast_add` for its rounding.

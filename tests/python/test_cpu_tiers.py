@@ -35,9 +35,11 @@ import numpy as np
 from safetensors.numpy import load_file
 import florence2_rs
 
-folder, dtype, out = sys.argv[1:]
+folder, dtype, out, bits = sys.argv[1:]
 ref = load_file(f"{folder}/reference.safetensors")
-model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(f"{folder}/hf", dtype=dtype)
+quantization = {"int8": {"load_in_8bit": True}, "int4": {"load_in_4bit": True}}.get(bits)
+model = florence2_rs.Florence2ForConditionalGeneration.from_pretrained(f"{folder}/hf", dtype=dtype,
+                                                                       quantization_config=quantization)
 inputs = dict(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], pixel_values=ref["pixel_values"])
 logits = model(**inputs, decoder_input_ids=ref["decoder_input_ids"]).logits
 ids = model.generate(**inputs, max_new_tokens=12, num_beams=3)
@@ -52,9 +54,9 @@ def cpu_flags() -> set[str]:
     raise AssertionError("/proc/cpuinfo lists no flags")
 
 
-def run(tier: str, dtype: str, out: Path) -> subprocess.CompletedProcess:
+def run(tier: str, dtype: str, out: Path, bits: str = "none") -> subprocess.CompletedProcess:
     env = {**os.environ, "FLORENCE2_CPU_TIER": tier}
-    return subprocess.run([sys.executable, "-c", CHILD, str(TINY), dtype, str(out)], capture_output=True,
+    return subprocess.run([sys.executable, "-c", CHILD, str(TINY), dtype, str(out), bits], capture_output=True,
                           text=True, timeout=300, env=env, cwd=ROOT)
 
 
@@ -96,6 +98,24 @@ def test_the_variable_changes_the_kernels(results):
     if len(outputs) < 2:
         pytest.skip("this CPU has the baseline tier only")
     assert not np.array_equal(outputs["scalar"]["logits"], outputs[HAVE[-1]]["logits"])
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized_layers_give_the_same_bits_on_avx2_and_avx512(bits, tmp_path):
+    """The AVX2 int8 / int4 kernel computes the AVX512-VNNI kernel's int32 sums and the same float arithmetic
+    after them, and float32's other kernels give the same bits at both widths, so a quantized float32 model's
+    logits and ids are the same bits on both tiers. (In bfloat16 the unquantized convolutions differ:
+    AVX512-BF16 sums each pair of products before adding it.)"""
+    dtype = "float32"
+    if not {"avx512_vnni"} | NEEDS["avx512"] <= cpu_flags():
+        pytest.skip("this CPU has no AVX512-VNNI to compare the AVX2 kernel with")
+    outputs = {}
+    for tier in ("avx2", "avx512"):
+        done = run(tier, dtype, tmp_path / f"{tier}.npz", bits)
+        assert done.returncode == 0, f"FLORENCE2_CPU_TIER={tier}:\n{done.stderr}"
+        outputs[tier] = dict(np.load(tmp_path / f"{tier}.npz"))
+    np.testing.assert_array_equal(outputs["avx2"]["logits"], outputs["avx512"]["logits"])
+    np.testing.assert_array_equal(outputs["avx2"]["ids"], outputs["avx512"]["ids"])
 
 
 @pytest.mark.parametrize("tier", [tier for tier in TIERS if tier not in HAVE])

@@ -15,15 +15,22 @@
 //! On Intel CPUs with AMX, products of [`TILE_UNIT_MIN_ROWS`] rows or more go to the tile unit
 //! ([`super::amx`]) instead, which reads the same packed panels.
 //!
-//! x86-64 with AVX-512 F/BW/VL and BF16, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
-//! [`available`] is false elsewhere and the caller keeps candle's matmul.
+//! Without AVX512-BF16 (or at a lower [`super::features::cpu_tier`]) the same panels go to an AVX2 tile of up
+//! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel: each pair of weights widened to f32 in
+//! registers (a bf16 is the high half of its f32: the pair's low value shifted up, the high one masked), and
+//! f32 FMAs, the even input before the odd one. Products of bf16 values are exact in f32; the sums start from
+//! the bias and are rounded to bf16 once, as above (they differ from `vdpbf16ps`'s in the last bits: it
+//! sums each pair before adding it).
+//!
+//! x86-64 with AVX2 and FMA, detected at run time; [`available`] is false elsewhere and the caller keeps
+//! candle's matmul.
 
 use half::bf16;
 
 use super::panels::Epilogue;
 use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
-use super::panels::{by_rows, run_tiles, PanelTile, Panels};
+use super::panels::{by_rows, run_tiles, PanelTile, Panels, Width};
 #[cfg(target_arch = "x86_64")]
 use super::parallel::TaskPtr;
 
@@ -40,9 +47,15 @@ const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 const TILE_UNIT_MIN_ROWS: usize = 3;
 
-/// Whether the kernels run here ([`super::features::has_avx512_bf16`]).
+/// Rows in a register tile of the AVX2 kernel: 2 x 5 accumulators of 8 lanes, four widened weight vectors
+/// and a row's two broadcast inputs fill the 16 AVX registers.
+#[cfg(target_arch = "x86_64")]
+const AVX2_TILE_ROWS: usize = 5;
+
+/// Whether the kernels run here ([`super::features::has_avx2_fma`]; `vdpbf16ps` where
+/// [`super::features::has_avx512_bf16`]).
 pub fn available() -> bool {
-    super::features::has_avx512_bf16()
+    super::features::has_avx2_fma()
 }
 
 /// `epilogue(x[m, k] @ wᵀ + bias[n])` with weights packed beforehand (a model's layers pack theirs once, at
@@ -59,15 +72,37 @@ pub fn linear_packed(
     bias: &[bf16],
     epilogue: Epilogue,
 ) -> Vec<bf16> {
-    assert!(available(), "bf16_gemm::linear_packed needs AVX512-BF16");
+    assert!(available(), "bf16_gemm::linear_packed needs AVX2 and FMA");
+    #[cfg(target_arch = "x86_64")]
+    return linear_on(
+        Width::widest(super::features::has_avx512_bf16()),
+        x,
+        m,
+        w,
+        bias,
+        epilogue,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("available() is false off x86-64")
+}
+
+/// [`linear_packed`] on the instructions of `width`, which the CPU has.
+#[cfg(target_arch = "x86_64")]
+fn linear_on(
+    width: Width,
+    x: &[bf16],
+    m: usize,
+    w: &Packed,
+    bias: &[bf16],
+    epilogue: Epilogue,
+) -> Vec<bf16> {
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let mut out = Vec::with_capacity(m * w.n);
-    #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
-        panels(x, m, w, bias, (dst, epilogue));
+        panels(width, x, m, w, bias, (dst, epilogue));
     }
     // SAFETY: the kernel writes each of the m x n outputs.
     unsafe { out.set_len(m * w.n) };
@@ -127,10 +162,11 @@ impl Packed {
     }
 }
 
-/// The many-row kernel: `x[m, k]` against packed weights; on the tile unit ([`super::amx`]) where it runs
-/// and `k` fits it, else here.
+/// The many-row kernel: `x[m, k]` against packed weights; at the AVX-512 width on the tile unit
+/// ([`super::amx`]) where it runs and `k` fits it, else here.
 #[cfg(target_arch = "x86_64")]
 fn panels(
+    width: Width,
     x: &[bf16],
     m: usize,
     packed: &Packed,
@@ -142,7 +178,8 @@ fn panels(
     #[cfg(target_os = "linux")]
     {
         use super::amx;
-        if k % amx::K_STEP == 0 && m >= TILE_UNIT_MIN_ROWS && amx::available() {
+        let fits = width == Width::Avx512 && k % amx::K_STEP == 0 && m >= TILE_UNIT_MIN_ROWS;
+        if fits && amx::available() {
             amx::linear(x, (m, k, n), &packed.panels, &bias, (out, epilogue));
             return;
         }
@@ -153,16 +190,26 @@ fn panels(
         n,
         k,
     };
+    let tile_rows = match width {
+        Width::Avx512 => TILE_ROWS,
+        Width::Avx2 => AVX2_TILE_ROWS,
+    };
     run_tiles(
         x,
         m,
         weights,
         &bias,
         (out, epilogue),
-        TILE_ROWS,
+        tile_rows,
         |tile, a, size, dst| {
-            // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
-            unsafe { by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst)) }
+            // SAFETY: the caller checked the CPU's features; `run_tiles` hands each tile its rows and
+            // outputs.
+            unsafe {
+                by_rows!(size.min(tile_rows), |R| match width {
+                    Width::Avx512 => tile.tile::<R>(a, dst),
+                    Width::Avx2 => tile.tile_avx2::<R>(a, dst),
+                })
+            }
         },
     );
 }
@@ -224,9 +271,65 @@ impl PanelTile<'_, u32> {
             _mm256_mask_storeu_epi16(row.add(16), mask_hi, hi);
         }
     }
+
+    /// [`Self::tile`] with AVX2 and FMA: `R` (1 to [`AVX2_TILE_ROWS`]) rows of `a` against each half of the
+    /// panel in turn.
+    ///
+    /// # Safety
+    /// As [`Self::tile`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const R: usize>(&self, a: &[bf16], dst: *mut bf16) {
+        use std::arch::x86_64::{
+            __m256i, _mm256_and_si256, _mm256_castsi256_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
+            _mm256_loadu_si256, _mm256_set1_epi32, _mm256_slli_epi32, _mm256_storeu_ps,
+        };
+        let k = self.k;
+        let rows: [*const bf16; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        // A lane's pair as two f32 vectors: the even input (low half) and the odd one (high half).
+        let widen = |pair: __m256i| {
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair)),
+                _mm256_castsi256_ps(_mm256_and_si256(pair, high)),
+            )
+        };
+        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
+            let panel = self.panel.as_ptr().add(half);
+            let bias = self.bias.as_ptr().add(half);
+            let mut lo = [_mm256_loadu_ps(bias); R];
+            let mut hi = [_mm256_loadu_ps(bias.add(8)); R];
+            for j in 0..k.div_ceil(2) {
+                let (even_lo, odd_lo) = widen(_mm256_loadu_si256(panel.add(j * PANEL).cast()));
+                let (even_hi, odd_hi) = widen(_mm256_loadu_si256(panel.add(j * PANEL + 8).cast()));
+                for r in 0..R {
+                    // The last pair of an odd `k` holds one input (its weights' high half is zero).
+                    let pair = if 2 * j + 1 < k {
+                        rows[r].add(2 * j).cast::<i32>().read_unaligned()
+                    } else {
+                        i32::from((*rows[r].add(2 * j)).to_bits())
+                    };
+                    let (x_even, x_odd) = widen(_mm256_set1_epi32(pair));
+                    lo[r] = _mm256_fmadd_ps(x_even, even_lo, lo[r]);
+                    lo[r] = _mm256_fmadd_ps(x_odd, odd_lo, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(x_even, even_hi, hi[r]);
+                    hi[r] = _mm256_fmadd_ps(x_odd, odd_hi, hi[r]);
+                }
+            }
+            let cols = (self.cols - half).min(16);
+            for r in 0..R {
+                let mut sums = [0f32; 16];
+                _mm256_storeu_ps(sums.as_mut_ptr(), lo[r]);
+                _mm256_storeu_ps(sums.as_mut_ptr().add(8), hi[r]);
+                let row = dst.add(r * self.n + half);
+                for (c, &sum) in sums[..cols].iter().enumerate() {
+                    *row.add(c) = bf16::from_f32(sum);
+                }
+            }
+        }
+    }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
@@ -249,12 +352,55 @@ mod tests {
         spread.into_iter().map(bf16::from_f32).collect()
     }
 
+    /// The AVX2 tile's arithmetic, written out: from the bias, one f32 FMA per input in order, rounded once.
     #[test]
-    fn matches_the_exact_product() {
+    fn avx2_tile_is_fmas_in_order_rounded_once() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX512-BF16");
+            eprintln!("skipped: this CPU has no AVX2");
             return;
         }
+        let shapes = crate::kernels::cpu::test_values::SHAPES
+            .into_iter()
+            .chain([(11, 5, 20), (6, 64, 40)]);
+        for (m, k, n) in shapes {
+            let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
+            let got = linear_on(
+                Width::Avx2,
+                &x,
+                m,
+                &Packed::new(&w, n, k),
+                &bias,
+                Epilogue::None,
+            );
+            for i in 0..m {
+                for c in 0..n {
+                    let sum = (0..k).fold(bias[c].to_f32(), |sum, t| {
+                        x[i * k + t].to_f32().mul_add(w[c * k + t].to_f32(), sum)
+                    });
+                    let (g, want) = (got[i * n + c], bf16::from_f32(sum));
+                    assert_eq!(g.to_bits(), want.to_bits(), "{m}x{k}x{n} at ({i}, {c})");
+                }
+            }
+        }
+    }
+
+    /// The widths this CPU runs.
+    fn widths() -> Vec<Width> {
+        let mut widths = vec![];
+        if available() {
+            widths.push(Width::Avx2);
+        }
+        if crate::kernels::cpu::features::has_avx512_bf16() {
+            widths.push(Width::Avx512);
+        }
+        if widths.len() < 2 {
+            eprintln!("only {widths:?} run on this CPU");
+        }
+        widths
+    }
+
+    #[test]
+    fn matches_the_exact_product() {
         // Few and many rows; odd k; partial panels and row tiles; more than one row block and panel group;
         // and for the tile unit, where it runs: whole blocks of 32 rows only, several row blocks with a
         // partial panel, one block of the smallest k, and blocks of fewer rows (the fewest it takes, 16 or
@@ -277,16 +423,19 @@ mod tests {
         {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
-            let packed = linear_packed(&x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
-            for (idx, (g, e)) in packed.iter().zip(&want).enumerate() {
-                // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
-                // accumulation error on top.
-                let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();
-                assert!(
-                    (g.to_f64() - e).abs() <= tol,
-                    "{m}x{k}x{n} at {idx}: {} vs {e}",
-                    g.to_f64()
-                );
+            let packed = Packed::new(&w, n, k);
+            for width in widths() {
+                let got = linear_on(width, &x, m, &packed, &bias, Epilogue::None);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
+                    // accumulation error on top.
+                    let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();
+                    assert!(
+                        (g.to_f64() - e).abs() <= tol,
+                        "{width:?} {m}x{k}x{n} at {idx}: {} vs {e}",
+                        g.to_f64()
+                    );
+                }
             }
         }
     }

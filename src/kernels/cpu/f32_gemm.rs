@@ -8,13 +8,17 @@
 //! registers, starting from the bias, each value of a row of `x` broadcast to 16 lanes: the structure of
 //! [`super::bf16_gemm`] with f32 FMAs. Each output is `b + Σ_t x[t] w[t]` summed in order of `t`.
 //!
-//! x86-64 with AVX-512 F/BW/VL, detected at run time, at the AVX-512 tier ([`super::features::cpu_tier`]);
-//! [`available`] is false elsewhere and the caller keeps the gemm crate.
+//! With AVX2 + FMA and no AVX-512 (or a lower [`super::features::cpu_tier`]) the same panels go to a tile of up
+//! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel (16 AVX registers hold a tile's sums, two
+//! weight vectors and the broadcast): the same FMAs in the same order, so the same bits as the AVX-512 tile.
+//!
+//! x86-64 with AVX2 and FMA, detected at run time; [`available`] is false elsewhere and the caller keeps the
+//! gemm crate.
 
 use super::panels::Epilogue;
 use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
-use super::panels::{by_rows, run_tiles, PanelTile, Panels};
+use super::panels::{by_rows, run_tiles, PanelTile, Panels, Width};
 #[cfg(target_arch = "x86_64")]
 use super::parallel::TaskPtr;
 
@@ -25,9 +29,14 @@ const TILE_ROWS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 
-/// Whether the kernel runs here ([`super::features::has_avx512`]).
+/// Rows in a register tile of the AVX2 kernel: 2 x 6 accumulators of 8 lanes, two weight vectors and the
+/// broadcast fill 15 of the 16 AVX registers.
+#[cfg(target_arch = "x86_64")]
+pub const AVX2_TILE_ROWS: usize = 6;
+
+/// Whether the kernel runs here ([`super::features::has_avx2_fma`]).
 pub fn available() -> bool {
-    super::features::has_avx512()
+    super::features::has_avx2_fma()
 }
 
 /// Weights `w[n, k]` laid out for the kernel: for panel `p` and input `t`, 32 values, lane `c` holding
@@ -82,11 +91,33 @@ impl Packed {
 // Off x86-64 `available()` is false: the function only panics and its kernel arguments go unread.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
-    assert!(available(), "f32_gemm::linear needs AVX-512");
+    assert!(available(), "f32_gemm::linear needs AVX2 and FMA");
+    #[cfg(target_arch = "x86_64")]
+    return linear_on(
+        Width::widest(super::features::has_avx512()),
+        x,
+        m,
+        w,
+        bias,
+        epilogue,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("available() is false off x86-64")
+}
+
+/// [`linear`] on the instructions of `width`, which the CPU has.
+#[cfg(target_arch = "x86_64")]
+fn linear_on(
+    width: Width,
+    x: &[f32],
+    m: usize,
+    w: &Packed,
+    bias: &[f32],
+    epilogue: Epilogue,
+) -> Vec<f32> {
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let n = w.n;
     let mut out = Vec::with_capacity(m * n);
-    #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
@@ -97,16 +128,26 @@ pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32], epilogue: Epilogue)
             n,
             k: w.k,
         };
+        let tile_rows = match width {
+            Width::Avx512 => TILE_ROWS,
+            Width::Avx2 => AVX2_TILE_ROWS,
+        };
         run_tiles(
             x,
             m,
             weights,
             bias,
             (dst, epilogue),
-            TILE_ROWS,
+            tile_rows,
             |tile, a, size, dst| {
-                // SAFETY: `available` checked the CPU; `run_tiles` hands each tile its rows and outputs.
-                unsafe { by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst)) }
+                // SAFETY: the caller checked the CPU's features; `run_tiles` hands each tile its rows and
+                // outputs.
+                unsafe {
+                    by_rows!(size.min(tile_rows), |R| match width {
+                        Width::Avx512 => tile.tile::<R>(a, dst),
+                        Width::Avx2 => tile.tile_avx2::<R>(a, dst),
+                    })
+                }
             },
         );
     }
@@ -148,38 +189,127 @@ impl PanelTile<'_, f32> {
             _mm512_mask_storeu_ps(row.add(16), lanes(16), hi[r]);
         }
     }
+
+    /// [`Self::tile`] on AVX2: `R` (1 to [`AVX2_TILE_ROWS`]) rows of `a` against each half of the panel
+    /// in turn.
+    ///
+    /// # Safety
+    /// As [`Self::tile`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const R: usize>(&self, a: &[f32], dst: *mut f32) {
+        use std::arch::x86_64::*;
+        let k = self.k;
+        let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
+            let panel = self.panel.as_ptr().add(half);
+            let bias = self.bias.as_ptr().add(half);
+            let mut lo = [_mm256_loadu_ps(bias); R];
+            let mut hi = [_mm256_loadu_ps(bias.add(8)); R];
+            for t in 0..k {
+                let w_lo = _mm256_loadu_ps(panel.add(t * PANEL));
+                let w_hi = _mm256_loadu_ps(panel.add(t * PANEL + 8));
+                for r in 0..R {
+                    let x = _mm256_broadcast_ss(&*rows[r].add(t));
+                    lo[r] = _mm256_fmadd_ps(x, w_lo, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(x, w_hi, hi[r]);
+                }
+            }
+            let (mask_lo, mask_hi) = (lanes8(self.cols, half), lanes8(self.cols, half + 8));
+            for r in 0..R {
+                let row = dst.add(r * self.n + half);
+                _mm256_maskstore_ps(row, mask_lo, lo[r]);
+                _mm256_maskstore_ps(row.add(8), mask_hi, hi[r]);
+            }
+        }
+    }
 }
 
-#[cfg(test)]
+/// The store mask of the 8 columns from `from` of a panel whose first `cols` columns are valid.
+///
+/// # Safety
+/// Called only from functions compiled with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn lanes8(cols: usize, from: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let valid = cols.saturating_sub(from).min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(valid),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
     use crate::kernels::cpu::test_values::spread as values;
 
+    /// The widths this CPU runs.
+    fn widths() -> Vec<Width> {
+        let mut widths = vec![];
+        if available() {
+            widths.push(Width::Avx2);
+        }
+        if crate::kernels::cpu::features::has_avx512() {
+            widths.push(Width::Avx512);
+        }
+        if widths.len() < 2 {
+            eprintln!("only {widths:?} run on this CPU");
+        }
+        widths
+    }
+
     #[test]
     fn matches_the_exact_product() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512");
+        // Few and many rows; partial panels and row tiles; more than one row block and panel group.
+        for width in widths() {
+            for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
+                check_shape(width, (m, k, n));
+            }
+        }
+    }
+
+    /// The two widths' FMAs come in the same order: the same bits, with and without the fused GELU, on shapes
+    /// with partial halves of a panel (17, 20 and 40 columns) and tiles of every row count of both.
+    #[test]
+    fn both_widths_give_the_same_bits() {
+        if widths().len() < 2 {
             return;
         }
-        // Few and many rows; partial panels and row tiles; more than one row block and panel group.
-        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
-            let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
-            let got = linear(&x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
-            for i in 0..m {
-                for c in 0..n {
-                    let terms = (0..k).map(|t| x[i * k + t] as f64 * w[c * k + t] as f64);
-                    let want = bias[c] as f64 + terms.clone().sum::<f64>();
-                    // The bound of a sum of k + 1 f32 terms in order: k ulps of the sum of magnitudes.
-                    let bound = (k + 1) as f64
-                        * f32::EPSILON as f64
-                        * (bias[c].abs() as f64 + terms.map(f64::abs).sum::<f64>());
-                    let g = got[i * n + c] as f64;
-                    assert!(
-                        (g - want).abs() <= bound,
-                        "{m}x{k}x{n} at ({i}, {c}): {g} vs {want}"
-                    );
-                }
+        let shapes = crate::kernels::cpu::test_values::SHAPES.into_iter().chain([
+            (13, 20, 17),
+            (25, 9, 40),
+            (4, 64, 100),
+        ]);
+        for (m, k, n) in shapes {
+            let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
+            let packed = Packed::new(&w, n, k);
+            for epilogue in [Epilogue::None, Epilogue::Gelu] {
+                let [wide, narrow] = [Width::Avx512, Width::Avx2]
+                    .map(|width| linear_on(width, &x, m, &packed, &bias, epilogue));
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&wide), bits(&narrow), "{m}x{k}x{n} {epilogue:?}");
+            }
+        }
+    }
+
+    fn check_shape(width: Width, (m, k, n): (usize, usize, usize)) {
+        let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+        let got = linear_on(width, &x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
+        for i in 0..m {
+            for c in 0..n {
+                let terms = (0..k).map(|t| x[i * k + t] as f64 * w[c * k + t] as f64);
+                let want = bias[c] as f64 + terms.clone().sum::<f64>();
+                // The bound of a sum of k + 1 f32 terms in order: k ulps of the sum of magnitudes.
+                let bound = (k + 1) as f64
+                    * f32::EPSILON as f64
+                    * (bias[c].abs() as f64 + terms.map(f64::abs).sum::<f64>());
+                let g = got[i * n + c] as f64;
+                assert!(
+                    (g - want).abs() <= bound,
+                    "{width:?} {m}x{k}x{n} at ({i}, {c}): {g} vs {want}"
+                );
             }
         }
     }

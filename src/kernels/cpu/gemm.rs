@@ -1,13 +1,12 @@
 //! `x @ wᵀ + b` on the CPU: the glue between the linear layer and the GEMM kernels, for f32 weights as stored
-//! ([`linear`]: CPUs without AVX-512, where nothing is packed) and for weights packed at load
+//! ([`linear`]: CPUs without AVX2, where nothing is packed, and aarch64) and for weights packed at load
 //! ([`linear_packed`]).
 //!
 //! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
 //! passes over every output, and the vision tower's linear layers write gigabytes of outputs per image. Here
 //! the output buffer starts as the bias repeated on each row and the GEMM (the gemm crate) accumulates the
 //! product into it (`dst = dst + x @ wᵀ`), so each output is written once by the fill and once by the GEMM.
-//! Up to [`super::few_rows::MAX_ROWS`] rows go to [`super::few_rows`] instead. Weights packed at load go to
-//! [`super::f32_gemm`], [`super::bf16_gemm`] or [`super::quantized_gemm`].
+//! Weights packed at load go to [`super::f32_gemm`], [`super::bf16_gemm`] or [`super::quantized_gemm`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -16,7 +15,6 @@ use gemm::Parallelism;
 
 use super::bf16_gemm::{self, Packed};
 use super::f32_gemm;
-use super::few_rows;
 pub use super::panels::Epilogue;
 use super::quantized_gemm;
 use super::storage::{contiguous, contiguous_f32};
@@ -31,12 +29,6 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
         || w.rank() != 2
     {
         return Ok(None);
-    }
-    if let Some(ys) = few_rows::matmul_t(x, w)? {
-        return Ok(Some(match b {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
-        }));
     }
     let (n, k) = w.dims2()?;
     if x.rank() == 0 {
@@ -151,7 +143,7 @@ impl CustomOp1 for PackedMatmulT<'_> {
 }
 
 /// Whether the linear layers have a CPU kernel for `dtype` here: [`linear`] for f32 weights as stored, the
-/// packed kernels for f32 and (with AVX512-BF16) bf16 weights packed at load.
+/// packed kernels for f32 and (with AVX2 + FMA) bf16 weights packed at load.
 pub fn cpu_supports(dtype: DType) -> bool {
     match dtype {
         DType::F32 => true,

@@ -11,7 +11,6 @@ pub mod depthwise;
 pub mod elementwise;
 pub mod f32_gemm;
 pub mod features;
-pub mod few_rows;
 pub mod gemm;
 pub mod grouped;
 pub mod im2col;

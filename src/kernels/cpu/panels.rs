@@ -126,6 +126,27 @@ macro_rules! by_rows {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use by_rows;
 
+/// The instructions a packed kernel's tiles run on: AVX-512's (for bf16, AVX512-BF16's, and the tile unit's
+/// where the CPU has one) or AVX2 + FMA's. Chosen per call from the CPU tier; tests name both.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    Avx512,
+    Avx2,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Width {
+    /// AVX-512 where the CPU has (and the tier allows) the AVX-512 instructions a kernel needs, else AVX2.
+    pub fn widest(has_avx512: bool) -> Self {
+        if has_avx512 {
+            Self::Avx512
+        } else {
+            Self::Avx2
+        }
+    }
+}
+
 /// One panel of packed weights (`W`: the kernel's packed unit) and where its outputs go.
 #[cfg(target_arch = "x86_64")]
 pub struct PanelTile<'a, W> {

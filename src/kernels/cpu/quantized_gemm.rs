@@ -21,9 +21,20 @@
 //! step's few rows read each panel once. On CPUs with AMX-INT8, int8 products of many rows take the tile unit
 //! instead ([`super::amx::block_int8`], the same int32 sums), and the epilogue here.
 //!
-//! x86-64 with AVX-512 F/BW/VL and VNNI (and AVX512-BF16 for bf16 activations), detected at run time, at the
-//! AVX-512 tier ([`super::features::cpu_tier`]); [`available`] is false elsewhere and the caller keeps
-//! candle's quantized matmul.
+//! CPUs without AVX512-VNNI take AVX2 kernels over the same panels. For int4, `vpmaddubsw`: 32 byte
+//! products of an offset activation and a weight level, summed in pairs in int16, which they cannot leave
+//! (at most 2 x 255 x 8), nor can the sums of a group's [`INT4_GROUP`] inputs; `vpmaddwd` by ones widens
+//! those to int32 column sums. For int8 those pairs would saturate (2 x 255 x 127), so the activations are
+//! widened to 16 bits (a quad of a row is 64 bits, broadcast to the four quads of a vector), 16 weight bytes
+//! (four columns' quads) sign-extended, and `vpmaddwd` sums pairs of products in int32: a column's quad sum
+//! is two lanes, folded into one at the end. Either way the int32 sums are the same integers as
+//! `vpdpbusd`'s and the f32 arithmetic after them is the same operations in the same order, so the kernels
+//! give the same bits.
+//!
+//! x86-64, detected at run time ([`super::features::cpu_tier`]): the `vpdpbusd` kernel at the AVX-512 tier
+//! on CPUs with AVX512-VNNI, the AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI.
+//! [`available`] is false elsewhere (the baseline tier, other architectures) and the caller keeps candle's
+//! quantized matmul.
 
 use half::bf16;
 
@@ -35,6 +46,8 @@ use super::panels::{Epilogue, PANEL};
 #[cfg(target_arch = "x86_64")]
 use super::parallel::TaskPtr;
 use super::storage::Element;
+#[cfg(target_arch = "x86_64")]
+use std::ops::Range;
 
 /// Inputs that share an int4 scale (GGML's `Q4_0` block).
 pub const INT4_GROUP: usize = 32;
@@ -99,7 +112,34 @@ fn inverse(scale: f32) -> f32 {
 
 /// Whether the kernel runs here (for f32 and bf16 activations alike).
 pub fn available() -> bool {
-    super::features::has_avx512_vnni()
+    Kernel::detected().is_some()
+}
+
+/// The kernel families: each quantizes the activations and sums a register tile its own way, over the same
+/// packed weights and to the same outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// AVX-512 F/BW/VL and VNNI (`vpdpbusd`), and the tile unit for int8 where it runs.
+    Vnni,
+    /// AVX2 and FMA (`vpmaddwd`).
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest family the CPU tier runs, if any.
+    fn detected() -> Option<Self> {
+        [Self::Vnni, Self::Avx2]
+            .into_iter()
+            .find(|kernel| kernel.runs())
+    }
+
+    /// Whether the CPU tier runs this family.
+    fn runs(self) -> bool {
+        match self {
+            Self::Vnni => super::features::has_avx512_vnni(),
+            Self::Avx2 => super::features::has_avx2_fma(),
+        }
+    }
 }
 
 /// Quantized weights `w[n, k]`, laid out for the kernel, with their scales and the per-column constant of
@@ -256,6 +296,21 @@ pub trait Activation: Copy + Send + Sync {
         hi: std::arch::x86_64::__m512,
         cols: usize,
     );
+
+    /// Loads 8 values from `src` as f32.
+    ///
+    /// # Safety
+    /// As [`Activation::store8`], with `src` holding 8 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Stores the 8 values of `v`, rounded as [`Activation::store`] rounds them.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `dst` has room for 8 values. Called only from a function compiled with
+    /// those features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store8(dst: *mut Self, v: std::arch::x86_64::__m256);
 }
 
 /// The mask of the first `cols` (clamped to 0..=16) lanes.
@@ -283,6 +338,18 @@ impl Activation for f32 {
         _mm512_mask_storeu_ps(dst, lanes(cols), lo);
         _mm512_mask_storeu_ps(dst.add(16), lanes(cols.saturating_sub(16)), hi);
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(src: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(src)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store8(dst: *mut f32, v: std::arch::x86_64::__m256) {
+        std::arch::x86_64::_mm256_storeu_ps(dst, v)
+    }
 }
 
 impl Activation for bf16 {
@@ -307,6 +374,52 @@ impl Activation for bf16 {
         _mm256_mask_storeu_epi16(dst, lanes(cols), to_bf16(lo));
         _mm256_mask_storeu_epi16(dst.add(16), lanes(cols.saturating_sub(16)), to_bf16(hi));
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(src: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let halves = _mm_loadu_si128(src.cast());
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store8(dst: *mut bf16, v: std::arch::x86_64::__m256) {
+        std::arch::x86_64::_mm_storeu_si128(dst.cast(), to_bf16_avx2(v))
+    }
+}
+
+/// The first `count` values of `src` (all 8 from 8 on) as f32, zeros in the other lanes.
+///
+/// # Safety
+/// As [`Activation::load8`], with `src` holding `count.min(8)` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_first<A: Activation>(src: *const A, count: usize) -> std::arch::x86_64::__m256 {
+    if count >= 8 {
+        return A::load8(src);
+    }
+    // SAFETY: all-zero bits are 0.0 in f32 and bf16.
+    let mut values: [A; 8] = std::mem::zeroed();
+    std::ptr::copy_nonoverlapping(src, values.as_mut_ptr(), count);
+    A::load8(values.as_ptr())
+}
+
+/// Stores the first `count` lanes of `v` (all 8 from 8 on).
+///
+/// # Safety
+/// As [`Activation::store8`], with room for `count.min(8)` values at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_first<A: Activation>(dst: *mut A, v: std::arch::x86_64::__m256, count: usize) {
+    if count >= 8 {
+        return A::store8(dst, v);
+    }
+    // SAFETY: all-zero bits are 0.0 in f32 and bf16.
+    let mut values: [A; 8] = std::mem::zeroed();
+    A::store8(values.as_mut_ptr(), v);
+    std::ptr::copy_nonoverlapping(values.as_ptr(), dst, count);
 }
 
 /// 16 f32 rounded to bf16 (to nearest even; a NaN stays a NaN, made quiet), as `vcvtneps2bf16` does but
@@ -329,32 +442,61 @@ unsafe fn to_bf16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
     ))
 }
 
-/// Rows of `x` quantized for the kernel: `k_padded` bytes a row (each value + 128; the padding 128, a zero),
-/// and each row's scale. A row holding a NaN or an infinity gets a NaN scale, so that its outputs are NaN
-/// rather than a finite value computed from the other inputs.
+/// [`to_bf16`] for 8 f32, with AVX2: the same bits.
 ///
-/// # Panics
-/// If the CPU lacks AVX-512 F/BW/VL ([`available`] checks it).
+/// # Safety
+/// As [`Activation::store8`].
 #[cfg(target_arch = "x86_64")]
-fn quantize_rows<A: Activation>(x: &[A], k: usize, k_padded: usize) -> (Vec<u8>, Vec<f32>) {
+#[inline(always)]
+unsafe fn to_bf16_avx2(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    let bits = _mm256_castps_si256(v);
+    let odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    let rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+    let quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000));
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    narrow_avx2(_mm256_srli_epi32(
+        _mm256_blendv_epi8(rounded, quiet, nan),
+        16,
+    ))
+}
+
+/// 8 int32 lanes from 0 to `u16::MAX`, as 16-bit lanes in the same order.
+///
+/// # Safety
+/// As [`Activation::store8`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn narrow_avx2(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v))
+}
+
+/// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level + 128; the padding 128,
+/// a zero) by `quantize_row`, and each row's scale.
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
+    x: &[A],
+    (k, k_padded): (usize, usize),
+    quantize_row: impl Fn(&[A], &mut [Q]) -> f32 + Sync,
+) -> (Vec<Q>, Vec<f32>) {
     use rayon::prelude::*;
-    assert!(super::features::has_avx512());
     let m = x.len() / k;
-    let mut q = vec![128u8; m * k_padded];
+    let mut q = vec![Q::from(128); m * k_padded];
     let mut scales = vec![0f32; m];
     let rows = q
         .par_chunks_mut(k_padded)
         .zip(scales.par_iter_mut())
         .zip(x.par_chunks(k));
     // A decode step's few rows are not worth the threads.
-    rows.with_min_len(16).for_each(|((q, scale), row)| {
-        // SAFETY: AVX-512 is checked above; `q` has room for the row.
-        unsafe { *scale = quantize_row(row, q) };
-    });
+    rows.with_min_len(16)
+        .for_each(|((q, scale), row)| *scale = quantize_row(row, q));
     (q, scales)
 }
 
-/// Quantizes `row` into the first `row.len()` bytes of `q`, rounding to nearest even; returns its scale.
+/// Quantizes `row` into the first `row.len()` bytes of `q`, rounding to nearest even; returns its scale. A
+/// row holding a NaN or an infinity gets a NaN scale, so that its outputs are NaN rather than a finite value
+/// computed from the other inputs.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL; `q` is at least as long as `row`.
@@ -393,12 +535,123 @@ unsafe fn quantize_row<A: Activation>(row: &[A], q: &mut [u8]) -> f32 {
     scale
 }
 
+/// An activation's level + 128 as an AVX2 kernel reads it: a byte (int4, `vpmaddubsw`) or 16 bits (int8,
+/// `vpmaddwd`).
+#[cfg(target_arch = "x86_64")]
+trait Level: Copy + Send + Sync + From<u8> {
+    /// Stores the 8 int32 lanes of `v`, each from 0 to 255.
+    ///
+    /// # Safety
+    /// As [`Activation::store8`].
+    unsafe fn store8(dst: *mut Self, v: std::arch::x86_64::__m256i);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Level for u8 {
+    #[inline(always)]
+    unsafe fn store8(dst: *mut u8, v: std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let words = narrow_avx2(v);
+        _mm_storel_epi64(dst.cast(), _mm_packus_epi16(words, words));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Level for u16 {
+    #[inline(always)]
+    unsafe fn store8(dst: *mut u16, v: std::arch::x86_64::__m256i) {
+        std::arch::x86_64::_mm_storeu_si128(dst.cast(), narrow_avx2(v));
+    }
+}
+
+/// [`quantize_row`] with AVX2, into `L` values: the same levels and scale (the same largest magnitude,
+/// product and rounding).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `q` is at least as long as `row`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2<A: Activation, L: Level>(row: &[A], q: &mut [L]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = row.len();
+    let load = |at: usize| load_first(row.as_ptr().add(at), k - at);
+    // Pass 1, as `quantize_row`'s.
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let (mut max, mut probe) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for at in (0..k).step_by(8) {
+        let v = _mm256_and_ps(load(at), magnitude);
+        max = _mm256_max_ps(max, v);
+        probe = _mm256_add_ps(probe, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    }
+    let [max, probe] = [max, probe].map(|v| std::mem::transmute::<__m256, [f32; 8]>(v));
+    if probe.iter().any(|v| v.is_nan()) {
+        return f32::NAN;
+    }
+    let scale = max.into_iter().fold(0.0, f32::max) / 127.0;
+    let inverse = _mm256_set1_ps(inverse(scale));
+    // Pass 2: round to nearest even (the rounding mode Rust code runs in), clamp, offset, narrow.
+    let (low, high, offset) = (
+        _mm256_set1_epi32(-127),
+        _mm256_set1_epi32(127),
+        _mm256_set1_epi32(128),
+    );
+    for at in (0..k).step_by(8) {
+        let v = _mm256_cvtps_epi32(_mm256_mul_ps(load(at), inverse));
+        let v = _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(v, high), low), offset);
+        if k - at >= 8 {
+            L::store8(q.as_mut_ptr().add(at), v);
+        } else {
+            let mut levels = [L::from(0); 8];
+            L::store8(levels.as_mut_ptr(), v);
+            q[at..k].copy_from_slice(&levels[..k - at]);
+        }
+    }
+    scale
+}
+
 /// Rows in a register tile: 2 x 12 int32 sums, two weight vectors, the broadcast and (for int4) the two
 /// nibble constants stay in registers; the f32 totals, touched once per group, may not.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
+
+/// Rows in the AVX2 int8 kernel's register tile.
+#[cfg(target_arch = "x86_64")]
+const AVX2_INT8_ROWS: usize = 4;
+
+/// Columns in the AVX2 int8 kernel's register tile of `rows` rows: 8 vectors of int32 sums (four columns
+/// each) in all, which with the broadcast quads, a weight vector and a product fit in the 16 registers. A
+/// decode step's single row takes the whole panel in one pass.
+#[cfg(target_arch = "x86_64")]
+const fn avx2_int8_cols(rows: usize) -> usize {
+    match rows {
+        1 => 32,
+        2 => 16,
+        _ => 8,
+    }
+}
+
+/// Rows in the AVX2 int4 kernel's register tile, of 16 columns (8 from each half of the panel, which share
+/// their bytes): the int16 sums (3 x 2), a broadcast quad, the two weight vectors and the two nibble
+/// constants stay in registers; the f32 totals, touched once per group, may not.
+#[cfg(target_arch = "x86_64")]
+const AVX2_INT4_ROWS: usize = 3;
+#[cfg(target_arch = "x86_64")]
+const _: () = {
+    assert!(AVX2_INT8_ROWS <= super::panels::MAX_TILE_ROWS);
+    assert!(AVX2_INT4_ROWS <= super::panels::MAX_TILE_ROWS);
+    // Int8 tiles of whole vectors of 8 columns, in whole panels, with at most 8 vectors of sums.
+    let mut rows = 1;
+    while rows <= AVX2_INT8_ROWS {
+        let cols = avx2_int8_cols(rows);
+        assert!(cols.is_multiple_of(8) && PANEL.is_multiple_of(cols) && rows * cols / 4 <= 8);
+        rows += 1;
+    }
+    // The int4 kernel's int16 sums of a group: each lane two products a quad, of a level + 128 (at most
+    // 255) and a weight level (at most 8 in magnitude).
+    assert!(INT4_GROUP / 4 * 2 * 255 * 8 <= i16::MAX as usize);
+};
 
 /// The fewest rows that go to the tile unit (int8 only): `vpdpbusd` does four byte products per lane, so
 /// this module's vector kernel keeps up with the tile unit until its register block is most of the way full.
@@ -408,9 +661,7 @@ const TILE_UNIT_MIN_ROWS: usize = 24;
 /// `epilogue(x[m, k] @ wᵀ + bias[n])`, row-major `[m, n]` in the activations' type; `m` at least 1.
 ///
 /// # Panics
-/// If [`available`] is false for `A`, or the slices do not hold the shapes given.
-// Off x86-64 `available()` is false: the function only panics and its kernel arguments go unread.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+/// If [`available`] is false, or the slices do not hold the shapes given.
 pub fn linear<A: Activation + Element>(
     x: &[A],
     m: usize,
@@ -418,79 +669,180 @@ pub fn linear<A: Activation + Element>(
     bias: &[f32],
     epilogue: Epilogue,
 ) -> Vec<A> {
-    assert!(available(), "quantized_gemm::linear needs AVX512-VNNI");
+    let kernel = Kernel::detected().expect("quantized_gemm::linear needs AVX2 and FMA");
+    linear_on(kernel, x, m, w, bias, epilogue)
+}
+
+/// [`linear`] by the kernel family `kernel`.
+///
+/// # Panics
+/// If the CPU tier does not run `kernel`, or the slices do not hold the shapes given.
+// Off x86-64 no kernel runs: the function only panics and its kernel arguments go unread.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn linear_on<A: Activation + Element>(
+    kernel: Kernel,
+    x: &[A],
+    m: usize,
+    w: &Packed,
+    bias: &[f32],
+    epilogue: Epilogue,
+) -> Vec<A> {
+    assert!(kernel.runs(), "the {kernel:?} kernel does not run here");
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let mut out = Vec::with_capacity(m * w.n);
     #[cfg(target_arch = "x86_64")]
     {
-        let (qx, sx) = quantize_rows(x, w.k, w.k_padded);
-        let panels = w.n.div_ceil(PANEL);
-        let mut bias = bias.to_vec();
-        bias.resize(panels * PANEL, 0.0);
-        let (groups, panel_bytes) = (w.k_padded / w.group, w.k_padded / 4 * w.bits.quad_bytes());
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<A>()) };
-        // int8 on the tile unit where it runs and there are rows enough for it, in register blocks of 32.
-        let tiled = w.bits == Bits::Int8
-            && w.k_padded.is_multiple_of(amx::INT8_K_STEP)
-            && m >= TILE_UNIT_MIN_ROWS
-            && amx::int8_available();
-        let block_unit = if tiled { amx::BLOCK_ROWS } else { TILE_ROWS };
-        for_each_block(m, panels, w.k_padded, block_unit, |rows, p| {
-            let tile = Tile {
-                qx: &qx,
-                sx: &sx,
-                k_padded: w.k_padded,
-                panel: &w.data[p * panel_bytes..][..panel_bytes],
-                scales: &w.scales[p * groups * PANEL..][..groups * PANEL],
-                offsets: &w.offsets[p * PANEL..][..PANEL],
-                bias: &bias[p * PANEL..][..PANEL],
-                groups,
-                group_quads: w.group / 4,
-                n: w.n,
-                cols: PANEL.min(w.n - p * PANEL),
-            };
-            let on_tiles = if tiled { rows.end } else { rows.start };
-            #[cfg(target_os = "linux")]
-            for (blocks, size) in amx::register_blocks(rows.start..on_tiles) {
-                // SAFETY: `int8_available` checked the CPU and the permission; the tiles stay configured for
-                // blocks of `size` rows until `_tiles` drops; each block reads its rows of `qx` and
-                // `k_padded / 4` panel rows, and writes rows of the output only this task writes.
-                unsafe {
-                    let _tiles = amx::Tiles::configure(size);
-                    let mut sums = [0i32; amx::BLOCK_ROWS * PANEL];
-                    for first in blocks.step_by(amx::BLOCK_ROWS) {
-                        let a = qx[first * w.k_padded..].as_ptr();
-                        amx::block_int8(a, (w.k_padded, size), tile.panel.as_ptr(), &mut sums);
-                        tile.finish_block((first, size), &sums, dst.at(first * w.n + p * PANEL));
-                    }
-                }
+        let shape = (w.k, w.k_padded);
+        match kernel {
+            Kernel::Vnni => {
+                // SAFETY: the CPU has AVX-512 F/BW/VL (`kernel.runs()`); `quantize_rows` gives each row
+                // `k_padded` bytes.
+                let (qx, sx) = quantize_rows(x, shape, |row, q| unsafe { quantize_row(row, q) });
+                // int8 on the tile unit where it runs and there are rows enough for it, in register blocks
+                // of 32.
+                let tiled = w.bits == Bits::Int8
+                    && w.k_padded.is_multiple_of(amx::INT8_K_STEP)
+                    && m >= TILE_UNIT_MIN_ROWS
+                    && amx::int8_available();
+                let block_unit = if tiled { amx::BLOCK_ROWS } else { TILE_ROWS };
+                let quantized = (&qx[..], &sx[..]);
+                for_each_tile(
+                    w,
+                    quantized,
+                    bias,
+                    block_unit,
+                    (dst, epilogue),
+                    |tile, rows| {
+                        let on_tiles = if tiled { rows.end } else { rows.start };
+                        #[cfg(target_os = "linux")]
+                        for (blocks, size) in amx::register_blocks(rows.start..on_tiles) {
+                            // SAFETY: `int8_available` checked the CPU and the permission; the tiles stay
+                            // configured for blocks of `size` rows until `_tiles` drops; each block reads its
+                            // rows of `qx` and `k_padded / 4` panel rows, and writes rows of the output only
+                            // this task writes.
+                            unsafe {
+                                let _tiles = amx::Tiles::configure(size);
+                                let mut sums = [0i32; amx::BLOCK_ROWS * PANEL];
+                                for first in blocks.step_by(amx::BLOCK_ROWS) {
+                                    let a = qx[first * w.k_padded..].as_ptr();
+                                    amx::block_int8(
+                                        a,
+                                        (w.k_padded, size),
+                                        tile.panel.as_ptr(),
+                                        &mut sums,
+                                    );
+                                    tile.finish_block((first, size), &sums, tile.out(dst, first));
+                                }
+                            }
+                        }
+                        for (r, size) in tiles(on_tiles..rows.end, TILE_ROWS) {
+                            // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (`kernel.runs()`); rows
+                            // r..r + size exist, and their outputs in this panel only this call writes.
+                            unsafe {
+                                match w.bits {
+                                    Bits::Int8 => tile.run::<false, A>(r, size, tile.out(dst, r)),
+                                    Bits::Int4 => tile.run::<true, A>(r, size, tile.out(dst, r)),
+                                }
+                            }
+                        }
+                    },
+                );
             }
-            for (r, size) in tiles(on_tiles..rows.end, TILE_ROWS) {
-                let dst = dst.at(r * w.n + p * PANEL);
-                // SAFETY: `available` checked the CPU; rows r..r + size exist, and `dst` addresses them from
-                // the panel's first column of the m x n output, which only this call writes.
-                unsafe {
-                    match w.bits {
-                        Bits::Int8 => tile.run::<false, A>(r, size, dst),
-                        Bits::Int4 => tile.run::<true, A>(r, size, dst),
-                    }
-                }
-            }
-            // SAFETY: the outputs this task just wrote.
-            unsafe { epilogue.apply(dst, rows, (p * PANEL, tile.cols, w.n)) };
-        });
+            Kernel::Avx2 => match w.bits {
+                // SAFETY (both): the CPU has AVX2 and FMA (`kernel.runs()`); each tile's rows exist, and
+                // their outputs in its panel only that call writes.
+                Bits::Int8 => avx2_tiles::<u16, A>(
+                    x,
+                    w,
+                    bias,
+                    (dst, epilogue),
+                    AVX2_INT8_ROWS,
+                    |t, r, n, d| unsafe { t.run_int8_avx2(r, n, d) },
+                ),
+                Bits::Int4 => avx2_tiles::<u8, A>(
+                    x,
+                    w,
+                    bias,
+                    (dst, epilogue),
+                    AVX2_INT4_ROWS,
+                    |t, r, n, d| unsafe { t.run_int4_avx2(r, n, d) },
+                ),
+            },
+        }
     }
     // SAFETY: the kernel writes each of the m x n outputs.
     unsafe { out.set_len(m * w.n) };
     out
 }
 
-/// One panel of packed weights, the quantized rows of `x`, and where the outputs go.
+/// The AVX2 kernel with activations quantized to levels of `L` (u16 for int8's 16-bit products, u8 for int4's
+/// byte products): `run(tile, first row, rows, outputs)` for every register tile of up to `tile_rows` rows.
 #[cfg(target_arch = "x86_64")]
-struct Tile<'a> {
-    qx: &'a [u8],
+fn avx2_tiles<L: Level, A: Activation + Element>(
+    x: &[A],
+    w: &Packed,
+    bias: &[f32],
+    out: (TaskPtr<A>, Epilogue),
+    tile_rows: usize,
+    run: impl Fn(&Tile<L>, usize, usize, *mut A) + Sync,
+) {
+    // SAFETY: the caller checked AVX2 and FMA; `quantize_rows` gives each row `k_padded` values.
+    let quantize = |row: &[A], q: &mut [L]| unsafe { quantize_row_avx2(row, q) };
+    let (qx, sx) = quantize_rows(x, (w.k, w.k_padded), quantize);
+    for_each_tile(w, (&qx[..], &sx[..]), bias, tile_rows, out, |tile, rows| {
+        for (r, size) in tiles(rows, tile_rows) {
+            run(tile, r, size, tile.out(out.0, r));
+        }
+    });
+}
+
+/// Calls `body(tile, rows)` for every block of `rows` (in whole register tiles of `tile_rows`) and panel of
+/// `w`, in parallel ([`for_each_block`]), then applies `epilogue` to the block's outputs in that panel, which
+/// `body` writes (through `dst`, the `[m, n]` output) and no other call touches. `qx` and `sx` are the
+/// quantized rows of `x` ([`quantize_rows`]) and `bias` has `n` values.
+#[cfg(target_arch = "x86_64")]
+fn for_each_tile<Q: Sync, A: Element>(
+    w: &Packed,
+    (qx, sx): (&[Q], &[f32]),
+    bias: &[f32],
+    tile_rows: usize,
+    (dst, epilogue): (TaskPtr<A>, Epilogue),
+    body: impl Fn(&Tile<Q>, Range<usize>) + Sync,
+) {
+    let (m, panels) = (sx.len(), w.n.div_ceil(PANEL));
+    let mut bias = bias.to_vec();
+    bias.resize(panels * PANEL, 0.0);
+    let (groups, panel_bytes) = (w.k_padded / w.group, w.k_padded / 4 * w.bits.quad_bytes());
+    let row_bytes = w.k_padded * std::mem::size_of::<Q>();
+    for_each_block(m, panels, row_bytes, tile_rows, |rows, p| {
+        let tile = Tile {
+            qx,
+            sx,
+            k_padded: w.k_padded,
+            panel: &w.data[p * panel_bytes..][..panel_bytes],
+            scales: &w.scales[p * groups * PANEL..][..groups * PANEL],
+            offsets: &w.offsets[p * PANEL..][..PANEL],
+            bias: &bias[p * PANEL..][..PANEL],
+            groups,
+            group_quads: w.group / 4,
+            n: w.n,
+            col: p * PANEL,
+            cols: PANEL.min(w.n - p * PANEL),
+        };
+        body(&tile, rows.clone());
+        // SAFETY: the outputs `body` just wrote, which only this task touches.
+        unsafe { epilogue.apply(dst, rows, (tile.col, tile.cols, w.n)) };
+    });
+}
+
+/// One panel of packed weights, the quantized rows of `x` (`Q`: bytes for `vpdpbusd`, 16-bit values for
+/// the AVX2 kernel), and where the outputs go.
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a, Q> {
+    qx: &'a [Q],
     sx: &'a [f32],
     k_padded: usize,
     panel: &'a [u8],
@@ -501,12 +853,22 @@ struct Tile<'a> {
     group_quads: usize,
     /// Row stride of the output.
     n: usize,
+    /// The panel's first column.
+    col: usize,
     /// Valid columns in this panel (the last one may be partial).
     cols: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Tile<'_> {
+impl<Q> Tile<'_, Q> {
+    /// Where output row `row`'s values of this panel go in the `[m, n]` output `dst`.
+    fn out<A>(&self, dst: TaskPtr<A>, row: usize) -> *mut A {
+        dst.at(row * self.n + self.col)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_, u8> {
     /// Rows `first..first + rows` (`rows` from 1 to [`TILE_ROWS`]) against the panel.
     ///
     /// # Safety
@@ -616,11 +978,194 @@ impl Tile<'_> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_, u16> {
+    /// Rows `first..first + rows` (`rows` from 1 to [`AVX2_INT8_ROWS`]) against the panel of int8 weights,
+    /// [`avx2_int8_cols`] columns at a time up to the last valid one.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `dst` addresses `rows` output rows of `self.n` values from this panel's
+    /// first column.
+    unsafe fn run_int8_avx2<A: Activation>(&self, first: usize, rows: usize, dst: *mut A) {
+        by_rows!(rows.min(AVX2_INT8_ROWS), |R| {
+            for col in (0..self.cols).step_by(avx2_int8_cols(R)) {
+                self.int8_avx2::<R, A>(first, col, dst);
+            }
+        })
+    }
+
+    /// [`Self::run_int8_avx2`] for `R` rows and the tile's columns from `col`.
+    ///
+    /// # Safety
+    /// As [`Self::run_int8_avx2`], with `rows` = `R`; `col` is a multiple of the tile's columns below
+    /// [`PANEL`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn int8_avx2<const R: usize, A: Activation>(
+        &self,
+        first: usize,
+        col: usize,
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        // The arrays are sized for the widest tile; the loops, whose bounds are constants, touch the first
+        // `vectors` of each.
+        let vectors = avx2_int8_cols(R) / 4;
+        let rows: [*const u16; R] =
+            std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
+        // Quad j's 16 bytes from `quads.add(j * 4 * PANEL + 16 * v)`: columns `col + 4v..col + 4v + 4`.
+        let quads = self.panel.as_ptr().add(4 * col);
+        let mut totals = [[_mm256_setzero_ps(); PANEL / 8]; R];
+        for g in 0..self.groups {
+            // Lanes 2c and 2c + 1 of `sums[r][v]`: the two halves of column `col + 4v + c`'s sum.
+            let mut sums = [[_mm256_setzero_si256(); PANEL / 4]; R];
+            for j in g * self.group_quads..(g + 1) * self.group_quads {
+                let x: [__m256i; R] = std::array::from_fn(|r| {
+                    _mm256_set1_epi64x(rows[r].add(4 * j).cast::<i64>().read_unaligned())
+                });
+                for v in 0..vectors {
+                    let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                        quads.add(j * 4 * PANEL + 16 * v).cast(),
+                    ));
+                    for (sums, &x) in sums.iter_mut().zip(&x) {
+                        sums[v] = _mm256_add_epi32(sums[v], _mm256_madd_epi16(x, w));
+                    }
+                }
+            }
+            let scales = self.scales.as_ptr().add(g * PANEL + col);
+            for r in 0..R {
+                for (h, totals) in totals[r][..vectors / 2].iter_mut().enumerate() {
+                    // The lane pairs summed: columns 0, 1, 4, 5 | 2, 3, 6, 7 of these 8, which the
+                    // permute of 64-bit lanes puts in order.
+                    let pairs = _mm256_hadd_epi32(sums[r][2 * h], sums[r][2 * h + 1]);
+                    let columns = _mm256_permute4x64_epi64(pairs, 0xD8);
+                    let scale = _mm256_loadu_ps(scales.add(8 * h));
+                    *totals = _mm256_fmadd_ps(_mm256_cvtepi32_ps(columns), scale, *totals);
+                }
+            }
+        }
+        for (r, totals) in totals.iter().enumerate() {
+            for (h, &totals) in totals[..vectors / 2].iter().enumerate() {
+                self.store_avx2(first + r, col + 8 * h, totals, dst.add(r * self.n));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_, u8> {
+    /// Rows `first..first + rows` (`rows` from 1 to [`AVX2_INT4_ROWS`]) against the panel of int4 weights,
+    /// in two tiles: columns 0..8 and 16..24, then 8..16 and 24..32 (where the panel has any of them).
+    ///
+    /// # Safety
+    /// As [`Self::run_int8_avx2`].
+    unsafe fn run_int4_avx2<A: Activation>(&self, first: usize, rows: usize, dst: *mut A) {
+        for col in (0..self.cols.min(16)).step_by(8) {
+            by_rows!(rows.min(AVX2_INT4_ROWS), |R| self
+                .int4_avx2::<R, A>(first, col, dst))
+        }
+    }
+
+    /// [`Self::run_int4_avx2`] for `R` rows and the columns `col..col + 8` and `col + 16..col + 24`:
+    /// `vpmaddubsw` of the activations' bytes and the weight levels, whose int16 pairs of products are
+    /// exact, summed in int16 over a group ([`INT4_GROUP`] bounds them) and then in int32 by `vpmaddwd`.
+    ///
+    /// # Safety
+    /// As [`Self::run_int4_avx2`], with `rows` = `R`; `col` is 0 or 8.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn int4_avx2<const R: usize, A: Activation>(
+        &self,
+        first: usize,
+        col: usize,
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        let rows: [*const u8; R] =
+            std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
+        // Quad j's 32 bytes from `quads.add(j * 2 * PANEL)`: columns `col..col + 8` in their low nibbles,
+        // `col + 16..col + 24` in their high ones.
+        let quads = self.panel.as_ptr().add(4 * col);
+        let (nibble, eight) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(8));
+        let mut totals = [[_mm256_setzero_ps(); 2]; R];
+        for g in 0..self.groups {
+            // int16 lanes 2c and 2c + 1 of `sums[r][h]`: the two halves of column `col + 16h + c`'s sum.
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for j in g * self.group_quads..(g + 1) * self.group_quads {
+                let bytes = _mm256_loadu_si256(quads.add(j * 2 * PANEL).cast());
+                let w = [
+                    _mm256_and_si256(bytes, nibble),
+                    _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble),
+                ]
+                .map(|levels| _mm256_sub_epi8(levels, eight));
+                for r in 0..R {
+                    let x = _mm256_set1_epi32(rows[r].add(4 * j).cast::<i32>().read_unaligned());
+                    for h in 0..2 {
+                        sums[r][h] = _mm256_add_epi16(sums[r][h], _mm256_maddubs_epi16(x, w[h]));
+                    }
+                }
+            }
+            let scales = self.scales.as_ptr().add(g * PANEL + col);
+            for r in 0..R {
+                for h in 0..2 {
+                    let columns = _mm256_madd_epi16(sums[r][h], _mm256_set1_epi16(1));
+                    let scale = _mm256_loadu_ps(scales.add(16 * h));
+                    totals[r][h] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(columns), scale, totals[r][h]);
+                }
+            }
+        }
+        for (r, totals) in totals.iter().enumerate() {
+            for (h, &totals) in totals.iter().enumerate() {
+                self.store_avx2(first + r, col + 16 * h, totals, dst.add(r * self.n));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<Q> Tile<'_, Q> {
+    /// Output row `row`'s valid values of the 8 columns from `col`, from their scaled sums: as
+    /// [`Tile::store_row`], with AVX2.
+    ///
+    /// # Safety
+    /// As [`Tile::run_int8_avx2`], `dst` addressing the row; called only from functions compiled with AVX2
+    /// and FMA.
+    #[inline(always)]
+    unsafe fn store_avx2<A: Activation>(
+        &self,
+        row: usize,
+        col: usize,
+        totals: std::arch::x86_64::__m256,
+        dst: *mut A,
+    ) {
+        use std::arch::x86_64::*;
+        if col < self.cols {
+            let scale = _mm256_set1_ps(self.sx[row]);
+            let offsets = _mm256_loadu_ps(self.offsets.as_ptr().add(col));
+            let bias = _mm256_loadu_ps(self.bias.as_ptr().add(col));
+            let out = _mm256_fmadd_ps(_mm256_sub_ps(totals, offsets), scale, bias);
+            store_first(dst.add(col), out, self.cols - col);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::kernels::cpu::test_values::spread as values;
+
+    /// The kernel families that run on this CPU, each of which the tests check; none off x86-64 and at the
+    /// baseline tier.
+    fn kernels() -> Vec<Kernel> {
+        let kernels: Vec<Kernel> = [Kernel::Vnni, Kernel::Avx2]
+            .into_iter()
+            .filter(|kernel| kernel.runs())
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU tier runs no kernel (it needs AVX2 and FMA)");
+        }
+        kernels
+    }
 
     /// The levels and scale of a group of values by the module's rules, written out again: int8 `max |v| /
     /// 127` and levels -127..=127, int4 (`int4`) the value of largest magnitude over -8 and levels -8..=7;
@@ -680,38 +1225,37 @@ mod tests {
 
     #[test]
     fn matches_the_quantized_product() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI");
-            return;
-        }
         // Few and many rows; k not a multiple of 4 or of a group; partial panels and row tiles; more than
         // one row block and panel group.
-        for bits in [Bits::Int8, Bits::Int4] {
+        for (kernel, bits) in kernels()
+            .into_iter()
+            .flat_map(|kernel| [(kernel, Bits::Int8), (kernel, Bits::Int4)])
+        {
             for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
                 let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
                 let want = reference(&x, m, k, &w, n, &bias, bits);
                 let packed = Packed::new(&w, n, k, bits);
-                let in_f32 = linear(&x, m, &packed, &bias, Epilogue::None);
+                let in_f32 = linear_on(kernel, &x, m, &packed, &bias, Epilogue::None);
                 let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
                 // bf16 inputs quantize like their f32 values only where those are bf16 already: compare the
                 // bf16 run with the reference from the rounded inputs.
                 let rounded: Vec<f32> = x_bf16.iter().map(|v| v.to_f32()).collect();
                 let want_bf16 = reference(&rounded, m, k, &w, n, &bias, bits);
-                let in_bf16 = linear(&x_bf16, m, &packed, &bias, Epilogue::None);
+                let in_bf16 = linear_on(kernel, &x_bf16, m, &packed, &bias, Epilogue::None);
                 let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 for (idx, (g, e)) in in_f32.iter().zip(&want).enumerate() {
                     // f32 sums of exact int32 groups; a quantized value may round the other way where the
                     // f32 and f64 scales differ in the last bit.
                     assert!(
                         ((*g as f64) - e).abs() <= 1e-4 * scale,
-                        "{bits:?} {m}x{k}x{n} f32 at {idx}: {g} vs {e}"
+                        "{kernel:?} {bits:?} {m}x{k}x{n} f32 at {idx}: {g} vs {e}"
                     );
                 }
                 for (idx, (g, e)) in in_bf16.iter().zip(&want_bf16).enumerate() {
                     let tol = e.abs() / 128.0 + 1e-4 * scale;
                     assert!(
                         (g.to_f64() - e).abs() <= tol,
-                        "{bits:?} {m}x{k}x{n} bf16 at {idx}: {g} vs {e}"
+                        "{kernel:?} {bits:?} {m}x{k}x{n} bf16 at {idx}: {g} vs {e}"
                     );
                 }
             }
@@ -723,21 +1267,20 @@ mod tests {
     /// the same bits, so a batch answers as its requests alone.
     #[test]
     fn rows_alone_and_together_are_the_same() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI");
-            return;
-        }
-        for bits in [Bits::Int8, Bits::Int4] {
+        for (kernel, bits) in kernels()
+            .into_iter()
+            .flat_map(|kernel| [(kernel, Bits::Int8), (kernel, Bits::Int4)])
+        {
             for (m, k, n) in [(24, 128, 40), (40, 64, 96), (50, 192, 33), (97, 256, 70)] {
                 let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
                 let packed = Packed::new(&w, n, k, bits);
-                let together = linear(&x, m, &packed, &bias, Epilogue::None);
+                let together = linear_on(kernel, &x, m, &packed, &bias, Epilogue::None);
                 for (r, row) in x.chunks(k).enumerate() {
-                    let alone = linear(row, 1, &packed, &bias, Epilogue::None);
+                    let alone = linear_on(kernel, row, 1, &packed, &bias, Epilogue::None);
                     let same = together[r * n..][..n].iter().zip(&alone);
                     assert!(
                         same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{bits:?} {m}x{k}x{n} row {r}"
+                        "{kernel:?} {bits:?} {m}x{k}x{n} row {r}"
                     );
                 }
             }
@@ -782,31 +1325,148 @@ mod tests {
 
     #[test]
     fn non_finite_inputs_give_nan_rows() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI");
+        for kernel in kernels() {
+            let (k, n) = (40, 3);
+            let packed = Packed::new(&values(n * k, 2), n, k, Bits::Int8);
+            let mut x = values(3 * k, 1);
+            x[5] = f32::NAN;
+            x[k + 7] = f32::INFINITY;
+            let out = linear_on(kernel, &x, 3, &packed, &[0.0; 3], Epilogue::None);
+            assert!(out[..2 * n].iter().all(|v| v.is_nan()), "{kernel:?}");
+            assert!(out[2 * n..].iter().all(|v| v.is_finite()), "{kernel:?}");
+            // A non-finite weight makes its column's outputs NaN, in both formats.
+            for bits in [Bits::Int8, Bits::Int4] {
+                let mut w = values(n * k, 2);
+                w[k + 3] = f32::INFINITY;
+                let out = linear_on(
+                    kernel,
+                    &values(2 * k, 1),
+                    2,
+                    &Packed::new(&w, n, k, bits),
+                    &[0.0; 3],
+                    Epilogue::None,
+                );
+                for (i, v) in out.iter().enumerate() {
+                    assert_eq!(
+                        v.is_nan(),
+                        i % n == 1,
+                        "{kernel:?} {bits:?} output {i}: {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `m` rows of `k` spread values, and where there are rows enough, rows that take the edge cases of the
+    /// activations' quantization: a NaN, an infinity, all zeros, values too small for their scale to have a
+    /// finite inverse, and ties (halves of the scale).
+    fn awkward_rows(m: usize, k: usize, seed: u32) -> Vec<f32> {
+        let mut x = values(m * k, seed);
+        let mut rows = x.chunks_mut(k).skip(1);
+        if let Some(row) = rows.next() {
+            row[k / 2] = f32::NAN;
+        }
+        if let Some(row) = rows.next() {
+            row[k - 1] = f32::NEG_INFINITY;
+        }
+        if let Some(row) = rows.next() {
+            row.fill(0.0);
+        }
+        if let Some(row) = rows.next() {
+            row.iter_mut().for_each(|v| *v *= 1e-40);
+        }
+        if let Some(row) = rows.next() {
+            // Scale 1: each value's level is itself, the halves ties.
+            for (t, v) in row.iter_mut().enumerate() {
+                *v = (t % 255) as f32 * 0.5 - 63.5;
+            }
+            row[0] = 127.0;
+        }
+        x
+    }
+
+    /// The AVX2 kernels quantize the activations as the `vpdpbusd` kernel does: the same levels (as bytes
+    /// and widened) and scales.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_quantizes_as_vnni() {
+        if !Kernel::Vnni.runs() {
+            eprintln!("skipped: this CPU tier has no AVX512-VNNI to compare with");
             return;
         }
-        let (k, n) = (40, 3);
-        let packed = Packed::new(&values(n * k, 2), n, k, Bits::Int8);
-        let mut x = values(3 * k, 1);
-        x[5] = f32::NAN;
-        x[k + 7] = f32::INFINITY;
-        let out = linear(&x, 3, &packed, &[0.0; 3], Epilogue::None);
-        assert!(out[..2 * n].iter().all(|v| v.is_nan()));
-        assert!(out[2 * n..].iter().all(|v| v.is_finite()));
-        // A non-finite weight makes its column's outputs NaN, in both formats.
-        for bits in [Bits::Int8, Bits::Int4] {
-            let mut w = values(n * k, 2);
-            w[k + 3] = f32::INFINITY;
-            let out = linear(
-                &values(2 * k, 1),
-                2,
-                &Packed::new(&w, n, k, bits),
-                &[0.0; 3],
-                Epilogue::None,
+        // SAFETY (the `unsafe` blocks): the CPU tier runs both kernels; `quantize_rows` gives each row
+        // `k_padded` values.
+        fn same<A: Activation>(x: &[A], shape: (usize, usize), what: &str) {
+            let bits = |scales: &[f32]| scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            let (want, scales) = quantize_rows(x, shape, |row, q| unsafe { quantize_row(row, q) });
+            let bytes = quantize_rows(x, shape, |row, q| unsafe {
+                quantize_row_avx2::<A, u8>(row, q)
+            });
+            let words = quantize_rows(x, shape, |row, q| unsafe {
+                quantize_row_avx2::<A, u16>(row, q)
+            });
+            assert!(
+                bytes.0 == want && bits(&bytes.1) == bits(&scales),
+                "{what} bytes"
             );
-            for (i, v) in out.iter().enumerate() {
-                assert_eq!(v.is_nan(), i % n == 1, "{bits:?} output {i}: {v}");
+            let widened: Vec<u16> = want.iter().map(|&q| u16::from(q)).collect();
+            assert!(
+                words.0 == widened && bits(&words.1) == bits(&scales),
+                "{what} words"
+            );
+        }
+        for k in [1, 7, 8, 9, 16, 33, 100, 768] {
+            let x = awkward_rows(8, k, 10);
+            let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let shape = (k, k.next_multiple_of(INT4_GROUP));
+            same(&x, shape, &format!("f32 k = {k}"));
+            same(&x_bf16, shape, &format!("bf16 k = {k}"));
+        }
+    }
+
+    /// The AVX2 kernel gives the `vpdpbusd` kernel's bits: both formats and activation types, every path of
+    /// the tiles, with and without GELU, and the activations' edge cases.
+    #[test]
+    fn avx2_gives_the_vnni_bits() {
+        if !Kernel::Vnni.runs() {
+            eprintln!("skipped: this CPU tier has no AVX512-VNNI to compare with");
+            return;
+        }
+        fn same<A: Activation + Element>(x: &[A], m: usize, w: &Packed, bias: &[f32], what: &str) {
+            for epilogue in [Epilogue::None, Epilogue::Gelu] {
+                let want = linear_on(Kernel::Vnni, x, m, w, bias, epilogue);
+                let got = linear_on(Kernel::Avx2, x, m, w, bias, epilogue);
+                // bf16 widens to f32 exactly, NaN payloads included.
+                let bits =
+                    |out: &[A]| -> Vec<u32> { out.iter().map(|v| v.to_f32().to_bits()).collect() };
+                let (want, got) = (bits(&want), bits(&got));
+                if let Some(i) = (0..want.len()).find(|&i| want[i] != got[i]) {
+                    panic!(
+                        "{what} {epilogue:?} at {i}: {:#x} vs {:#x} (of {m} rows)",
+                        got[i], want[i]
+                    );
+                }
+            }
+        }
+        // k not a multiple of the int4 group; a partial panel of at most 16 columns; more than 16.
+        let shapes = [(6, 100, 45), (7, 70, 12), (2, 500, 64)];
+        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES
+            .into_iter()
+            .chain(shapes)
+        {
+            let x = awkward_rows(m, k, 11);
+            let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let (w, bias) = (values(n * k, 12), values(n, 13));
+            for bits in [Bits::Int8, Bits::Int4] {
+                let packed = Packed::new(&w, n, k, bits);
+                same(&x, m, &packed, &bias, &format!("{bits:?} {m}x{k}x{n} f32"));
+                same(
+                    &x_bf16,
+                    m,
+                    &packed,
+                    &bias,
+                    &format!("{bits:?} {m}x{k}x{n} bf16"),
+                );
             }
         }
     }
@@ -814,9 +1474,6 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_rounding_matches_half() {
-        if !available() {
-            return;
-        }
         let values = [
             1.0f32,
             1.00390625,
@@ -826,27 +1483,45 @@ mod tests {
             f32::INFINITY,
             f32::NAN,
             1e-40,
+            -0.0,
+            -2.0078125,
+            f32::from_bits(0x7F80_0001),
+            f32::NEG_INFINITY,
+            3.0e38,
+            -2.5e-39,
+            65504.0,
+            0.1,
         ];
-        let mut want: Vec<u16> = values
-            .iter()
-            .map(|&v| bf16::from_f32(v).to_bits())
-            .collect();
-        want.resize(16, 0);
-        let mut lanes = values.to_vec();
-        lanes.resize(16, 0.0);
-        // SAFETY: `available` checked AVX-512.
-        let got: [u16; 16] = unsafe { round(&lanes) };
-        for (g, w) in got.iter().zip(&want) {
-            assert!(
-                g == w || (bf16::from_bits(*g).is_nan() && bf16::from_bits(*w).is_nan()),
-                "{g:#x} vs {w:#x}"
-            );
+        let want = values.map(|v| bf16::from_f32(v).to_bits());
+        for kernel in kernels() {
+            // SAFETY: the CPU tier runs `kernel`.
+            let got = unsafe {
+                match kernel {
+                    Kernel::Vnni => round(&values),
+                    Kernel::Avx2 => round_avx2(&values),
+                }
+            };
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g == w || (bf16::from_bits(*g).is_nan() && bf16::from_bits(*w).is_nan()),
+                    "{kernel:?} {g:#x} vs {w:#x}"
+                );
+            }
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn round(lanes: &[f32]) -> [u16; 16] {
+    unsafe fn round(lanes: &[f32; 16]) -> [u16; 16] {
         std::mem::transmute(to_bf16(std::arch::x86_64::_mm512_loadu_ps(lanes.as_ptr())))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn round_avx2(lanes: &[f32; 16]) -> [u16; 16] {
+        use std::arch::x86_64::_mm256_loadu_ps;
+        let lo = to_bf16_avx2(_mm256_loadu_ps(lanes.as_ptr()));
+        let hi = to_bf16_avx2(_mm256_loadu_ps(lanes.as_ptr().add(8)));
+        std::mem::transmute([lo, hi])
     }
 }
