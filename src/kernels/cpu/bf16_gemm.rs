@@ -32,7 +32,7 @@ use super::panels::PANEL;
 #[cfg(target_arch = "x86_64")]
 use super::panels::{by_rows, run_tiles, PanelTile, Panels, Width};
 #[cfg(target_arch = "x86_64")]
-use super::parallel::TaskPtr;
+use super::parallel::{par_map, TaskPtr};
 
 /// Rows in a register tile of the packed kernel: 2 x 12 accumulators, two weight vectors and the broadcast
 /// fill 27 of the 32 AVX-512 registers.
@@ -184,34 +184,41 @@ fn panels(
             return;
         }
     }
-    let weights = Panels {
+    let weights = || Panels {
         data: &packed.panels,
         panel_len: k.div_ceil(2) * PANEL,
         n,
         k,
     };
-    let tile_rows = match width {
-        Width::Avx512 => TILE_ROWS,
-        Width::Avx2 => AVX2_TILE_ROWS,
-    };
-    run_tiles(
-        x,
-        m,
-        weights,
-        &bias,
-        (out, epilogue),
-        tile_rows,
-        |tile, a, size, dst| {
-            // SAFETY: the caller checked the CPU's features; `run_tiles` hands each tile its rows and
-            // outputs.
-            unsafe {
-                by_rows!(size.min(tile_rows), |R| match width {
-                    Width::Avx512 => tile.tile::<R>(a, dst),
-                    Width::Avx2 => tile.tile_avx2::<R>(a, dst),
-                })
-            }
-        },
-    );
+    // SAFETY (both): the caller checked the CPU's features; `run_tiles` hands each tile its rows and outputs.
+    match width {
+        Width::Avx512 => run_tiles(
+            x,
+            m,
+            weights(),
+            &bias,
+            (out, epilogue),
+            TILE_ROWS,
+            |tile, a, size, dst| unsafe {
+                by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst))
+            },
+        ),
+        Width::Avx2 => {
+            // Widened once here rather than in each tile: every row meets every panel.
+            let x = par_map(x, bf16::to_f32);
+            run_tiles(
+                &x,
+                m,
+                weights(),
+                &bias,
+                (out, epilogue),
+                AVX2_TILE_ROWS,
+                |tile, a, size, dst| unsafe {
+                    by_rows!(size.min(AVX2_TILE_ROWS), |R| tile.tile_avx2::<R>(a, dst))
+                },
+            )
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -272,57 +279,67 @@ impl PanelTile<'_, u32> {
         }
     }
 
-    /// [`Self::tile`] with AVX2 and FMA: `R` (1 to [`AVX2_TILE_ROWS`]) rows of `a` against each half of the
-    /// panel in turn.
+    /// [`Self::tile`] with AVX2 and FMA, over the rows of `a` widened to f32: `R` (1 to [`AVX2_TILE_ROWS`])
+    /// rows against each half of the panel in turn.
     ///
     /// # Safety
     /// As [`Self::tile`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const R: usize>(&self, a: &[bf16], dst: *mut bf16) {
+    unsafe fn tile_avx2<const R: usize>(&self, a: &[f32], dst: *mut bf16) {
         use std::arch::x86_64::{
-            __m256i, _mm256_and_si256, _mm256_castsi256_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
-            _mm256_loadu_si256, _mm256_set1_epi32, _mm256_slli_epi32, _mm256_storeu_ps,
+            __m256, __m256i, _mm256_and_si256, _mm256_broadcast_ss, _mm256_castsi256_ps,
+            _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_set1_epi32,
+            _mm256_slli_epi32, _mm256_storeu_ps,
         };
         let k = self.k;
-        let rows: [*const bf16; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
         let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        // A lane's pair as two f32 vectors: the even input (low half) and the odd one (high half).
-        let widen = |pair: __m256i| {
+        // 8 lanes' pairs as two f32 vectors: the even inputs' weights (low halves) and the odd ones'.
+        let widen = |at: *const u32| {
+            let pair: __m256i = _mm256_loadu_si256(at.cast());
             (
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair)),
                 _mm256_castsi256_ps(_mm256_and_si256(pair, high)),
             )
         };
+        // Input `t` of every row times its weights for the half's 16 columns, added to the sums.
+        let add = |sums: &mut [[__m256; 2]; R], t: usize, w: [__m256; 2]| {
+            for (r, sums) in sums.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*rows[r].add(t));
+                sums[0] = _mm256_fmadd_ps(x, w[0], sums[0]);
+                sums[1] = _mm256_fmadd_ps(x, w[1], sums[1]);
+            }
+        };
         for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
             let panel = self.panel.as_ptr().add(half);
             let bias = self.bias.as_ptr().add(half);
-            let mut lo = [_mm256_loadu_ps(bias); R];
-            let mut hi = [_mm256_loadu_ps(bias.add(8)); R];
-            for j in 0..k.div_ceil(2) {
-                let (even_lo, odd_lo) = widen(_mm256_loadu_si256(panel.add(j * PANEL).cast()));
-                let (even_hi, odd_hi) = widen(_mm256_loadu_si256(panel.add(j * PANEL + 8).cast()));
-                for r in 0..R {
-                    // The last pair of an odd `k` holds one input (its weights' high half is zero).
-                    let pair = if 2 * j + 1 < k {
-                        rows[r].add(2 * j).cast::<i32>().read_unaligned()
-                    } else {
-                        i32::from((*rows[r].add(2 * j)).to_bits())
-                    };
-                    let (x_even, x_odd) = widen(_mm256_set1_epi32(pair));
-                    lo[r] = _mm256_fmadd_ps(x_even, even_lo, lo[r]);
-                    lo[r] = _mm256_fmadd_ps(x_odd, odd_lo, lo[r]);
-                    hi[r] = _mm256_fmadd_ps(x_even, even_hi, hi[r]);
-                    hi[r] = _mm256_fmadd_ps(x_odd, odd_hi, hi[r]);
-                }
+            let mut sums = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; R];
+            for j in 0..k / 2 {
+                let (even_lo, odd_lo) = widen(panel.add(j * PANEL));
+                let (even_hi, odd_hi) = widen(panel.add(j * PANEL + 8));
+                add(&mut sums, 2 * j, [even_lo, even_hi]);
+                add(&mut sums, 2 * j + 1, [odd_lo, odd_hi]);
+            }
+            if k % 2 == 1 {
+                // The last pair holds one input.
+                let j = k / 2;
+                add(
+                    &mut sums,
+                    k - 1,
+                    [
+                        widen(panel.add(j * PANEL)).0,
+                        widen(panel.add(j * PANEL + 8)).0,
+                    ],
+                );
             }
             let cols = (self.cols - half).min(16);
-            for r in 0..R {
-                let mut sums = [0f32; 16];
-                _mm256_storeu_ps(sums.as_mut_ptr(), lo[r]);
-                _mm256_storeu_ps(sums.as_mut_ptr().add(8), hi[r]);
+            for (r, sums) in sums.iter().enumerate() {
+                let mut values = [0f32; 16];
+                _mm256_storeu_ps(values.as_mut_ptr(), sums[0]);
+                _mm256_storeu_ps(values.as_mut_ptr().add(8), sums[1]);
                 let row = dst.add(r * self.n + half);
-                for (c, &sum) in sums[..cols].iter().enumerate() {
-                    *row.add(c) = bf16::from_f32(sum);
+                for (c, &value) in values[..cols].iter().enumerate() {
+                    *row.add(c) = bf16::from_f32(value);
                 }
             }
         }

@@ -169,19 +169,20 @@ pub struct Panels<'a, W> {
     pub k: usize,
 }
 
-/// `x[m, k]` (rows of `A`) against packed weights, in parallel: `tile(panel, rows of x, row count, output)`
+/// `x[m, k]` (rows of `X`) against packed weights into outputs of `A`, in parallel: `tile(panel, rows of x,
+/// row count, output)`
 /// for every register tile of up to `tile_rows` rows, the output addressing those rows of `out` (`[m, n]`,
 /// row-major) from the panel's first column; `bias` has `n` values. Each call writes only its own outputs,
 /// and `epilogue` is applied to each task's outputs after its tiles.
 #[cfg(target_arch = "x86_64")]
-pub fn run_tiles<W: Sync, A: Element>(
-    x: &[A],
+pub fn run_tiles<W: Sync, X: Sync, A: Element>(
+    x: &[X],
     m: usize,
     weights: Panels<W>,
     bias: &[f32],
     (out, epilogue): (TaskPtr<A>, Epilogue),
     tile_rows: usize,
-    tile: impl Fn(&PanelTile<W>, &[A], usize, *mut A) + Sync,
+    tile: impl Fn(&PanelTile<W>, &[X], usize, *mut A) + Sync,
 ) {
     let Panels {
         data,
@@ -195,7 +196,7 @@ pub fn run_tiles<W: Sync, A: Element>(
     for_each_block(
         m,
         panels,
-        k * std::mem::size_of::<A>(),
+        k * std::mem::size_of::<X>(),
         tile_rows,
         |rows, p| {
             let panel = PanelTile {
