@@ -103,7 +103,7 @@ const BF16_SHAPES: [(usize, usize, usize); 9] = [
 
 fn bf16_gemm(c: &mut Criterion) {
     if !florence2_rs::kernels::cpu::bf16_gemm::available() {
-        eprintln!("bf16 linear: this CPU has no AVX512-BF16, skipped");
+        eprintln!("bf16 linear: this CPU has no AVX2 + FMA, skipped");
         return;
     }
     let dev = Device::Cpu;
@@ -140,7 +140,7 @@ fn bf16_gemm(c: &mut Criterion) {
 fn linear_kernels(c: &mut Criterion) {
     use florence2_rs::kernels::cpu::{bf16_gemm, f32_gemm, quantized_gemm};
     if !(f32_gemm::available() && bf16_gemm::available() && quantized_gemm::available()) {
-        eprintln!("linear kernels: this CPU has no AVX-512 with VNNI and BF16, skipped");
+        eprintln!("linear kernels: this CPU has no AVX2 + FMA, skipped");
         return;
     }
     let dev = Device::Cpu;
