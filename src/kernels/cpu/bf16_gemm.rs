@@ -48,7 +48,7 @@ const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 const TILE_UNIT_MIN_ROWS: usize = 3;
 
 /// Rows in a register tile of the AVX2 kernel: 2 x 5 accumulators of 8 lanes, four widened weight vectors
-/// and a row's two broadcast inputs fill the 16 AVX registers.
+/// and the broadcast input fill 15 of the 16 AVX registers.
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 5;
 

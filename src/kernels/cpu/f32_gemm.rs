@@ -32,7 +32,7 @@ const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 /// Rows in a register tile of the AVX2 kernel: 2 x 6 accumulators of 8 lanes, two weight vectors and the
 /// broadcast fill 15 of the 16 AVX registers.
 #[cfg(target_arch = "x86_64")]
-pub const AVX2_TILE_ROWS: usize = 6;
+const AVX2_TILE_ROWS: usize = 6;
 
 /// Whether the kernel runs here ([`super::features::has_avx2_fma`]).
 pub fn available() -> bool {
@@ -230,7 +230,7 @@ impl PanelTile<'_, f32> {
 /// Called only from functions compiled with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn lanes8(cols: usize, from: usize) -> std::arch::x86_64::__m256i {
+unsafe fn lanes8(cols: usize, from: usize) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     let valid = cols.saturating_sub(from).min(8) as i32;
     _mm256_cmpgt_epi32(
