@@ -19,7 +19,7 @@ settings (3 beams) through the public API (from_pretrained, the processor, gener
 matches and character error rate, `<CAPTION>` exact matches, and teacher-forced top-1 agreement with float32 on
 float32's `<OD>` answers; float16 is one more variant there.
 
-    python benches/quantize_report.py tests/fixtures/shapes/hf --tasks 300 [--threads 2]
+    python benches/quantize_report.py tests/fixtures/shapes/hf --tasks 200 [--threads 2]
 
 Each variant runs in its own process. Prints the CPU (model and family) and one table.
 """
@@ -80,6 +80,14 @@ def worker(path: Path, dtype: str, quantize: str | None, images: int, new_tokens
     return {"weights (MiB)": weights}
 
 
+def _synthetic():
+    """tests/fixtures/synthetic.py, the held-out scenes and their scores."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+    import synthetic
+
+    return synthetic
+
+
 def task_worker(path: Path, dtype: str, quantize: str | None, images: int, out: Path,
                 reference: Path | None) -> dict:
     """Answers of one variant on the held-out scenes, and its top-1 tokens teacher-forced on float32's `<OD>`
@@ -87,16 +95,14 @@ def task_worker(path: Path, dtype: str, quantize: str | None, images: int, out: 
     import numpy as np
     from florence2_rs import AutoProcessor, Florence2ForConditionalGeneration
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
-    import synthetic
-
+    synthetic = _synthetic()
     flags = {"int8": {"load_in_8bit": True}, "int4": {"load_in_4bit": True}}
     model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype,
                                                               quantization_config=flags.get(quantize))
     processor = AutoProcessor.from_pretrained(path)
     size = processor.image_processor.size["height"]
     forced = json.loads(reference.read_text())["sequences"] if reference else None
-    result = {"answers": {task: [] for task in SCORED_TASKS}, "sequences": [], "top1": []}
+    result = {"answers": {task: [] for task in SCORED_TASKS}, "sequences": [], "top1": [], "size": size}
     for index in range(images):
         for task in SCORED_TASKS:
             image = synthetic.render(synthetic.scene_for(task, "quality", index, size))
@@ -117,10 +123,9 @@ def task_worker(path: Path, dtype: str, quantize: str | None, images: int, out: 
 def task_scores(result: dict, reference: dict, images: int) -> list[str]:
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
-    import synthetic
-
-    scenes = {task: [synthetic.scene_for(task, "quality", i) for i in range(images)] for task in SCORED_TASKS}
+    synthetic = _synthetic()
+    size = result["size"]
+    scenes = {task: [synthetic.scene_for(task, "quality", i, size) for i in range(images)] for task in SCORED_TASKS}
     truths = [synthetic.truth(sc) for sc in scenes["<OD>"]]
     od = result["answers"]["<OD>"]
     ocr_true = [synthetic.example(sc, "<OCR>")[1] for sc in scenes["<OCR>"]]
