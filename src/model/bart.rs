@@ -427,7 +427,12 @@ impl BartModel {
     /// [`TokenEmbedding`] can) quantized when `q` says so.
     pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
-        let shared = TokenEmbedding::load(cfg.vocab_size, cfg.d_model, vb.pp("shared"), q)?;
+        let shared = TokenEmbedding::load(
+            cfg.vocab_size,
+            cfg.d_model,
+            vb.pp("shared"),
+            q.map(Quantization::for_token_table),
+        )?;
         Ok(Self {
             shared,
             embed_scale: if cfg.scale_embedding {

@@ -225,7 +225,7 @@ impl Florence2ForConditionalGeneration {
             language.tied_head()?
         } else {
             let weight = vb.get((text.vocab_size, text.d_model), LM_HEAD)?;
-            match PackedTable::pack(&weight, q)? {
+            match PackedTable::pack(&weight, q.map(Quantization::for_token_table))? {
                 Some(table) => table.linear(None)?,
                 None => Linear::Float(candle_nn::Linear::new(weight, None)),
             }
@@ -270,5 +270,32 @@ impl Florence2ForConditionalGeneration {
             compute_dtype: dtype,
             device: device.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 4-bit model holds its token table (and the LM head tied to it) at 8 bits: its embeddings are the
+    /// 8-bit model's, bit for bit, and not the dense ones.
+    #[test]
+    fn int4_keeps_the_token_table_at_int8() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/hf");
+        let load = |q| {
+            Florence2ForConditionalGeneration::from_dir_quantized(&dir, DType::F32, &Device::Cpu, q)
+                .expect("load")
+        };
+        let ids = Tensor::new(&[[0u32, 5, 17, 2]], &Device::Cpu).expect("ids");
+        let embed = |model: &Florence2ForConditionalGeneration| -> Vec<u32> {
+            let embeds = model.language.embed_tokens(&ids).expect("embed");
+            let values: Vec<f32> = embeds.flatten_all().expect("flat").to_vec1().expect("values");
+            values.into_iter().map(f32::to_bits).collect()
+        };
+        let int4 = embed(&load(Some(Quantization::Int4)));
+        assert_eq!(int4, embed(&load(Some(Quantization::Int8))));
+        if crate::kernels::cpu::quantized_gemm::available() {
+            assert_ne!(int4, embed(&load(None)), "the table is quantized");
+        }
     }
 }
