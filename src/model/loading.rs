@@ -289,7 +289,11 @@ mod tests {
         let ids = Tensor::new(&[[0u32, 5, 17, 2]], &Device::Cpu).expect("ids");
         let embed = |model: &Florence2ForConditionalGeneration| -> Vec<u32> {
             let embeds = model.language.embed_tokens(&ids).expect("embed");
-            let values: Vec<f32> = embeds.flatten_all().expect("flat").to_vec1().expect("values");
+            let values: Vec<f32> = embeds
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("values");
             values.into_iter().map(f32::to_bits).collect()
         };
         let int4 = embed(&load(Some(Quantization::Int4)));
