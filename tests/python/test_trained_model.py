@@ -60,7 +60,7 @@ def test_ids_and_answers_equal_transformers(reference, layout):
 
 def test_the_model_finds_shapes():
     """What the fixture's README promises, on held-out scenes: a good share of the shapes found with the right
-    name at IoU >= 0.5 (6 of 23 with the committed weights and their 3 beams; a model that lost the image finds
+    name at IoU >= 0.5 (8 of 23 with the committed weights and their 3 beams; a model that lost the image finds
     almost none)."""
     model = Florence2ForConditionalGeneration.from_pretrained(CHECKPOINT / "hf")
     processor = AutoProcessor.from_pretrained(CHECKPOINT / "hf")
@@ -69,7 +69,17 @@ def test_the_model_finds_shapes():
         sc = synthetic.scene_for("<OD>", "answers", index)
         shapes += len(sc.shapes)
         hits += synthetic.found(answer(model, processor, "<OD>", sc, "np")[1]["<OD>"], synthetic.truth(sc))
-    assert hits >= shapes / 6, f"{hits} of {shapes} shapes found"
+    assert hits >= shapes / 4, f"{hits} of {shapes} shapes found"
+
+
+def test_the_model_reads_nothing_where_there_is_no_text():
+    """`<OCR>` on held-out scenes of shapes only: an empty answer (the README's promise; a model trained only on
+    scenes with text names a word in each)."""
+    model = Florence2ForConditionalGeneration.from_pretrained(CHECKPOINT / "hf")
+    processor = AutoProcessor.from_pretrained(CHECKPOINT / "hf")
+    for index in range(8):
+        sc = synthetic.scene("blank", index, SIZE, text=False)
+        assert answer(model, processor, "<OCR>", sc, "np")[1] == {"<OCR>": ""}, index
 
 
 MOON_SHAPES = synthetic.SHAPES + (synthetic.NEW_SHAPE,) * 3  # the new shape in about half of the scenes
