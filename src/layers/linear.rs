@@ -11,7 +11,8 @@
 //! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
 //! 32 int8 weights and one f16 scale, 8.5 bits a weight; `Q4_0`, 32 int4 weights and one f16 scale, 4.5
 //! bits), activations in f32. Convolutions and norms are not quantized; the token embedding and the LM head
-//! are where the first kernel runs and stay dense with the second.
+//! are quantized where the first kernel runs (at int8 under int4 too: [`Quantization::for_token_table`])
+//! and stay dense with the second.
 //!
 //! Packed weights are a [`PackedTable`], which the token embedding and the LM head share when they are tied
 //! ([`super::embedding`]).
@@ -51,9 +52,9 @@ impl Quantization {
 
     /// The format of the token table and the LM head (one table where tied) when the linear layers take
     /// `self`: int4 keeps them at int8. Their rows are the logits of every step, and the `<loc_*>` rows decide
-    /// the boxes between neighbouring bins: at 4 bits that table alone costs a trained model about half of
-    /// what 4 bits cost it (bitsandbytes leaves it unquantized; 8 bits keeps that quality at a quarter of the
-    /// memory).
+    /// the boxes between neighbouring bins: at 4 bits that table costs a trained model most of int4's loss
+    /// (docs/quantization.md); bitsandbytes leaves it unquantized, int8 keeps it in a quarter of float32's
+    /// memory.
     pub fn for_token_table(self) -> Self {
         match self {
             Self::Int8 | Self::Int4 => Self::Int8,

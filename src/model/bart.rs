@@ -423,8 +423,8 @@ pub struct BartModel {
 }
 
 impl BartModel {
-    /// Loads from `vb` at `model.language_model`, the linear layers (and the shared token embedding, where
-    /// [`TokenEmbedding`] can) quantized when `q` says so.
+    /// Loads from `vb` at `model.language_model`, the linear layers quantized when `q` says so (and the
+    /// shared token embedding, where [`TokenEmbedding`] can, as [`Quantization::for_token_table`] says).
     pub fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let act = activation(&cfg.activation_function).map_err(candle_core::Error::Msg)?;
         let shared = TokenEmbedding::load(
