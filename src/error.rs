@@ -56,7 +56,8 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    /// The caller's [`Interrupt`] check asked a long computation to stop (the Python bindings: Ctrl-C).
+    /// The caller's [`Interrupt`](crate::interrupt::Interrupt) check asked a long computation to stop (the
+    /// Python bindings: Ctrl-C).
     #[error("interrupted")]
     Interrupted,
 }
