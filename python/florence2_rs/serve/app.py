@@ -154,9 +154,12 @@ class ServerState:
 
 
 class BodyTooLarge(RequestError):
+    """Answered with `Connection: close`: the rest of the body is never read, and a connection kept alive
+    after it would take the unread bytes as body and then sit idle with no keep-alive timeout."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than {limit} bytes ({limit / 2**20:g} MiB)", status=413,
-                         code="body_too_large")
+                         code="body_too_large", headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:
