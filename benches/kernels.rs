@@ -194,11 +194,5 @@ fn to_vec(t: &Tensor) -> Vec<half::bf16> {
     t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
 }
 
-criterion_group!(
-    benches,
-    depthwise,
-    bf16_gemm,
-    linear_kernels,
-    decode_step
-);
+criterion_group!(benches, depthwise, bf16_gemm, linear_kernels, decode_step);
 criterion_main!(benches);

@@ -10,7 +10,6 @@
 //!
 //! This module is the forward pass; building the model from a checkpoint is [`super::loading`]'s.
 
-
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::generation::{DecoderSession, GenerateOutput, GenerationConfig};
@@ -108,7 +107,9 @@ impl Florence2ForConditionalGeneration {
         }
         let (batch, _, height, width) = pixel_values.dims4()?;
         self.config.vision.check_memory(batch, height, width)?;
-        let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.compute_dtype)?;
+        let pixels = pixel_values
+            .to_device(&self.device)?
+            .to_dtype(self.compute_dtype)?;
         drop(pixel_values);
         let features = self.vision_tower.forward(pixels, interrupt)?;
         if self.device.is_cpu() {
@@ -168,7 +169,9 @@ impl Florence2ForConditionalGeneration {
         let (embeds, mask) = match image_features {
             None => (text_embeds, mask),
             Some(features) => {
-                let features = features.to_device(&self.device)?.to_dtype(self.compute_dtype)?;
+                let features = features
+                    .to_device(&self.device)?
+                    .to_dtype(self.compute_dtype)?;
                 let (f_batch, _, f_dim) = features.dims3()?;
                 if f_batch != batch || f_dim != self.config.text.d_model {
                     return Err(Error::invalid(format!(

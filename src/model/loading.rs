@@ -276,30 +276,76 @@ impl Florence2ForConditionalGeneration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Module;
+
+    fn load_quantized(dir: &Path, q: Option<Quantization>) -> Florence2ForConditionalGeneration {
+        Florence2ForConditionalGeneration::from_dir_quantized(dir, DType::F32, &Device::Cpu, q)
+            .expect("load")
+    }
+
+    fn bits(values: &Tensor) -> Vec<u32> {
+        let values: Vec<f32> = values
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("values");
+        values.into_iter().map(f32::to_bits).collect()
+    }
 
     /// A 4-bit model holds its token table (and the LM head tied to it) at 8 bits: its embeddings are the
     /// 8-bit model's, bit for bit, and not the dense ones.
     #[test]
     fn int4_keeps_the_token_table_at_int8() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/hf");
-        let load = |q| {
-            Florence2ForConditionalGeneration::from_dir_quantized(&dir, DType::F32, &Device::Cpu, q)
-                .expect("load")
-        };
         let ids = Tensor::new(&[[0u32, 5, 17, 2]], &Device::Cpu).expect("ids");
-        let embed = |model: &Florence2ForConditionalGeneration| -> Vec<u32> {
-            let embeds = model.language.embed_tokens(&ids).expect("embed");
-            let values: Vec<f32> = embeds
-                .flatten_all()
-                .expect("flat")
-                .to_vec1()
-                .expect("values");
-            values.into_iter().map(f32::to_bits).collect()
+        let embed = |model: &Florence2ForConditionalGeneration| {
+            bits(&model.language.embed_tokens(&ids).expect("embed"))
         };
-        let int4 = embed(&load(Some(Quantization::Int4)));
-        assert_eq!(int4, embed(&load(Some(Quantization::Int8))));
+        let int4 = embed(&load_quantized(&dir, Some(Quantization::Int4)));
+        assert_eq!(int4, embed(&load_quantized(&dir, Some(Quantization::Int8))));
         if crate::kernels::cpu::quantized_gemm::available() {
-            assert_ne!(int4, embed(&load(None)), "the table is quantized");
+            assert_ne!(
+                int4,
+                embed(&load_quantized(&dir, None)),
+                "the table is quantized"
+            );
+        }
+    }
+
+    /// So does an untied LM head (Microsoft's layout with `tie_word_embeddings: false`): a 4-bit model's
+    /// logits are the 8-bit model's, bit for bit.
+    #[test]
+    fn int4_keeps_an_untied_head_at_int8() {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/original");
+        let dir = tempfile::tempdir().expect("temporary folder");
+        std::fs::copy(
+            source.join("model.safetensors"),
+            dir.path().join("model.safetensors"),
+        )
+        .expect("copy");
+        let mut config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(source.join("config.json")).expect("config"),
+        )
+        .expect("json");
+        config["text_config"]["tie_word_embeddings"] = serde_json::Value::Bool(false);
+        std::fs::write(dir.path().join("config.json"), config.to_string()).expect("write config");
+
+        let d_model = config["text_config"]["d_model"].as_u64().expect("d_model") as usize;
+        let hidden = Tensor::randn(0f32, 1.0, (1, 3, d_model), &Device::Cpu).expect("hidden");
+        let head = |model: &Florence2ForConditionalGeneration| {
+            bits(&model.lm_head.forward(&hidden).expect("head"))
+        };
+        let int4 = head(&load_quantized(dir.path(), Some(Quantization::Int4)));
+        assert_eq!(
+            int4,
+            head(&load_quantized(dir.path(), Some(Quantization::Int8)))
+        );
+        if crate::kernels::cpu::quantized_gemm::available() {
+            assert_ne!(
+                int4,
+                head(&load_quantized(dir.path(), None)),
+                "the head is quantized"
+            );
         }
     }
 }
