@@ -1130,9 +1130,10 @@ impl<Q> Tile<'_, Q> {
     /// [`Tile::store_row`], with AVX2.
     ///
     /// # Safety
-    /// As [`Tile::run_int8_avx2`], `dst` addressing the row; called only from functions compiled with AVX2
-    /// and FMA.
-    #[inline(always)]
+    /// As [`Tile::run_int8_avx2`], `dst` addressing the row; the CPU has AVX2 and FMA.
+    // Compiled with the features itself, as `store_row` is.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
     unsafe fn store_avx2<A: Activation>(
         &self,
         row: usize,
