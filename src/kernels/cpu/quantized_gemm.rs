@@ -935,7 +935,7 @@ impl Tile<'_, u8> {
     /// # Safety
     /// As [`Self::run`]; the CPU has AVX-512 F/BW/VL.
     // Compiled with the features itself: as a plain `#[inline(always)]` function its intrinsics (features
-    // it lacks) stayed out-of-line calls after it was inlined, a third of a 128-input product's time.
+    // it lacks) stayed out-of-line calls even where it was inlined (docs/performance.md, Zen 4).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
     unsafe fn store_row<A: Activation>(
