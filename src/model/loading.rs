@@ -312,17 +312,25 @@ mod tests {
         }
     }
 
-    /// So does an untied LM head (Microsoft's layout with `tie_word_embeddings: false`): a 4-bit model's
-    /// logits are the 8-bit model's, bit for bit.
+    /// So does an untied LM head (Microsoft's layout with `tie_word_embeddings: false`, its stored head the
+    /// embedding negated, so that a head tied by mistake shows): a 4-bit model's logits are the 8-bit model's,
+    /// bit for bit, and not the tied model's.
     #[test]
     fn int4_keeps_an_untied_head_at_int8() {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/original");
         let dir = tempfile::tempdir().expect("temporary folder");
-        std::fs::copy(
-            source.join("model.safetensors"),
-            dir.path().join("model.safetensors"),
-        )
-        .expect("copy");
+        let mut weights =
+            candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)
+                .expect("weights");
+        let key = weights
+            .keys()
+            .find(|key| key.ends_with(LM_HEAD))
+            .expect("a stored head")
+            .clone();
+        let negated = weights[&key].neg().expect("negated head");
+        weights.insert(key, negated);
+        candle_core::safetensors::save(&weights, dir.path().join("model.safetensors"))
+            .expect("write weights");
         let mut config: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(source.join("config.json")).expect("config"),
         )
@@ -339,6 +347,11 @@ mod tests {
         assert_eq!(
             int4,
             head(&load_quantized(dir.path(), Some(Quantization::Int8)))
+        );
+        assert_ne!(
+            int4,
+            head(&load_quantized(&source, Some(Quantization::Int4))),
+            "the head is untied"
         );
         if crate::kernels::cpu::quantized_gemm::available() {
             assert_ne!(

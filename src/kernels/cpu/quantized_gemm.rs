@@ -933,9 +933,11 @@ impl Tile<'_, u8> {
     /// columns): the activations' offset taken off, times the row's scale, plus the bias.
     ///
     /// # Safety
-    /// As [`Self::run`]; the CPU has AVX-512 F/BW/VL.
-    // Compiled with the features itself: as a plain `#[inline(always)]` function its intrinsics (features
-    // it lacks) stayed out-of-line calls even where it was inlined (docs/performance.md, Zen 4).
+    /// The CPU has AVX-512 F/BW/VL; `row` is a row of `self.qx`; `dst` has room for the panel's `self.cols`
+    /// values of that output row.
+    // Compiled with the features itself: the closure below takes the target features of the function it is
+    // written in, and without them its intrinsics stayed out-of-line calls even where this function was
+    // inlined into a kernel that has them (docs/performance.md, Zen 4).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
     unsafe fn store_row<A: Activation>(
@@ -1130,8 +1132,10 @@ impl<Q> Tile<'_, Q> {
     /// [`Tile::store_row`], with AVX2.
     ///
     /// # Safety
-    /// As [`Tile::run_int8_avx2`], `dst` addressing the row; the CPU has AVX2 and FMA.
-    // Compiled with the features itself, as `store_row` is.
+    /// The CPU has AVX2 and FMA; `row` is a row of `self.qx`; `dst` addresses that output row from the panel's
+    /// first column.
+    // Compiled with the features itself, as `store_row` is, so that its intrinsics inline whatever it is
+    // rewritten into.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn store_avx2<A: Activation>(
