@@ -656,8 +656,8 @@ def _load_native(folder: Path, dtype: str, device: str, quantize: str | None, ad
 
     `quantize` ("int8", "int4" or None) comes from `quantization_config`: the linear layers' weights are
     quantized (src/layers/linear.rs describes the formats: the VNNI/AMX kernel's where it runs, with the token
-    embedding and LM head quantized too, to int8 under both settings; candle's Q8_0 / Q4_0 elsewhere, the embeddings and LM head in
-    `dtype`). `adapter`: a PEFT LoRA adapter folder, merged into the weights as they load; the LoRA factors its
+    embedding and LM head quantized too, to int8 under both settings; candle's Q8_0 / Q4_0 elsewhere, the
+    embeddings and LM head in `dtype`). `adapter`: a PEFT LoRA adapter folder, merged into the weights as they load; the LoRA factors its
     config does not target are left out, as peft leaves them out, with a warning.
     """
     native = _native.NativeModel.load(folder, dtype, device, quantize=quantize,

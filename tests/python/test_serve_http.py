@@ -271,13 +271,15 @@ def test_burst_beyond_the_queue_gets_exactly_the_excess_429_then_recovers(server
     assert _native(server, data, ["<CAPTION>"]).status_code == 200
 
 
-def _raw(server: ServerProcess, request: bytes, then_send: bytes = b"", shutdown: bool = False) -> bytes:
-    """Sends raw bytes on a new connection and returns what comes back until the server closes it."""
+def _connect(server: ServerProcess) -> socket.socket:
     address = urllib.parse.urlsplit(server.url)
-    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+    return socket.create_connection((address.hostname, address.port), timeout=60)
+
+
+def _raw(server: ServerProcess, request: bytes, shutdown: bool = False) -> bytes:
+    """Sends raw bytes on a new connection and returns what comes back until the server closes it."""
+    with _connect(server) as sock:
         sock.sendall(request)
-        if then_send:
-            sock.sendall(then_send)
         if shutdown:
             sock.shutdown(socket.SHUT_WR)
         received = b""
@@ -297,8 +299,7 @@ def test_oversized_and_truncated_bodies(servers):
     # A chunked body is counted as it streams in: refused once past the limit, and the connection closed even
     # where the rest of the body arrives after the answer (kept alive, it would sit open and idle for good).
     chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
-    address = urllib.parse.urlsplit(server.url)
-    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+    with _connect(server) as sock:
         sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * (limit // 65536 + 1))
         answer = b""
         while b"body_too_large" not in answer and (received := sock.recv(65536)):
@@ -313,7 +314,7 @@ def test_oversized_and_truncated_bodies(servers):
         except (BrokenPipeError, ConnectionResetError):
             pass  # closed: what the test wants
     # A body cut short (the client closes its side early) gets no answer and leaves the server healthy.
-    _raw(server, head + b"Content-Length: 1000\r\n\r\n", b'{"image": "abc', shutdown=True)
+    _raw(server, head + b'Content-Length: 1000\r\n\r\n{"image": "abc', shutdown=True)
     assert httpx.get(server.url + "/health").status_code == 200
     assert server.metric("florence2_rejections_total", reason="body_too_large") >= 2
 
