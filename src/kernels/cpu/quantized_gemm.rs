@@ -315,6 +315,7 @@ pub trait Activation: Copy + Send + Sync {
 
 /// The mask of the first `cols` (clamped to 0..=16) lanes.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 fn lanes(cols: usize) -> u16 {
     ((1u32 << cols.min(16)) - 1) as u16
 }
@@ -472,37 +473,48 @@ unsafe fn narrow_avx2(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m12
     _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v))
 }
 
-/// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level + 128; the padding 128,
-/// a zero) by `quantize_row`, and each row's scale.
+/// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level + 128 by `quantize_row`;
+/// the padding 128, a zero), and each row's scale.
 #[cfg(target_arch = "x86_64")]
 fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
     x: &[A],
     (k, k_padded): (usize, usize),
-    quantize_row: impl Fn(&[A], &mut [Q]) -> f32 + Sync,
+    quantize_row: impl Fn(&[A], *mut Q) -> f32 + Sync,
 ) -> (Vec<Q>, Vec<f32>) {
     use rayon::prelude::*;
     let m = x.len() / k;
-    let mut q = vec![Q::from(128); m * k_padded];
+    // Left uninitialised until the rows below write every value: filling it first would be one more pass
+    // over a buffer of many megabytes, on one thread.
+    let mut q = Vec::with_capacity(m * k_padded);
     let mut scales = vec![0f32; m];
-    let rows = q
+    let rows = q.spare_capacity_mut()[..m * k_padded]
         .par_chunks_mut(k_padded)
         .zip(scales.par_iter_mut())
         .zip(x.par_chunks(k));
     // A decode step's few rows are not worth the threads.
-    rows.with_min_len(16)
-        .for_each(|((q, scale), row)| *scale = quantize_row(row, q));
+    rows.with_min_len(16).for_each(|((q, scale), row)| {
+        *scale = quantize_row(row, q.as_mut_ptr().cast());
+        // A row with a NaN scale is left unwritten; its outputs are NaN whatever it holds.
+        let written = if scale.is_nan() { 0 } else { k };
+        for level in &mut q[written..] {
+            level.write(Q::from(128));
+        }
+    });
+    // SAFETY: each row's first k values were written by `quantize_row` (its contract) or above, the rest
+    // above.
+    unsafe { q.set_len(m * k_padded) };
     (q, scales)
 }
 
-/// Quantizes `row` into the first `row.len()` bytes of `q`, rounding to nearest even; returns its scale. A
+/// Quantizes `row` into the `row.len()` bytes from `q`, rounding to nearest even, and returns its scale. A
 /// row holding a NaN or an infinity gets a NaN scale, so that its outputs are NaN rather than a finite value
-/// computed from the other inputs.
+/// computed from the other inputs, and leaves `q` unwritten; any other row writes every byte.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL; `q` is at least as long as `row`.
+/// The CPU has AVX-512 F/BW/VL; `q` is valid for `row.len()` bytes of writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_row<A: Activation>(row: &[A], q: &mut [u8]) -> f32 {
+unsafe fn quantize_row<A: Activation>(row: &[A], q: *mut u8) -> f32 {
     use std::arch::x86_64::*;
     let k = row.len();
     let lanes = |at: usize| -> __mmask16 { lanes(k - at) };
@@ -530,7 +542,7 @@ unsafe fn quantize_row<A: Activation>(row: &[A], q: &mut [u8]) -> f32 {
         let v = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         let v = _mm512_max_epi32(_mm512_min_epi32(v, high), low);
         let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(v, offset));
-        _mm_mask_storeu_epi8(q.as_mut_ptr().add(at).cast(), lanes(at), bytes);
+        _mm_mask_storeu_epi8(q.add(at).cast(), lanes(at), bytes);
     }
     scale
 }
@@ -568,10 +580,10 @@ impl Level for u16 {
 /// product and rounding).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `q` is at least as long as `row`.
+/// The CPU has AVX2 and FMA; `q` is valid for `row.len()` values of writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2<A: Activation, L: Level>(row: &[A], q: &mut [L]) -> f32 {
+unsafe fn quantize_row_avx2<A: Activation, L: Level>(row: &[A], q: *mut L) -> f32 {
     use std::arch::x86_64::*;
     let k = row.len();
     let load = |at: usize| load_first(row.as_ptr().add(at), k - at);
@@ -599,11 +611,11 @@ unsafe fn quantize_row_avx2<A: Activation, L: Level>(row: &[A], q: &mut [L]) -> 
         let v = _mm256_cvtps_epi32(_mm256_mul_ps(load(at), inverse));
         let v = _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(v, high), low), offset);
         if k - at >= 8 {
-            L::store8(q.as_mut_ptr().add(at), v);
+            L::store8(q.add(at), v);
         } else {
             let mut levels = [L::from(0); 8];
             L::store8(levels.as_mut_ptr(), v);
-            q[at..k].copy_from_slice(&levels[..k - at]);
+            std::ptr::copy_nonoverlapping(levels.as_ptr(), q.add(at), k - at);
         }
     }
     scale
@@ -790,7 +802,7 @@ fn avx2_tiles<L: Level, A: Activation + Element>(
     run: impl Fn(&Tile<L>, usize, usize, *mut A) + Sync,
 ) {
     // SAFETY: the caller checked AVX2 and FMA; `quantize_rows` gives each row `k_padded` values.
-    let quantize = |row: &[A], q: &mut [L]| unsafe { quantize_row_avx2(row, q) };
+    let quantize = |row: &[A], q: *mut L| unsafe { quantize_row_avx2(row, q) };
     let (qx, sx) = quantize_rows(x, (w.k, w.k_padded), quantize);
     for_each_tile(w, (&qx[..], &sx[..]), bias, tile_rows, out, |tile, rows| {
         for (r, size) in tiles(rows, tile_rows) {
@@ -893,8 +905,10 @@ impl Tile<'_, u8> {
             std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
         let panel = self.panel.as_ptr();
         let (nibble, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
-        let mut totals = [[_mm512_setzero_ps(); 2]; R];
-        for g in 0..self.groups {
+        // Group g's scaled sums added to `totals`. The first group starts from zeros passed by value: a zeroed
+        // array kept across the loop was cleared by a call to `memset` on every tile (12 rows do not fit the
+        // registers), a fifth of a tile's time at 128 inputs.
+        let group = |g: usize, mut totals: [[__m512; 2]; R]| {
             let mut sums = [[_mm512_setzero_si512(); 2]; R];
             for j in g * self.group_quads..(g + 1) * self.group_quads {
                 let (w_lo, w_hi) = if INT4 {
@@ -923,6 +937,11 @@ impl Tile<'_, u8> {
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][h]), scale[h], totals[r][h]);
                 }
             }
+            totals
+        };
+        let mut totals = group(0, [[_mm512_setzero_ps(); 2]; R]);
+        for g in 1..self.groups {
+            totals = group(g, totals);
         }
         for (r, &totals) in totals.iter().enumerate() {
             self.store_row(first + r, totals, dst.add(r * self.n));
