@@ -1,7 +1,9 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
-//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), one
-//! beam-search decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
-//! (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes.
+//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
+//! window attention core of each tower stage, one beam-search decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
+//! (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes; and the rate of the
+//! instructions those kernels are built on, alone ("unit peak"), the ceiling that their GFLOP/s are measured
+//! against (docs/performance.md).
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -47,6 +49,29 @@ fn depthwise(c: &mut Criterion) {
         group.bench_function(format!("candle conv2d {channels}x{side}x{side}"), |b| {
             b.iter(|| grouped.forward(&xs).expect("conv"))
         });
+    }
+    group.finish();
+}
+
+/// Each stage of Florence-2-base's vision tower at 768x768: (windows of 12 x 12 tokens, channels, heads).
+const WINDOW_SHAPES: [(usize, usize, usize); 4] =
+    [(256, 128, 4), (64, 256, 8), (16, 512, 16), (4, 1024, 32)];
+
+/// The window attention core (between the qkv projection and the output projection) of each stage, f32 and
+/// bf16.
+fn window_attention(c: &mut Criterion) {
+    use florence2_rs::kernels::cpu::window_attention::window_attention;
+    let mut group = c.benchmark_group("window attention");
+    group.sample_size(10);
+    for (windows, channels, heads) in WINDOW_SHAPES {
+        let qkv = Tensor::randn(0f32, 1., (windows, 144, 3 * channels), &Device::Cpu).expect("qkv");
+        let scale = ((channels / heads) as f64).powf(-0.5);
+        for qkv in [qkv.clone(), qkv.to_dtype(DType::BF16).expect("bf16")] {
+            let name = format!("{:?} {windows}x144x{channels} {heads} heads", qkv.dtype());
+            group.bench_function(name, |b| {
+                b.iter(|| window_attention(&qkv, heads, scale).expect("attention"))
+            });
+        }
     }
     group.finish();
 }
@@ -194,5 +219,111 @@ fn to_vec(t: &Tensor) -> Vec<half::bf16> {
     t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
 }
 
-criterion_group!(benches, depthwise, bf16_gemm, linear_kernels, decode_step);
+/// Independent accumulators per thread in [`unit_peak`]: more than the instruction's latency times the
+/// units that run it, so that the loop measures throughput.
+#[cfg(target_arch = "x86_64")]
+const PEAK_CHAINS: usize = 16;
+
+/// Loop trips per thread and measured call in [`unit_peak`].
+#[cfg(target_arch = "x86_64")]
+const PEAK_TRIPS: usize = 100_000;
+
+/// The rate of the multiply-add instructions the linear kernels are built on, with nothing else in the
+/// loop, on every thread of rayon's pool at once: `vfmadd231ps` (f32, 32 FLOP a 512-bit instruction),
+/// `vdpbf16ps` (bf16 pairs, 64) and `vpdpbusd` (u8 x i8 quads, 128 integer operations). Criterion's
+/// throughput line is the machine's ceiling for each kernel in G(FL)OP/s.
+#[cfg(target_arch = "x86_64")]
+fn unit_peak(c: &mut Criterion) {
+    use std::arch::x86_64::*;
+
+    // SAFETY (the three): called only where `is_x86_feature_detected!` found the features.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_f32() -> f32 {
+        let (a, b) = (_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
+        let mut acc: [__m512; PEAK_CHAINS] = std::array::from_fn(|i| _mm512_set1_ps(i as f32));
+        for _ in 0..PEAK_TRIPS {
+            for acc in &mut acc {
+                *acc = _mm512_fmadd_ps(a, b, *acc);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_bf16() -> f32 {
+        let pairs = _mm512_castsi512_ph_bits(_mm512_set1_epi16(0x3F80));
+        let mut acc: [__m512; PEAK_CHAINS] = std::array::from_fn(|i| _mm512_set1_ps(i as f32));
+        for _ in 0..PEAK_TRIPS {
+            for acc in &mut acc {
+                *acc = _mm512_dpbf16_ps(*acc, pairs, pairs);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn dot_int8() -> i32 {
+        let quads = _mm512_set1_epi8(1);
+        let mut acc: [__m512i; PEAK_CHAINS] = std::array::from_fn(|i| _mm512_set1_epi32(i as i32));
+        for _ in 0..PEAK_TRIPS {
+            for acc in &mut acc {
+                *acc = _mm512_dpbusd_epi32(*acc, quads, quads);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
+    }
+    /// `__m512bh` from 32 bf16 bit patterns.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn _mm512_castsi512_ph_bits(v: __m512i) -> __m512bh {
+        std::mem::transmute(v)
+    }
+
+    let threads = rayon::current_num_threads();
+    let mut group = c.benchmark_group("unit peak");
+    group.sample_size(10);
+    let units: [(&str, &[&str], u64, fn() -> f64); 3] = [
+        ("f32 vfmadd231ps", &["avx512f"], 32, || unsafe { fma_f32() }
+            as f64),
+        (
+            "bf16 vdpbf16ps",
+            &["avx512f", "avx512bf16"],
+            64,
+            || unsafe { dot_bf16() } as f64,
+        ),
+        (
+            "int8 vpdpbusd",
+            &["avx512f", "avx512vnni"],
+            128,
+            || unsafe { dot_int8() } as f64,
+        ),
+    ];
+    for (name, features, ops, run) in units {
+        let present = features.iter().all(|&f| match f {
+            "avx512f" => is_x86_feature_detected!("avx512f"),
+            "avx512bf16" => is_x86_feature_detected!("avx512bf16"),
+            _ => is_x86_feature_detected!("avx512vnni"),
+        });
+        if !present {
+            eprintln!("unit peak: this CPU has no {name}, skipped");
+            continue;
+        }
+        let per_call = ops * (PEAK_CHAINS * PEAK_TRIPS * threads) as u64;
+        group.throughput(criterion::Throughput::Elements(per_call));
+        group.bench_function(format!("{name} x{threads} threads"), |bench| {
+            bench.iter(|| std::hint::black_box(rayon::broadcast(|_| run())))
+        });
+    }
+    group.finish();
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn unit_peak(_: &mut Criterion) {}
+
+criterion_group!(
+    benches,
+    depthwise,
+    window_attention,
+    bf16_gemm,
+    linear_kernels,
+    decode_step,
+    unit_peak
+);
 criterion_main!(benches);

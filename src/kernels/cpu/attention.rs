@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::features::wide_fn;
 use super::math::{dot, exp, lane_max, lane_sum};
 use super::parallel::TaskPtr;
-use super::storage::Element;
+use super::storage::{narrow_into, widen_rows, Element};
 
 /// Query rows per task: 64 rows of scores over ~600 keys stay in L2.
 const QUERY_BLOCK: usize = 64;
@@ -164,7 +164,7 @@ fn attend<T: Element>(
                     let (wq, kv) = operands.split_at_mut(rows * d);
                     let (wk, wv) = kv.split_at_mut(s * d);
                     for (from, to) in [(q, &mut *wq), (k, &mut *wk), (v, &mut *wv)] {
-                        widen(from, to);
+                        widen_rows(from, d, d, to);
                     }
                     (&*wq, &*wk, &*wv, Some(&mut result[..rows * d]))
                 }
@@ -197,23 +197,16 @@ fn attend<T: Element>(
                     None => matmul((rows, d, s), probs, v, dst.at(out_at).cast::<f32>(), d, 1.0),
                     Some(result) => {
                         matmul((rows, d, s), probs, v, result.as_mut_ptr(), d, 1.0);
-                        let out = std::slice::from_raw_parts_mut(dst.at(out_at), rows * d);
-                        for (o, &r) in out.iter_mut().zip(result.iter()) {
-                            *o = T::from_f32(r);
-                        }
+                        narrow_into(
+                            result,
+                            std::slice::from_raw_parts_mut(dst.at(out_at), rows * d),
+                        );
                     }
                 }
             }
         },
     );
     out
-}
-
-/// `to[i] = from[i]` as f32.
-fn widen<T: Element>(from: &[T], to: &mut [f32]) {
-    for (w, &x) in to.iter_mut().zip(from) {
-        *w = x.to_f32();
-    }
 }
 
 /// A matrix in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.

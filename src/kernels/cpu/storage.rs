@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, Layout, Result};
 use half::bf16;
 
+use super::features::wide_fn;
+
 /// The f32 data of a custom op's operand, which must be contiguous; the error names the op.
 pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
@@ -53,5 +55,33 @@ impl Element for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+}
+
+wide_fn! {
+    /// The `to.len() / width` rows of `width` values of `from`, whose rows start `stride` values apart, as
+    /// f32 into `to`: a task's operand widened where it is used, in loops compiled for the widest SIMD the
+    /// CPU has.
+    pub fn widen_rows[T: Element](from: &[T], stride: usize, width: usize, to: &mut [f32]) = widen_rows_portable;
+}
+
+#[inline(always)]
+fn widen_rows_portable<T: Element>(from: &[T], stride: usize, width: usize, to: &mut [f32]) {
+    for (r, to) in to.chunks_exact_mut(width).enumerate() {
+        for (to, &x) in to.iter_mut().zip(&from[r * stride..][..width]) {
+            *to = x.to_f32();
+        }
+    }
+}
+
+wide_fn! {
+    /// Each value of `from` as `T` into `to` (bf16: rounded once, to nearest even).
+    pub fn narrow_into[T: Element](from: &[f32], to: &mut [T]) = narrow_into_portable;
+}
+
+#[inline(always)]
+fn narrow_into_portable<T: Element>(from: &[f32], to: &mut [T]) {
+    for (to, &x) in to.iter_mut().zip(from) {
+        *to = T::from_f32(x);
     }
 }

@@ -10,12 +10,11 @@
 //! parallel.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{matmul, softmax_rows, Mat};
 use super::parallel::TaskPtr;
-use super::storage::{contiguous, contiguous_f32};
+use super::storage::{contiguous, contiguous_f32, narrow_into, widen_rows, Element};
 
 /// The CPU kernel: `heads` heads, scores scaled by `scale`.
 struct StridedWindowAttention {
@@ -49,51 +48,23 @@ impl CustomOp1 for StridedWindowAttention {
         }
         let shape = (items, tokens, width / 3);
         let out = match storage {
-            CpuStorage::BF16(data) => CpuStorage::BF16(self.bf16(contiguous(data, layout)?, shape)),
-            _ => CpuStorage::F32(self.f32(contiguous_f32(storage, layout, self.name())?, shape)),
+            CpuStorage::BF16(data) => {
+                CpuStorage::BF16(self.attend(contiguous(data, layout)?, shape))
+            }
+            _ => CpuStorage::F32(self.attend(contiguous_f32(storage, layout, self.name())?, shape)),
         };
         Ok((out, Shape::from(shape)))
     }
 }
 
 impl StridedWindowAttention {
-    /// f32 `src` `[items, tokens, 3C]`: each task reads its q, k and v in place and writes its output block in
-    /// place.
-    fn f32(&self, src: &[f32], (items, tokens, c): (usize, usize, usize)) -> Vec<f32> {
+    /// `src` `[items, tokens, 3C]`: each task copies its q, k and v out of the projection into a buffer of its
+    /// own as f32, contiguous (the gemm crate's products run faster there than through the projection's
+    /// strides; for bf16, widening the whole projection first would stream it through memory twice), computes
+    /// in f32 and writes its output block once (bf16: rounded once).
+    fn attend<T: Element>(&self, src: &[T], (items, tokens, c): (usize, usize, usize)) -> Vec<T> {
         let head_dim = c / self.heads;
-        let mut out = vec![0f32; items * tokens * c];
-        // SAFETY: `out` lives past the loop, and each task writes only its own (item, head) block.
-        let dst = unsafe { TaskPtr::new(out.as_mut_ptr()) };
-        self.for_each_task(items, tokens, |scores, _, item, head| {
-            // Head `head` of window `item`: its q, k and v are `[tokens, head_dim]` with rows 3C apart; its
-            // output, the same columns of `out` with rows C apart.
-            let at = item * tokens * 3 * c + head * head_dim;
-            let [q, k, v] =
-                [0, c, 2 * c].map(|offset| Mat::rows(src[at + offset..].as_ptr(), 3 * c));
-            // SAFETY: the matrices above stay inside item `item` of `src`; the output block lies inside
-            // `out`, and tasks write disjoint (item, head) blocks.
-            unsafe {
-                let out = dst.at(item * tokens * c + head * head_dim);
-                Product {
-                    q,
-                    k,
-                    v,
-                    tokens,
-                    head_dim,
-                    out,
-                    out_stride: c,
-                }
-                .window(scores, self.scale);
-            }
-        });
-        out
-    }
-
-    /// bf16 `src`: each task widens its q, k and v to f32 in a buffer of its own (in cache, where widening the
-    /// whole projection first streams it through memory twice), computes in f32 and rounds its output once.
-    fn bf16(&self, src: &[bf16], (items, tokens, c): (usize, usize, usize)) -> Vec<bf16> {
-        let head_dim = c / self.heads;
-        let mut out = vec![bf16::ZERO; items * tokens * c];
+        let mut out = vec![T::default(); items * tokens * c];
         // SAFETY: `out` lives past the loop, and each task writes only its own (item, head) block.
         let dst = unsafe { TaskPtr::new(out.as_mut_ptr()) };
         self.for_each_task(items, tokens, |scores, wide, item, head| {
@@ -101,12 +72,8 @@ impl StridedWindowAttention {
             wide.resize(4 * block, 0.0);
             let at = item * tokens * 3 * c + head * head_dim;
             for (part, offset) in [0, c, 2 * c].into_iter().enumerate() {
-                let rows = src[at + offset..].chunks(3 * c).take(tokens);
-                for (wide_row, row) in wide[part * block..].chunks_exact_mut(head_dim).zip(rows) {
-                    for (w, &v) in wide_row.iter_mut().zip(&row[..head_dim]) {
-                        *w = v.to_f32();
-                    }
-                }
+                let to = &mut wide[part * block..][..block];
+                widen_rows(&src[at + offset..], 3 * c, head_dim, to);
             }
             let (operands, result) = wide.split_at_mut(3 * block);
             let [q, k, v] =
@@ -133,9 +100,7 @@ impl StridedWindowAttention {
                         head_dim,
                     )
                 };
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = bf16::from_f32(v);
-                }
+                narrow_into(row, out);
             }
         });
         out
