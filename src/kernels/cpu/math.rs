@@ -1,9 +1,5 @@
 //! Scalar math written so that loops over it vectorize: branch-free `exp`, `erf` and GELU, and a sum in
 //! interleaved partial sums. Called from kernels compiled through [`super::features::wide_fn!`].
-//!
-//! The polynomials' Horner steps are fused multiply-adds (`mul_add`): one instruction each in the wide
-//! kernels (AVX2 + FMA and up, and every aarch64 CPU), where a multiply and an add took two, with one rounding.
-//! An x86-64 CPU without FMA (the baseline tier) gets the same bits from libm's `fmaf`, one call per step.
 
 /// `e^x` for f32, branch-free so that loops over it vectorize: `x = n ln2 + r` with `|r| <= ln2 / 2`, a
 /// degree-7 Taylor polynomial for `e^r` (truncation under 1e-8 relative, about f32's own rounding) and `2^n`
@@ -30,7 +26,7 @@ pub fn exp(x: f32) -> f32 {
         1.0,
     ]
     .iter()
-    .fold(0f32, |acc, &c| acc.mul_add(r, c));
+    .fold(0.0, |acc, &c| acc * r + c);
     // `n` as an integer from the low mantissa bits of `shifted` (integer operations only: a float-to-int
     // `as` saturates, which keeps the loop from vectorizing). Garbage below -87.3, where the result is 0.
     let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
@@ -102,7 +98,9 @@ pub fn gelu(x: f32) -> f32 {
 
 /// erf as an odd rational function of `x` clamped to [-4, 4] (beyond, erf is ±1 in f32): the minimax
 /// approximation Eigen and XLA use for f32, within a few ulp of the exact value. Branch-free, so loops over
-/// it vectorize.
+/// it vectorize. Its Horner steps are fused multiply-adds (`mul_add`): one instruction each in the wide
+/// kernels (AVX2 + FMA and up, and every aarch64 CPU) where a multiply and an add took two, with one rounding;
+/// an x86-64 CPU without FMA (the baseline tier) gets the same bits from libm's `fmaf`, one call a step.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     const ALPHA: [f32; 7] = [
