@@ -4,9 +4,9 @@
 //! Written with tensor ops (the path other devices and dtypes take), it copies q, k and v out of the
 //! projection with a permute that puts heads first, makes one score tensor for all windows, and permutes the
 //! result back: strided copies of the feature map and a large score tensor per call, while the products
-//! themselves are small. Here every (window, head) is one task instead: its two
-//! products are GEMMs that read q, k and v in place through strides and write the output in place (the gemm
-//! crate takes any strides), its scores live in a per-thread buffer that stays in cache, and the tasks run in
+//! themselves are small. Here every (window, head) is one task instead: it gathers its q, k and v from the
+//! projection into a per-thread buffer (as f32, contiguous), multiplies them with the gemm crate, keeps its
+//! scores in a per-thread buffer that stays in cache, and writes its output block once; the tasks run in
 //! parallel.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
