@@ -1,9 +1,9 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
-//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW), the
-//! window attention core of each tower stage, one beam-search decode step (3 beams); the bf16 linear layer against candle's bf16 matmul; and the linear layer's kernels
-//! (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes; and the rate of the
-//! instructions those kernels are built on, alone ("unit peak"), the ceiling that their GFLOP/s are measured
-//! against (docs/performance.md).
+//! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW); the
+//! window attention core of each tower stage; the bf16 linear layer against candle's bf16 matmul; the linear
+//! layer's kernels (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes; one
+//! beam-search decode step (3 beams); and the rate of the instructions those kernels are built on, alone
+//! ("unit peak"), the ceiling their GFLOP/s are measured against (docs/performance.md).
 //!
 //!     cargo bench --bench kernels
 //!     FLORENCE2_BENCH_CHECKPOINT=/work/bench-ckpt/base/hf cargo bench --bench kernels   # full-size decoder
@@ -250,7 +250,8 @@ fn unit_peak(c: &mut Criterion) {
     }
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn dot_bf16() -> f32 {
-        let pairs = _mm512_castsi512_ph_bits(_mm512_set1_epi16(0x3F80));
+        // 32 bf16 ones.
+        let pairs = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(0x3F80));
         let mut acc: [__m512; PEAK_CHAINS] = std::array::from_fn(|i| _mm512_set1_ps(i as f32));
         for _ in 0..PEAK_TRIPS {
             for acc in &mut acc {
@@ -270,38 +271,34 @@ fn unit_peak(c: &mut Criterion) {
         }
         acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
     }
-    /// `__m512bh` from 32 bf16 bit patterns.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn _mm512_castsi512_ph_bits(v: __m512i) -> __m512bh {
-        std::mem::transmute(v)
-    }
 
     let threads = rayon::current_num_threads();
     let mut group = c.benchmark_group("unit peak");
     group.sample_size(10);
-    let units: [(&str, &[&str], u64, fn() -> f64); 3] = [
-        ("f32 vfmadd231ps", &["avx512f"], 32, || unsafe { fma_f32() }
-            as f64),
+    // (name, whether the CPU has it, operations an instruction, the loop on one thread)
+    type Unit = (&'static str, fn() -> bool, u64, fn() -> f64);
+    let units: [Unit; 3] = [
+        (
+            "f32 vfmadd231ps",
+            || is_x86_feature_detected!("avx512f"),
+            32,
+            || unsafe { fma_f32() } as f64,
+        ),
         (
             "bf16 vdpbf16ps",
-            &["avx512f", "avx512bf16"],
+            || is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
             64,
             || unsafe { dot_bf16() } as f64,
         ),
         (
             "int8 vpdpbusd",
-            &["avx512f", "avx512vnni"],
+            || is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"),
             128,
             || unsafe { dot_int8() } as f64,
         ),
     ];
-    for (name, features, ops, run) in units {
-        let present = features.iter().all(|&f| match f {
-            "avx512f" => is_x86_feature_detected!("avx512f"),
-            "avx512bf16" => is_x86_feature_detected!("avx512bf16"),
-            _ => is_x86_feature_detected!("avx512vnni"),
-        });
-        if !present {
+    for (name, present, ops, run) in units {
+        if !present() {
             eprintln!("unit peak: this CPU has no {name}, skipped");
             continue;
         }

@@ -251,8 +251,8 @@ pub unsafe fn matmul(
     scale: f32,
 ) {
     let contiguous = |stride: isize| stride == 1;
-    // The output slice below spans whole rows: with several rows, only where they are contiguous (window
-    // attention's rows interleave other heads' columns, which other tasks write).
+    // The output slice below spans whole rows: with several rows, only where they are contiguous (rows
+    // further apart may interleave other tasks' outputs).
     let direct = m <= DIRECT_ROWS
         && m * n * k > 0
         && (m == 1 || dst_row_stride == n)

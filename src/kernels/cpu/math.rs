@@ -98,9 +98,10 @@ pub fn gelu(x: f32) -> f32 {
 
 /// erf as an odd rational function of `x` clamped to [-4, 4] (beyond, erf is ±1 in f32): the minimax
 /// approximation Eigen and XLA use for f32, within a few ulp of the exact value. Branch-free, so loops over
-/// it vectorize. Its Horner steps are fused multiply-adds (`mul_add`): one instruction each in the wide
-/// kernels (AVX2 + FMA and up, and every aarch64 CPU) where a multiply and an add took two, with one rounding;
-/// an x86-64 CPU without FMA (the baseline tier) gets the same bits from libm's `fmaf`, one call a step.
+/// it vectorize, except on an x86-64 CPU without FMA (below). Its Horner steps are fused multiply-adds
+/// (`mul_add`): one instruction each in the wide kernels (AVX2 + FMA and up, and every aarch64 CPU) where a
+/// multiply and an add took two, with one rounding; an x86-64 CPU without FMA (the baseline tier) gets the
+/// same bits from libm's `fmaf`, one call a step.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     const ALPHA: [f32; 7] = [

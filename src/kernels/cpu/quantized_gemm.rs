@@ -475,8 +475,13 @@ unsafe fn narrow_avx2(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m12
 
 /// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level + 128 by `quantize_row`;
 /// the padding 128, a zero), and each row's scale.
+///
+/// # Safety
+/// `quantize_row(row, q)` writes the `row.len()` values from `q` whenever the scale it returns is not NaN
+/// (the contract of [`quantize_row`] and [`quantize_row_avx2`]): the buffer is returned initialised on
+/// that promise.
 #[cfg(target_arch = "x86_64")]
-fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
+unsafe fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
     x: &[A],
     (k, k_padded): (usize, usize),
     quantize_row: impl Fn(&[A], *mut Q) -> f32 + Sync,
@@ -494,15 +499,16 @@ fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
     // A decode step's few rows are not worth the threads.
     rows.with_min_len(16).for_each(|((q, scale), row)| {
         *scale = quantize_row(row, q.as_mut_ptr().cast());
-        // A row with a NaN scale is left unwritten; its outputs are NaN whatever it holds.
+        // A row with a NaN scale was left unwritten: all of it is initialised here (to the zero level; its
+        // outputs are NaN whatever it holds).
         let written = if scale.is_nan() { 0 } else { k };
         for level in &mut q[written..] {
             level.write(Q::from(128));
         }
     });
-    // SAFETY: each row's first k values were written by `quantize_row` (its contract) or above, the rest
-    // above.
-    unsafe { q.set_len(m * k_padded) };
+    // SAFETY: each row's first k values were written by `quantize_row` (the caller's promise) or above, the
+    // rest above.
+    q.set_len(m * k_padded);
     (q, scales)
 }
 
@@ -577,7 +583,7 @@ impl Level for u16 {
 }
 
 /// [`quantize_row`] with AVX2, into `L` values: the same levels and scale (the same largest magnitude,
-/// product and rounding).
+/// product and rounding), and the same writes (every value, none for a row with a NaN scale).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `q` is valid for `row.len()` values of writes.
@@ -711,8 +717,9 @@ fn linear_on<A: Activation + Element>(
         match kernel {
             Kernel::Vnni => {
                 // SAFETY: the CPU has AVX-512 F/BW/VL (`kernel.runs()`); `quantize_rows` gives each row
-                // `k_padded` bytes.
-                let (qx, sx) = quantize_rows(x, shape, |row, q| unsafe { quantize_row(row, q) });
+                // `k_padded` bytes, and `quantize_row` keeps its promise.
+                let quantize = |row: &[A], q: *mut u8| unsafe { quantize_row(row, q) };
+                let (qx, sx) = unsafe { quantize_rows(x, shape, quantize) };
                 // int8 on the tile unit where it runs and there are rows enough for it, in register blocks
                 // of 32.
                 let tiled = w.bits == Bits::Int8
@@ -801,9 +808,10 @@ fn avx2_tiles<L: Level, A: Activation + Element>(
     tile_rows: usize,
     run: impl Fn(&Tile<L>, usize, usize, *mut A) + Sync,
 ) {
-    // SAFETY: the caller checked AVX2 and FMA; `quantize_rows` gives each row `k_padded` values.
+    // SAFETY: the caller checked AVX2 and FMA; `quantize_rows` gives each row `k_padded` values, and
+    // `quantize_row_avx2` keeps its promise.
     let quantize = |row: &[A], q: *mut L| unsafe { quantize_row_avx2(row, q) };
-    let (qx, sx) = quantize_rows(x, (w.k, w.k_padded), quantize);
+    let (qx, sx) = unsafe { quantize_rows(x, (w.k, w.k_padded), quantize) };
     for_each_tile(w, (&qx[..], &sx[..]), bias, tile_rows, out, |tile, rows| {
         for (r, size) in tiles(rows, tile_rows) {
             run(tile, r, size, tile.out(out.0, r));
@@ -905,9 +913,9 @@ impl Tile<'_, u8> {
             std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
         let panel = self.panel.as_ptr();
         let (nibble, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
-        // Group g's scaled sums added to `totals`. The first group starts from zeros passed by value: a zeroed
-        // array kept across the loop was cleared by a call to `memset` on every tile (12 rows do not fit the
-        // registers), a fifth of a tile's time at 128 inputs.
+        // Group g's scaled sums added to `totals`. The first group starts from zeros passed by value rather
+        // than from a zeroed array kept across the loop, which the compiler cleared with a call to `memset` on
+        // every tile (12 rows of totals do not fit the registers; docs/performance.md).
         let group = |g: usize, mut totals: [[__m512; 2]; R]| {
             let mut sums = [[_mm512_setzero_si512(); 2]; R];
             for j in g * self.group_quads..(g + 1) * self.group_quads {
@@ -1422,16 +1430,15 @@ mod tests {
             return;
         }
         // SAFETY (the `unsafe` blocks): the CPU tier runs both kernels; `quantize_rows` gives each row
-        // `k_padded` values.
+        // `k_padded` values, and both quantizers keep its promise.
         fn same<A: Activation>(x: &[A], shape: (usize, usize), what: &str) {
             let bits = |scales: &[f32]| scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
-            let (want, scales) = quantize_rows(x, shape, |row, q| unsafe { quantize_row(row, q) });
-            let bytes = quantize_rows(x, shape, |row, q| unsafe {
-                quantize_row_avx2::<A, u8>(row, q)
-            });
-            let words = quantize_rows(x, shape, |row, q| unsafe {
-                quantize_row_avx2::<A, u16>(row, q)
-            });
+            let vnni = |row: &[A], q: *mut u8| unsafe { quantize_row(row, q) };
+            let bytes = |row: &[A], q: *mut u8| unsafe { quantize_row_avx2::<A, u8>(row, q) };
+            let words = |row: &[A], q: *mut u16| unsafe { quantize_row_avx2::<A, u16>(row, q) };
+            let (want, scales) = unsafe { quantize_rows(x, shape, vnni) };
+            let bytes = unsafe { quantize_rows(x, shape, bytes) };
+            let words = unsafe { quantize_rows(x, shape, words) };
             assert!(
                 bytes.0 == want && bits(&bytes.1) == bits(&scales),
                 "{what} bytes"

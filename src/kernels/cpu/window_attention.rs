@@ -59,9 +59,10 @@ impl CustomOp1 for StridedWindowAttention {
 
 impl StridedWindowAttention {
     /// `src` `[items, tokens, 3C]`: each task copies its q, k and v out of the projection into a buffer of its
-    /// own as f32, contiguous (the gemm crate's products run faster there than through the projection's
-    /// strides; for bf16, widening the whole projection first would stream it through memory twice), computes
-    /// in f32 and writes its output block once (bf16: rounded once).
+    /// own as f32, contiguous (at the wider stages, whose rows are kilobytes apart, the gemm crate's products
+    /// run faster there than through the projection's strides; for bf16, widening the whole projection first
+    /// would stream it through memory twice), computes `softmax(q kᵀ * scale) v` in f32 and writes its output
+    /// block once (bf16: rounded once).
     fn attend<T: Element>(&self, src: &[T], (items, tokens, c): (usize, usize, usize)) -> Vec<T> {
         let head_dim = c / self.heads;
         let mut out = vec![T::default(); items * tokens * c];
@@ -78,19 +79,14 @@ impl StridedWindowAttention {
             let (operands, result) = wide.split_at_mut(3 * block);
             let [q, k, v] =
                 [0, 1, 2].map(|part| Mat::rows(operands[part * block..].as_ptr(), head_dim));
-            // SAFETY: the matrices address `operands`, the output `result` (`tokens x head_dim`).
+            let (t, d) = (tokens, head_dim);
+            // SAFETY: q, k and v address `t x d` values each of `operands`; the products write `scores`
+            // (`t²` values) and `result` (`t x d`), this task's own buffers.
             unsafe {
-                let out = result.as_mut_ptr();
-                Product {
-                    q,
-                    k,
-                    v,
-                    tokens,
-                    head_dim,
-                    out,
-                    out_stride: head_dim,
-                }
-                .window(scores, self.scale);
+                matmul((t, t, d), q, k.t(), scores.as_mut_ptr(), t, self.scale);
+                softmax_rows(scores, t);
+                let probs = Mat::rows(scores.as_ptr(), t);
+                matmul((t, d, t), probs, v, result.as_mut_ptr(), d, 1.0);
             }
             for (t, row) in result.chunks_exact(head_dim).enumerate() {
                 // SAFETY: row `t` of this task's (item, head) block of `out`, which no other task writes.
@@ -119,31 +115,5 @@ impl StridedWindowAttention {
             || (vec![0f32; tokens * tokens], Vec::new()),
             |(scores, wide), i| task(scores, wide, i / heads, i % heads),
         );
-    }
-}
-
-/// The operands of one task.
-struct Product {
-    q: Mat,
-    k: Mat,
-    v: Mat,
-    tokens: usize,
-    head_dim: usize,
-    out: *mut f32,
-    out_stride: usize,
-}
-
-impl Product {
-    /// One head of one window: `softmax(q kᵀ * scale) v`; `scores` holds `tokens²`.
-    ///
-    /// # Safety
-    /// `q`, `k` and `v` address `tokens x head_dim` elements of live memory, and `out` the same with rows
-    /// `out_stride` apart, which no other thread touches during the call.
-    unsafe fn window(&self, scores: &mut [f32], scale: f32) {
-        let (t, d) = (self.tokens, self.head_dim);
-        matmul((t, t, d), self.q, self.k.t(), scores.as_mut_ptr(), t, scale);
-        softmax_rows(scores, t);
-        let scores = Mat::rows(scores.as_ptr(), t);
-        matmul((t, d, t), scores, self.v, self.out, self.out_stride, 1.0);
     }
 }
