@@ -1,7 +1,8 @@
 //! Criterion benches of the CPU kernels on the hot paths: the direct channels-last 3x3 depthwise
 //! convolution plus residual (the DaViT position-encoding convs, against candle's grouped conv2d on NCHW); the
 //! window attention core of each tower stage; the bf16 linear layer against candle's bf16 matmul; the linear
-//! layer's kernels (f32 through the gemm crate and packed, bf16 packed, int8 and int4) on the same shapes; one
+//! layer's kernels (f32 through the gemm crate and packed, bf16 packed, int8 and int4, and candle's Q8_0 and
+//! Q4_0 matmul that the int8 and int4 layers fall back to) on the same shapes, each where the CPU runs it; one
 //! beam-search decode step (3 beams); and the rate of the instructions those kernels are built on, alone
 //! ("unit peak"), the ceiling their GFLOP/s are measured against (docs/performance.md).
 //!
@@ -163,11 +164,8 @@ fn bf16_gemm(c: &mut Criterion) {
 /// The kernels a linear layer takes on the CPU, on the same shapes: f32 through the gemm crate (weights as
 /// stored) and packed at load, bf16 packed, int8 and int4 (bf16 activations).
 fn linear_kernels(c: &mut Criterion) {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use florence2_rs::kernels::cpu::{bf16_gemm, f32_gemm, quantized_gemm};
-    if !(f32_gemm::available() && bf16_gemm::available() && quantized_gemm::available()) {
-        eprintln!("linear kernels: this CPU has no AVX2 + FMA, skipped");
-        return;
-    }
     let dev = Device::Cpu;
     let mut group = c.benchmark_group("linear kernels");
     group.sample_size(10);
@@ -178,37 +176,44 @@ fn linear_kernels(c: &mut Criterion) {
         let values =
             |t: &Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("values") };
         let (xs, ws, bs) = (values(&x), values(&w), values(&b));
+        let x16 = to_vec(&x.to_dtype(DType::BF16).expect("bf16"));
         group.bench_function(format!("f32 gemm crate {m}x{k}x{n}"), |bench| {
             bench.iter(|| {
                 florence2_rs::kernels::cpu::gemm::linear(&x, &w, Some(&b)).expect("linear")
             })
         });
-        let packed = f32_gemm::Packed::new(&ws, n, k);
-        group.bench_function(format!("f32 packed {m}x{k}x{n}"), |bench| {
-            bench.iter(|| f32_gemm::linear(&xs, m, &packed, &bs, Epilogue::None))
-        });
-        let x16 = to_vec(&x.to_dtype(DType::BF16).expect("bf16"));
-        let w16 = to_vec(&w.to_dtype(DType::BF16).expect("bf16"));
-        let b16 = to_vec(&b.to_dtype(DType::BF16).expect("bf16"));
-        let packed = florence2_rs::kernels::cpu::bf16_gemm::Packed::new(&w16, n, k);
-        group.bench_function(format!("bf16 packed {m}x{k}x{n}"), |bench| {
-            bench.iter(|| {
-                florence2_rs::kernels::cpu::bf16_gemm::linear_packed(
-                    &x16,
-                    m,
-                    &packed,
-                    &b16,
-                    Epilogue::None,
-                )
-            })
-        });
-        for (name, bits) in [
-            ("int8", quantized_gemm::Bits::Int8),
-            ("int4", quantized_gemm::Bits::Int4),
+        // Each packed kernel where this CPU runs it (f32 and bf16: x86-64 with AVX2 + FMA; int8 and int4:
+        // also aarch64 with sdot).
+        if f32_gemm::available() {
+            let packed = f32_gemm::Packed::new(&ws, n, k);
+            group.bench_function(format!("f32 packed {m}x{k}x{n}"), |bench| {
+                bench.iter(|| f32_gemm::linear(&xs, m, &packed, &bs, Epilogue::None))
+            });
+        }
+        if bf16_gemm::available() {
+            let w16 = to_vec(&w.to_dtype(DType::BF16).expect("bf16"));
+            let b16 = to_vec(&b.to_dtype(DType::BF16).expect("bf16"));
+            let packed = bf16_gemm::Packed::new(&w16, n, k);
+            group.bench_function(format!("bf16 packed {m}x{k}x{n}"), |bench| {
+                bench.iter(|| bf16_gemm::linear_packed(&x16, m, &packed, &b16, Epilogue::None))
+            });
+        }
+        for (name, bits, ggml) in [
+            ("int8", quantized_gemm::Bits::Int8, GgmlDType::Q8_0),
+            ("int4", quantized_gemm::Bits::Int4, GgmlDType::Q4_0),
         ] {
-            let packed = quantized_gemm::Packed::new(&ws, n, k, bits);
-            group.bench_function(format!("{name} {m}x{k}x{n}"), |bench| {
-                bench.iter(|| quantized_gemm::linear(&x16, m, &packed, &bs, Epilogue::None))
+            if quantized_gemm::available() {
+                let packed = quantized_gemm::Packed::new(&ws, n, k, bits);
+                group.bench_function(format!("{name} {m}x{k}x{n}"), |bench| {
+                    bench.iter(|| quantized_gemm::linear(&x16, m, &packed, &bs, Epilogue::None))
+                });
+            }
+            // candle's quantized matmul (f32 activations), which the linear layers fall back to where the
+            // kernel does not run.
+            let qmatmul = QMatMul::from_qtensor(QTensor::quantize(&w, ggml).expect("quantize"))
+                .expect("qmatmul");
+            group.bench_function(format!("candle {ggml:?} {m}x{k}x{n}"), |bench| {
+                bench.iter(|| qmatmul.forward(&x).expect("forward"))
             });
         }
     }

@@ -4,8 +4,8 @@
 //! matmul), or quantized.
 //!
 //! Quantized weights (transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here)
-//! take one of two kernels. On an x86-64 CPU with AVX2 + FMA (AVX512-VNNI's byte products where it has them),
-//! [`quantized_gemm`]: int8 weights with a scale per
+//! take one of two kernels. On an x86-64 CPU with AVX2 + FMA (AVX512-VNNI's byte products where it has them)
+//! or an aarch64 CPU with NEON's `sdot`, [`quantized_gemm`]: int8 weights with a scale per
 //! output column, or int4 with a scale per column and 32 inputs, against activations quantized to int8 per
 //! row at each call (bitsandbytes' LLM.int8() scheme, without its outlier columns), in the model's f32 or
 //! bf16 around it. Elsewhere (other CPUs, GPUs) candle's quantized matmul: weight-only GGML blocks (`Q8_0`,
@@ -240,8 +240,8 @@ pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
     })
 }
 
-/// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (a CPU with
-/// AVX2 + FMA, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
+/// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (an x86-64 CPU with
+/// AVX2 + FMA or an aarch64 one with `sdot`, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
 pub fn pack_quantized(
     weight: &Tensor,
     quantize: Quantization,

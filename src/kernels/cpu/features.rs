@@ -6,33 +6,43 @@
 //! inside functions that enable AVX2 + FMA and AVX-512, and the entry point calls the widest this CPU runs.
 //! The results do not depend on the width: each lane computes its own values in the same order. Kernels
 //! written with intrinsics check [`has_avx2_fma`] / [`has_avx512`] / [`has_avx512_bf16`] /
-//! [`has_avx512_vnni`] themselves; no other code of ours detects CPU features. (The gemm crate, which the
+//! [`has_avx512_vnni`] / [`has_dotprod`] themselves; no other code of ours detects CPU features. (The gemm crate, which the
 //! GEMM glue and candle's matmul call, picks its own kernels for the CPU.)
 
-/// The kernel families of our CPU code, narrowest first. Every kernel with a wide version asks [`cpu_tier`]
-/// (through [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`], [`has_avx512_vnni`]); no other code
-/// detects CPU features.
+/// The kernel families of our CPU code, narrowest first within an architecture (x86-64: scalar, avx2,
+/// avx512; aarch64: scalar, dotprod). Every kernel with a wide version asks [`cpu_tier`] (through
+/// [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`], [`has_avx512_vnni`], [`has_dotprod`]); no other
+/// code detects CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuTier {
-    /// The target's baseline (SSE2 on x86-64; every CPU off x86-64).
+    /// The target's baseline: SSE2 on x86-64, NEON on aarch64.
     Scalar,
-    /// AVX2 and FMA.
+    /// AVX2 and FMA (x86-64).
     Avx2,
-    /// AVX-512 F, BW and VL, with AVX2 and FMA.
+    /// AVX-512 F, BW and VL, with AVX2 and FMA (x86-64).
     Avx512,
+    /// NEON's byte dot products, `sdot` (aarch64 CPUs with the DotProd extension: Armv8.2's and later cores,
+    /// Apple silicon, Graviton 2 and up).
+    Dotprod,
 }
 
-/// The environment variable that lowers the tier below the CPU's (`scalar`, `avx2` or `avx512`; empty or
-/// unset: the CPU's). It is read once, at the first kernel call, so that every kernel of a process runs at
+/// The environment variable that lowers the tier below the CPU's (x86-64: `scalar`, `avx2` or `avx512`;
+/// aarch64: `scalar` or `dotprod`; empty or unset: the CPU's). It is read once, at the first kernel call, so that every kernel of a process runs at
 /// the same tier.
 pub const CPU_TIER_VAR: &str = "FLORENCE2_CPU_TIER";
 
 impl CpuTier {
-    const ALL: [(CpuTier, &'static str); 3] = [
+    /// The tiers of this architecture, narrowest first, with their names.
+    #[cfg(target_arch = "x86_64")]
+    const ALL: &[(CpuTier, &str)] = &[
         (CpuTier::Scalar, "scalar"),
         (CpuTier::Avx2, "avx2"),
         (CpuTier::Avx512, "avx512"),
     ];
+    #[cfg(target_arch = "aarch64")]
+    const ALL: &[(CpuTier, &str)] = &[(CpuTier::Scalar, "scalar"), (CpuTier::Dotprod, "dotprod")];
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const ALL: &[(CpuTier, &str)] = &[(CpuTier::Scalar, "scalar")];
 
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(tier, _)| *tier == self).unwrap().1
@@ -52,7 +62,15 @@ impl CpuTier {
                 _ => CpuTier::Scalar,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                CpuTier::Dotprod
+            } else {
+                CpuTier::Scalar
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             CpuTier::Scalar
         }
@@ -64,7 +82,11 @@ impl CpuTier {
         let Some(name) = requested.map(str::trim).filter(|name| !name.is_empty()) else {
             return Ok(detected);
         };
-        let names = Self::ALL.map(|(_, name)| name).join(", ");
+        let names = Self::ALL
+            .iter()
+            .map(|(_, name)| *name)
+            .collect::<Vec<_>>()
+            .join(", ");
         let tier = Self::ALL
             .iter()
             .find(|(_, known)| known.eq_ignore_ascii_case(name))
@@ -108,12 +130,17 @@ pub fn cpu_tier() -> CpuTier {
 
 /// Whether the kernels may use AVX2 and FMA (always false off x86-64).
 pub fn has_avx2_fma() -> bool {
-    cpu_tier() >= CpuTier::Avx2
+    cfg!(target_arch = "x86_64") && cpu_tier() >= CpuTier::Avx2
 }
 
 /// Whether the kernels may use AVX-512 (F, BW, VL) as well as AVX2 and FMA (always false off x86-64).
 pub fn has_avx512() -> bool {
-    cpu_tier() >= CpuTier::Avx512
+    cfg!(target_arch = "x86_64") && cpu_tier() >= CpuTier::Avx512
+}
+
+/// Whether the kernels may use NEON's `sdot` ([`super::quantized_gemm`]; always false off aarch64).
+pub fn has_dotprod() -> bool {
+    cfg!(target_arch = "aarch64") && cpu_tier() == CpuTier::Dotprod
 }
 
 /// Whether the kernels may use AVX512-BF16 ([`super::bf16_gemm`]): the AVX-512 tier on a CPU that has it.
@@ -184,6 +211,7 @@ pub(crate) use wide_fn;
 mod tests {
     use super::*;
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn cpu_tier_is_the_cpus_or_a_lower_one_named() {
         use CpuTier::*;
@@ -200,5 +228,17 @@ mod tests {
             unknown.contains("expected one of scalar, avx2, avx512"),
             "{unknown}"
         );
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn cpu_tier_is_the_cpus_or_a_lower_one_named() {
+        use CpuTier::*;
+        assert_eq!(CpuTier::choose(Dotprod, None), Ok(Dotprod));
+        assert_eq!(CpuTier::choose(Dotprod, Some("scalar")), Ok(Scalar));
+        let above = CpuTier::choose(Scalar, Some("dotprod")).unwrap_err();
+        assert!(above.contains("at most \"scalar\""), "{above}");
+        let other = CpuTier::choose(Dotprod, Some("avx2")).unwrap_err();
+        assert!(other.contains("expected one of scalar, dotprod"), "{other}");
     }
 }

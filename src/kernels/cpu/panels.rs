@@ -68,7 +68,7 @@ pub const MAX_TILE_ROWS: usize = 12;
 /// The register-tile kernels are generic over their row count `R` (the accumulators are arrays of `R`);
 /// `by_rows!(rows, |R| expr)` evaluates `expr` with `R` the const `rows`, for 1 to [`MAX_TILE_ROWS`] rows
 /// (that many for more: a kernel asserts its tile fits).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! by_rows {
     ($rows:expr, |$r:ident| $body:expr) => {
         match $rows {
@@ -123,7 +123,7 @@ macro_rules! by_rows {
         }
     };
 }
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) use by_rows;
 
 /// The instructions a packed kernel's tiles run on: AVX-512's (for bf16, AVX512-BF16's, and the tile unit's

@@ -31,23 +31,33 @@
 //! `vpdpbusd`'s and the f32 arithmetic after them is the same operations in the same order, so the kernels
 //! give the same bits.
 //!
-//! x86-64, detected at run time ([`super::features::cpu_tier`]): the `vpdpbusd` kernel at the AVX-512 tier
-//! on CPUs with AVX512-VNNI, the AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI.
-//! [`available`] is false elsewhere (the baseline tier, other architectures) and the caller keeps candle's
-//! quantized matmul.
+//! On aarch64 the kernel is NEON's `sdot` (four products of signed bytes summed into each int32 lane,
+//! [`neon`]): the activations are quantized to the same levels, stored without the offset, and a group's
+//! `128 * Σ_t q_w[c][t]` is added to its int32 sums, which makes them the same integers again.
+//!
+//! Every kernel, then, gives the same bits from the same inputs, whatever the CPU: detected at run time
+//! ([`super::features::cpu_tier`]), the `vpdpbusd` kernel at the AVX-512 tier on CPUs with AVX512-VNNI, the
+//! AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI, the `sdot` kernel at aarch64's dotprod
+//! tier. [`available`] is false elsewhere (the baseline tiers, other architectures) and the caller keeps
+//! candle's quantized matmul.
 
 use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
 use super::amx;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::panels::for_each_block;
 #[cfg(target_arch = "x86_64")]
-use super::panels::{by_rows, for_each_block, tiles};
+use super::panels::{by_rows, tiles};
 use super::panels::{Epilogue, PANEL};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::parallel::TaskPtr;
 use super::storage::Element;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use std::ops::Range;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// Inputs that share an int4 scale (GGML's `Q4_0` block).
 pub const INT4_GROUP: usize = 32;
@@ -120,24 +130,39 @@ pub fn available() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     /// AVX-512 F/BW/VL and VNNI (`vpdpbusd`), and the tile unit for int8 where it runs.
+    #[cfg(target_arch = "x86_64")]
     Vnni,
     /// AVX2 and FMA (`vpmaddwd`).
+    #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// NEON with the dot product extension (`sdot`).
+    #[cfg(target_arch = "aarch64")]
+    Dotprod,
 }
 
 impl Kernel {
+    /// This architecture's families, fastest first.
+    #[cfg(target_arch = "x86_64")]
+    const ALL: &[Kernel] = &[Self::Vnni, Self::Avx2];
+    #[cfg(target_arch = "aarch64")]
+    const ALL: &[Kernel] = &[Self::Dotprod];
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const ALL: &[Kernel] = &[];
+
     /// The fastest family the CPU tier runs, if any.
     fn detected() -> Option<Self> {
-        [Self::Vnni, Self::Avx2]
-            .into_iter()
-            .find(|kernel| kernel.runs())
+        Self::ALL.iter().copied().find(|kernel| kernel.runs())
     }
 
     /// Whether the CPU tier runs this family.
     fn runs(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
             Self::Vnni => super::features::has_avx512_vnni(),
+            #[cfg(target_arch = "x86_64")]
             Self::Avx2 => super::features::has_avx2_fma(),
+            #[cfg(target_arch = "aarch64")]
+            Self::Dotprod => super::features::has_dotprod(),
         }
     }
 }
@@ -159,8 +184,11 @@ pub struct Packed {
     /// Per panel and group, 32 column scales.
     scales: Vec<f32>,
     /// Per column (padded to whole panels): `128 * Σ_g s_w[g][c] * Σ_{t in g} q_w[c][t]`. Read by the
-    /// x86-64 kernel only (elsewhere nothing packs weights: `available()` is false).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// kernels only (on other architectures nothing packs weights: `available()` is false).
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     offsets: Vec<f32>,
 }
 
@@ -473,17 +501,17 @@ unsafe fn narrow_avx2(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m12
     _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v))
 }
 
-/// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level + 128 by `quantize_row`;
-/// the padding 128, a zero), and each row's scale.
+/// Rows of `x` quantized for a kernel: `k_padded` values a row (each value's level as the kernel reads it,
+/// by `quantize_row`; the padding `zero`, the zero level), and each row's scale.
 ///
 /// # Safety
 /// `quantize_row(row, q)` writes the `row.len()` values from `q` whenever the scale it returns is not NaN
-/// (the contract of [`quantize_row`] and [`quantize_row_avx2`]): the buffer is returned initialised on
-/// that promise.
-#[cfg(target_arch = "x86_64")]
-unsafe fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
+/// (the contract of every kernel's quantizer): the buffer is returned initialised on that promise.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn quantize_rows<A: Activation, Q: Copy + Send + Sync>(
     x: &[A],
     (k, k_padded): (usize, usize),
+    zero: Q,
     quantize_row: impl Fn(&[A], *mut Q) -> f32 + Sync,
 ) -> (Vec<Q>, Vec<f32>) {
     use rayon::prelude::*;
@@ -503,7 +531,7 @@ unsafe fn quantize_rows<A: Activation, Q: Copy + Send + Sync + From<u8>>(
         // outputs are NaN whatever it holds).
         let written = if scale.is_nan() { 0 } else { k };
         for level in &mut q[written..] {
-            level.write(Q::from(128));
+            level.write(zero);
         }
     });
     // SAFETY: each row's first k values were written by `quantize_row` (the caller's promise) or above, the
@@ -687,7 +715,7 @@ pub fn linear<A: Activation + Element>(
     bias: &[f32],
     epilogue: Epilogue,
 ) -> Vec<A> {
-    let kernel = Kernel::detected().expect("quantized_gemm::linear needs AVX2 and FMA");
+    let kernel = Kernel::detected().expect("quantized_gemm::linear needs a kernel for this CPU");
     linear_on(kernel, x, m, w, bias, epilogue)
 }
 
@@ -695,8 +723,11 @@ pub fn linear<A: Activation + Element>(
 ///
 /// # Panics
 /// If the CPU tier does not run `kernel`, or the slices do not hold the shapes given.
-// Off x86-64 no kernel runs: the function only panics and its kernel arguments go unread.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+// Where no kernel runs, the function only panics and its kernel arguments go unread.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_variables)
+)]
 fn linear_on<A: Activation + Element>(
     kernel: Kernel,
     x: &[A],
@@ -708,18 +739,19 @@ fn linear_on<A: Activation + Element>(
     assert!(kernel.runs(), "the {kernel:?} kernel does not run here");
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let mut out = Vec::with_capacity(m * w.n);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
         // outputs.
         let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<A>()) };
-        let shape = (w.k, w.k_padded);
         match kernel {
+            #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => {
+                let shape = (w.k, w.k_padded);
                 // SAFETY: the CPU has AVX-512 F/BW/VL (`kernel.runs()`); `quantize_rows` gives each row
                 // `k_padded` bytes, and `quantize_row` keeps its promise.
                 let quantize = |row: &[A], q: *mut u8| unsafe { quantize_row(row, q) };
-                let (qx, sx) = unsafe { quantize_rows(x, shape, quantize) };
+                let (qx, sx) = unsafe { quantize_rows(x, shape, 128, quantize) };
                 // int8 on the tile unit where it runs and there are rows enough for it, in register blocks
                 // of 32.
                 let tiled = w.bits == Bits::Int8
@@ -770,6 +802,7 @@ fn linear_on<A: Activation + Element>(
                     },
                 );
             }
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => match w.bits {
                 // SAFETY (both): the CPU has AVX2 and FMA (`kernel.runs()`); each tile's rows exist, and
                 // their outputs in its panel only that call writes.
@@ -790,6 +823,8 @@ fn linear_on<A: Activation + Element>(
                     |t, r, n, d| unsafe { t.run_int4_avx2(r, n, d) },
                 ),
             },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Dotprod => neon::linear(x, w, bias, (dst, epilogue)),
         }
     }
     // SAFETY: the kernel writes each of the m x n outputs.
@@ -811,7 +846,7 @@ fn avx2_tiles<L: Level, A: Activation + Element>(
     // SAFETY: the caller checked AVX2 and FMA; `quantize_rows` gives each row `k_padded` values, and
     // `quantize_row_avx2` keeps its promise.
     let quantize = |row: &[A], q: *mut L| unsafe { quantize_row_avx2(row, q) };
-    let (qx, sx) = unsafe { quantize_rows(x, (w.k, w.k_padded), quantize) };
+    let (qx, sx) = unsafe { quantize_rows(x, (w.k, w.k_padded), L::from(128), quantize) };
     for_each_tile(w, (&qx[..], &sx[..]), bias, tile_rows, out, |tile, rows| {
         for (r, size) in tiles(rows, tile_rows) {
             run(tile, r, size, tile.out(out.0, r));
@@ -823,7 +858,7 @@ fn avx2_tiles<L: Level, A: Activation + Element>(
 /// `w`, in parallel ([`for_each_block`]), then applies `epilogue` to the block's outputs in that panel, which
 /// `body` writes (through `dst`, the `[m, n]` output) and no other call touches. `qx` and `sx` are the
 /// quantized rows of `x` ([`quantize_rows`]) and `bias` has `n` values.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn for_each_tile<Q: Sync, A: Element>(
     w: &Packed,
     (qx, sx): (&[Q], &[f32]),
@@ -859,8 +894,8 @@ fn for_each_tile<Q: Sync, A: Element>(
 }
 
 /// One panel of packed weights, the quantized rows of `x` (`Q`: bytes for `vpdpbusd`, 16-bit values for
-/// the AVX2 kernel), and where the outputs go.
-#[cfg(target_arch = "x86_64")]
+/// the AVX2 kernel, signed bytes for `sdot`), and where the outputs go.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 struct Tile<'a, Q> {
     qx: &'a [Q],
     sx: &'a [f32],
@@ -879,7 +914,7 @@ struct Tile<'a, Q> {
     cols: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl<Q> Tile<'_, Q> {
     /// Where output row `row`'s values of this panel go in the `[m, n]` output `dst`.
     fn out<A>(&self, dst: TaskPtr<A>, row: usize) -> *mut A {
@@ -1189,15 +1224,16 @@ mod tests {
 
     use crate::kernels::cpu::test_values::spread as values;
 
-    /// The kernel families that run on this CPU, each of which the tests check; none off x86-64 and at the
-    /// baseline tier.
+    /// The kernel families that run on this CPU, each of which the tests check; none at the baseline tiers
+    /// and on other architectures.
     fn kernels() -> Vec<Kernel> {
-        let kernels: Vec<Kernel> = [Kernel::Vnni, Kernel::Avx2]
-            .into_iter()
+        let kernels: Vec<Kernel> = Kernel::ALL
+            .iter()
+            .copied()
             .filter(|kernel| kernel.runs())
             .collect();
         if kernels.is_empty() {
-            eprintln!("skipped: this CPU tier runs no kernel (it needs AVX2 and FMA)");
+            eprintln!("skipped: this CPU tier runs no kernel (it needs AVX2 and FMA, or sdot)");
         }
         kernels
     }
@@ -1436,9 +1472,9 @@ mod tests {
             let vnni = |row: &[A], q: *mut u8| unsafe { quantize_row(row, q) };
             let bytes = |row: &[A], q: *mut u8| unsafe { quantize_row_avx2::<A, u8>(row, q) };
             let words = |row: &[A], q: *mut u16| unsafe { quantize_row_avx2::<A, u16>(row, q) };
-            let (want, scales) = unsafe { quantize_rows(x, shape, vnni) };
-            let bytes = unsafe { quantize_rows(x, shape, bytes) };
-            let words = unsafe { quantize_rows(x, shape, words) };
+            let (want, scales) = unsafe { quantize_rows(x, shape, 128, vnni) };
+            let bytes = unsafe { quantize_rows(x, shape, 128, bytes) };
+            let words = unsafe { quantize_rows(x, shape, 128, words) };
             assert!(
                 bytes.0 == want && bits(&bytes.1) == bits(&scales),
                 "{what} bytes"
@@ -1458,49 +1494,136 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernel gives the `vpdpbusd` kernel's bits: both formats and activation types, every path of
-    /// the tiles, with and without GELU, and the activations' edge cases.
-    #[test]
-    fn avx2_gives_the_vnni_bits() {
-        if !Kernel::Vnni.runs() {
-            eprintln!("skipped: this CPU tier has no AVX512-VNNI to compare with");
-            return;
+    /// The module's arithmetic written out one output at a time, from the levels and scales its rules give
+    /// ([`levels_of`]): each group's sum of (activation level + 128) x weight level in int32, the f32 steps
+    /// after it in the kernels' order (fused where they fuse), the output rounded to `A`, then GELU. Every
+    /// kernel on every CPU gives these bits.
+    fn arithmetic<A: Element>(
+        x: &[A],
+        (w, n, k): (&[f32], usize, usize),
+        (bits, bias, epilogue): (Bits, &[f32], Epilogue),
+    ) -> Vec<A> {
+        let group = match bits {
+            Bits::Int8 => k,
+            Bits::Int4 => INT4_GROUP,
+        };
+        // Per column and group: the weight levels, their scale and their sum.
+        let weights: Vec<Vec<(Vec<f32>, f32, i32)>> = (0..n)
+            .map(|c| {
+                w[c * k..][..k]
+                    .chunks(group)
+                    .map(|values| {
+                        let (levels, scale) = levels_of(values, bits == Bits::Int4);
+                        let sum = levels.iter().map(|&q| q as i32).sum();
+                        (levels, scale, sum)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(x.len() / k * n);
+        for row in x.chunks(k) {
+            let row: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+            let (qx, sx) = if row.iter().all(|v| v.is_finite()) {
+                let (levels, scale) = levels_of(&row, false);
+                // A scale whose inverse is not finite quantizes every value to zero.
+                let levels = if scale.recip().is_finite() {
+                    levels
+                } else {
+                    vec![0.0; k]
+                };
+                (levels, scale)
+            } else {
+                (vec![0.0; k], f32::NAN)
+            };
+            for (groups, &bias) in weights.iter().zip(bias) {
+                let (mut totals, mut offset) = (0f32, 0f32);
+                for (g, (qw, sw, level_sum)) in groups.iter().enumerate() {
+                    let sum: i32 = qw
+                        .iter()
+                        .zip(&qx[g * group..])
+                        .map(|(&w, &x)| (x as i32 + 128) * w as i32)
+                        .sum();
+                    totals = (sum as f32).mul_add(*sw, totals);
+                    offset += 128.0 * sw * *level_sum as f32;
+                }
+                let value = A::from_f32((totals - offset).mul_add(sx, bias));
+                out.push(match epilogue {
+                    Epilogue::None => value,
+                    Epilogue::Gelu => A::from_f32(crate::kernels::cpu::math::gelu(value.to_f32())),
+                });
+            }
         }
-        fn same<A: Activation + Element>(x: &[A], m: usize, w: &Packed, bias: &[f32], what: &str) {
+        out
+    }
+
+    /// Every kernel gives [`arithmetic`]'s bits (NaN where it is NaN): both formats and activation types,
+    /// every path of the tiles, with and without GELU, and the activations' edge cases.
+    #[test]
+    fn kernels_give_the_bits_of_the_arithmetic() {
+        fn same<A: Activation + Element>(
+            kernel: Kernel,
+            x: &[A],
+            m: usize,
+            (w, n, k): (&[f32], usize, usize),
+            (bits, bias): (Bits, &[f32]),
+            what: &str,
+        ) {
+            let packed = Packed::new(w, n, k, bits);
             for epilogue in [Epilogue::None, Epilogue::Gelu] {
-                let want = linear_on(Kernel::Vnni, x, m, w, bias, epilogue);
-                let got = linear_on(Kernel::Avx2, x, m, w, bias, epilogue);
-                // bf16 widens to f32 exactly, NaN payloads included.
-                let bits =
-                    |out: &[A]| -> Vec<u32> { out.iter().map(|v| v.to_f32().to_bits()).collect() };
+                let want = arithmetic(x, (w, n, k), (bits, bias, epilogue));
+                let got = linear_on(kernel, x, m, &packed, bias, epilogue);
+                // bf16 widens to f32 exactly.
+                let bits = |out: &[A]| -> Vec<u32> {
+                    let canonical = |v: f32| if v.is_nan() { f32::NAN } else { v };
+                    out.iter()
+                        .map(|v| canonical(v.to_f32()).to_bits())
+                        .collect()
+                };
                 let (want, got) = (bits(&want), bits(&got));
                 if let Some(i) = (0..want.len()).find(|&i| want[i] != got[i]) {
                     panic!(
-                        "{what} {epilogue:?} at {i}: {:#x} vs {:#x} (of {m} rows)",
+                        "{kernel:?} {what} {epilogue:?} at {i}: {:#x} vs {:#x} (of {m} rows)",
                         got[i], want[i]
                     );
                 }
             }
         }
-        // k not a multiple of the int4 group; a partial panel of at most 16 columns; more than 16.
-        let shapes = [(6, 100, 45), (7, 70, 12), (2, 500, 64)];
-        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES
-            .into_iter()
-            .chain(shapes)
-        {
-            let x = awkward_rows(m, k, 11);
-            let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-            let (w, bias) = (values(n * k, 12), values(n, 13));
-            for bits in [Bits::Int8, Bits::Int4] {
-                let packed = Packed::new(&w, n, k, bits);
-                same(&x, m, &packed, &bias, &format!("{bits:?} {m}x{k}x{n} f32"));
-                same(
-                    &x_bf16,
-                    m,
-                    &packed,
-                    &bias,
-                    &format!("{bits:?} {m}x{k}x{n} bf16"),
-                );
+        // k not a multiple of the int4 group; a partial panel of at most 8 and of at most 16 columns; more
+        // than 16.
+        let shapes = [(6, 100, 45), (7, 70, 12), (5, 40, 5), (2, 500, 64)];
+        for kernel in kernels() {
+            for (m, k, n) in crate::kernels::cpu::test_values::SHAPES
+                .into_iter()
+                .chain(shapes)
+            {
+                let x = awkward_rows(m, k, 11);
+                let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                // Weights of full 24-bit mantissas, so that their scales' products round (the spread's
+                // values have 12 bits, which the products of short sums hold exactly).
+                let w: Vec<f32> = values(n * k, 12)
+                    .iter()
+                    .map(|v| v * std::f32::consts::FRAC_PI_4)
+                    .collect();
+                let bias = values(n, 13);
+                for bits in [Bits::Int8, Bits::Int4] {
+                    let what = format!("{bits:?} {m}x{k}x{n}");
+                    same(
+                        kernel,
+                        &x,
+                        m,
+                        (&w, n, k),
+                        (bits, &bias),
+                        &format!("{what} f32"),
+                    );
+                    same(
+                        kernel,
+                        &x_bf16,
+                        m,
+                        (&w, n, k),
+                        (bits, &bias),
+                        &format!("{what} bf16"),
+                    );
+                }
             }
         }
     }
