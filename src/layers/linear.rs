@@ -1,7 +1,7 @@
 //! The linear layer `x @ wᵀ + b` of every projection in the model, with its weights in one of these forms:
-//! packed at load for a CPU kernel (f32 and bf16, on x86-64 CPUs with AVX2 + FMA), as stored (in the model's
-//! dtype; other CPUs take the bias-seeded GEMM of `kernels::cpu::gemm` in f32, other devices candle's
-//! matmul), or quantized.
+//! packed at load for a CPU kernel (f32 and bf16 on x86-64 CPUs with AVX2 + FMA, f32 on aarch64), as stored
+//! (in the model's dtype; other CPUs take the bias-seeded GEMM of `kernels::cpu::gemm` in f32, other devices
+//! candle's matmul), or quantized.
 //!
 //! Quantized weights (transformers' `BitsAndBytesConfig(load_in_8bit=True)` / `load_in_4bit=True` map here)
 //! take one of two kernels. On an x86-64 CPU with AVX2 + FMA (AVX512-VNNI's byte products where it has them)
@@ -218,8 +218,8 @@ impl Linear {
     }
 }
 
-/// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32) or [`bf16_gemm`] (bf16) on a CPU with AVX2 + FMA;
-/// `None` elsewhere.
+/// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32) or [`bf16_gemm`] (bf16) where the kernel runs
+/// (x86-64 with AVX2 + FMA; f32 also on aarch64); `None` elsewhere.
 pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
     let (n, k) = weight.dims2()?;
     if !(weight.device().is_cpu() && n > 0 && k > 0) {
@@ -241,7 +241,8 @@ pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
 }
 
 /// `weight` `[out, in]` quantized for [`quantized_gemm`], where that kernel runs for it (an x86-64 CPU with
-/// AVX2 + FMA or an aarch64 one with `sdot`, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`] inputs); `None` elsewhere.
+/// AVX2 + FMA or an aarch64 one with `sdot`, f32 or bf16 activations, at most [`quantized_gemm::MAX_INPUTS`]
+/// inputs); `None` elsewhere.
 pub fn pack_quantized(
     weight: &Tensor,
     quantize: Quantization,

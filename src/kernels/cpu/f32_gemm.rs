@@ -12,14 +12,19 @@
 //! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel (16 AVX registers hold a tile's sums, two
 //! weight vectors and the broadcast): the same FMAs in the same order, so the same bits as the AVX-512 tile.
 //!
-//! x86-64 with AVX2 and FMA, detected at run time; [`available`] is false elsewhere and the caller keeps the
-//! gemm crate.
+//! On aarch64 a NEON tile of up to [`NEON_TILE_ROWS`] rows x 16 columns takes the same panels, two passes a
+//! panel, with the same FMAs in the same order: the same bits as on x86-64.
+//!
+//! x86-64 with AVX2 and FMA, detected at run time, and every aarch64 CPU (NEON is its baseline); [`available`]
+//! is false elsewhere and the caller keeps the gemm crate.
 
 use super::panels::Epilogue;
+#[cfg(target_arch = "x86_64")]
+use super::panels::Width;
 use super::panels::PANEL;
-#[cfg(target_arch = "x86_64")]
-use super::panels::{by_rows, run_tiles, PanelTile, Panels, Width};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::panels::{by_rows, run_tiles, PanelTile, Panels};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::parallel::TaskPtr;
 
 /// Rows in a register tile: 2 x 12 accumulators, two weight vectors and the broadcast fill 27 of the 32
@@ -34,9 +39,14 @@ const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 6;
 
-/// Whether the kernel runs here ([`super::features::has_avx2_fma`]).
+/// Rows in a register tile of the NEON kernel: 4 x 6 accumulators of 4 lanes, four weight vectors and the
+/// broadcast take 29 of the 32 vector registers.
+#[cfg(target_arch = "aarch64")]
+const NEON_TILE_ROWS: usize = 6;
+
+/// Whether the kernel runs here: x86-64 with [`super::features::has_avx2_fma`], and aarch64.
 pub fn available() -> bool {
-    super::features::has_avx2_fma()
+    cfg!(target_arch = "aarch64") || super::features::has_avx2_fma()
 }
 
 /// Weights `w[n, k]` laid out for the kernel: for panel `p` and input `t`, 32 values, lane `c` holding
@@ -88,8 +98,11 @@ impl Packed {
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
-// Off x86-64 `available()` is false: the function only panics and its kernel arguments go unread.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+// Where `available()` is false the function only panics and its kernel arguments go unread.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_variables)
+)]
 pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
     assert!(available(), "f32_gemm::linear needs AVX2 and FMA");
     #[cfg(target_arch = "x86_64")]
@@ -101,8 +114,17 @@ pub fn linear(x: &[f32], m: usize, w: &Packed, bias: &[f32], epilogue: Epilogue)
         bias,
         epilogue,
     );
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("available() is false off x86-64")
+    #[cfg(target_arch = "aarch64")]
+    return run(
+        (x, m, w, bias, epilogue),
+        NEON_TILE_ROWS,
+        |tile, a, size, dst| {
+            // SAFETY: `run_tiles` hands each tile its rows and outputs.
+            unsafe { by_rows!(size.min(NEON_TILE_ROWS), |R| tile.tile_neon::<R>(a, dst)) }
+        },
+    );
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    unreachable!("available() is false here")
 }
 
 /// [`linear`] on the instructions of `width`, which the CPU has.
@@ -115,43 +137,46 @@ fn linear_on(
     bias: &[f32],
     epilogue: Epilogue,
 ) -> Vec<f32> {
+    let tile_rows = match width {
+        Width::Avx512 => TILE_ROWS,
+        Width::Avx2 => AVX2_TILE_ROWS,
+    };
+    run(
+        (x, m, w, bias, epilogue),
+        tile_rows,
+        |tile, a, size, dst| {
+            // SAFETY: the caller checked the CPU's features; `run_tiles` hands each tile its rows and outputs.
+            unsafe {
+                by_rows!(size.min(tile_rows), |R| match width {
+                    Width::Avx512 => tile.tile::<R>(a, dst),
+                    Width::Avx2 => tile.tile_avx2::<R>(a, dst),
+                })
+            }
+        },
+    )
+}
+
+/// The product by `tile(panel, rows of x, row count, outputs)` for every register tile of up to `tile_rows`
+/// rows ([`run_tiles`]), which writes each of its outputs.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn run(
+    (x, m, w, bias, epilogue): (&[f32], usize, &Packed, &[f32], Epilogue),
+    tile_rows: usize,
+    tile: impl Fn(&PanelTile<f32>, &[f32], usize, *mut f32) + Sync,
+) -> Vec<f32> {
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
     let n = w.n;
     let mut out = Vec::with_capacity(m * n);
-    {
-        // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
-        // outputs.
-        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<f32>()) };
-        let weights = Panels {
-            data: &w.panels,
-            panel_len: w.k * PANEL,
-            n,
-            k: w.k,
-        };
-        let tile_rows = match width {
-            Width::Avx512 => TILE_ROWS,
-            Width::Avx2 => AVX2_TILE_ROWS,
-        };
-        run_tiles(
-            x,
-            m,
-            weights,
-            bias,
-            (dst, epilogue),
-            tile_rows,
-            |tile, a, size, dst| {
-                // SAFETY: the caller checked the CPU's features; `run_tiles` hands each tile its rows and
-                // outputs.
-                unsafe {
-                    by_rows!(size.min(tile_rows), |R| match width {
-                        Width::Avx512 => tile.tile::<R>(a, dst),
-                        Width::Avx2 => tile.tile_avx2::<R>(a, dst),
-                    })
-                }
-            },
-        );
-    }
-    // SAFETY: the kernel writes each of the m x n outputs.
+    // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint outputs.
+    let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<f32>()) };
+    let weights = Panels {
+        data: &w.panels,
+        panel_len: w.k * PANEL,
+        n,
+        k: w.k,
+    };
+    run_tiles(x, m, weights, bias, (dst, epilogue), tile_rows, tile);
+    // SAFETY: the tiles write each of the m x n outputs.
     unsafe { out.set_len(m * n) };
     out
 }
@@ -224,6 +249,45 @@ impl PanelTile<'_, f32> {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+impl PanelTile<'_, f32> {
+    /// `R` (1 to [`NEON_TILE_ROWS`]) rows of `a` against each half of the panel in turn, as
+    /// [`Self::tile_avx2`] with 4 vectors of 4 for each 8 x 2.
+    ///
+    /// # Safety
+    /// `dst` addresses `R` output rows of `self.n` values from this panel's first column.
+    unsafe fn tile_neon<const R: usize>(&self, a: &[f32], dst: *mut f32) {
+        use std::arch::aarch64::*;
+        let k = self.k;
+        let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
+            let panel = self.panel.as_ptr().add(half);
+            let bias = self.bias.as_ptr().add(half);
+            let mut sums: [[float32x4_t; 4]; R] =
+                [std::array::from_fn(|v| vld1q_f32(bias.add(4 * v))); R];
+            for t in 0..k {
+                let w: [float32x4_t; 4] =
+                    std::array::from_fn(|v| vld1q_f32(panel.add(t * PANEL + 4 * v)));
+                for r in 0..R {
+                    let x = vdupq_n_f32(*rows[r].add(t));
+                    for v in 0..4 {
+                        sums[r][v] = vfmaq_f32(sums[r][v], x, w[v]);
+                    }
+                }
+            }
+            for (r, sums) in sums.iter().enumerate() {
+                let row = dst.add(r * self.n + half);
+                for (v, &sums) in sums.iter().enumerate() {
+                    let valid = self.cols.saturating_sub(half + 4 * v).min(4);
+                    let mut values = [0f32; 4];
+                    vst1q_f32(values.as_mut_ptr(), sums);
+                    std::ptr::copy_nonoverlapping(values.as_ptr(), row.add(4 * v), valid);
+                }
+            }
+        }
+    }
+}
+
 /// The store mask of the 8 columns from `from` of a panel whose first `cols` columns are valid.
 ///
 /// # Safety
@@ -239,77 +303,99 @@ unsafe fn lanes8(cols: usize, from: usize) -> std::arch::x86_64::__m256i {
     )
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod tests {
     use super::*;
 
     use crate::kernels::cpu::test_values::spread as values;
 
-    /// The widths this CPU runs.
-    fn widths() -> Vec<Width> {
-        let mut widths = vec![];
-        if available() {
-            widths.push(Width::Avx2);
+    /// The product by each tile this CPU runs, with its name.
+    fn by_each_tile(
+        (x, m): (&[f32], usize),
+        w: &Packed,
+        bias: &[f32],
+        epilogue: Epilogue,
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        let mut products = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if available() {
+                products.push(("avx2", linear_on(Width::Avx2, x, m, w, bias, epilogue)));
+            }
+            if crate::kernels::cpu::features::has_avx512() {
+                products.push(("avx512", linear_on(Width::Avx512, x, m, w, bias, epilogue)));
+            }
         }
-        if crate::kernels::cpu::features::has_avx512() {
-            widths.push(Width::Avx512);
+        #[cfg(target_arch = "aarch64")]
+        products.push(("neon", linear(x, m, w, bias, epilogue)));
+        if products.is_empty() {
+            eprintln!("skipped: this CPU tier runs no tile (it needs AVX2 and FMA)");
         }
-        if widths.len() < 2 {
-            eprintln!("only {widths:?} run on this CPU");
-        }
-        widths
+        products
     }
 
     #[test]
     fn matches_the_exact_product() {
         // Few and many rows; partial panels and row tiles; more than one row block and panel group.
-        for width in widths() {
-            for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
-                check_shape(width, (m, k, n));
+        for (m, k, n) in crate::kernels::cpu::test_values::SHAPES {
+            let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+            let packed = Packed::new(&w, n, k);
+            for (tile, got) in by_each_tile((&x, m), &packed, &bias, Epilogue::None) {
+                for i in 0..m {
+                    for c in 0..n {
+                        let terms = (0..k).map(|t| x[i * k + t] as f64 * w[c * k + t] as f64);
+                        let want = bias[c] as f64 + terms.clone().sum::<f64>();
+                        // The bound of a sum of k + 1 f32 terms in order: k ulps of the sum of magnitudes.
+                        let bound = (k + 1) as f64
+                            * f32::EPSILON as f64
+                            * (bias[c].abs() as f64 + terms.map(f64::abs).sum::<f64>());
+                        let g = got[i * n + c] as f64;
+                        assert!(
+                            (g - want).abs() <= bound,
+                            "{tile} {m}x{k}x{n} at ({i}, {c}): {g} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
 
-    /// The two widths' FMAs come in the same order: the same bits, with and without the fused GELU, on shapes
-    /// with partial halves of a panel (17, 20 and 40 columns) and tiles of every row count of both.
+    /// Every tile, on every CPU, gives the bits of `b + Σ_t x[t] w[t]` by fused multiply-adds in order of `t`
+    /// (then GELU), on shapes with partial quarters and halves of a panel (5, 17, 20 and 40 columns) and tiles
+    /// of every row count.
     #[test]
-    fn both_widths_give_the_same_bits() {
-        if widths().len() < 2 {
-            return;
-        }
+    fn tiles_give_the_bits_of_the_ordered_sum() {
         let shapes = crate::kernels::cpu::test_values::SHAPES.into_iter().chain([
             (13, 20, 17),
             (25, 9, 40),
             (4, 64, 100),
+            (7, 3, 5),
         ]);
         for (m, k, n) in shapes {
-            let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
+            // Weights of full 24-bit mantissas, so that the products round.
+            let w: Vec<f32> = values(n * k, 5)
+                .iter()
+                .map(|v| v * std::f32::consts::FRAC_PI_4)
+                .collect();
+            let (x, bias) = (values(m * k, 4), values(n, 6));
             let packed = Packed::new(&w, n, k);
             for epilogue in [Epilogue::None, Epilogue::Gelu] {
-                let [wide, narrow] = [Width::Avx512, Width::Avx2]
-                    .map(|width| linear_on(width, &x, m, &packed, &bias, epilogue));
-                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&wide), bits(&narrow), "{m}x{k}x{n} {epilogue:?}");
-            }
-        }
-    }
-
-    fn check_shape(width: Width, (m, k, n): (usize, usize, usize)) {
-        let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
-        let got = linear_on(width, &x, m, &Packed::new(&w, n, k), &bias, Epilogue::None);
-        for i in 0..m {
-            for c in 0..n {
-                let terms = (0..k).map(|t| x[i * k + t] as f64 * w[c * k + t] as f64);
-                let want = bias[c] as f64 + terms.clone().sum::<f64>();
-                // The bound of a sum of k + 1 f32 terms in order: k ulps of the sum of magnitudes.
-                let bound = (k + 1) as f64
-                    * f32::EPSILON as f64
-                    * (bias[c].abs() as f64 + terms.map(f64::abs).sum::<f64>());
-                let g = got[i * n + c] as f64;
-                assert!(
-                    (g - want).abs() <= bound,
-                    "{width:?} {m}x{k}x{n} at ({i}, {c}): {g} vs {want}"
-                );
+                let want: Vec<u32> = (0..m * n)
+                    .map(|at| {
+                        let (i, c) = (at / n, at % n);
+                        let sum =
+                            (0..k).fold(bias[c], |sum, t| x[i * k + t].mul_add(w[c * k + t], sum));
+                        match epilogue {
+                            Epilogue::None => sum,
+                            Epilogue::Gelu => crate::kernels::cpu::math::gelu(sum),
+                        }
+                        .to_bits()
+                    })
+                    .collect();
+                for (tile, got) in by_each_tile((&x, m), &packed, &bias, epilogue) {
+                    let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{tile} {m}x{k}x{n} {epilogue:?}");
+                }
             }
         }
     }

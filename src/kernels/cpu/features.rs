@@ -6,8 +6,8 @@
 //! inside functions that enable AVX2 + FMA and AVX-512, and the entry point calls the widest this CPU runs.
 //! The results do not depend on the width: each lane computes its own values in the same order. Kernels
 //! written with intrinsics check [`has_avx2_fma`] / [`has_avx512`] / [`has_avx512_bf16`] /
-//! [`has_avx512_vnni`] / [`has_dotprod`] themselves; no other code of ours detects CPU features. (The gemm crate, which the
-//! GEMM glue and candle's matmul call, picks its own kernels for the CPU.)
+//! [`has_avx512_vnni`] / [`has_dotprod`] themselves; no other code of ours detects CPU features. (The gemm
+//! crate, which the GEMM glue and candle's matmul call, picks its own kernels for the CPU.)
 
 /// The kernel families of our CPU code, narrowest first within an architecture (x86-64: scalar, avx2,
 /// avx512; aarch64: scalar, dotprod). Every kernel with a wide version asks [`cpu_tier`] (through
@@ -15,20 +15,21 @@
 /// code detects CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuTier {
-    /// The target's baseline: SSE2 on x86-64, NEON on aarch64.
+    /// The target's baseline: SSE2 on x86-64, NEON on aarch64 (whose packed f32 kernel runs at every tier).
     Scalar,
     /// AVX2 and FMA (x86-64).
     Avx2,
     /// AVX-512 F, BW and VL, with AVX2 and FMA (x86-64).
     Avx512,
-    /// NEON's byte dot products, `sdot` (aarch64 CPUs with the DotProd extension: Armv8.2's and later cores,
-    /// Apple silicon, Graviton 2 and up).
+    /// NEON's byte dot products, `sdot`: little-endian aarch64 CPUs with the DotProd extension (optional from
+    /// Armv8.2, required from Armv8.4: Cortex-A55/A75 and later, Neoverse N1 and later, Apple silicon; not
+    /// Cortex-A53/A72).
     Dotprod,
 }
 
 /// The environment variable that lowers the tier below the CPU's (x86-64: `scalar`, `avx2` or `avx512`;
-/// aarch64: `scalar` or `dotprod`; empty or unset: the CPU's). It is read once, at the first kernel call, so that every kernel of a process runs at
-/// the same tier.
+/// aarch64: `scalar` or `dotprod`; empty or unset: the CPU's). It is read once, at the first kernel call, so
+/// that every kernel of a process runs at the same tier.
 pub const CPU_TIER_VAR: &str = "FLORENCE2_CPU_TIER";
 
 impl CpuTier {
@@ -64,7 +65,9 @@ impl CpuTier {
         }
         #[cfg(target_arch = "aarch64")]
         {
-            if std::arch::is_aarch64_feature_detected!("dotprod") {
+            // The kernel broadcasts four bytes of activations as one 32-bit value: little-endian only.
+            if cfg!(target_endian = "little") && std::arch::is_aarch64_feature_detected!("dotprod")
+            {
                 CpuTier::Dotprod
             } else {
                 CpuTier::Scalar

@@ -1,6 +1,6 @@
 //! `x @ wᵀ + b` on the CPU: the glue between the linear layer and the GEMM kernels, for f32 weights as stored
-//! ([`linear`]: CPUs without AVX2, where nothing is packed, and aarch64) and for weights packed at load
-//! ([`linear_packed`]).
+//! ([`linear`]: where nothing is packed, x86-64 CPUs without AVX2 and architectures other than aarch64) and for
+//! weights packed at load ([`linear_packed`]).
 //!
 //! candle computes it as a matmul into a zeroed buffer followed by a broadcast add of the bias: two extra
 //! passes over every output, and the vision tower's linear layers write gigabytes of outputs per image. Here

@@ -148,7 +148,7 @@ impl Width {
 }
 
 /// One panel of packed weights (`W`: the kernel's packed unit) and where its outputs go.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub struct PanelTile<'a, W> {
     pub panel: &'a [W],
     /// The panel's 32 biases (zeros past the last column).
@@ -161,7 +161,7 @@ pub struct PanelTile<'a, W> {
 }
 
 /// Weights packed in panels for [`run_tiles`]: panel `p` is `data[p * panel_len..][..panel_len]`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub struct Panels<'a, W> {
     pub data: &'a [W],
     pub panel_len: usize,
@@ -174,7 +174,7 @@ pub struct Panels<'a, W> {
 /// for every register tile of up to `tile_rows` rows, the output addressing those rows of `out` (`[m, n]`,
 /// row-major) from the panel's first column; `bias` has `n` values. Each call writes only its own outputs,
 /// and `epilogue` is applied to each task's outputs after its tiles.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub fn run_tiles<W: Sync, X: Sync, A: Element>(
     x: &[X],
     m: usize,

@@ -20,8 +20,8 @@ use crate::kernels::cpu::parallel::TaskPtr;
 use crate::kernels::cpu::storage::Element;
 
 /// Rows in a register tile: 4 rows x 4 vectors of int32 sums, the 4 vectors of the weights' sums, the 4
-/// weight vectors, a broadcast and the ones take 26 of the 32 vector registers; the f32 totals, touched
-/// once per group, may not stay in them.
+/// weight vectors, a broadcast and the ones (and for int4 the two nibble constants) take 26 (28) of the 32
+/// vector registers; the f32 totals, touched once per group, do not stay in them.
 const TILE_ROWS: usize = 4;
 
 /// Columns of a tile: four vectors of 4, half a panel.
@@ -29,13 +29,15 @@ const TILE_COLS: usize = PANEL / 2;
 
 /// `x @ wᵀ + bias` into the `[m, n]` output `dst`, then `epilogue`.
 ///
-/// The caller checked that the CPU tier has `sdot` ([`crate::kernels::cpu::features::has_dotprod`]).
+/// # Panics
+/// If the CPU tier has no `sdot` ([`crate::kernels::cpu::features::has_dotprod`]).
 pub(super) fn linear<A: Activation + Element>(
     x: &[A],
     w: &Packed,
     bias: &[f32],
     (dst, epilogue): (TaskPtr<A>, Epilogue),
 ) {
+    assert!(crate::kernels::cpu::features::has_dotprod());
     let quantize = |row: &[A], q: *mut i8| {
         // SAFETY: `quantize_rows` gives each row `k_padded` values of room, at least `row.len()`.
         unsafe { quantize_row(row, q) }
@@ -53,7 +55,7 @@ pub(super) fn linear<A: Activation + Element>(
             for (r, size) in tiles(rows, TILE_ROWS) {
                 let out = tile.out(dst, r);
                 for half in 0..2 {
-                    // SAFETY: the CPU has `sdot` (the caller's check); rows r..r + size exist, and their
+                    // SAFETY: the CPU has `sdot` (checked above); rows r..r + size exist, and their
                     // outputs in this panel only this call writes.
                     unsafe {
                         if tile.column(int4, half, 0) < tile.cols {
