@@ -1,5 +1,5 @@
 //! The linear layer `x @ wᵀ + b` of every projection in the model, with its weights in one of these forms:
-//! packed at load for a CPU kernel (f32 and bf16 on x86-64 CPUs with AVX2 + FMA, f32 on aarch64), as stored
+//! packed at load for a CPU kernel (f32 and bf16, on x86-64 CPUs with AVX2 + FMA and on aarch64), as stored
 //! (in the model's dtype; other CPUs take the bias-seeded GEMM of `kernels::cpu::gemm` in f32, other devices
 //! candle's matmul), or quantized.
 //!
@@ -219,7 +219,7 @@ impl Linear {
 }
 
 /// Dense `weight` `[out, in]` packed for [`f32_gemm`] (f32) or [`bf16_gemm`] (bf16) where the kernel runs
-/// (x86-64 with AVX2 + FMA; f32 also on aarch64); `None` elsewhere.
+/// (x86-64 with AVX2 + FMA, aarch64); `None` elsewhere.
 pub fn pack_dense(weight: &Tensor) -> Result<Option<PackedTable>> {
     let (n, k) = weight.dims2()?;
     if !(weight.device().is_cpu() && n > 0 && k > 0) {

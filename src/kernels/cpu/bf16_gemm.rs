@@ -22,16 +22,21 @@
 //! the bias and are rounded to bf16 once, as above (they differ from `vdpbf16ps`'s in the last bits: it
 //! sums each pair before adding it).
 //!
-//! x86-64 with AVX2 and FMA, detected at run time; [`available`] is false elsewhere and the caller keeps
-//! candle's matmul.
+//! On aarch64 a NEON tile of up to [`NEON_TILE_ROWS`] rows x 16 columns does the AVX2 tile's arithmetic:
+//! the same FMAs in the same order, so the same bits.
+//!
+//! x86-64 with AVX2 and FMA, detected at run time, and every aarch64 CPU (NEON is its baseline); [`available`]
+//! is false elsewhere and the caller keeps candle's matmul.
 
 use half::bf16;
 
 use super::panels::Epilogue;
+#[cfg(target_arch = "x86_64")]
+use super::panels::Width;
 use super::panels::PANEL;
-#[cfg(target_arch = "x86_64")]
-use super::panels::{by_rows, run_tiles, PanelTile, Panels, Width};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::panels::{by_rows, run_tiles, PanelTile, Panels};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::parallel::{par_map, TaskPtr};
 
 /// Rows in a register tile of the packed kernel: 2 x 12 accumulators, two weight vectors and the broadcast
@@ -52,10 +57,15 @@ const TILE_UNIT_MIN_ROWS: usize = 3;
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 5;
 
-/// Whether the kernels run here ([`super::features::has_avx2_fma`]; `vdpbf16ps` where
-/// [`super::features::has_avx512_bf16`]).
+/// Rows in a register tile of the NEON kernel: 4 x 5 accumulators of 4 lanes, four pairs of weights widened
+/// to eight vectors and the broadcast input take 29 of the 32 vector registers.
+#[cfg(target_arch = "aarch64")]
+const NEON_TILE_ROWS: usize = 5;
+
+/// Whether the kernels run here: x86-64 with [`super::features::has_avx2_fma`] (`vdpbf16ps` where
+/// [`super::features::has_avx512_bf16`]), and aarch64.
 pub fn available() -> bool {
-    super::features::has_avx2_fma()
+    cfg!(target_arch = "aarch64") || super::features::has_avx2_fma()
 }
 
 /// `epilogue(x[m, k] @ wᵀ + bias[n])` with weights packed beforehand (a model's layers pack theirs once, at
@@ -63,8 +73,11 @@ pub fn available() -> bool {
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
-// Off x86-64 `available()` is false: the function only panics and its kernel arguments go unread.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+// Where `available()` is false the function only panics and its kernel arguments go unread.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_variables)
+)]
 pub fn linear_packed(
     x: &[bf16],
     m: usize,
@@ -82,8 +95,22 @@ pub fn linear_packed(
         bias,
         epilogue,
     );
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("available() is false off x86-64")
+    #[cfg(target_arch = "aarch64")]
+    return output((x, m, w, bias), |bias, out| {
+        f32_tiles(
+            (x, m),
+            w,
+            bias,
+            (out, epilogue),
+            NEON_TILE_ROWS,
+            |tile, a, size, dst| {
+                // SAFETY: `run_tiles` hands each tile its rows and outputs.
+                unsafe { by_rows!(size.min(NEON_TILE_ROWS), |R| tile.tile_neon::<R>(a, dst)) }
+            },
+        )
+    });
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    unreachable!("available() is false here")
 }
 
 /// [`linear_packed`] on the instructions of `width`, which the CPU has.
@@ -96,17 +123,51 @@ fn linear_on(
     bias: &[bf16],
     epilogue: Epilogue,
 ) -> Vec<bf16> {
+    output((x, m, w, bias), |bias, out| {
+        panels(width, x, m, w, bias, (out, epilogue))
+    })
+}
+
+/// The `[m, n]` output that `fill(bias as f32, outputs)` writes, each value once.
+///
+/// # Panics
+/// If the slices do not hold the shapes given.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn output(
+    (x, m, w, bias): (&[bf16], usize, &Packed, &[bf16]),
+    fill: impl FnOnce(&[f32], TaskPtr<bf16>),
+) -> Vec<bf16> {
     assert!(m > 0 && x.len() == m * w.k && bias.len() == w.n);
+    let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     let mut out = Vec::with_capacity(m * w.n);
-    {
-        // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint
-        // outputs.
-        let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
-        panels(width, x, m, w, bias, (dst, epilogue));
-    }
+    // SAFETY: `out` has room for m x n values and lives past the kernel, whose tasks write disjoint outputs.
+    let dst = unsafe { TaskPtr::new(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>()) };
+    fill(&bias, dst);
     // SAFETY: the kernel writes each of the m x n outputs.
     unsafe { out.set_len(m * w.n) };
     out
+}
+
+/// The tiles that compute in f32 (AVX2's, NEON's): `x` widened once here rather than in each tile (every row
+/// meets every panel), then `tile(panel, rows, row count, outputs)` for every register tile of up to
+/// `tile_rows` rows ([`run_tiles`]).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn f32_tiles(
+    (x, m): (&[bf16], usize),
+    packed: &Packed,
+    bias: &[f32],
+    out: (TaskPtr<bf16>, Epilogue),
+    tile_rows: usize,
+    tile: impl Fn(&PanelTile<u32>, &[f32], usize, *mut bf16) + Sync,
+) {
+    let x = par_map(x, bf16::to_f32);
+    let weights = Panels {
+        data: &packed.panels,
+        panel_len: packed.k.div_ceil(2) * PANEL,
+        n: packed.n,
+        k: packed.k,
+    };
+    run_tiles(&x, m, weights, bias, out, tile_rows, tile);
 }
 
 /// Weights `w[n, k]` laid out for the many-row kernel: for panel `p` and pair `j`, 32 `u32`s, lane `c`
@@ -170,54 +231,50 @@ fn panels(
     x: &[bf16],
     m: usize,
     packed: &Packed,
-    bias: &[bf16],
+    bias: &[f32],
     (out, epilogue): (TaskPtr<bf16>, Epilogue),
 ) {
     let (n, k) = packed.dims();
-    let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     #[cfg(target_os = "linux")]
     {
         use super::amx;
         let fits = width == Width::Avx512 && k % amx::K_STEP == 0 && m >= TILE_UNIT_MIN_ROWS;
         if fits && amx::available() {
-            amx::linear(x, (m, k, n), &packed.panels, &bias, (out, epilogue));
+            amx::linear(x, (m, k, n), &packed.panels, bias, (out, epilogue));
             return;
         }
     }
-    let weights = || Panels {
-        data: &packed.panels,
-        panel_len: k.div_ceil(2) * PANEL,
-        n,
-        k,
-    };
     // SAFETY (both): the caller checked the CPU's features; `run_tiles` hands each tile its rows and outputs.
     match width {
-        Width::Avx512 => run_tiles(
-            x,
-            m,
-            weights(),
-            &bias,
-            (out, epilogue),
-            TILE_ROWS,
-            |tile, a, size, dst| unsafe {
-                by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst))
-            },
-        ),
-        Width::Avx2 => {
-            // Widened once here rather than in each tile: every row meets every panel.
-            let x = par_map(x, bf16::to_f32);
+        Width::Avx512 => {
+            let weights = Panels {
+                data: &packed.panels,
+                panel_len: k.div_ceil(2) * PANEL,
+                n,
+                k,
+            };
             run_tiles(
-                &x,
+                x,
                 m,
-                weights(),
-                &bias,
+                weights,
+                bias,
                 (out, epilogue),
-                AVX2_TILE_ROWS,
+                TILE_ROWS,
                 |tile, a, size, dst| unsafe {
-                    by_rows!(size.min(AVX2_TILE_ROWS), |R| tile.tile_avx2::<R>(a, dst))
+                    by_rows!(size.min(TILE_ROWS), |R| tile.tile::<R>(a, dst))
                 },
             )
         }
+        Width::Avx2 => f32_tiles(
+            (x, m),
+            packed,
+            bias,
+            (out, epilogue),
+            AVX2_TILE_ROWS,
+            |tile, a, size, dst| unsafe {
+                by_rows!(size.min(AVX2_TILE_ROWS), |R| tile.tile_avx2::<R>(a, dst))
+            },
+        ),
     }
 }
 
@@ -346,7 +403,65 @@ impl PanelTile<'_, u32> {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(target_arch = "aarch64")]
+impl PanelTile<'_, u32> {
+    /// The AVX2 tile's arithmetic ([`Self::tile_avx2`]) with NEON: `R` (1 to [`NEON_TILE_ROWS`]) rows of `a`
+    /// (widened to f32) against each half of the panel in turn.
+    ///
+    /// # Safety
+    /// `dst` addresses `R` output rows of `self.n` values from this panel's first column.
+    unsafe fn tile_neon<const R: usize>(&self, a: &[f32], dst: *mut bf16) {
+        use std::arch::aarch64::*;
+        let k = self.k;
+        let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
+        let high = vdupq_n_u32(0xFFFF_0000);
+        // Input `t` of every row times its weights for the half's 16 columns, added to the sums.
+        let add = |sums: &mut [[float32x4_t; 4]; R], t: usize, w: [float32x4_t; 4]| {
+            for (r, sums) in sums.iter_mut().enumerate() {
+                let x = vdupq_n_f32(*rows[r].add(t));
+                for (sum, &w) in sums.iter_mut().zip(&w) {
+                    *sum = vfmaq_f32(*sum, x, w);
+                }
+            }
+        };
+        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
+            let panel = self.panel.as_ptr().add(half);
+            let bias = self.bias.as_ptr().add(half);
+            let mut sums: [[float32x4_t; 4]; R] =
+                [std::array::from_fn(|v| vld1q_f32(bias.add(4 * v))); R];
+            // Pair j's 16 lanes: the even inputs' weights (low halves, shifted up) and the odd ones'.
+            let pairs = |j: usize| -> [uint32x4_t; 4] {
+                std::array::from_fn(|v| vld1q_u32(panel.add(j * PANEL + 4 * v)))
+            };
+            let even =
+                |pairs: [uint32x4_t; 4]| pairs.map(|p| vreinterpretq_f32_u32(vshlq_n_u32::<16>(p)));
+            let odd =
+                |pairs: [uint32x4_t; 4]| pairs.map(|p| vreinterpretq_f32_u32(vandq_u32(p, high)));
+            for j in 0..k / 2 {
+                let pairs = pairs(j);
+                add(&mut sums, 2 * j, even(pairs));
+                add(&mut sums, 2 * j + 1, odd(pairs));
+            }
+            if k % 2 == 1 {
+                // The last pair holds one input.
+                add(&mut sums, k - 1, even(pairs(k / 2)));
+            }
+            for (r, sums) in sums.iter().enumerate() {
+                let row = dst.add(r * self.n + half);
+                for (v, &sum) in sums.iter().enumerate() {
+                    let mut values = [0f32; 4];
+                    vst1q_f32(values.as_mut_ptr(), sum);
+                    let valid = self.cols.saturating_sub(half + 4 * v).min(4);
+                    for (c, &value) in values[..valid].iter().enumerate() {
+                        *row.add(4 * v + c) = bf16::from_f32(value);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod tests {
     use super::*;
 
@@ -369,51 +484,63 @@ mod tests {
         spread.into_iter().map(bf16::from_f32).collect()
     }
 
-    /// The AVX2 tile's arithmetic, written out: from the bias, one f32 FMA per input in order, rounded once.
-    #[test]
-    fn avx2_tile_is_fmas_in_order_rounded_once() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX2");
-            return;
+    /// The product by each tile this CPU runs, with its name; `f32` whether the tile computes in f32 (AVX2's,
+    /// NEON's) rather than by `vdpbf16ps` or the tile unit.
+    fn by_each_tile(
+        (x, m): (&[bf16], usize),
+        w: &Packed,
+        bias: &[bf16],
+    ) -> Vec<(&'static str, bool, Vec<bf16>)> {
+        let mut products = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if available() {
+                let product = linear_on(Width::Avx2, x, m, w, bias, Epilogue::None);
+                products.push(("avx2", true, product));
+            }
+            if crate::kernels::cpu::features::has_avx512_bf16() {
+                let product = linear_on(Width::Avx512, x, m, w, bias, Epilogue::None);
+                products.push(("avx512", false, product));
+            }
         }
-        let shapes = crate::kernels::cpu::test_values::SHAPES
-            .into_iter()
-            .chain([(11, 5, 20), (6, 64, 40)]);
+        #[cfg(target_arch = "aarch64")]
+        products.push(("neon", true, linear_packed(x, m, w, bias, Epilogue::None)));
+        if products.is_empty() {
+            eprintln!("skipped: this CPU tier runs no tile (it needs AVX2 and FMA)");
+        }
+        products
+    }
+
+    /// The f32 tiles' arithmetic, written out: from the bias, one f32 FMA per input in order, rounded once.
+    #[test]
+    fn f32_tiles_are_fmas_in_order_rounded_once() {
+        let shapes = crate::kernels::cpu::test_values::SHAPES.into_iter().chain([
+            (11, 5, 20),
+            (6, 64, 40),
+            (7, 3, 5),
+        ]);
         for (m, k, n) in shapes {
             let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
-            let got = linear_on(
-                Width::Avx2,
-                &x,
-                m,
-                &Packed::new(&w, n, k),
-                &bias,
-                Epilogue::None,
-            );
-            for i in 0..m {
-                for c in 0..n {
-                    let sum = (0..k).fold(bias[c].to_f32(), |sum, t| {
-                        x[i * k + t].to_f32().mul_add(w[c * k + t].to_f32(), sum)
-                    });
-                    let (g, want) = (got[i * n + c], bf16::from_f32(sum));
-                    assert_eq!(g.to_bits(), want.to_bits(), "{m}x{k}x{n} at ({i}, {c})");
+            let packed = Packed::new(&w, n, k);
+            let f32_tiles = by_each_tile((&x, m), &packed, &bias)
+                .into_iter()
+                .filter(|(_, f32, _)| *f32);
+            for (tile, _, got) in f32_tiles {
+                for i in 0..m {
+                    for c in 0..n {
+                        let sum = (0..k).fold(bias[c].to_f32(), |sum, t| {
+                            x[i * k + t].to_f32().mul_add(w[c * k + t].to_f32(), sum)
+                        });
+                        let (g, want) = (got[i * n + c], bf16::from_f32(sum));
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{tile} {m}x{k}x{n} at ({i}, {c})"
+                        );
+                    }
                 }
             }
         }
-    }
-
-    /// The widths this CPU runs.
-    fn widths() -> Vec<Width> {
-        let mut widths = vec![];
-        if available() {
-            widths.push(Width::Avx2);
-        }
-        if crate::kernels::cpu::features::has_avx512_bf16() {
-            widths.push(Width::Avx512);
-        }
-        if widths.len() < 2 {
-            eprintln!("only {widths:?} run on this CPU");
-        }
-        widths
     }
 
     #[test]
@@ -441,15 +568,14 @@ mod tests {
             let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let want = reference(&x, m, k, &w, n, &bias);
             let packed = Packed::new(&w, n, k);
-            for width in widths() {
-                let got = linear_on(width, &x, m, &packed, &bias, Epilogue::None);
+            for (tile, _, got) in by_each_tile((&x, m), &packed, &bias) {
                 for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
                     // f32 sums of exact bf16 products, rounded once to bf16 (2^-8 relative) and a little
                     // accumulation error on top.
                     let tol = e.abs() / 128.0 + 1e-3 * (k as f64).sqrt();
                     assert!(
                         (g.to_f64() - e).abs() <= tol,
-                        "{width:?} {m}x{k}x{n} at {idx}: {} vs {e}",
+                        "{tile} {m}x{k}x{n} at {idx}: {} vs {e}",
                         g.to_f64()
                     );
                 }

@@ -15,7 +15,8 @@
 /// code detects CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuTier {
-    /// The target's baseline: SSE2 on x86-64, NEON on aarch64 (whose packed f32 kernel runs at every tier).
+    /// The target's baseline: SSE2 on x86-64, NEON on aarch64 (whose packed f32 and bf16 kernels run at every
+    /// tier).
     Scalar,
     /// AVX2 and FMA (x86-64).
     Avx2,
