@@ -449,12 +449,8 @@ impl PanelTile<'_, u32> {
             for (r, sums) in sums.iter().enumerate() {
                 let row = dst.add(r * self.n + half);
                 for (v, &sum) in sums.iter().enumerate() {
-                    let mut values = [0f32; 4];
-                    vst1q_f32(values.as_mut_ptr(), sum);
                     let valid = self.cols.saturating_sub(half + 4 * v).min(4);
-                    for (c, &value) in values[..valid].iter().enumerate() {
-                        *row.add(4 * v + c) = bf16::from_f32(value);
-                    }
+                    super::storage::store_first4(sum, row.add(4 * v), valid);
                 }
             }
         }

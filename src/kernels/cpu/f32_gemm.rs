@@ -279,9 +279,7 @@ impl PanelTile<'_, f32> {
                 let row = dst.add(r * self.n + half);
                 for (v, &sums) in sums.iter().enumerate() {
                     let valid = self.cols.saturating_sub(half + 4 * v).min(4);
-                    let mut values = [0f32; 4];
-                    vst1q_f32(values.as_mut_ptr(), sums);
-                    std::ptr::copy_nonoverlapping(values.as_ptr(), row.add(4 * v), valid);
+                    super::storage::store_first4(sums, row.add(4 * v), valid);
                 }
             }
         }

@@ -85,3 +85,22 @@ fn narrow_into_portable<T: Element>(from: &[f32], to: &mut [T]) {
         *to = T::from_f32(x);
     }
 }
+
+/// The first `count` (at most 4) lanes of `v` as `T` (bf16: rounded to nearest even) into `dst`: a NEON
+/// tile's store of a vector that may run past its panel's last column.
+///
+/// # Safety
+/// `dst` is valid for `count` values of writes.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub unsafe fn store_first4<T: Element>(
+    v: std::arch::aarch64::float32x4_t,
+    dst: *mut T,
+    count: usize,
+) {
+    let mut values = [0f32; 4];
+    std::arch::aarch64::vst1q_f32(values.as_mut_ptr(), v);
+    for (e, &value) in values[..count].iter().enumerate() {
+        dst.add(e).write(T::from_f32(value));
+    }
+}

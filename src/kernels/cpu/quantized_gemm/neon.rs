@@ -17,7 +17,7 @@ use std::arch::asm;
 use super::{inverse, quantize_rows, round_even, Activation, Bits, Packed, Tile};
 use crate::kernels::cpu::panels::{by_rows, tiles, Epilogue, PANEL};
 use crate::kernels::cpu::parallel::TaskPtr;
-use crate::kernels::cpu::storage::Element;
+use crate::kernels::cpu::storage::{store_first4, Element};
 
 /// Rows in a register tile: 4 rows x 4 vectors of int32 sums, the 4 vectors of the weights' sums, the 4
 /// weight vectors, a broadcast and the ones (and for int4 the two nibble constants) take 26 (28) of the 32
@@ -214,12 +214,7 @@ impl Tile<'_, i8> {
                 let offsets = vld1q_f32(self.offsets.as_ptr().add(col));
                 let bias = vld1q_f32(self.bias.as_ptr().add(col));
                 let out = vfmaq_f32(bias, vsubq_f32(totals, offsets), scale);
-                let mut values = [0f32; 4];
-                vst1q_f32(values.as_mut_ptr(), out);
-                let row = dst.add(r * self.n + col);
-                for (e, &value) in values[..(self.cols - col).min(4)].iter().enumerate() {
-                    row.add(e).write(A::from_f32(value));
-                }
+                store_first4(out, dst.add(r * self.n + col), (self.cols - col).min(4));
             }
         }
     }
