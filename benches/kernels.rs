@@ -115,7 +115,11 @@ fn decode_step(c: &mut Criterion) {
 
 /// bf16 `x @ wᵀ + b` shapes (rows, in, out): base vision tower stages 0 and 2 (qkv, FFN in and out), large's
 /// stage 2 and 3 FFN out, the encoder's FFN, and two decode-step products.
-const BF16_SHAPES: [(usize, usize, usize); 9] = [
+const BF16_SHAPES: [(usize, usize, usize); 13] = [
+    (1, 768, 3072),
+    (2, 768, 3072),
+    (6, 768, 3072),
+    (1, 768, 51289),
     (36864, 128, 384),
     (2304, 512, 2048),
     (2304, 2048, 512),

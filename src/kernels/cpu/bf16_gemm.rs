@@ -16,9 +16,10 @@
 //! ([`super::amx`]) instead, which reads the same packed panels.
 //!
 //! Without AVX512-BF16 (or at a lower [`super::features::cpu_tier`]) the same panels go to an AVX2 tile of up
-//! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel: each pair of weights widened to f32 in
-//! registers (a bf16 is the high half of its f32: the pair's low value shifted up, the high one masked), and
-//! f32 FMAs, the even input before the odd one. Products of bf16 values are exact in f32; the sums start from
+//! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel (for up to [`AVX2_WHOLE_PANEL_ROWS`] rows, x 32
+//! columns in one pass): each pair of weights widened to f32 in registers (a bf16 is the high half of its
+//! f32: the pair's low value shifted up, the high one's low half cleared), and f32 FMAs, the even input
+//! before the odd one. Products of bf16 values are exact in f32; the sums start from
 //! the bias and are rounded to bf16 once, as above (they differ from `vdpbf16ps`'s in the last bits: it
 //! sums each pair before adding it).
 //!
@@ -31,9 +32,9 @@
 use half::bf16;
 
 use super::panels::Epilogue;
-#[cfg(target_arch = "x86_64")]
-use super::panels::Width;
 use super::panels::PANEL;
+#[cfg(target_arch = "x86_64")]
+use super::panels::{avx2_bias_sums, avx2_passes, avx2_vectors, Width};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::panels::{by_rows, run_tiles, PanelTile, Panels};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -56,6 +57,12 @@ const TILE_UNIT_MIN_ROWS: usize = 3;
 /// and the broadcast input fill 15 of the 16 AVX registers.
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 5;
+
+/// The most rows an AVX2 tile sums against the whole panel at once ([`avx2_vectors`]): 2 x 4 accumulators,
+/// the rows' two broadcasts and a widened weight vector. Three rows' 12 sums leave too few registers for the
+/// rest, and the compiled tile spills them on every step.
+#[cfg(target_arch = "x86_64")]
+const AVX2_WHOLE_PANEL_ROWS: usize = 2;
 
 /// Rows in a register tile of the NEON kernel: 4 x 5 accumulators of 4 lanes, four pairs of weights widened
 /// to eight vectors and the broadcast input take 29 of the 32 vector registers.
@@ -272,7 +279,14 @@ fn panels(
             (out, epilogue),
             AVX2_TILE_ROWS,
             |tile, a, size, dst| unsafe {
-                by_rows!(size.min(AVX2_TILE_ROWS), |R| tile.tile_avx2::<R>(a, dst))
+                by_rows!(
+                    size.min(AVX2_TILE_ROWS),
+                    |R| if avx2_vectors(R, AVX2_WHOLE_PANEL_ROWS) == 4 {
+                        tile.tile_avx2::<R, 4>(a, dst)
+                    } else {
+                        tile.tile_avx2::<R, 2>(a, dst)
+                    }
+                )
             },
         ),
     }
@@ -337,64 +351,73 @@ impl PanelTile<'_, u32> {
     }
 
     /// [`Self::tile`] with AVX2 and FMA, over the rows of `a` widened to f32: `R` (1 to [`AVX2_TILE_ROWS`])
-    /// rows against each half of the panel in turn.
+    /// rows against `V` vectors of 8 columns of the panel at a time ([`avx2_vectors`]).
     ///
     /// # Safety
     /// As [`Self::tile`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const R: usize>(&self, a: &[f32], dst: *mut bf16) {
+    // The loops index the sums by row and by vector, in the order the FMAs run.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile_avx2<const R: usize, const V: usize>(&self, a: &[f32], dst: *mut bf16) {
         use std::arch::x86_64::{
-            __m256, __m256i, _mm256_and_si256, _mm256_broadcast_ss, _mm256_castsi256_ps,
-            _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_set1_epi32,
-            _mm256_slli_epi32, _mm256_storeu_ps,
+            __m256, __m256i, _mm256_broadcast_ss, _mm256_castsi256_ps, _mm256_fmadd_ps,
+            _mm256_loadu_si256, _mm256_slli_epi32, _mm256_srli_epi32, _mm256_storeu_ps,
         };
         let k = self.k;
         let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
-        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        // 8 lanes' pairs as two f32 vectors: the even inputs' weights (low halves) and the odd ones'.
-        let widen = |at: *const u32| {
+        // The weights of input `2j + odd` for 8 columns from `at` (a pair per lane): the pair's low half
+        // (even inputs) or high half (odd ones) as an f32, the other half cleared.
+        let widen = |at: *const u32, odd: usize| {
             let pair: __m256i = _mm256_loadu_si256(at.cast());
-            (
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair)),
-                _mm256_castsi256_ps(_mm256_and_si256(pair, high)),
-            )
+            _mm256_castsi256_ps(if odd == 0 {
+                _mm256_slli_epi32::<16>(pair)
+            } else {
+                _mm256_slli_epi32::<16>(_mm256_srli_epi32::<16>(pair))
+            })
         };
-        // Input `t` of every row times its weights for the half's 16 columns, added to the sums.
-        let add = |sums: &mut [[__m256; 2]; R], t: usize, w: [__m256; 2]| {
-            for (r, sums) in sums.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*rows[r].add(t));
-                sums[0] = _mm256_fmadd_ps(x, w[0], sums[0]);
-                sums[1] = _mm256_fmadd_ps(x, w[1], sums[1]);
-            }
-        };
-        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
-            let panel = self.panel.as_ptr().add(half);
-            let bias = self.bias.as_ptr().add(half);
-            let mut sums = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; R];
+        let x = |r: usize, t: usize| _mm256_broadcast_ss(&*rows[r].add(t));
+        for part in avx2_passes::<V>(self.cols) {
+            let panel = self.panel.as_ptr().add(part);
+            let mut sums = avx2_bias_sums::<R, V>(self.bias.as_ptr().add(part));
+            // Inputs 2j and 2j + 1 (`pairs`: 1 for an odd `k`'s last, single input), even before odd.
+            let mut step = |j: usize, pairs: usize| {
+                let at = |v: usize| panel.add(j * PANEL + 8 * v);
+                for odd in 0..pairs {
+                    let t = 2 * j + odd;
+                    // The sums take R x V registers; of the other operands, hold whichever are fewer: the
+                    // rows' broadcasts (each weight vector widened as it is used) or the weight vectors (each
+                    // row broadcast as it is used).
+                    if R <= V {
+                        for v in 0..V {
+                            let w = widen(at(v), odd);
+                            for r in 0..R {
+                                sums[r][v] = _mm256_fmadd_ps(x(r, t), w, sums[r][v]);
+                            }
+                        }
+                    } else {
+                        let w: [__m256; V] = std::array::from_fn(|v| widen(at(v), odd));
+                        for r in 0..R {
+                            let x = x(r, t);
+                            for v in 0..V {
+                                sums[r][v] = _mm256_fmadd_ps(x, w[v], sums[r][v]);
+                            }
+                        }
+                    }
+                }
+            };
             for j in 0..k / 2 {
-                let (even_lo, odd_lo) = widen(panel.add(j * PANEL));
-                let (even_hi, odd_hi) = widen(panel.add(j * PANEL + 8));
-                add(&mut sums, 2 * j, [even_lo, even_hi]);
-                add(&mut sums, 2 * j + 1, [odd_lo, odd_hi]);
+                step(j, 2);
             }
             if k % 2 == 1 {
-                // The last pair holds one input.
-                let j = k / 2;
-                add(
-                    &mut sums,
-                    k - 1,
-                    [
-                        widen(panel.add(j * PANEL)).0,
-                        widen(panel.add(j * PANEL + 8)).0,
-                    ],
-                );
+                step(k / 2, 1);
             }
-            let cols = (self.cols - half).min(16);
+            let cols = (self.cols - part).min(8 * V);
             for (r, sums) in sums.iter().enumerate() {
-                let mut values = [0f32; 16];
-                _mm256_storeu_ps(values.as_mut_ptr(), sums[0]);
-                _mm256_storeu_ps(values.as_mut_ptr().add(8), sums[1]);
-                let row = dst.add(r * self.n + half);
+                let mut values = [0f32; PANEL];
+                for (v, &sums) in sums.iter().enumerate() {
+                    _mm256_storeu_ps(values.as_mut_ptr().add(8 * v), sums);
+                }
+                let row = dst.add(r * self.n + part);
                 for (c, &value) in values[..cols].iter().enumerate() {
                     *row.add(c) = bf16::from_f32(value);
                 }

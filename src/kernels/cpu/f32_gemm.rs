@@ -10,7 +10,8 @@
 //!
 //! With AVX2 + FMA and no AVX-512 (or a lower [`super::features::cpu_tier`]) the same panels go to a tile of up
 //! to [`AVX2_TILE_ROWS`] rows x 16 columns, two passes a panel (16 AVX registers hold a tile's sums, two
-//! weight vectors and the broadcast): the same FMAs in the same order, so the same bits as the AVX-512 tile.
+//! weight vectors and the broadcast), or, for up to [`AVX2_WHOLE_PANEL_ROWS`] rows, x 32 columns in one pass:
+//! the same FMAs in the same order, so the same bits as the AVX-512 tile.
 //!
 //! On aarch64 a NEON tile of up to [`NEON_TILE_ROWS`] rows x 16 columns takes the same panels, two passes a
 //! panel, with the same FMAs in the same order: the same bits as on x86-64.
@@ -19,9 +20,9 @@
 //! is false elsewhere and the caller keeps the gemm crate.
 
 use super::panels::Epilogue;
-#[cfg(target_arch = "x86_64")]
-use super::panels::Width;
 use super::panels::PANEL;
+#[cfg(target_arch = "x86_64")]
+use super::panels::{avx2_bias_sums, avx2_passes, avx2_vectors, Width};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::panels::{by_rows, run_tiles, PanelTile, Panels};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -38,6 +39,11 @@ const _: () = assert!(TILE_ROWS <= super::panels::MAX_TILE_ROWS);
 /// broadcast fill 15 of the 16 AVX registers.
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 6;
+
+/// The most rows an AVX2 tile sums against the whole panel at once ([`avx2_vectors`]): 3 x 4 accumulators
+/// and the three rows' broadcasts, with each weight vector loaded as it is used, fill the 16 registers.
+#[cfg(target_arch = "x86_64")]
+const AVX2_WHOLE_PANEL_ROWS: usize = 3;
 
 /// Rows in a register tile of the NEON kernel: 4 x 6 accumulators of 4 lanes, four weight vectors and the
 /// broadcast take 29 of the 32 vector registers.
@@ -149,7 +155,9 @@ fn linear_on(
             unsafe {
                 by_rows!(size.min(tile_rows), |R| match width {
                     Width::Avx512 => tile.tile::<R>(a, dst),
-                    Width::Avx2 => tile.tile_avx2::<R>(a, dst),
+                    Width::Avx2 if avx2_vectors(R, AVX2_WHOLE_PANEL_ROWS) == 4 =>
+                        tile.tile_avx2::<R, 4>(a, dst),
+                    Width::Avx2 => tile.tile_avx2::<R, 2>(a, dst),
                 })
             }
         },
@@ -215,35 +223,49 @@ impl PanelTile<'_, f32> {
         }
     }
 
-    /// [`Self::tile`] on AVX2: `R` (1 to [`AVX2_TILE_ROWS`]) rows of `a` against each half of the panel
-    /// in turn.
+    /// [`Self::tile`] on AVX2: `R` (1 to [`AVX2_TILE_ROWS`]) rows of `a` against `V` vectors of 8 columns
+    /// of the panel at a time ([`avx2_vectors`]).
     ///
     /// # Safety
     /// As [`Self::tile`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const R: usize>(&self, a: &[f32], dst: *mut f32) {
+    // The loops index the sums by row and by vector, in the order the FMAs run.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile_avx2<const R: usize, const V: usize>(&self, a: &[f32], dst: *mut f32) {
         use std::arch::x86_64::*;
         let k = self.k;
         let rows: [*const f32; R] = std::array::from_fn(|r| a.as_ptr().add(r * k));
-        for half in (0..PANEL).step_by(16).take_while(|&half| half < self.cols) {
-            let panel = self.panel.as_ptr().add(half);
-            let bias = self.bias.as_ptr().add(half);
-            let mut lo = [_mm256_loadu_ps(bias); R];
-            let mut hi = [_mm256_loadu_ps(bias.add(8)); R];
+        for part in avx2_passes::<V>(self.cols) {
+            let panel = self.panel.as_ptr().add(part);
+            let mut sums = avx2_bias_sums::<R, V>(self.bias.as_ptr().add(part));
             for t in 0..k {
-                let w_lo = _mm256_loadu_ps(panel.add(t * PANEL));
-                let w_hi = _mm256_loadu_ps(panel.add(t * PANEL + 8));
-                for r in 0..R {
-                    let x = _mm256_broadcast_ss(&*rows[r].add(t));
-                    lo[r] = _mm256_fmadd_ps(x, w_lo, lo[r]);
-                    hi[r] = _mm256_fmadd_ps(x, w_hi, hi[r]);
+                let w = |v: usize| _mm256_loadu_ps(panel.add(t * PANEL + 8 * v));
+                let x = |r: usize| _mm256_broadcast_ss(&*rows[r].add(t));
+                // The sums take R x V registers; of the other operands, hold whichever are fewer: the rows'
+                // broadcasts (each weight vector loaded as it is used) or the weight vectors (each row
+                // broadcast as it is used).
+                if R <= V {
+                    for v in 0..V {
+                        let w = w(v);
+                        for r in 0..R {
+                            sums[r][v] = _mm256_fmadd_ps(x(r), w, sums[r][v]);
+                        }
+                    }
+                } else {
+                    let w: [__m256; V] = std::array::from_fn(w);
+                    for r in 0..R {
+                        let x = x(r);
+                        for v in 0..V {
+                            sums[r][v] = _mm256_fmadd_ps(x, w[v], sums[r][v]);
+                        }
+                    }
                 }
             }
-            let (mask_lo, mask_hi) = (lanes8(self.cols, half), lanes8(self.cols, half + 8));
-            for r in 0..R {
-                let row = dst.add(r * self.n + half);
-                _mm256_maskstore_ps(row, mask_lo, lo[r]);
-                _mm256_maskstore_ps(row.add(8), mask_hi, hi[r]);
+            for (r, sums) in sums.iter().enumerate() {
+                let row = dst.add(r * self.n + part);
+                for (v, &sums) in sums.iter().enumerate() {
+                    _mm256_maskstore_ps(row.add(8 * v), lanes8(self.cols, part + 8 * v), sums);
+                }
             }
         }
     }

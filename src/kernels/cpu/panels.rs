@@ -147,6 +147,42 @@ impl Width {
     }
 }
 
+/// How many vectors of 8 columns an AVX2 tile of `rows` rows sums in one pass over `k`: the whole panel (4)
+/// for up to `whole_panel_rows` rows (a decode step's few), so that each input's 128-byte line of the panel
+/// is read whole and in order; half of it (2) for more rows, whose sums need the 16 registers. Two
+/// half-panel passes each read every other line, which the memory system streams slower than whole lines:
+/// for a decode step's rows the panels come from memory, not from cache.
+#[cfg(target_arch = "x86_64")]
+pub fn avx2_vectors(rows: usize, whole_panel_rows: usize) -> usize {
+    if rows <= whole_panel_rows {
+        4
+    } else {
+        2
+    }
+}
+
+/// The first column of each pass of an AVX2 tile of `V` vectors of 8 columns over a panel of `cols` valid
+/// columns.
+#[cfg(target_arch = "x86_64")]
+pub fn avx2_passes<const V: usize>(cols: usize) -> impl Iterator<Item = usize> {
+    (0..PANEL)
+        .step_by(8 * V)
+        .take_while(move |&part| part < cols)
+}
+
+/// The sums of `R` rows for `V` vectors of 8 columns, started from the biases at `bias`.
+///
+/// # Safety
+/// The CPU has AVX; `bias` addresses 8 x `V` values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+pub unsafe fn avx2_bias_sums<const R: usize, const V: usize>(
+    bias: *const f32,
+) -> [[std::arch::x86_64::__m256; V]; R] {
+    [std::array::from_fn(|v| std::arch::x86_64::_mm256_loadu_ps(bias.add(8 * v))); R]
+}
+
 /// One panel of packed weights (`W`: the kernel's packed unit) and where its outputs go.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub struct PanelTile<'a, W> {
