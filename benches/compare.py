@@ -12,7 +12,8 @@ forced work:
 - encoder: the BART encoder over the 581 prompt tokens (the image tokens embedded as text, no vision) plus
   one decoder position, the same call on both sides (`model(input_ids, decoder_input_ids=[[2]])`);
 - decode step: one beam-search step over 3 beams, as (generate N tokens - generate 1 token) / (N - 1), the
-  same subtraction on both sides, so that it counts what a step really costs inside generate (decoder
+  two calls run back to back in each repeat and the median taken over the repeats' differences (a slow spell
+  of a shared machine then moves both calls of a difference alike), the same subtraction on both sides, so that it counts what a step really costs inside generate (decoder
   forward, LM head, logits processors, beam bookkeeping, cache reordering);
 - RSS added by from_pretrained: RSS after it minus RSS before it (after the import): florence2-rs's weights
   (ours reads every tensor at load; transformers maps its safetensors file and reads pages at their first use,
@@ -76,13 +77,22 @@ def _inputs(seed: int = 0):
     return pixel_values, input_ids
 
 
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_time(fn) for _ in range(repeats))
+
+
+def _paired_times(long, short, repeats: int) -> tuple[float, float, float]:
+    """Medians of `long()`'s and `short()`'s times, run in turn `repeats` times, and of their difference in
+    each turn."""
+    pairs = [(_time(long), _time(short)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(a - b for a, b in pairs))
 
 
 def _load_transformers(path: Path, dtype: str, threads: int, device: str):
@@ -163,8 +173,8 @@ def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_to
 
     pixel_values, input_ids = _inputs()
     ids = run("generate", pixel_values, input_ids, new_tokens)  # warm-up, and the answer to compare
-    generate = _median_time(lambda: run("generate", pixel_values, input_ids, new_tokens), repeats)
-    generate_one = _median_time(lambda: run("generate", pixel_values, input_ids, 1), repeats)
+    generate, _, steps = _paired_times(lambda: run("generate", pixel_values, input_ids, new_tokens),
+                                       lambda: run("generate", pixel_values, input_ids, 1), repeats)
     vision = _median_time(lambda: run("vision", pixel_values, input_ids), repeats)
     encoder = _median_time(lambda: run("encoder", pixel_values, input_ids), repeats)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -173,7 +183,7 @@ def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_to
         f"generate <OD> 3 beams {new_tokens} tokens (s)": generate,
         "vision tower (s)": vision,
         "encoder + 1 decoder position (s)": encoder,
-        "decode step, 3 beams (ms)": 1000 * (generate - generate_one) / (new_tokens - 1),
+        "decode step, 3 beams (ms)": 1000 * steps / (new_tokens - 1),
         "RSS added by from_pretrained (MiB)": weights,
         "peak RSS (MiB)": peak_kib / 1024,
         "_ids": ids,
