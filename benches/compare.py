@@ -87,12 +87,11 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(_time(fn) for _ in range(repeats))
 
 
-def _paired_times(long, short, repeats: int) -> tuple[float, float, float]:
-    """Medians of `long()`'s and `short()`'s times, run in turn `repeats` times, and of their difference in
-    each turn."""
+def _paired_times(long, short, repeats: int) -> tuple[float, float]:
+    """The median of `long()`'s times and of its difference to `short()`'s, the two run in turn `repeats`
+    times."""
     pairs = [(_time(long), _time(short)) for _ in range(repeats)]
-    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-            statistics.median(a - b for a, b in pairs))
+    return statistics.median(a for a, _ in pairs), statistics.median(a - b for a, b in pairs)
 
 
 def _load_transformers(path: Path, dtype: str, threads: int, device: str):
@@ -173,8 +172,8 @@ def worker(side: str, path: Path, dtype: str, threads: int, repeats: int, new_to
 
     pixel_values, input_ids = _inputs()
     ids = run("generate", pixel_values, input_ids, new_tokens)  # warm-up, and the answer to compare
-    generate, _, steps = _paired_times(lambda: run("generate", pixel_values, input_ids, new_tokens),
-                                       lambda: run("generate", pixel_values, input_ids, 1), repeats)
+    generate, steps = _paired_times(lambda: run("generate", pixel_values, input_ids, new_tokens),
+                                    lambda: run("generate", pixel_values, input_ids, 1), repeats)
     vision = _median_time(lambda: run("vision", pixel_values, input_ids), repeats)
     encoder = _median_time(lambda: run("encoder", pixel_values, input_ids), repeats)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

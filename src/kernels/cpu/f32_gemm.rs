@@ -261,10 +261,11 @@ impl PanelTile<'_, f32> {
                     }
                 }
             }
+            let masks: [__m256i; V] = std::array::from_fn(|v| lanes8(self.cols, part + 8 * v));
             for (r, sums) in sums.iter().enumerate() {
                 let row = dst.add(r * self.n + part);
                 for (v, &sums) in sums.iter().enumerate() {
-                    _mm256_maskstore_ps(row.add(8 * v), lanes8(self.cols, part + 8 * v), sums);
+                    _mm256_maskstore_ps(row.add(8 * v), masks[v], sums);
                 }
             }
         }
