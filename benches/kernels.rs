@@ -187,7 +187,7 @@ fn linear_kernels(c: &mut Criterion) {
             })
         });
         // Each packed kernel where this CPU runs it (f32 and bf16: x86-64 with AVX2 + FMA; int8 and int4:
-        // also aarch64 with sdot).
+        // also aarch64 with sdot, or usmmla at the i8mm tier).
         if f32_gemm::available() {
             let packed = f32_gemm::Packed::new(&ws, n, k);
             group.bench_function(format!("f32 packed {m}x{k}x{n}"), |bench| {

@@ -6,13 +6,14 @@
 //! inside functions that enable AVX2 + FMA and AVX-512, and the entry point calls the widest this CPU runs.
 //! The results do not depend on the width: each lane computes its own values in the same order. Kernels
 //! written with intrinsics check [`has_avx2_fma`] / [`has_avx512`] / [`has_avx512_bf16`] /
-//! [`has_avx512_vnni`] / [`has_dotprod`] themselves; no other code of ours detects CPU features. (The gemm
-//! crate, which the GEMM glue and candle's matmul call, picks its own kernels for the CPU.)
+//! [`has_avx512_vnni`] / [`has_dotprod`] / [`has_i8mm`] themselves; no other code of ours detects CPU
+//! features. (The gemm crate, which the GEMM glue and candle's matmul call, picks its own kernels for the
+//! CPU.)
 
 /// The kernel families of our CPU code, narrowest first within an architecture (x86-64: scalar, avx2,
-/// avx512; aarch64: scalar, dotprod). Every kernel with a wide version asks [`cpu_tier`] (through
-/// [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`], [`has_avx512_vnni`], [`has_dotprod`]); no other
-/// code detects CPU features.
+/// avx512; aarch64: scalar, dotprod, i8mm). Every kernel with a wide version asks [`cpu_tier`] (through
+/// [`has_avx2_fma`], [`has_avx512`], [`has_avx512_bf16`], [`has_avx512_vnni`], [`has_dotprod`],
+/// [`has_i8mm`]); no other code detects CPU features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuTier {
     /// The target's baseline: SSE2 on x86-64, NEON on aarch64 (whose packed f32 and bf16 kernels run at every
@@ -26,6 +27,10 @@ pub enum CpuTier {
     /// Armv8.2, required from Armv8.4: Cortex-A55/A75 and later, Neoverse N1 and later, Apple silicon; not
     /// Cortex-A53/A72).
     Dotprod,
+    /// NEON's byte matrix products, `usmmla`, as well as `sdot`: CPUs with the Int8 matrix multiply extension
+    /// too (optional from Armv8.2, required from Armv8.6: Cortex-A510/A710 and later, Neoverse N2/V1 and
+    /// later, Graviton 3 and later, Apple M2 and later; not Neoverse N1, Graviton 2 or Apple M1).
+    I8mm,
 }
 
 /// The environment variable that lowers the tier below the CPU's (x86-64: `scalar`, `avx2` or `avx512`;
@@ -42,7 +47,11 @@ impl CpuTier {
         (CpuTier::Avx512, "avx512"),
     ];
     #[cfg(target_arch = "aarch64")]
-    const ALL: &[(CpuTier, &str)] = &[(CpuTier::Scalar, "scalar"), (CpuTier::Dotprod, "dotprod")];
+    const ALL: &[(CpuTier, &str)] = &[
+        (CpuTier::Scalar, "scalar"),
+        (CpuTier::Dotprod, "dotprod"),
+        (CpuTier::I8mm, "i8mm"),
+    ];
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     const ALL: &[(CpuTier, &str)] = &[(CpuTier::Scalar, "scalar")];
 
@@ -66,12 +75,16 @@ impl CpuTier {
         }
         #[cfg(target_arch = "aarch64")]
         {
-            // The kernel broadcasts four bytes of activations as one 32-bit value: little-endian only.
-            if cfg!(target_endian = "little") && std::arch::is_aarch64_feature_detected!("dotprod")
-            {
-                CpuTier::Dotprod
-            } else {
-                CpuTier::Scalar
+            use std::arch::is_aarch64_feature_detected as has;
+            // The kernels read bytes of activations as 32- and 64-bit values: little-endian only.
+            match (
+                cfg!(target_endian = "little"),
+                has!("dotprod"),
+                has!("i8mm"),
+            ) {
+                (true, true, true) => CpuTier::I8mm,
+                (true, true, false) => CpuTier::Dotprod,
+                _ => CpuTier::Scalar,
             }
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -144,7 +157,12 @@ pub fn has_avx512() -> bool {
 
 /// Whether the kernels may use NEON's `sdot` ([`super::quantized_gemm`]; always false off aarch64).
 pub fn has_dotprod() -> bool {
-    cfg!(target_arch = "aarch64") && cpu_tier() == CpuTier::Dotprod
+    matches!(cpu_tier(), CpuTier::Dotprod | CpuTier::I8mm)
+}
+
+/// Whether the kernels may use NEON's `usmmla` ([`super::quantized_gemm`]; always false off aarch64).
+pub fn has_i8mm() -> bool {
+    cpu_tier() == CpuTier::I8mm
 }
 
 /// Whether the kernels may use AVX512-BF16 ([`super::bf16_gemm`]): the AVX-512 tier on a CPU that has it.
@@ -240,9 +258,15 @@ mod tests {
         use CpuTier::*;
         assert_eq!(CpuTier::choose(Dotprod, None), Ok(Dotprod));
         assert_eq!(CpuTier::choose(Dotprod, Some("scalar")), Ok(Scalar));
+        assert_eq!(CpuTier::choose(I8mm, Some("dotprod")), Ok(Dotprod));
         let above = CpuTier::choose(Scalar, Some("dotprod")).unwrap_err();
         assert!(above.contains("at most \"scalar\""), "{above}");
-        let other = CpuTier::choose(Dotprod, Some("avx2")).unwrap_err();
-        assert!(other.contains("expected one of scalar, dotprod"), "{other}");
+        let above = CpuTier::choose(Dotprod, Some("i8mm")).unwrap_err();
+        assert!(above.contains("at most \"dotprod\""), "{above}");
+        let other = CpuTier::choose(I8mm, Some("avx2")).unwrap_err();
+        assert!(
+            other.contains("expected one of scalar, dotprod, i8mm"),
+            "{other}"
+        );
     }
 }

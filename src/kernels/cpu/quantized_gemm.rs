@@ -31,14 +31,16 @@
 //! `vpdpbusd`'s and the f32 arithmetic after them is the same operations in the same order, so the kernels
 //! give the same bits.
 //!
-//! On aarch64 the kernel is NEON's `sdot` (four products of signed bytes summed into each int32 lane,
-//! [`neon`]): the activations are quantized to the same levels, stored without the offset, and a group's
+//! On aarch64 the kernels are NEON's ([`neon`]). Where the CPU has the Int8 matrix multiply extension,
+//! `usmmla` (a 2 x 2 block of int32 sums, each of eight products of an unsigned and a signed byte) sums the
+//! offset activations as `vpdpbusd` does. Otherwise `sdot` (four products of signed bytes summed into each
+//! int32 lane): the activations are quantized to the same levels, stored without the offset, and a group's
 //! `128 * Σ_t q_w[c][t]` is added to its int32 sums, which makes them the same integers again.
 //!
 //! Every kernel, then, gives the same bits from the same inputs, whatever the CPU: detected at run time
 //! ([`super::features::cpu_tier`]), the `vpdpbusd` kernel at the AVX-512 tier on CPUs with AVX512-VNNI, the
-//! AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI, the `sdot` kernel at aarch64's dotprod
-//! tier. [`available`] is false elsewhere (the baseline tiers, other architectures) and the caller keeps
+//! AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI, the `usmmla` kernel at aarch64's i8mm
+//! tier and the `sdot` kernel at its dotprod tier. [`available`] is false elsewhere (the baseline tiers, other architectures) and the caller keeps
 //! candle's quantized matmul.
 
 use half::bf16;
@@ -135,6 +137,9 @@ enum Kernel {
     /// AVX2 and FMA (`vpmaddwd`).
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// NEON with the Int8 matrix multiply extension (`usmmla`).
+    #[cfg(target_arch = "aarch64")]
+    I8mm,
     /// NEON with the dot product extension (`sdot`).
     #[cfg(target_arch = "aarch64")]
     Dotprod,
@@ -145,7 +150,7 @@ impl Kernel {
     #[cfg(target_arch = "x86_64")]
     const ALL: &[Kernel] = &[Self::Vnni, Self::Avx2];
     #[cfg(target_arch = "aarch64")]
-    const ALL: &[Kernel] = &[Self::Dotprod];
+    const ALL: &[Kernel] = &[Self::I8mm, Self::Dotprod];
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     const ALL: &[Kernel] = &[];
 
@@ -161,6 +166,8 @@ impl Kernel {
             Self::Vnni => super::features::has_avx512_vnni(),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => super::features::has_avx2_fma(),
+            #[cfg(target_arch = "aarch64")]
+            Self::I8mm => super::features::has_i8mm(),
             #[cfg(target_arch = "aarch64")]
             Self::Dotprod => super::features::has_dotprod(),
         }
@@ -824,7 +831,9 @@ fn linear_on<A: Activation + Element>(
                 ),
             },
             #[cfg(target_arch = "aarch64")]
-            Kernel::Dotprod => neon::linear(x, w, bias, (dst, epilogue)),
+            Kernel::I8mm => neon::linear::<neon::Usmmla, A>(x, w, bias, (dst, epilogue)),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Dotprod => neon::linear::<neon::Sdot, A>(x, w, bias, (dst, epilogue)),
         }
     }
     // SAFETY: the kernel writes each of the m x n outputs.
@@ -894,7 +903,7 @@ fn for_each_tile<Q: Sync, A: Element>(
 }
 
 /// One panel of packed weights, the quantized rows of `x` (`Q`: bytes for `vpdpbusd`, 16-bit values for
-/// the AVX2 kernel, signed bytes for `sdot`), and where the outputs go.
+/// the AVX2 kernel, signed bytes for `sdot`, offset bytes for `usmmla`), and where the outputs go.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 struct Tile<'a, Q> {
     qx: &'a [Q],
