@@ -58,11 +58,11 @@ const TILE_UNIT_MIN_ROWS: usize = 3;
 #[cfg(target_arch = "x86_64")]
 const AVX2_TILE_ROWS: usize = 5;
 
-/// The most rows an AVX2 tile sums against the whole panel at once ([`avx2_vectors`]): 2 x 4 accumulators,
-/// the rows' two broadcasts and a widened weight vector. Three rows' 12 sums leave too few registers for the
-/// rest, and the compiled tile spills them on every step.
+/// The most rows an AVX2 tile sums against the whole panel at once ([`avx2_vectors`]): 3 x 4 accumulators,
+/// the rows' three broadcasts and a widened weight vector fill the 16 registers, the 3-row loop in
+/// assembly ([`three_rows_whole_panel`]).
 #[cfg(target_arch = "x86_64")]
-const AVX2_WHOLE_PANEL_ROWS: usize = 2;
+const AVX2_WHOLE_PANEL_ROWS: usize = 3;
 
 /// Rows in a register tile of the NEON kernel: 4 x 5 accumulators of 4 lanes, four pairs of weights widened
 /// to eight vectors and the broadcast input take 29 of the 32 vector registers.
@@ -380,7 +380,7 @@ impl PanelTile<'_, u32> {
             let panel = self.panel.as_ptr().add(part);
             let mut sums = avx2_bias_sums::<R, V>(self.bias.as_ptr().add(part));
             // Inputs 2j and 2j + 1 (`pairs`: 1 for an odd `k`'s last, single input), even before odd.
-            let mut step = |j: usize, pairs: usize| {
+            let step = |sums: &mut [[__m256; V]; R], j: usize, pairs: usize| {
                 let at = |v: usize| panel.add(j * PANEL + 8 * v);
                 for odd in 0..pairs {
                     let t = 2 * j + odd;
@@ -405,11 +405,18 @@ impl PanelTile<'_, u32> {
                     }
                 }
             };
-            for j in 0..k / 2 {
-                step(j, 2);
+            if R == 3 && V == 4 {
+                // SAFETY: the sums are 3 x 4 vectors here; the rows hold `k` inputs and the panel their
+                // pairs.
+                let sums = &mut *sums.as_mut_ptr().cast::<[[__m256; 4]; 3]>();
+                three_rows_whole_panel(sums, [rows[0], rows[1], rows[2]], panel, k / 2);
+            } else {
+                for j in 0..k / 2 {
+                    step(&mut sums, j, 2);
+                }
             }
             if k % 2 == 1 {
-                step(k / 2, 1);
+                step(&mut sums, k / 2, 1);
             }
             let cols = (self.cols - part).min(8 * V);
             for (r, sums) in sums.iter().enumerate() {
@@ -424,6 +431,93 @@ impl PanelTile<'_, u32> {
             }
         }
     }
+}
+
+/// The pairs `0..pairs` of three rows (`rows`, f32) against a whole panel (`panel`, 32 columns of bf16 pairs a
+/// pair of inputs) into `sums` (per row, four vectors of 8 columns): the AVX2 tile's FMAs for 3 rows and 4
+/// vectors, in its order (each sum the even input, then the odd one), so the same bits.
+///
+/// Written as assembly because the 12 sums, the three rows' broadcasts and a widened weight vector take all
+/// 16 registers: compiled from intrinsics, the loop spilled sums on every step, and with the weights
+/// reloaded for each row the compiler merged the loads and spilled again.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA. Each row holds `2 * pairs` f32 and the panel `pairs` x 32 pairs.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn three_rows_whole_panel(
+    sums: &mut [[std::arch::x86_64::__m256; 4]; 3],
+    rows: [*const f32; 3],
+    panel: *const u32,
+    pairs: usize,
+) {
+    if pairs == 0 {
+        return;
+    }
+    let [s0, s1, s2] = sums;
+    #[rustfmt::skip]
+    // Weight vector `$v` of 8 columns, widened by `$widen`, times the broadcasts into sums `$s0`, `$s1`, `$s2`.
+    macro_rules! vector {
+        ($v:literal, $widen:literal, $s0:literal, $s1:literal, $s2:literal) => {
+            concat!(
+                "vmovdqu ymm15, ymmword ptr [{w} + 32 * ", $v, "]\n",
+                $widen,
+                "vfmadd231ps ymm", $s0, ", ymm12, ymm15\n",
+                "vfmadd231ps ymm", $s1, ", ymm13, ymm15\n",
+                "vfmadd231ps ymm", $s2, ", ymm14, ymm15\n",
+            )
+        };
+    }
+    #[rustfmt::skip]
+    // Input `$t` of the pair (0: 2j, 1: 2j + 1): each row's value broadcast, each weight vector widened by
+    // `$widen` (the pairs' low halves shifted up, or their high halves with the low ones cleared).
+    macro_rules! input {
+        ($t:literal, $widen:literal) => {
+            concat!(
+                "vbroadcastss ymm12, dword ptr [{x0} + 4 * ", $t, "]\n",
+                "vbroadcastss ymm13, dword ptr [{x1} + 4 * ", $t, "]\n",
+                "vbroadcastss ymm14, dword ptr [{x2} + 4 * ", $t, "]\n",
+                vector!(0, $widen, 0, 4, 8),
+                vector!(1, $widen, 1, 5, 9),
+                vector!(2, $widen, 2, 6, 10),
+                vector!(3, $widen, 3, 7, 11),
+            )
+        };
+    }
+    std::arch::asm!(
+        "2:",
+        input!(0, "vpslld ymm15, ymm15, 16\n"),
+        input!(1, "vpsrld ymm15, ymm15, 16\nvpslld ymm15, ymm15, 16\n"),
+        "add {x0}, 8",
+        "add {x1}, 8",
+        "add {x2}, 8",
+        "add {w}, 128",
+        "dec {n}",
+        "jnz 2b",
+        x0 = inout(reg) rows[0] => _,
+        x1 = inout(reg) rows[1] => _,
+        x2 = inout(reg) rows[2] => _,
+        w = inout(reg) panel => _,
+        n = inout(reg) pairs => _,
+        inout("ymm0") s0[0],
+        inout("ymm1") s0[1],
+        inout("ymm2") s0[2],
+        inout("ymm3") s0[3],
+        inout("ymm4") s1[0],
+        inout("ymm5") s1[1],
+        inout("ymm6") s1[2],
+        inout("ymm7") s1[3],
+        inout("ymm8") s2[0],
+        inout("ymm9") s2[1],
+        inout("ymm10") s2[2],
+        inout("ymm11") s2[3],
+        out("ymm12") _,
+        out("ymm13") _,
+        out("ymm14") _,
+        out("ymm15") _,
+        options(nostack, readonly),
+    );
 }
 
 #[cfg(target_arch = "aarch64")]
