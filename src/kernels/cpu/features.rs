@@ -34,7 +34,7 @@ pub enum CpuTier {
 }
 
 /// The environment variable that lowers the tier below the CPU's (x86-64: `scalar`, `avx2` or `avx512`;
-/// aarch64: `scalar` or `dotprod`; empty or unset: the CPU's). It is read once, at the first kernel call, so
+/// aarch64: `scalar`, `dotprod` or `i8mm`; empty or unset: the CPU's). It is read once, at the first kernel call, so
 /// that every kernel of a process runs at the same tier.
 pub const CPU_TIER_VAR: &str = "FLORENCE2_CPU_TIER";
 

@@ -40,8 +40,8 @@
 //! Every kernel, then, gives the same bits from the same inputs, whatever the CPU: detected at run time
 //! ([`super::features::cpu_tier`]), the `vpdpbusd` kernel at the AVX-512 tier on CPUs with AVX512-VNNI, the
 //! AVX2 kernels at the AVX2 tier and on AVX-512 CPUs without VNNI, the `usmmla` kernel at aarch64's i8mm
-//! tier and the `sdot` kernel at its dotprod tier. [`available`] is false elsewhere (the baseline tiers, other architectures) and the caller keeps
-//! candle's quantized matmul.
+//! tier and the `sdot` kernel at its dotprod tier. [`available`] is false elsewhere (the baseline tiers,
+//! other architectures) and the caller keeps candle's quantized matmul.
 
 use half::bf16;
 

@@ -15,8 +15,9 @@
 //! Either way each group's int32 sum is the x86 kernels' integer, and the f32 steps after it (the same
 //! operations in the same order, fused multiply-adds where they fuse) give the same bits.
 //!
-//! The weights are the same panels: an int8 quad is four columns' four inputs in 16 bytes, an int4 quad's
-//! 16 bytes hold four columns in their low nibbles and the four 16 columns further on in their high ones.
+//! The weights are the same panels, whose quads hold four inputs of the panel's 32 columns: in int8 16 bytes
+//! hold four columns' four inputs, in int4 16 bytes hold four columns in their low nibbles and the four 16
+//! columns further on in their high ones.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -30,7 +31,8 @@ use crate::kernels::cpu::storage::{store_first4, Element};
 /// Rows in a register tile. `sdot`: 4 rows x 4 vectors of int32 sums, the 4 vectors of the weights' sums, the
 /// 4 weight vectors, a broadcast and the ones (and for int4 the two nibble constants) take 26 (28) of the 32
 /// vector registers. `usmmla`: 2 pairs of rows x 8 blocks of sums, the 8 zipped weight vectors and 2 of
-/// activations take 26. The f32 totals, touched once per group, do not stay in them.
+/// activations take 26 (and for int4 the two nibble constants, 28). The f32 totals, touched once per group, do
+/// not stay in them.
 const TILE_ROWS: usize = 4;
 
 /// Columns of a tile: four vectors of 4, half a panel.
@@ -187,9 +189,9 @@ unsafe fn usmmla(mut acc: int32x4_t, a: uint8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// Quantizes `row` into its levels (-127..=127), stored as `K` stores them, at `q`, and returns its scale, as the x86-64
-/// quantizers do (the same largest magnitude, scale, product and rounding): a row holding a NaN or an
-/// infinity gets a NaN scale and leaves `q` unwritten; any other row writes every value.
+/// Quantizes `row` into its levels (-127..=127), stored as `K` stores them, at `q`, and returns its scale,
+/// as the x86-64 quantizers do (the same largest magnitude, scale, product and rounding): a row holding a NaN
+/// or an infinity gets a NaN scale and leaves `q` unwritten; any other row writes every value.
 ///
 /// # Safety
 /// `q` is valid for `row.len()` values of writes.
@@ -363,6 +365,7 @@ impl Tile<'_, u8> {
         dst: *mut A,
     ) {
         const PAIRS: usize = TILE_ROWS / 2;
+        assert!(R <= TILE_ROWS, "a tile has at most {TILE_ROWS} rows");
         let pairs = R.div_ceil(2);
         let rows: [*const u8; R] =
             std::array::from_fn(|r| self.qx.as_ptr().add((first + r) * self.k_padded));
