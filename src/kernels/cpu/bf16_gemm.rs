@@ -599,6 +599,8 @@ mod tests {
 
     /// The product by each tile this CPU runs, with its name; `f32` whether the tile computes in f32 (AVX2's,
     /// NEON's) rather than by `vdpbf16ps` or the tile unit.
+    // The pushes are per architecture: on aarch64 its one tile's is the only one.
+    #[cfg_attr(target_arch = "aarch64", allow(clippy::vec_init_then_push))]
     fn by_each_tile(
         (x, m): (&[bf16], usize),
         w: &Packed,

@@ -331,6 +331,8 @@ mod tests {
     use crate::kernels::cpu::test_values::spread as values;
 
     /// The product by each tile this CPU runs, with its name.
+    // The pushes are per architecture: on aarch64 its one tile's is the only one.
+    #[cfg_attr(target_arch = "aarch64", allow(clippy::vec_init_then_push))]
     fn by_each_tile(
         (x, m): (&[f32], usize),
         w: &Packed,

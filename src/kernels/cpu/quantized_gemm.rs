@@ -1643,8 +1643,9 @@ mod tests {
     fn bf16_rounding_matches_half() {
         let values = [
             1.0f32,
-            1.00390625,
-            1.01171875,
+            // Halfway between two bf16 values: ties to even, down and up.
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
             -3.3,
             f32::MAX,
             f32::INFINITY,
