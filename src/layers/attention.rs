@@ -213,7 +213,9 @@ mod tests {
                 .affine(-1e9, 0.)
                 .unwrap();
             let causal = Tensor::randn(0f32, 3., (t, s), &dev).unwrap();
-            for mask in [None, Some(&padding), Some(&causal)] {
+            // One value per query, broadcast along the keys: read through a key stride of 0.
+            let per_query = Tensor::randn(0f32, 3., (t, 1), &dev).unwrap();
+            for mask in [None, Some(&padding), Some(&causal), Some(&per_query)] {
                 let got = cpu_attention::fused_attention(&q, &k, &v, 0.3, mask)
                     .unwrap()
                     .unwrap();

@@ -184,8 +184,12 @@ fn attend<T: Element>(
                 if let Some(Mask { values, stride }) = mask {
                     for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                         let at = item * stride[0] + head * stride[1] + (first + i) * stride[2];
-                        for (j, v) in row.iter_mut().enumerate() {
-                            *v += values[at + j * stride[3]];
+                        if stride[3] == 1 {
+                            add_in_place(row, &values[at..][..s]);
+                        } else {
+                            for (j, v) in row.iter_mut().enumerate() {
+                                *v += values[at + j * stride[3]];
+                            }
                         }
                     }
                 }
@@ -385,4 +389,14 @@ fn softmax_rows_portable(rows: &mut [f32], len: usize) {
         let inv = 1.0 / lane_sum(row, |v| v);
         row.iter_mut().for_each(|v| *v *= inv);
     }
+}
+
+wide_fn! {
+    /// `row[j] += mask[j]`: a mask row that is contiguous along the keys (a padding mask, a causal one).
+    fn add_in_place(row: &mut [f32], mask: &[f32]) = add_in_place_portable;
+}
+
+#[inline(always)]
+fn add_in_place_portable(row: &mut [f32], mask: &[f32]) {
+    row.iter_mut().zip(mask).for_each(|(v, m)| *v += m);
 }
