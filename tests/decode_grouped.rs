@@ -5,11 +5,11 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{fixture, fixtures, generation_config, load, read_json, reference_tensors};
 use florence2_rs::generation::DecoderSession;
 use florence2_rs::interrupt::Uninterrupted;
-use florence2_rs::model::Florence2ForConditionalGeneration;
+use florence2_rs::model::{EncoderOutput, Florence2ForConditionalGeneration};
 
 /// The tiny HF-native checkpoint, its reference inputs and image features.
 fn tiny(spec: &str) -> (Florence2ForConditionalGeneration, Tensor, Tensor, Tensor) {
@@ -81,4 +81,77 @@ fn grouped_and_expanded_caches_agree() {
     }
     // A row may not take the beam of another item: their encoder states differ.
     assert!(grouped.reorder(&[3, 1, 2, 0, 4, 5]).is_err());
+}
+
+/// Past the decoder cache's first growth (its self-attention buffers grow by 128 positions) and through
+/// reorders of every kind (a beam copied over others, swaps, rotations, none), each row's logits are those of a
+/// fresh session fed that row's own tokens in order, with no reorder: the cache holds exactly each beam's
+/// history. The trained `shapes` model (1,024 positions; `tiny` has 96), random encoder states.
+#[test]
+fn reordered_cache_holds_each_beams_history() {
+    let dev = Device::Cpu;
+    let model = Florence2ForConditionalGeneration::from_dir(
+        &fixture("shapes").join("hf"),
+        DType::F32,
+        &dev,
+    )
+    .expect("model");
+    let d_model = model.config().text.d_model;
+    let encoder = EncoderOutput {
+        hidden_states: Tensor::randn(0f32, 1., (2, 40, d_model), &dev).expect("states"),
+        attention_mask: Tensor::ones((2, 40), DType::F32, &dev).expect("mask"),
+    };
+    let (beams, rows, steps) = (3, 6, 150);
+    let orders: [[usize; 6]; 4] = [
+        [0, 0, 1, 3, 3, 4],
+        [1, 0, 2, 4, 5, 3],
+        [2, 2, 2, 5, 4, 3],
+        [0, 1, 2, 3, 4, 5],
+    ];
+    let mut session = model
+        .start_decoding_grouped(&encoder, beams)
+        .expect("session");
+    let mut histories: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut got = Vec::new();
+    for step in 0..steps {
+        let tokens: Vec<u32> = (0..rows)
+            .map(|r| ((step * 7 + r * 13) % 1000 + 4) as u32)
+            .collect();
+        for (history, &token) in histories.iter_mut().zip(&tokens) {
+            history.push(token);
+        }
+        got = session.next_logits(&tokens).expect("step");
+        let order = &orders[step % orders.len()];
+        session.reorder(order).expect("reorder");
+        histories = order.iter().map(|&o| histories[o].clone()).collect();
+        got = order.iter().map(|&o| got[o].clone()).collect();
+    }
+    let mut fresh = model
+        .start_decoding_grouped(&encoder, beams)
+        .expect("fresh session");
+    let mut want = Vec::new();
+    for step in 0..steps {
+        let tokens: Vec<u32> = histories.iter().map(|h| h[step]).collect();
+        want = fresh.next_logits(&tokens).expect("fresh step");
+    }
+    assert_eq!(got, want);
+    // The same histories in one pass of 150 positions, whose buffers never grow: the last position's logits.
+    let mut one_pass = model
+        .start_decoding_grouped(&encoder, beams)
+        .expect("one-pass session");
+    let ids: Vec<u32> = histories.concat();
+    let ids = Tensor::from_vec(ids, (rows, steps), &dev).expect("ids");
+    let logits = one_pass.step(&ids).expect("one pass");
+    let last: Vec<Vec<f32>> = logits
+        .narrow(1, steps - 1, 1)
+        .and_then(|t| t.squeeze(1))
+        .and_then(|t| t.to_vec2())
+        .expect("last logits");
+    let diff = last
+        .iter()
+        .flatten()
+        .zip(got.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "one pass and step by step differ by {diff}");
 }

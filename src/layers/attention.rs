@@ -46,7 +46,9 @@ pub fn attention(
         return Ok(out);
     }
     // The queries are scaled before the product, as transformers' BART scales them, so that half-precision
-    // scores stay in range; the softmax of half-precision scores runs in f32.
+    // scores stay in range; the softmax of half-precision scores runs in f32. k and v may be strided views (a
+    // decoder cache's filled positions), which a matmul's batch dims do not take: copied contiguous.
+    let (k, v) = (&k.contiguous()?, &v.contiguous()?);
     let scores = (q * scale)?.matmul(&k.t()?)?;
     let scores = if half {
         scores.to_dtype(DType::F32)?

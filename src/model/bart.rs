@@ -69,6 +69,18 @@ impl BartAttention {
         ))
     }
 
+    /// Keys and values of `xs` `[B, T, D]` as `[B, T, heads, head_dim]` (positions before heads, the
+    /// layout of [`DecoderCache`]'s buffers).
+    fn key_values_by_position(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = xs.dims3()?;
+        let by_position = |proj: &Linear| {
+            xs.apply(proj)?
+                .reshape((b, t, self.num_heads, self.head_dim))?
+                .contiguous()
+        };
+        Ok((by_position(&self.k_proj)?, by_position(&self.v_proj)?))
+    }
+
     /// Attends from `xs` `[B, T, D]` to the given keys/values; `mask` is additive, broadcastable to
     /// `[B / group, heads, group * T, S]`.
     ///
@@ -272,12 +284,178 @@ fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<T
     Tensor::from_vec(data, (t, past + t), device)?.to_dtype(dtype)
 }
 
+/// Positions a [`SelfKv`] buffer grows by. A growth copies the buffer once, so a step pays for it once in this
+/// many steps, and at most this many positions of a buffer stand unused.
+const SELF_KV_CHUNK: usize = 128;
+
+/// One decoder layer's self-attention keys and values of the positions decoded so far: buffers `[rows,
+/// capacity, heads, head_dim]`, positions before heads, filled up to the cache's `past`. A step writes its new
+/// positions in place, without copying the earlier ones; a beam reorder copies only the rows that change, each
+/// one contiguous block; attention reads the filled positions through strides, as a `[rows, heads, past,
+/// head_dim]` view. (Appending with a concatenation copied every earlier position at every step, and
+/// reordering with an index copied every row: a cost that grew with the output's length.)
+struct SelfKv {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl SelfKv {
+    /// Buffers for `keys` `[rows, T, heads, head_dim]` (and its values) and `past` earlier positions, those of
+    /// `old` copied in.
+    fn with_room(old: Option<&SelfKv>, keys: &Tensor, past: usize) -> Result<Self> {
+        let (rows, t, heads, head_dim) = keys.dims4()?;
+        let capacity = (past + t).div_ceil(SELF_KV_CHUNK) * SELF_KV_CHUNK;
+        let buffer = |old: Option<&Tensor>| {
+            let buffer = Tensor::zeros(
+                (rows, capacity, heads, head_dim),
+                keys.dtype(),
+                keys.device(),
+            )?;
+            if let Some(old) = old {
+                buffer.slice_set(old, 1, 0)?;
+            }
+            Ok::<_, candle_core::Error>(buffer)
+        };
+        Ok(Self {
+            keys: buffer(old.map(|kv| &kv.keys))?,
+            values: buffer(old.map(|kv| &kv.values))?,
+        })
+    }
+
+    fn capacity(&self) -> Result<usize> {
+        self.keys.dim(1)
+    }
+
+    /// The first `filled` positions of a buffer as `[rows, heads, filled, head_dim]` (a view).
+    fn filled(buffer: &Tensor, filled: usize) -> Result<Tensor> {
+        buffer.narrow(1, 0, filled)?.transpose(1, 2)
+    }
+}
+
+/// Row `order[i]` of `buffer` `[rows, capacity, ...]` as its row `i`, over its first `filled` positions, in
+/// place: only the rows whose source differs are written. On the CPU each is copied straight from its source
+/// ([`MoveRows`]); elsewhere from a copy of its source taken before any row is written (`slice_set` cannot
+/// read the storage it writes).
+fn reorder_rows(buffer: &Tensor, order: &[usize], filled: usize) -> Result<()> {
+    let (rows, capacity) = (buffer.dim(0)?, buffer.dim(1)?);
+    let row_len = buffer.elem_count() / rows.max(1);
+    let used = filled * (row_len / capacity.max(1));
+    let moves: Vec<(usize, usize)> = order
+        .iter()
+        .enumerate()
+        .filter(|&(i, &o)| i != o)
+        .map(|(i, &o)| (i, o))
+        .collect();
+    if buffer.device().is_cpu() {
+        return buffer.inplace_op1(&MoveRows {
+            moves,
+            row_len,
+            used,
+        });
+    }
+    copy_rows_through_snapshots(buffer, &moves, row_len, used)
+}
+
+/// [`MoveRows`]' moves for a buffer on any device: each source's first `used` values copied out first, then
+/// written over its destination's.
+fn copy_rows_through_snapshots(
+    buffer: &Tensor,
+    moves: &[(usize, usize)],
+    row_len: usize,
+    used: usize,
+) -> Result<()> {
+    // A contiguous buffer's flattening shares its storage: writing the one writes the other.
+    let flat = buffer.flatten_all()?;
+    let sources = moves
+        .iter()
+        .map(|&(to, from)| Ok((to, flat.narrow(0, from * row_len, used)?.copy()?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (to, source) in sources {
+        flat.slice_set(&source, 0, to * row_len)?;
+    }
+    Ok(())
+}
+
+/// In a contiguous CPU buffer of rows `row_len` values long, the first `used` values of row `from` copied
+/// over row `to`'s, for each `(to, from)` of `moves` (each `to` once), as if all were read before any was
+/// written.
+struct MoveRows {
+    moves: Vec<(usize, usize)>,
+    row_len: usize,
+    used: usize,
+}
+
+impl MoveRows {
+    fn apply<T: Copy>(&self, data: &mut [T]) {
+        let (row_len, used) = (self.row_len, self.used);
+        let mut pending = self.moves.clone();
+        while !pending.is_empty() {
+            // A row no pending move still reads can be written now. Where none is (the rest are cycles, such
+            // as two beams trading places), the rows still to be read are set aside first.
+            let free = pending
+                .iter()
+                .position(|&(to, _)| pending.iter().all(|&(_, from)| from != to));
+            match free {
+                Some(at) => {
+                    let (to, from) = pending.swap_remove(at);
+                    data.copy_within(from * row_len..from * row_len + used, to * row_len);
+                }
+                None => {
+                    let sources: Vec<Vec<T>> = pending
+                        .iter()
+                        .map(|&(_, from)| data[from * row_len..][..used].to_vec())
+                        .collect();
+                    for (&(to, _), source) in pending.iter().zip(sources) {
+                        data[to * row_len..][..used].copy_from_slice(&source);
+                    }
+                    pending.clear();
+                }
+            }
+        }
+    }
+}
+
+impl candle_core::InplaceOp1 for MoveRows {
+    fn name(&self) -> &'static str {
+        "move-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<()> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("move-rows takes a contiguous buffer");
+        };
+        let rows = self.moves.iter().flat_map(|&(to, from)| [to, from]).max();
+        if rows.is_some_and(|last| (last + 1) * self.row_len > end - start)
+            || self.used > self.row_len
+        {
+            candle_core::bail!(
+                "move-rows: {:?} outside a buffer of {} values",
+                self.moves,
+                end - start
+            );
+        }
+        match storage {
+            CpuStorage::F32(data) => self.apply(&mut data[start..end]),
+            CpuStorage::BF16(data) => self.apply(&mut data[start..end]),
+            CpuStorage::F16(data) => self.apply(&mut data[start..end]),
+            CpuStorage::F64(data) => self.apply(&mut data[start..end]),
+            _ => candle_core::bail!("move-rows takes float buffers"),
+        }
+        Ok(())
+    }
+}
+
 /// Per-layer decoder state: self-attention keys/values so far and the cross-attention keys/values.
 ///
 /// The cross-attention keys/values and the encoder mask have one row per encoder output; each serves
 /// `group` consecutive decoder rows (the beams or returned sequences of one item).
 pub struct DecoderCache {
-    self_kv: Vec<Option<(Tensor, Tensor)>>,
+    self_kv: Vec<Option<SelfKv>>,
     cross_kv: Vec<(Tensor, Tensor)>,
     encoder_mask: Tensor,
     group: usize,
@@ -303,12 +481,16 @@ impl DecoderCache {
         if let Some((i, o)) = order.iter().enumerate().find(leaves_group) {
             candle_core::bail!("cannot reorder decoder row {i} from row {o}: rows share encoder states in groups of {group}");
         }
+        if order.len() != self.rows()? || order.iter().any(|&o| o >= order.len()) {
+            candle_core::bail!("cannot reorder {} decoder rows by {order:?}", self.rows()?);
+        }
+        for kv in self.self_kv.iter().flatten() {
+            reorder_rows(&kv.keys, order, self.past)?;
+            reorder_rows(&kv.values, order, self.past)?;
+        }
         let index: Vec<u32> = order.iter().map(|&i| i as u32).collect();
         let index = Tensor::new(index.as_slice(), self.encoder_mask.device())?;
         let pick = |t: &Tensor| t.index_select(&index, 0);
-        for kv in self.self_kv.iter_mut().flatten() {
-            *kv = (pick(&kv.0)?, pick(&kv.1)?);
-        }
         if group == 1 {
             for kv in &mut self.cross_kv {
                 *kv = (pick(&kv.0)?, pick(&kv.1)?);
@@ -371,7 +553,7 @@ impl BartDecoder {
             })
             .collect::<Result<_>>()?;
         Ok(DecoderCache {
-            self_kv: vec![None; self.layers.len()],
+            self_kv: self.layers.iter().map(|_| None).collect(),
             cross_kv,
             encoder_mask: padding_mask(encoder_attention_mask, encoder_states.dtype())?,
             group,
@@ -391,13 +573,20 @@ impl BartDecoder {
         };
         let mut xs = self.embed_positions.forward(embeds, past)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (k, v) = layer.self_attn.key_values(&xs)?;
-            let (k, v) = match &cache.self_kv[i] {
-                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                None => (k, v),
+            let (k, v) = layer.self_attn.key_values_by_position(&xs)?;
+            let slot = &mut cache.self_kv[i];
+            let kv = match slot.take() {
+                Some(kv) if kv.capacity()? >= past + t => kv,
+                old => SelfKv::with_room(old.as_ref(), &k, past)?,
             };
+            kv.keys.slice_set(&k, 1, past)?;
+            kv.values.slice_set(&v, 1, past)?;
+            let (k, v) = (
+                SelfKv::filled(&kv.keys, past + t)?,
+                SelfKv::filled(&kv.values, past + t)?,
+            );
+            *slot = Some(kv);
             let attended = layer.self_attn.attend(&xs, &k, &v, causal.as_ref(), 1)?;
-            cache.self_kv[i] = Some((k, v));
             xs = (xs + attended)?.apply(&layer.self_attn_layer_norm)?;
 
             let (ck, cv) = &cache.cross_kv[i];
@@ -459,5 +648,53 @@ impl BartModel {
     /// them): the same weights.
     pub fn tied_head(&self) -> Result<Linear> {
         self.shared.tied_head()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every order of 3 rows (copies, swaps, rotations): the filled positions of each row are those of its
+    /// source, as an index would pick them, and the positions past them are left as they were; on the CPU's
+    /// in-place path and on the other devices' one.
+    #[test]
+    fn reordered_rows_are_their_sources() {
+        let dev = candle_core::Device::Cpu;
+        let (rows, capacity, filled) = (3, 5, 3);
+        for code in 0..27 {
+            let order = [code % 3, code / 3 % 3, code / 9];
+            for in_place in [true, false] {
+                let buffer = Tensor::arange(0f32, (rows * capacity * 2) as f32, &dev)
+                    .and_then(|t| t.reshape((rows, capacity, 2)))
+                    .expect("buffer");
+                let before: Vec<Vec<Vec<f32>>> = buffer.to_vec3().expect("values");
+                if in_place {
+                    reorder_rows(&buffer, &order, filled).expect("reorder");
+                } else {
+                    let moves: Vec<(usize, usize)> = order
+                        .iter()
+                        .copied()
+                        .enumerate()
+                        .filter(|&(i, o)| i != o)
+                        .collect();
+                    copy_rows_through_snapshots(&buffer, &moves, capacity * 2, filled * 2)
+                        .expect("reorder");
+                }
+                let after: Vec<Vec<Vec<f32>>> = buffer.to_vec3().expect("values");
+                for (i, &o) in order.iter().enumerate() {
+                    assert_eq!(
+                        after[i][..filled],
+                        before[o][..filled],
+                        "{order:?}, row {i}"
+                    );
+                    assert_eq!(
+                        after[i][filled..],
+                        before[i][filled..],
+                        "{order:?}, row {i}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -57,8 +57,21 @@ pub fn fused_attention(
     if b * h * t * s * d == 0 {
         return Ok(None); // nothing to compute: the tensor ops handle empty shapes
     }
-    let [q, k, v] = [q, k, v].map(|x| x.contiguous());
-    let (q, k, v) = (q?, k?, v?);
+    // k and v are read through their strides where each position's head_dim values are contiguous and the
+    // two share a layout (a decoder cache's buffers); otherwise from contiguous copies.
+    let rows_in_place = |x: &Tensor| x.stride()[3] == 1 && x.stride() == k.stride();
+    let (k, v) = if rows_in_place(k) && rows_in_place(v) {
+        (k.clone(), v.clone())
+    } else {
+        (k.contiguous()?, v.contiguous()?)
+    };
+    let q = q.contiguous()?;
+    let kv_stride = k.stride();
+    let kv_rows = Rows {
+        item: kv_stride[0],
+        head: kv_stride[1],
+        row: kv_stride[2],
+    };
     // The mask is read through its strides: a broadcast dim has stride 0.
     let mask = mask.map(|m| m.broadcast_as((b, h, t, s))).transpose()?;
     let (q_store, q_layout) = q.storage_and_layout();
@@ -84,12 +97,12 @@ pub fn fused_attention(
     let dims = (b, h, t, d);
     let out = match dtype {
         DType::BF16 => Tensor::from_vec(
-            attend::<half::bf16>(values(operands)?, mask, shape, scale as f32),
+            attend::<half::bf16>(values(operands)?, kv_rows, mask, shape, scale as f32),
             dims,
             q.device(),
         )?,
         _ => Tensor::from_vec(
-            attend::<f32>(values(operands)?, mask, shape, scale as f32),
+            attend::<f32>(values(operands)?, kv_rows, mask, shape, scale as f32),
             dims,
             q.device(),
         )?,
@@ -122,6 +135,15 @@ struct Dims {
     d: usize,
 }
 
+/// Where the rows of k and v lie: position `row` of (`item`, `head`) starts `item * self.item + head *
+/// self.head + row * self.row` values from the first; its `d` values are contiguous.
+#[derive(Clone, Copy)]
+struct Rows {
+    item: usize,
+    head: usize,
+    row: usize,
+}
+
 /// An additive mask read through the strides of its `[B, H, T, S]` broadcast.
 #[derive(Clone, Copy)]
 struct Mask<'a> {
@@ -129,9 +151,11 @@ struct Mask<'a> {
     stride: [usize; 4],
 }
 
-/// The kernel over contiguous `[q, k, v]` of `T`: each task takes one (item, head, block of query rows).
+/// The kernel over `[q, k, v]` of `T`, q contiguous and k and v laid out as `kv` says: each task takes one
+/// (item, head, block of query rows).
 fn attend<T: Element>(
     [q, k, v]: [&[T]; 3],
+    kv: Rows,
     mask: Option<Mask>,
     Dims { b, h, t, s, d }: Dims,
     scale: f32,
@@ -147,32 +171,34 @@ fn attend<T: Element>(
             let first = block * QUERY_BLOCK;
             let rows = QUERY_BLOCK.min(t - first);
             let q_at = (item * h + head) * t * d + first * d;
-            let kv_at = (item * h + head) * s * d;
+            let kv_at = item * kv.item + head * kv.head;
+            let kv_len = (s - 1) * kv.row + d;
             let scores = &mut scores[..rows * s];
             let (q, k, v) = (
                 &q[q_at..][..rows * d],
-                &k[kv_at..][..s * d],
-                &v[kv_at..][..s * d],
+                &k[kv_at..][..kv_len],
+                &v[kv_at..][..kv_len],
             );
-            // f32 operands are read in place; others are widened into `wide`: q, k, v, then the output.
+            // f32 operands are read in place; others are widened into `wide`, rows of k and v made contiguous:
+            // q, k, v, then the output. `kv_row`: the row stride of k and v as read.
             let in_place = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
-            let (q, k, v, result) = match in_place {
-                (Some(q), Some(k), Some(v)) => (q, k, v, None),
+            let (q, k, v, kv_row, result) = match in_place {
+                (Some(q), Some(k), Some(v)) => (q, k, v, kv.row, None),
                 _ => {
                     wide.resize(2 * (rows + s) * d, 0.0);
                     let (operands, result) = wide.split_at_mut((rows + 2 * s) * d);
-                    let (wq, kv) = operands.split_at_mut(rows * d);
-                    let (wk, wv) = kv.split_at_mut(s * d);
-                    for (from, to) in [(q, &mut *wq), (k, &mut *wk), (v, &mut *wv)] {
-                        widen_rows(from, d, d, to);
-                    }
-                    (&*wq, &*wk, &*wv, Some(&mut result[..rows * d]))
+                    let (wq, kv_wide) = operands.split_at_mut(rows * d);
+                    let (wk, wv) = kv_wide.split_at_mut(s * d);
+                    widen_rows(q, d, d, wq);
+                    widen_rows(k, kv.row, d, wk);
+                    widen_rows(v, kv.row, d, wv);
+                    (&*wq, &*wk, &*wv, d, Some(&mut result[..rows * d]))
                 }
             };
-            // SAFETY: q, k and v hold this task's rows; the mask is read within its broadcast layout; the
+            // SAFETY: q, k and v hold this task's rows (k and v `kv_row` apart); the mask is read within its broadcast layout; the
             // output (this task's rows of `out`, or `result`) is written by this task only.
             unsafe {
-                let k = Mat::rows(k.as_ptr(), d);
+                let k = Mat::rows(k.as_ptr(), kv_row);
                 matmul(
                     (rows, s, d),
                     Mat::rows(q.as_ptr(), d),
@@ -194,7 +220,7 @@ fn attend<T: Element>(
                     }
                 }
                 softmax_rows(scores, s);
-                let v = Mat::rows(v.as_ptr(), d);
+                let v = Mat::rows(v.as_ptr(), kv_row);
                 let probs = Mat::rows(scores.as_ptr(), s);
                 let out_at = (item * h + head) * t * d + first * d;
                 match result {
