@@ -323,10 +323,34 @@ fn unit_peak(c: &mut Criterion) {
 #[cfg(not(target_arch = "x86_64"))]
 fn unit_peak(_: &mut Criterion) {}
 
+/// The self-attention of one decode step at 1,000 cached positions (3 beams, 12 heads of 64): q against
+/// keys and values read through the strides of a decoder cache's `[rows, heads, capacity, head_dim]` buffers.
+fn decode_attention(c: &mut Criterion) {
+    use florence2_rs::kernels::cpu::attention::fused_attention;
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("decode attention");
+    group.sample_size(20);
+    for dtype in [DType::BF16, DType::F32] {
+        let randn = |shape: (usize, usize, usize, usize)| {
+            Tensor::randn(0f32, 1., shape, &dev)
+                .and_then(|t| t.to_dtype(dtype))
+                .expect("values")
+        };
+        let q = randn((3, 12, 1, 64));
+        let [k, v] = [0, 1].map(|_| randn((3, 12, 1024, 64)).narrow(2, 0, 1000).expect("view"));
+        group.bench_function(
+            format!("{dtype:?} 3 beams x 12 heads, 1000 positions"),
+            |b| b.iter(|| fused_attention(&q, &k, &v, 0.125, None).expect("attention")),
+        );
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     depthwise,
     window_attention,
+    decode_attention,
     bf16_gemm,
     linear_kernels,
     decode_step,

@@ -69,18 +69,6 @@ impl BartAttention {
         ))
     }
 
-    /// Keys and values of `xs` `[B, T, D]` as `[B, T, heads, head_dim]` (positions before heads, the
-    /// layout of [`DecoderCache`]'s buffers).
-    fn key_values_by_position(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, _) = xs.dims3()?;
-        let by_position = |proj: &Linear| {
-            xs.apply(proj)?
-                .reshape((b, t, self.num_heads, self.head_dim))?
-                .contiguous()
-        };
-        Ok((by_position(&self.k_proj)?, by_position(&self.v_proj)?))
-    }
-
     /// Attends from `xs` `[B, T, D]` to the given keys/values; `mask` is additive, broadcastable to
     /// `[B / group, heads, group * T, S]`.
     ///
@@ -288,31 +276,31 @@ fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<T
 /// many steps, and at most this many positions of a buffer stand unused.
 const SELF_KV_CHUNK: usize = 128;
 
-/// One decoder layer's self-attention keys and values of the positions decoded so far: buffers `[rows,
-/// capacity, heads, head_dim]`, positions before heads, filled up to the cache's `past`. A step writes its new
-/// positions in place, without copying the earlier ones; a beam reorder copies only the rows that change, each
-/// one contiguous block; attention reads the filled positions through strides, as a `[rows, heads, past,
-/// head_dim]` view. (Appending with a concatenation copied every earlier position at every step, and
-/// reordering with an index copied every row: a cost that grew with the output's length.)
+/// One decoder layer's self-attention keys and values of the positions decoded so far: buffers `[rows, heads,
+/// capacity, head_dim]`, filled up to the cache's `past`. A step writes its new positions in place, without
+/// copying the earlier ones; a beam reorder copies only the rows that change; attention reads the filled
+/// positions as a `[rows, heads, past, head_dim]` view, each head's positions contiguous (as the attention
+/// kernel reads them fastest). Appending by concatenation copied every earlier position at every step, and
+/// reordering by an index copied every row: a cost that grew with the output's length.
 struct SelfKv {
     keys: Tensor,
     values: Tensor,
 }
 
 impl SelfKv {
-    /// Buffers for `keys` `[rows, T, heads, head_dim]` (and its values) and `past` earlier positions, those of
+    /// Buffers for `keys` `[rows, heads, T, head_dim]` (and its values) after `past` earlier positions, those of
     /// `old` copied in.
     fn with_room(old: Option<&SelfKv>, keys: &Tensor, past: usize) -> Result<Self> {
-        let (rows, t, heads, head_dim) = keys.dims4()?;
+        let (rows, heads, t, head_dim) = keys.dims4()?;
         let capacity = (past + t).div_ceil(SELF_KV_CHUNK) * SELF_KV_CHUNK;
         let buffer = |old: Option<&Tensor>| {
             let buffer = Tensor::zeros(
-                (rows, capacity, heads, head_dim),
+                (rows, heads, capacity, head_dim),
                 keys.dtype(),
                 keys.device(),
             )?;
             if let Some(old) = old {
-                buffer.slice_set(old, 1, 0)?;
+                buffer.slice_set(old, 2, 0)?;
             }
             Ok::<_, candle_core::Error>(buffer)
         };
@@ -323,23 +311,16 @@ impl SelfKv {
     }
 
     fn capacity(&self) -> Result<usize> {
-        self.keys.dim(1)
-    }
-
-    /// The first `filled` positions of a buffer as `[rows, heads, filled, head_dim]` (a view).
-    fn filled(buffer: &Tensor, filled: usize) -> Result<Tensor> {
-        buffer.narrow(1, 0, filled)?.transpose(1, 2)
+        self.keys.dim(2)
     }
 }
 
-/// Row `order[i]` of `buffer` `[rows, capacity, ...]` as its row `i`, over its first `filled` positions, in
-/// place: only the rows whose source differs are written. On the CPU each is copied straight from its source
-/// ([`MoveRows`]); elsewhere from a copy of its source taken before any row is written (`slice_set` cannot
-/// read the storage it writes).
+/// Row `order[i]` of `buffer` `[rows, heads, capacity, head_dim]` as its row `i`, in place: only the rows whose
+/// source differs are written. On the CPU the first `filled` positions of each head are copied straight from
+/// the source row ([`MoveRows`]); elsewhere each changed row's whole buffer through a copy taken before any row
+/// is written (`slice_set` cannot read the storage it writes).
 fn reorder_rows(buffer: &Tensor, order: &[usize], filled: usize) -> Result<()> {
-    let (rows, capacity) = (buffer.dim(0)?, buffer.dim(1)?);
-    let row_len = buffer.elem_count() / rows.max(1);
-    let used = filled * (row_len / capacity.max(1));
+    let (_, heads, capacity, head_dim) = buffer.dims4()?;
     let moves: Vec<(usize, usize)> = order
         .iter()
         .enumerate()
@@ -349,45 +330,42 @@ fn reorder_rows(buffer: &Tensor, order: &[usize], filled: usize) -> Result<()> {
     if buffer.device().is_cpu() {
         return buffer.inplace_op1(&MoveRows {
             moves,
-            row_len,
-            used,
+            blocks: heads,
+            block_len: capacity * head_dim,
+            used: filled * head_dim,
         });
     }
-    copy_rows_through_snapshots(buffer, &moves, row_len, used)
+    copy_whole_rows(buffer, &moves)
 }
 
-/// [`MoveRows`]' moves for a buffer on any device: each source's first `used` values copied out first, then
-/// written over its destination's.
-fn copy_rows_through_snapshots(
-    buffer: &Tensor,
-    moves: &[(usize, usize)],
-    row_len: usize,
-    used: usize,
-) -> Result<()> {
-    // A contiguous buffer's flattening shares its storage: writing the one writes the other.
-    let flat = buffer.flatten_all()?;
+/// The moves of [`MoveRows`] on any device, over each row's whole buffer: every source copied out before any
+/// row is written.
+fn copy_whole_rows(buffer: &Tensor, moves: &[(usize, usize)]) -> Result<()> {
     let sources = moves
         .iter()
-        .map(|&(to, from)| Ok((to, flat.narrow(0, from * row_len, used)?.copy()?)))
+        .map(|&(to, from)| Ok((to, buffer.narrow(0, from, 1)?.copy()?)))
         .collect::<Result<Vec<_>>>()?;
     for (to, source) in sources {
-        flat.slice_set(&source, 0, to * row_len)?;
+        buffer.slice_set(&source, 0, to)?;
     }
     Ok(())
 }
 
-/// In a contiguous CPU buffer of rows `row_len` values long, the first `used` values of row `from` copied
-/// over row `to`'s, for each `(to, from)` of `moves` (each `to` once), as if all were read before any was
-/// written.
+/// In a contiguous CPU buffer of rows of `blocks` blocks `block_len` values long, the first `used` values of
+/// each block of row `from` copied over row `to`'s, for each `(to, from)` of `moves` (each `to` once), as if all
+/// were read before any was written.
 struct MoveRows {
     moves: Vec<(usize, usize)>,
-    row_len: usize,
+    blocks: usize,
+    block_len: usize,
     used: usize,
 }
 
 impl MoveRows {
     fn apply<T: Copy>(&self, data: &mut [T]) {
-        let (row_len, used) = (self.row_len, self.used);
+        let row_len = self.blocks * self.block_len;
+        let block_starts =
+            |row: usize| (0..self.blocks).map(move |b| row * row_len + b * self.block_len);
         let mut pending = self.moves.clone();
         while !pending.is_empty() {
             // A row no pending move still reads can be written now. Where none is (the rest are cycles, such
@@ -398,15 +376,25 @@ impl MoveRows {
             match free {
                 Some(at) => {
                     let (to, from) = pending.swap_remove(at);
-                    data.copy_within(from * row_len..from * row_len + used, to * row_len);
+                    for (src, dst) in block_starts(from).zip(block_starts(to)) {
+                        data.copy_within(src..src + self.used, dst);
+                    }
                 }
                 None => {
                     let sources: Vec<Vec<T>> = pending
                         .iter()
-                        .map(|&(_, from)| data[from * row_len..][..used].to_vec())
+                        .map(|&(_, from)| {
+                            let mut source = Vec::with_capacity(self.blocks * self.used);
+                            for src in block_starts(from) {
+                                source.extend_from_slice(&data[src..][..self.used]);
+                            }
+                            source
+                        })
                         .collect();
                     for (&(to, _), source) in pending.iter().zip(sources) {
-                        data[to * row_len..][..used].copy_from_slice(&source);
+                        for (dst, block) in block_starts(to).zip(source.chunks(self.used.max(1))) {
+                            data[dst..][..self.used].copy_from_slice(block);
+                        }
                     }
                     pending.clear();
                 }
@@ -430,8 +418,8 @@ impl candle_core::InplaceOp1 for MoveRows {
             candle_core::bail!("move-rows takes a contiguous buffer");
         };
         let rows = self.moves.iter().flat_map(|&(to, from)| [to, from]).max();
-        if rows.is_some_and(|last| (last + 1) * self.row_len > end - start)
-            || self.used > self.row_len
+        let row_len = self.blocks * self.block_len;
+        if rows.is_some_and(|last| (last + 1) * row_len > end - start) || self.used > self.block_len
         {
             candle_core::bail!(
                 "move-rows: {:?} outside a buffer of {} values",
@@ -573,17 +561,17 @@ impl BartDecoder {
         };
         let mut xs = self.embed_positions.forward(embeds, past)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (k, v) = layer.self_attn.key_values_by_position(&xs)?;
+            let (k, v) = layer.self_attn.key_values(&xs)?;
             let slot = &mut cache.self_kv[i];
             let kv = match slot.take() {
                 Some(kv) if kv.capacity()? >= past + t => kv,
                 old => SelfKv::with_room(old.as_ref(), &k, past)?,
             };
-            kv.keys.slice_set(&k, 1, past)?;
-            kv.values.slice_set(&v, 1, past)?;
+            kv.keys.slice_set(&k, 2, past)?;
+            kv.values.slice_set(&v, 2, past)?;
             let (k, v) = (
-                SelfKv::filled(&kv.keys, past + t)?,
-                SelfKv::filled(&kv.values, past + t)?,
+                kv.keys.narrow(2, 0, past + t)?,
+                kv.values.narrow(2, 0, past + t)?,
             );
             *slot = Some(kv);
             let attended = layer.self_attn.attend(&xs, &k, &v, causal.as_ref(), 1)?;
@@ -655,20 +643,24 @@ impl BartModel {
 mod tests {
     use super::*;
 
-    /// Every order of 3 rows (copies, swaps, rotations): the filled positions of each row are those of its
-    /// source, as an index would pick them, and the positions past them are left as they were; on the CPU's
-    /// in-place path and on the other devices' one.
+    /// Every order of 3 rows (copies, swaps, rotations): the filled positions of each row's heads are those of
+    /// its source, as an index would pick them, and on the CPU the positions past them are left as they were;
+    /// on the CPU's in-place path and on the other devices' one (whole rows).
     #[test]
     fn reordered_rows_are_their_sources() {
         let dev = candle_core::Device::Cpu;
-        let (rows, capacity, filled) = (3, 5, 3);
+        let (rows, heads, capacity, head_dim, filled) = (3, 2, 5, 2, 3);
         for code in 0..27 {
             let order = [code % 3, code / 3 % 3, code / 9];
             for in_place in [true, false] {
-                let buffer = Tensor::arange(0f32, (rows * capacity * 2) as f32, &dev)
-                    .and_then(|t| t.reshape((rows, capacity, 2)))
-                    .expect("buffer");
-                let before: Vec<Vec<Vec<f32>>> = buffer.to_vec3().expect("values");
+                let buffer =
+                    Tensor::arange(0f32, (rows * heads * capacity * head_dim) as f32, &dev)
+                        .and_then(|t| t.reshape((rows, heads, capacity, head_dim)))
+                        .expect("buffer");
+                let before: Vec<f32> = buffer
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .expect("values");
                 if in_place {
                     reorder_rows(&buffer, &order, filled).expect("reorder");
                 } else {
@@ -678,21 +670,27 @@ mod tests {
                         .enumerate()
                         .filter(|&(i, o)| i != o)
                         .collect();
-                    copy_rows_through_snapshots(&buffer, &moves, capacity * 2, filled * 2)
-                        .expect("reorder");
+                    copy_whole_rows(&buffer, &moves).expect("reorder");
                 }
-                let after: Vec<Vec<Vec<f32>>> = buffer.to_vec3().expect("values");
+                let after: Vec<f32> = buffer
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .expect("values");
+                let at = |row: usize, head: usize, position: usize| {
+                    ((row * heads + head) * capacity + position) * head_dim
+                };
                 for (i, &o) in order.iter().enumerate() {
-                    assert_eq!(
-                        after[i][..filled],
-                        before[o][..filled],
-                        "{order:?}, row {i}"
-                    );
-                    assert_eq!(
-                        after[i][filled..],
-                        before[i][filled..],
-                        "{order:?}, row {i}"
-                    );
+                    for head in 0..heads {
+                        for position in 0..capacity {
+                            let kept = if position < filled || !in_place { o } else { i };
+                            let (got, want) = (at(i, head, position), at(kept, head, position));
+                            assert_eq!(
+                                after[got..][..head_dim],
+                                before[want..][..head_dim],
+                                "{order:?}, row {i}, head {head}, position {position}"
+                            );
+                        }
+                    }
                 }
             }
         }

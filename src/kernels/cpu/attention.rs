@@ -173,40 +173,15 @@ fn attend<T: Element>(
             let q_at = (item * h + head) * t * d + first * d;
             let kv_at = item * kv.item + head * kv.head;
             let kv_len = (s - 1) * kv.row + d;
+            let out_at = (item * h + head) * t * d + first * d;
             let scores = &mut scores[..rows * s];
             let (q, k, v) = (
                 &q[q_at..][..rows * d],
                 &k[kv_at..][..kv_len],
                 &v[kv_at..][..kv_len],
             );
-            // f32 operands are read in place; others are widened into `wide`, rows of k and v made contiguous:
-            // q, k, v, then the output. `kv_row`: the row stride of k and v as read.
-            let in_place = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
-            let (q, k, v, kv_row, result) = match in_place {
-                (Some(q), Some(k), Some(v)) => (q, k, v, kv.row, None),
-                _ => {
-                    wide.resize(2 * (rows + s) * d, 0.0);
-                    let (operands, result) = wide.split_at_mut((rows + 2 * s) * d);
-                    let (wq, kv_wide) = operands.split_at_mut(rows * d);
-                    let (wk, wv) = kv_wide.split_at_mut(s * d);
-                    widen_rows(q, d, d, wq);
-                    widen_rows(k, kv.row, d, wk);
-                    widen_rows(v, kv.row, d, wv);
-                    (&*wq, &*wk, &*wv, d, Some(&mut result[..rows * d]))
-                }
-            };
-            // SAFETY: q, k and v hold this task's rows (k and v `kv_row` apart); the mask is read within its broadcast layout; the
-            // output (this task's rows of `out`, or `result`) is written by this task only.
-            unsafe {
-                let k = Mat::rows(k.as_ptr(), kv_row);
-                matmul(
-                    (rows, s, d),
-                    Mat::rows(q.as_ptr(), d),
-                    k.t(),
-                    scores.as_mut_ptr(),
-                    s,
-                    scale,
-                );
+            // The scores' mask and softmax, between the two products.
+            let normalize = |scores: &mut [f32]| {
                 if let Some(Mask { values, stride }) = mask {
                     for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                         let at = item * stride[0] + head * stride[1] + (first + i) * stride[2];
@@ -220,36 +195,89 @@ fn attend<T: Element>(
                     }
                 }
                 softmax_rows(scores, s);
-                let v = Mat::rows(v.as_ptr(), kv_row);
-                let probs = Mat::rows(scores.as_ptr(), s);
-                let out_at = (item * h + head) * t * d + first * d;
-                match result {
-                    None => matmul((rows, d, s), probs, v, dst.at(out_at).cast::<f32>(), d, 1.0),
-                    Some(result) => {
-                        matmul((rows, d, s), probs, v, result.as_mut_ptr(), d, 1.0);
-                        narrow_into(
-                            result,
-                            std::slice::from_raw_parts_mut(dst.at(out_at), rows * d),
-                        );
-                    }
+            };
+            // `out = softmax(scale * q kᵀ + mask) v` for f32 operands, rows of k and v `kv_row` apart, by
+            // `matmul`.
+            let f32_products = |q: &[f32],
+                                (k, v, kv_row): (&[f32], &[f32], usize),
+                                scores: &mut [f32],
+                                out: &mut [f32]| {
+                // SAFETY: each matrix lies in its slice: q and out `rows x d`, k and v `s` rows `kv_row`
+                // apart, the scores `rows x s`; out and the scores are this task's own.
+                unsafe {
+                    let (k, v) = (Mat::rows(k.as_ptr(), kv_row), Mat::rows(v.as_ptr(), kv_row));
+                    let q = Mat::rows(q.as_ptr(), d);
+                    matmul((rows, s, d), q, k.t(), scores.as_mut_ptr(), s, scale);
+                    normalize(scores);
+                    let probs = Mat::rows(scores.as_ptr(), s);
+                    matmul((rows, d, s), probs, v, out.as_mut_ptr(), d, 1.0);
                 }
+            };
+            // SAFETY: this task's rows of `out`, which no other task writes.
+            let out_rows = unsafe { std::slice::from_raw_parts_mut(dst.at(out_at), rows * d) };
+            if let (Some(q), Some(k), Some(v)) = (T::as_f32(q), T::as_f32(k), T::as_f32(v)) {
+                // f32 (`T` is f32): read in place, written in place.
+                // SAFETY: the same values, as f32.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(out_rows.as_mut_ptr().cast::<f32>(), rows * d)
+                };
+                f32_products(q, (k, v, kv.row), scores, out);
+                return;
             }
+            // Narrower values are computed in f32 in `wide` (q, then k and v where widened, then the output) and
+            // the output rounded once. A few query rows (a decode step) read k and v as stored, in the direct
+            // products (no widened copy: the same sums); more are multiplied by the gemm crate on widened rows.
+            let direct = rows <= DIRECT_ROWS;
+            let kv_values = if direct { 0 } else { 2 * s * d };
+            wide.resize(2 * rows * d + kv_values, 0.0);
+            let (wq, rest) = wide.split_at_mut(rows * d);
+            let (wkv, result) = rest.split_at_mut(kv_values);
+            let result = &mut result[..rows * d];
+            widen_rows(q, d, d, wq);
+            if direct {
+                // SAFETY: as in `f32_products`, k and v as stored (rows `kv.row` apart) and the output in
+                // `result`.
+                unsafe {
+                    let (k, v) = (Mat::rows(k.as_ptr(), kv.row), Mat::rows(v.as_ptr(), kv.row));
+                    let q = Mat::rows(wq.as_ptr(), d);
+                    let done =
+                        direct_product((rows, s, d), q, k.t(), scores.as_mut_ptr(), s, scale);
+                    normalize(scores);
+                    let probs = Mat::rows(scores.as_ptr(), s);
+                    let done =
+                        done && direct_product((rows, d, s), probs, v, result.as_mut_ptr(), d, 1.0);
+                    assert!(done, "the direct products take {rows} rows");
+                }
+            } else {
+                let (wk, wv) = wkv.split_at_mut(s * d);
+                widen_rows(k, kv.row, d, wk);
+                widen_rows(v, kv.row, d, wv);
+                f32_products(wq, (wk, wv, d), scores, result);
+            }
+            narrow_into(result, out_rows);
         },
     );
     out
 }
 
-/// A matrix in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
-#[derive(Clone, Copy)]
-pub struct Mat {
-    ptr: *const f32,
+/// A matrix of `T` in memory: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
+pub struct Mat<T = f32> {
+    ptr: *const T,
     row_stride: isize,
     col_stride: isize,
 }
 
-impl Mat {
-    /// Rows `row_stride` floats apart, each contiguous.
-    pub fn rows(ptr: *const f32, row_stride: usize) -> Self {
+impl<T> Clone for Mat<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Mat<T> {}
+
+impl<T> Mat<T> {
+    /// Rows `row_stride` values apart, each contiguous.
+    pub fn rows(ptr: *const T, row_stride: usize) -> Self {
         Self {
             ptr,
             row_stride: row_stride as isize,
@@ -280,40 +308,7 @@ pub unsafe fn matmul(
     dst_row_stride: usize,
     scale: f32,
 ) {
-    let contiguous = |stride: isize| stride == 1;
-    // The output slice below spans whole rows: with several rows, only where they are contiguous (rows
-    // further apart may interleave other tasks' outputs).
-    let direct = m <= DIRECT_ROWS
-        && m * n * k > 0
-        && (m == 1 || dst_row_stride == n)
-        && contiguous(lhs.col_stride)
-        && lhs.row_stride >= 0
-        && rhs.row_stride >= 0
-        && rhs.col_stride >= 0
-        && (contiguous(rhs.row_stride) || contiguous(rhs.col_stride));
-    if direct {
-        // SAFETY (the slices): the contract says every element the matrices address is live; each slice
-        // spans from a matrix's first element to its last, and `dst`'s (whole rows, contiguous) overlaps
-        // neither input nor another task's output.
-        let span = |count: usize, stride: isize, len: usize| (count - 1) * stride as usize + len;
-        let lhs_rows = std::slice::from_raw_parts(lhs.ptr, span(m, lhs.row_stride, k));
-        let out = std::slice::from_raw_parts_mut(dst, span(m, dst_row_stride as isize, n));
-        let shape = Shape {
-            m,
-            n,
-            k,
-            lhs_stride: lhs.row_stride as usize,
-            dst_stride: dst_row_stride,
-        };
-        if contiguous(rhs.row_stride) {
-            // Column j of rhs is contiguous: each output is a dot product.
-            let cols = std::slice::from_raw_parts(rhs.ptr, span(n, rhs.col_stride, k));
-            dot_products(shape, lhs_rows, cols, rhs.col_stride as usize, out, scale);
-        } else {
-            // Row t of rhs is contiguous: each output row is a sum of rhs rows.
-            let rows = std::slice::from_raw_parts(rhs.ptr, span(k, rhs.row_stride, n));
-            row_sums(shape, lhs_rows, rows, rhs.row_stride as usize, out, scale);
-        }
+    if direct_product((m, n, k), lhs, rhs, dst, dst_row_stride, scale) {
         return;
     }
     gemm::gemm(
@@ -339,6 +334,59 @@ pub unsafe fn matmul(
     )
 }
 
+/// [`matmul`] for up to [`DIRECT_ROWS`] rows of `lhs`, computed in place as dot products or row sums, with
+/// `rhs` of any [`Element`] (read as f32, exactly); `false`, computing nothing, for shapes or strides it does not
+/// take (then [`matmul`] calls the gemm crate).
+///
+/// # Safety
+/// As [`matmul`]'s.
+pub unsafe fn direct_product<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat<T>,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    scale: f32,
+) -> bool {
+    let contiguous = |stride: isize| stride == 1;
+    // The output slice below spans whole rows: with several rows, only where they are contiguous (rows
+    // further apart may interleave other tasks' outputs).
+    let direct = m <= DIRECT_ROWS
+        && m * n * k > 0
+        && (m == 1 || dst_row_stride == n)
+        && contiguous(lhs.col_stride)
+        && lhs.row_stride >= 0
+        && rhs.row_stride >= 0
+        && rhs.col_stride >= 0
+        && (contiguous(rhs.row_stride) || contiguous(rhs.col_stride));
+    if !direct {
+        return false;
+    }
+    // SAFETY (the slices): the contract says every element the matrices address is live; each slice spans
+    // from a matrix's first element to its last, and `dst`'s (whole rows, contiguous) overlaps neither input
+    // nor another task's output.
+    let span = |count: usize, stride: isize, len: usize| (count - 1) * stride as usize + len;
+    let lhs_rows = std::slice::from_raw_parts(lhs.ptr, span(m, lhs.row_stride, k));
+    let out = std::slice::from_raw_parts_mut(dst, span(m, dst_row_stride as isize, n));
+    let shape = Shape {
+        m,
+        n,
+        k,
+        lhs_stride: lhs.row_stride as usize,
+        dst_stride: dst_row_stride,
+    };
+    if contiguous(rhs.row_stride) {
+        // Column j of rhs is contiguous: each output is a dot product.
+        let cols = std::slice::from_raw_parts(rhs.ptr, span(n, rhs.col_stride, k));
+        dot_products(shape, lhs_rows, cols, rhs.col_stride as usize, out, scale);
+    } else {
+        // Row t of rhs is contiguous: each output row is a sum of rhs rows.
+        let rows = std::slice::from_raw_parts(rhs.ptr, span(k, rhs.row_stride, n));
+        row_sums(shape, lhs_rows, rows, rhs.row_stride as usize, out, scale);
+    }
+    true
+}
+
 /// The sizes of a [`matmul`] and the row strides of its `lhs` and `dst`.
 #[derive(Clone, Copy)]
 struct Shape {
@@ -351,15 +399,15 @@ struct Shape {
 
 wide_fn! {
     /// `out[i][j] = scale * lhs[i] · col[j]`, column j of rhs at `cols[j * col_stride..][..k]`.
-    fn dot_products(shape: Shape, lhs: &[f32], cols: &[f32], col_stride: usize, out: &mut [f32], scale: f32)
+    fn dot_products[T: Element](shape: Shape, lhs: &[f32], cols: &[T], col_stride: usize, out: &mut [f32], scale: f32)
         = dot_products_portable;
 }
 
 #[inline(always)]
-fn dot_products_portable(
+fn dot_products_portable<T: Element>(
     s: Shape,
     lhs: &[f32],
-    cols: &[f32],
+    cols: &[T],
     col_stride: usize,
     out: &mut [f32],
     scale: f32,
@@ -374,15 +422,15 @@ fn dot_products_portable(
 
 wide_fn! {
     /// `out[i] = scale * Σ_t lhs[i][t] * rhs[t]`, row t of rhs at `rows[t * row_stride..][..n]`.
-    fn row_sums(shape: Shape, lhs: &[f32], rows: &[f32], row_stride: usize, out: &mut [f32], scale: f32)
+    fn row_sums[T: Element](shape: Shape, lhs: &[f32], rows: &[T], row_stride: usize, out: &mut [f32], scale: f32)
         = row_sums_portable;
 }
 
 #[inline(always)]
-fn row_sums_portable(
+fn row_sums_portable<T: Element>(
     s: Shape,
     lhs: &[f32],
-    rows: &[f32],
+    rows: &[T],
     row_stride: usize,
     out: &mut [f32],
     scale: f32,
@@ -392,7 +440,7 @@ fn row_sums_portable(
         out.fill(0.0);
         for (t, &weight) in lhs[i * s.lhs_stride..][..s.k].iter().enumerate() {
             for (out, &x) in out.iter_mut().zip(&rows[t * row_stride..][..s.n]) {
-                *out += weight * x;
+                *out += weight * x.to_f32();
             }
         }
         if scale != 1.0 {

@@ -1,6 +1,8 @@
 //! Scalar math written so that loops over it vectorize: branch-free `exp`, `erf` and GELU, and a sum in
 //! interleaved partial sums. Called from kernels compiled through [`super::features::wide_fn!`].
 
+use super::storage::Element;
+
 /// `e^x` for f32, branch-free so that loops over it vectorize: `x = n ln2 + r` with `|r| <= ln2 / 2`, a
 /// degree-7 Taylor polynomial for `e^r` (truncation under 1e-8 relative, about f32's own rounding) and `2^n`
 /// put into the exponent bits. 0 below -87.3, where `2^n` would leave the normal range; the callers
@@ -71,20 +73,21 @@ pub fn lane_max(xs: &[f32]) -> f32 {
     acc.iter().copied().fold(rest, f32::max)
 }
 
-/// `Σ a[i] b[i]` in 16 interleaved partial sums, so that the loop vectorizes.
+/// `Σ a[i] b[i]` in 16 interleaved partial sums, so that the loop vectorizes; `b` of any [`Element`], read as
+/// f32 (exactly: the sums are those of `b` widened first).
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 16];
     let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
     let rest: f32 = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (a, b) in a_chunks.zip(b_chunks) {
         for ((acc, x), y) in acc.iter_mut().zip(a).zip(b) {
-            *acc += x * y;
+            *acc += x * y.to_f32();
         }
     }
     acc.iter().sum::<f32>() + rest
