@@ -190,47 +190,58 @@ mod tests {
         }
     }
 
-    /// k and v as a decoder cache holds them (`[B, capacity, H, D]` buffers, the first S positions seen as
-    /// `[B, H, S, D]` through strides): the same bits as from contiguous copies, f32 and bf16, for a decode
-    /// step's few queries (the direct products, bf16 read as stored) and for more (the gemm crate).
+    /// k and v read through strides (the first S positions of `[B, H, capacity, D]` buffers, as a decoder
+    /// cache holds them, and of `[B, capacity, H, D]` ones): the same bits as from contiguous copies, f32 and
+    /// bf16, for a decode step's few queries (the direct products, bf16 read as stored) and for more (the gemm
+    /// crate).
     #[test]
     fn strided_keys_and_values_give_the_contiguous_bits() {
         let dev = Device::Cpu;
         let (b, h, s, d, capacity) = (2, 3, 45, 16, 64);
-        for t in [1, 3, 70] {
-            for dtype in [DType::F32, DType::BF16] {
-                let randn = |shape: (usize, usize, usize, usize)| {
-                    Tensor::randn(0f32, 1., shape, &dev)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap()
-                };
-                let q = randn((b, h, t, d));
-                let [k, v] = [0, 1].map(|_| {
+        for (t, dtype, heads_first) in [1, 3, 70]
+            .into_iter()
+            .flat_map(|t| [DType::F32, DType::BF16].map(|dtype| (t, dtype)))
+            .flat_map(|(t, dtype)| [true, false].map(|heads_first| (t, dtype, heads_first)))
+        {
+            let randn = |shape: (usize, usize, usize, usize)| {
+                Tensor::randn(0f32, 1., shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let q = randn((b, h, t, d));
+            let [k, v] = [0, 1].map(|_| {
+                if heads_first {
+                    randn((b, h, capacity, d)).narrow(2, 0, s).unwrap()
+                } else {
                     randn((b, capacity, h, d))
                         .narrow(1, 0, s)
                         .unwrap()
                         .transpose(1, 2)
                         .unwrap()
-                });
-                let mask = Tensor::randn(0f32, 1., (b, 1, 1, s), &dev).unwrap();
-                let bits = |k: &Tensor, v: &Tensor| {
-                    cpu_attention::fused_attention(&q, k, v, 0.3, Some(&mask))
-                        .unwrap()
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect::<Vec<_>>()
-                };
-                let contiguous = bits(&k.contiguous().unwrap(), &v.contiguous().unwrap());
-                assert_eq!(bits(&k, &v), contiguous, "{t} queries, {dtype:?}");
-            }
+                }
+            });
+            let mask = Tensor::randn(0f32, 1., (b, 1, 1, s), &dev).unwrap();
+            let bits = |k: &Tensor, v: &Tensor| {
+                cpu_attention::fused_attention(&q, k, v, 0.3, Some(&mask))
+                    .unwrap()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let contiguous = bits(&k.contiguous().unwrap(), &v.contiguous().unwrap());
+            assert_eq!(
+                bits(&k, &v),
+                contiguous,
+                "{t} queries, {dtype:?}, heads first: {heads_first}"
+            );
         }
     }
 

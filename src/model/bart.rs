@@ -292,7 +292,7 @@ impl SelfKv {
     /// `old` copied in.
     fn with_room(old: Option<&SelfKv>, keys: &Tensor, past: usize) -> Result<Self> {
         let (rows, heads, t, head_dim) = keys.dims4()?;
-        let capacity = (past + t).div_ceil(SELF_KV_CHUNK) * SELF_KV_CHUNK;
+        let capacity = self_kv_capacity(past + t);
         let buffer = |old: Option<&Tensor>| {
             let buffer = Tensor::zeros(
                 (rows, heads, capacity, head_dim),
@@ -315,95 +315,129 @@ impl SelfKv {
     }
 }
 
-/// Row `order[i]` of `buffer` `[rows, heads, capacity, head_dim]` as its row `i`, in place: only the rows whose
-/// source differs are written. On the CPU the first `filled` positions of each head are copied straight from
-/// the source row ([`MoveRows`]); elsewhere each changed row's whole buffer through a copy taken before any row
-/// is written (`slice_set` cannot read the storage it writes).
-fn reorder_rows(buffer: &Tensor, order: &[usize], filled: usize) -> Result<()> {
-    let (_, heads, capacity, head_dim) = buffer.dims4()?;
-    let moves: Vec<(usize, usize)> = order
-        .iter()
-        .enumerate()
-        .filter(|&(i, &o)| i != o)
-        .map(|(i, &o)| (i, o))
-        .collect();
-    if buffer.device().is_cpu() {
-        return buffer.inplace_op1(&MoveRows {
-            moves,
-            blocks: heads,
-            block_len: capacity * head_dim,
-            used: filled * head_dim,
-        });
-    }
-    copy_whole_rows(buffer, &moves)
+/// The buffers' capacity for `positions` decoded positions: whole chunks of [`SELF_KV_CHUNK`].
+pub fn self_kv_capacity(positions: usize) -> usize {
+    positions.div_ceil(SELF_KV_CHUNK) * SELF_KV_CHUNK
 }
 
-/// The moves of [`MoveRows`] on any device, over each row's whole buffer: every source copied out before any
-/// row is written.
+/// The row copies of a beam reorder (row `order[i]` as row `i`), planned once for every buffer: `ordered`, in
+/// an order where no row is written while a later copy still reads it, then `cycles` (rows that trade places,
+/// such as two beams swapping), whose sources are all read before any of them is written.
+struct RowMoves {
+    ordered: Vec<(usize, usize)>,
+    cycles: Vec<(usize, usize)>,
+}
+
+impl RowMoves {
+    fn new(order: &[usize]) -> Self {
+        let moves: Vec<(usize, usize)> = order
+            .iter()
+            .enumerate()
+            .filter(|&(i, &o)| i != o)
+            .map(|(i, &o)| (i, o))
+            .collect();
+        // readers[r]: the pending copies that read row r; source[r]: where row r is still to come from.
+        let mut readers = vec![0usize; order.len()];
+        let mut source = vec![None; order.len()];
+        for &(to, from) in &moves {
+            readers[from] += 1;
+            source[to] = Some(from);
+        }
+        let mut ready: Vec<usize> = moves
+            .iter()
+            .map(|&(to, _)| to)
+            .filter(|&to| readers[to] == 0)
+            .collect();
+        let mut ordered = Vec::with_capacity(moves.len());
+        while let Some(to) = ready.pop() {
+            if let Some(from) = source[to].take() {
+                ordered.push((to, from));
+                readers[from] -= 1;
+                if readers[from] == 0 && source[from].is_some() {
+                    ready.push(from);
+                }
+            }
+        }
+        // What is left is read only by itself: cycles.
+        let cycles = moves
+            .into_iter()
+            .filter(|&(to, _)| source[to].is_some())
+            .collect();
+        Self { ordered, cycles }
+    }
+
+    /// Applies the copies to `buffer` `[rows, heads, capacity, head_dim]`, of whose positions the first `filled`
+    /// hold values. On the CPU those of each head are copied within the buffer ([`MoveRows`]); elsewhere each
+    /// changed row's whole buffer, through one copy of the source rows taken before any row is written
+    /// (`slice_set` cannot read the storage it writes).
+    fn apply(&self, buffer: &Tensor, filled: usize) -> Result<()> {
+        if self.ordered.is_empty() && self.cycles.is_empty() {
+            return Ok(());
+        }
+        let (_, heads, capacity, head_dim) = buffer.dims4()?;
+        if buffer.device().is_cpu() {
+            return buffer.inplace_op1(&MoveRows {
+                moves: self,
+                blocks: heads,
+                block_len: capacity * head_dim,
+                used: filled * head_dim,
+            });
+        }
+        let moves: Vec<(usize, usize)> = self.ordered.iter().chain(&self.cycles).copied().collect();
+        copy_whole_rows(buffer, &moves)
+    }
+}
+
+/// Each `(to, from)` of `moves` on any device, over whole rows of `buffer`: the source rows copied out (one
+/// index) before any row is written.
 fn copy_whole_rows(buffer: &Tensor, moves: &[(usize, usize)]) -> Result<()> {
-    let sources = moves
-        .iter()
-        .map(|&(to, from)| Ok((to, buffer.narrow(0, from, 1)?.copy()?)))
-        .collect::<Result<Vec<_>>>()?;
-    for (to, source) in sources {
-        buffer.slice_set(&source, 0, to)?;
+    let sources: Vec<u32> = moves.iter().map(|&(_, from)| from as u32).collect();
+    let sources = buffer.index_select(&Tensor::new(sources.as_slice(), buffer.device())?, 0)?;
+    for (j, &(to, _)) in moves.iter().enumerate() {
+        buffer.slice_set(&sources.narrow(0, j, 1)?, 0, to)?;
     }
     Ok(())
 }
 
-/// In a contiguous CPU buffer of rows of `blocks` blocks `block_len` values long, the first `used` values of
-/// each block of row `from` copied over row `to`'s, for each `(to, from)` of `moves` (each `to` once), as if all
-/// were read before any was written.
-struct MoveRows {
-    moves: Vec<(usize, usize)>,
+/// [`RowMoves`] in a contiguous CPU buffer of rows of `blocks` blocks `block_len` values long (a row's heads),
+/// copying the first `used` values of each block.
+struct MoveRows<'a> {
+    moves: &'a RowMoves,
     blocks: usize,
     block_len: usize,
     used: usize,
 }
 
-impl MoveRows {
+impl MoveRows<'_> {
     fn apply<T: Copy>(&self, data: &mut [T]) {
         let row_len = self.blocks * self.block_len;
         let block_starts =
             |row: usize| (0..self.blocks).map(move |b| row * row_len + b * self.block_len);
-        let mut pending = self.moves.clone();
-        while !pending.is_empty() {
-            // A row no pending move still reads can be written now. Where none is (the rest are cycles, such
-            // as two beams trading places), the rows still to be read are set aside first.
-            let free = pending
-                .iter()
-                .position(|&(to, _)| pending.iter().all(|&(_, from)| from != to));
-            match free {
-                Some(at) => {
-                    let (to, from) = pending.swap_remove(at);
-                    for (src, dst) in block_starts(from).zip(block_starts(to)) {
-                        data.copy_within(src..src + self.used, dst);
-                    }
+        for &(to, from) in &self.moves.ordered {
+            for (src, dst) in block_starts(from).zip(block_starts(to)) {
+                data.copy_within(src..src + self.used, dst);
+            }
+        }
+        let cycles = &self.moves.cycles;
+        let sources: Vec<Vec<T>> = cycles
+            .iter()
+            .map(|&(_, from)| {
+                let mut source = Vec::with_capacity(self.blocks * self.used);
+                for src in block_starts(from) {
+                    source.extend_from_slice(&data[src..][..self.used]);
                 }
-                None => {
-                    let sources: Vec<Vec<T>> = pending
-                        .iter()
-                        .map(|&(_, from)| {
-                            let mut source = Vec::with_capacity(self.blocks * self.used);
-                            for src in block_starts(from) {
-                                source.extend_from_slice(&data[src..][..self.used]);
-                            }
-                            source
-                        })
-                        .collect();
-                    for (&(to, _), source) in pending.iter().zip(sources) {
-                        for (dst, block) in block_starts(to).zip(source.chunks(self.used.max(1))) {
-                            data[dst..][..self.used].copy_from_slice(block);
-                        }
-                    }
-                    pending.clear();
-                }
+                source
+            })
+            .collect();
+        for (&(to, _), source) in cycles.iter().zip(sources) {
+            for (dst, block) in block_starts(to).zip(source.chunks(self.used.max(1))) {
+                data[dst..][..self.used].copy_from_slice(block);
             }
         }
     }
 }
 
-impl candle_core::InplaceOp1 for MoveRows {
+impl candle_core::InplaceOp1 for MoveRows<'_> {
     fn name(&self) -> &'static str {
         "move-rows"
     }
@@ -417,13 +451,13 @@ impl candle_core::InplaceOp1 for MoveRows {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("move-rows takes a contiguous buffer");
         };
-        let rows = self.moves.iter().flat_map(|&(to, from)| [to, from]).max();
+        let moves = self.moves.ordered.iter().chain(&self.moves.cycles);
+        let rows = moves.flat_map(|&(to, from)| [to, from]).max();
         let row_len = self.blocks * self.block_len;
         if rows.is_some_and(|last| (last + 1) * row_len > end - start) || self.used > self.block_len
         {
             candle_core::bail!(
-                "move-rows: {:?} outside a buffer of {} values",
-                self.moves,
+                "move-rows: rows up to {rows:?} outside a buffer of {} values",
                 end - start
             );
         }
@@ -472,9 +506,10 @@ impl DecoderCache {
         if order.len() != self.rows()? || order.iter().any(|&o| o >= order.len()) {
             candle_core::bail!("cannot reorder {} decoder rows by {order:?}", self.rows()?);
         }
+        let moves = RowMoves::new(order);
         for kv in self.self_kv.iter().flatten() {
-            reorder_rows(&kv.keys, order, self.past)?;
-            reorder_rows(&kv.values, order, self.past)?;
+            moves.apply(&kv.keys, self.past)?;
+            moves.apply(&kv.values, self.past)?;
         }
         let index: Vec<u32> = order.iter().map(|&i| i as u32).collect();
         let index = Tensor::new(index.as_slice(), self.encoder_mask.device())?;
@@ -563,9 +598,15 @@ impl BartDecoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let (k, v) = layer.self_attn.key_values(&xs)?;
             let slot = &mut cache.self_kv[i];
-            let kv = match slot.take() {
-                Some(kv) if kv.capacity()? >= past + t => kv,
-                old => SelfKv::with_room(old.as_ref(), &k, past)?,
+            let room = match slot {
+                Some(kv) => kv.capacity()? >= past + t,
+                None => false,
+            };
+            if !room {
+                *slot = Some(SelfKv::with_room(slot.as_ref(), &k, past)?);
+            }
+            let Some(kv) = slot.as_ref() else {
+                candle_core::bail!("decoder layer {i} has no self-attention cache");
             };
             kv.keys.slice_set(&k, 2, past)?;
             kv.values.slice_set(&v, 2, past)?;
@@ -573,7 +614,6 @@ impl BartDecoder {
                 kv.keys.narrow(2, 0, past + t)?,
                 kv.values.narrow(2, 0, past + t)?,
             );
-            *slot = Some(kv);
             let attended = layer.self_attn.attend(&xs, &k, &v, causal.as_ref(), 1)?;
             xs = (xs + attended)?.apply(&layer.self_attn_layer_norm)?;
 
@@ -643,15 +683,15 @@ impl BartModel {
 mod tests {
     use super::*;
 
-    /// Every order of 3 rows (copies, swaps, rotations): the filled positions of each row's heads are those of
-    /// its source, as an index would pick them, and on the CPU the positions past them are left as they were;
-    /// on the CPU's in-place path and on the other devices' one (whole rows).
+    /// Every order of 4 rows (copies, chains, swaps, rotations): the filled positions of each row's heads are
+    /// those of its source, as an index would pick them, and on the CPU the positions past them are left as
+    /// they were; on the CPU's in-place path and on the other devices' one (whole rows).
     #[test]
     fn reordered_rows_are_their_sources() {
         let dev = candle_core::Device::Cpu;
-        let (rows, heads, capacity, head_dim, filled) = (3, 2, 5, 2, 3);
-        for code in 0..27 {
-            let order = [code % 3, code / 3 % 3, code / 9];
+        let (rows, heads, capacity, head_dim, filled) = (4, 2, 5, 2, 3);
+        for code in 0..256usize {
+            let order = [code % 4, code / 4 % 4, code / 16 % 4, code / 64];
             for in_place in [true, false] {
                 let buffer =
                     Tensor::arange(0f32, (rows * heads * capacity * head_dim) as f32, &dev)
@@ -661,16 +701,12 @@ mod tests {
                     .flatten_all()
                     .and_then(|t| t.to_vec1())
                     .expect("values");
+                let moves = RowMoves::new(&order);
                 if in_place {
-                    reorder_rows(&buffer, &order, filled).expect("reorder");
+                    moves.apply(&buffer, filled).expect("reorder");
                 } else {
-                    let moves: Vec<(usize, usize)> = order
-                        .iter()
-                        .copied()
-                        .enumerate()
-                        .filter(|&(i, o)| i != o)
-                        .collect();
-                    copy_whole_rows(&buffer, &moves).expect("reorder");
+                    let all: Vec<_> = moves.ordered.iter().chain(&moves.cycles).copied().collect();
+                    copy_whole_rows(&buffer, &all).expect("reorder");
                 }
                 let after: Vec<f32> = buffer
                     .flatten_all()

@@ -18,7 +18,7 @@ use crate::io::Layout;
 use crate::layers::linear::Linear;
 use crate::layers::ops::{broadcast_add, to_dtype};
 use crate::limits::product;
-use crate::model::bart::{BartModel, DecoderCache};
+use crate::model::bart::{self_kv_capacity, BartModel, DecoderCache};
 use crate::model::config::Florence2Config;
 use crate::model::projector::Florence2MultiModalProjector;
 use crate::model::vision::Florence2VisionBackbone;
@@ -292,8 +292,10 @@ impl Florence2ForConditionalGeneration {
         let plan = cfg.plan()?;
         let text = &self.config.text;
         let rows = product(&[batch as u128, cfg.expand_factor() as u128]);
-        // Positions past max_position_embeddings are an error before they are cached.
-        let length = plan.max_length.min(text.max_position_embeddings + 1) as u128;
+        // Positions past max_position_embeddings are an error before they are cached; the buffers hold whole
+        // chunks of positions.
+        let length =
+            self_kv_capacity(plan.max_length.min(text.max_position_embeddings + 1)) as u128;
         let cache = product(&[
             2 * text.decoder_layers as u128,
             rows,

@@ -27,7 +27,8 @@ const DIRECT_ROWS: usize = 4;
 /// all bf16, and an additive f32 `mask` broadcastable to `[B, H, T, S]`; `None` where this kernel does not
 /// apply (another device or dtype), for the tensor ops. bf16 is computed in f32, each task widening its own
 /// rows of q, k and v in a buffer that stays in cache (widening whole tensors first streams them through
-/// memory twice, at every decode step for the encoder's keys and values), and its output rounded once.
+/// memory twice, at every decode step for the encoder's keys and values), or, for up to [`DIRECT_ROWS`]
+/// queries, reading k and v as stored in the direct products; its output rounded once.
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
@@ -58,8 +59,9 @@ pub fn fused_attention(
         return Ok(None); // nothing to compute: the tensor ops handle empty shapes
     }
     // k and v are read through their strides where each position's head_dim values are contiguous and the
-    // two share a layout (a decoder cache's buffers); otherwise from contiguous copies.
-    let rows_in_place = |x: &Tensor| x.stride()[3] == 1 && x.stride() == k.stride();
+    // two share a layout (a decoder cache's buffers); otherwise from contiguous copies. Not for a head_dim of
+    // 1, whose positions' stride decides between the direct products' two summation orders.
+    let rows_in_place = |x: &Tensor| d > 1 && x.stride()[3] == 1 && x.stride() == k.stride();
     let (k, v) = if rows_in_place(k) && rows_in_place(v) {
         (k.clone(), v.clone())
     } else {
