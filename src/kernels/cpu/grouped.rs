@@ -101,8 +101,10 @@ fn outer_sums_portable<T: Element>(
     }
 }
 
-/// Each row `i` of the sums in registers over a run of [`OUTER_RUN`] rows of `x` (whose group values stay in
-/// L1 for the `D` passes).
+/// The sums' rows four at a time, their sums in registers over a run of [`OUTER_RUN`] rows of `x` (whose
+/// group values stay in L1 for the passes): each row's `k` widened once per four rows of sums and used by
+/// their independent sums (one row of sums alone is a chain of dependent adds). Each sum adds its products
+/// in the order of the rows, as the one-row loop of [`outer_sums_portable`] does.
 #[inline(always)]
 fn outer_sums_blocked<T: Element, const D: usize>(
     x: &[T],
@@ -110,18 +112,27 @@ fn outer_sums_blocked<T: Element, const D: usize>(
     g: usize,
     sums: &mut [f32],
 ) {
+    const { assert!(D.is_multiple_of(4)) };
     let c = groups * D;
     for run in x.chunks(2 * c * OUTER_RUN) {
-        for (i, sums_row) in sums.chunks_exact_mut(D).enumerate() {
-            let mut acc = [0f32; D];
+        for (block, sums_rows) in sums.chunks_exact_mut(4 * D).enumerate() {
+            let first = g * D + 4 * block;
+            // Four named arrays rather than an array of them, which the vectorizer leaves in memory.
+            let (mut s0, mut s1, mut s2, mut s3) = ([0f32; D], [0f32; D], [0f32; D], [0f32; D]);
             for row in run.chunks_exact(2 * c) {
-                let qv = row[g * D + i].to_f32();
                 let k: &[T; D] = row[c + g * D..][..D].try_into().expect("D values");
-                for (a, &kv) in acc.iter_mut().zip(k) {
-                    *a += qv * kv.to_f32();
+                let q = &row[first..][..4];
+                let (q0, q1, q2, q3) = (q[0].to_f32(), q[1].to_f32(), q[2].to_f32(), q[3].to_f32());
+                for j in 0..D {
+                    let kv = k[j].to_f32();
+                    s0[j] += q0 * kv;
+                    s1[j] += q1 * kv;
+                    s2[j] += q2 * kv;
+                    s3[j] += q3 * kv;
                 }
             }
-            for (s, a) in sums_row.iter_mut().zip(acc) {
+            let block_sums = s0.iter().chain(&s1).chain(&s2).chain(&s3);
+            for (s, a) in sums_rows.iter_mut().zip(block_sums) {
                 *s += a;
             }
         }
@@ -189,7 +200,7 @@ wide_fn! {
 
 /// Rows of `x` (`groups` groups of `d`) times their group's `d`×`e` block of `w` into `out` (groups of `e`);
 /// `acc` holds `e` sums. The released models' groups are 32 wide: with `e` known at compile time the sums
-/// stay in registers.
+/// stay in registers, for [`ROWS_TOGETHER`] rows at a time.
 #[inline(always)]
 fn rows_portable<T: Element>(
     out: &mut [T],
@@ -200,16 +211,65 @@ fn rows_portable<T: Element>(
 ) {
     // Group by group over the task's rows, so that the group's block of `w` stays in L1.
     for (g, w_group) in w.chunks_exact(d * e).enumerate().take(groups) {
-        for (out_row, x_row) in out
-            .chunks_exact_mut(groups * e)
-            .zip(x.chunks_exact(groups * d))
-        {
-            let out_group = &mut out_row[g * e..(g + 1) * e];
-            let x_group = &x_row[g * d..(g + 1) * d];
-            match e {
-                32 => group(out_group, x_group, w_group, &mut [0f32; 32]),
-                16 => group(out_group, x_group, w_group, &mut [0f32; 16]),
-                _ => group(out_group, x_group, w_group, acc),
+        let rows = out
+            .chunks_mut(ROWS_TOGETHER * groups * e)
+            .zip(x.chunks(ROWS_TOGETHER * groups * d));
+        for (out_rows, x_rows) in rows {
+            let layout = (groups, d, g);
+            match (e, x_rows.len() / (groups * d)) {
+                (32, ROWS_TOGETHER) => {
+                    group_rows::<T, 32, ROWS_TOGETHER>(out_rows, x_rows, w_group, layout)
+                }
+                (16, ROWS_TOGETHER) => {
+                    group_rows::<T, 16, ROWS_TOGETHER>(out_rows, x_rows, w_group, layout)
+                }
+                (32, _) => group_rows::<T, 32, 1>(out_rows, x_rows, w_group, layout),
+                (16, _) => group_rows::<T, 16, 1>(out_rows, x_rows, w_group, layout),
+                _ => {
+                    for (out_row, x_row) in out_rows
+                        .chunks_exact_mut(groups * e)
+                        .zip(x_rows.chunks_exact(groups * d))
+                    {
+                        let out_group = &mut out_row[g * e..(g + 1) * e];
+                        group(out_group, &x_row[g * d..(g + 1) * d], w_group, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows of `x` that [`rows_portable`] sums together: their sums are independent chains of multiply-adds
+/// (one row's 2 vectors of 32 sums wait on each other's adds).
+const ROWS_TOGETHER: usize = 4;
+
+/// Group `g` of each row of `x` (`groups` groups of `d`) times `w_group` (`d`×`E`) into group `g` of each row
+/// of `out`, `R` rows at a time (the rows after the last whole `R` one at a time); each output summed in
+/// order of the inputs, as [`group`] sums it.
+#[inline(always)]
+fn group_rows<T: Element, const E: usize, const R: usize>(
+    out: &mut [T],
+    x: &[T],
+    w_group: &[f32],
+    (groups, d, g): (usize, usize, usize),
+) {
+    let rows = out
+        .chunks_exact_mut(R * groups * E)
+        .zip(x.chunks_exact(R * groups * d));
+    for (out, x) in rows {
+        let mut acc = [[0f32; E]; R];
+        for (t, w_row) in w_group.chunks_exact(E).enumerate() {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = x[r * groups * d + g * d + t].to_f32();
+                for (a, &wv) in acc.iter_mut().zip(w_row) {
+                    *a += xv * wv;
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let out = &mut out[r * groups * E + g * E..][..E];
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o = T::from_f32(a);
             }
         }
     }
@@ -217,8 +277,7 @@ fn rows_portable<T: Element>(
 
 /// One group: `out = x_group @ w_group` (`d`×`e`, `e` = `acc.len()`), summed in `acc`.
 #[inline(always)]
-fn group<T: Element, A: AsMut<[f32]> + ?Sized>(out: &mut [T], x: &[T], w: &[f32], acc: &mut A) {
-    let acc = acc.as_mut();
+fn group<T: Element>(out: &mut [T], x: &[T], w: &[f32], acc: &mut [f32]) {
     let e = acc.len();
     acc.fill(0.0);
     for (&xv, w_row) in x.iter().zip(w.chunks_exact(e)) {
@@ -267,6 +326,44 @@ mod tests {
                 // Both sum exact products of the same values in f32, in different orders.
                 assert!(diff <= 1e-3, "{rows}x{groups}x{d} {dtype:?}: {diff}");
             }
+        }
+    }
+
+    /// The register-blocked kernels of the released models' groups of 32 (and 16) give the bits of the
+    /// one-row loops they replace: the same products added in the same order.
+    #[test]
+    fn blocked_kernels_give_the_bits_of_the_one_row_loops() {
+        let values = |len: usize, seed: u64| -> Vec<f32> {
+            let t = Tensor::randn(0f32, 1., len, &Device::Cpu).unwrap();
+            let t = (t + seed as f64).unwrap();
+            t.to_vec1().unwrap()
+        };
+        let (rows, groups, d) = (300, 2, 32);
+        let x = values(rows * 2 * groups * d, 1);
+        let got = outer_sums(&x, groups, d);
+        let c = groups * d;
+        for (at, got) in got.iter().enumerate() {
+            let (g, i, j) = (at / (d * d), at / d % d, at % d);
+            let want = x.chunks(2 * c * OUTER_RUN).fold(0f32, |sum, run| {
+                let products = run.chunks_exact(2 * c).map(|r| r[g * d + i] * r[c + g * d + j]);
+                sum + products.fold(0f32, |acc, p| acc + p)
+            });
+            assert_eq!(got.to_bits(), want.to_bits(), "outer sums ({g}, {i}, {j})");
+        }
+        for e in [16, 32] {
+            let rows = 2 * ROWS_PER_TASK + ROWS_TOGETHER + 3;
+            let (x, w) = (values(rows * groups * d, 2), values(groups * d * e, 3));
+            let got = run(&x, &w, (groups, d, e));
+            let mut want = vec![0f32; rows * groups * e];
+            for (out, x) in want.chunks_exact_mut(groups * e).zip(x.chunks_exact(groups * d)) {
+                for g in 0..groups {
+                    let w = &w[g * d * e..][..d * e];
+                    let x = &x[g * d..][..d];
+                    group(&mut out[g * e..][..e], x, w, &mut vec![0f32; e]);
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "rows times groups of {e}");
         }
     }
 

@@ -17,8 +17,9 @@ pub fn exp(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
+    // Horner's rule from the highest coefficient: the bits of starting from 0 one step earlier (`0 * r + c`
+    // is `c` for a finite `r`; `r` is NaN only for x = -inf, whose result is 0 either way).
     let p = [
-        1.0 / 5040.0,
         1.0 / 720.0,
         1.0 / 120.0,
         1.0 / 24.0,
@@ -28,7 +29,7 @@ pub fn exp(x: f32) -> f32 {
         1.0,
     ]
     .iter()
-    .fold(0.0, |acc, &c| acc * r + c);
+    .fold(1.0 / 5040.0, |acc, &c| acc * r + c);
     // `n` as an integer from the low mantissa bits of `shifted` (integer operations only: a float-to-int
     // `as` saturates, which keeps the loop from vectorizing). Garbage below -87.3, where the result is 0.
     let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
