@@ -116,8 +116,14 @@ super::features::wide_fn! {
     fn conv_row_wide[T: Element](plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mut [f32]) = conv_row;
 }
 
+/// Channels summed together in registers by [`conv_row`] (the nine taps' multiply-adds for a block, then the
+/// next block): two AVX-512 vectors.
+const CHANNEL_BLOCK: usize = 32;
+
 /// Output row `y` of one image: `out[x][c] = in[y][x][c] + bias[c] + Σ taps[dy*3+dx][c] · in[y+dy-1][x+dx-1][c]`,
-/// zero outside the map; each pixel summed in `sums` (`C` values) in f32 and rounded once.
+/// zero outside the map; each pixel's sums in f32, in that order (dy, then dx), rounded once. Whole blocks of
+/// [`CHANNEL_BLOCK`] channels are summed in registers over the nine taps; the channels after the last whole
+/// block in `sums` (`C` values), tap by tap: the same operations in the same order.
 #[inline(always)]
 fn conv_row<T: Element>(plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mut [f32]) {
     let Plane {
@@ -129,11 +135,11 @@ fn conv_row<T: Element>(plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mu
     } = *plane;
     let channels = bias.len();
     let row = width * channels;
+    let blocked = channels / CHANNEL_BLOCK * CHANNEL_BLOCK;
     for x in 0..width {
-        let centre = &plane[y * row + x * channels..y * row + (x + 1) * channels];
-        for ((s, &v), &bv) in sums.iter_mut().zip(centre).zip(bias) {
-            *s = v.to_f32() + bv;
-        }
+        // The taps inside the map, in order, with the first value of their input pixel.
+        let mut inputs = [(0usize, 0usize); 9];
+        let mut count = 0;
         for dy in 0..3 {
             let Some(src_y) = (y + dy).checked_sub(1).filter(|&s| s < height) else {
                 continue;
@@ -142,16 +148,53 @@ fn conv_row<T: Element>(plane: &Plane<T>, y: usize, out_row: &mut [T], sums: &mu
                 let Some(src_x) = (x + dx).checked_sub(1).filter(|&s| s < width) else {
                     continue;
                 };
-                let start = src_y * row + src_x * channels;
-                let input = &plane[start..start + channels];
-                let tap = &taps[(dy * 3 + dx) * channels..(dy * 3 + dx + 1) * channels];
-                for ((s, &v), &t) in sums.iter_mut().zip(input).zip(tap) {
+                inputs[count] = (dy * 3 + dx, src_y * row + src_x * channels);
+                count += 1;
+            }
+        }
+        let inputs = &inputs[..count];
+        let centre = y * row + x * channels;
+        let out = &mut out_row[x * channels..(x + 1) * channels];
+        for c in (0..blocked).step_by(CHANNEL_BLOCK) {
+            let mut block = [0f32; CHANNEL_BLOCK];
+            let (input, b) = (
+                &plane[centre + c..][..CHANNEL_BLOCK],
+                &bias[c..][..CHANNEL_BLOCK],
+            );
+            for ((s, &v), &bv) in block.iter_mut().zip(input).zip(b) {
+                *s = v.to_f32() + bv;
+            }
+            for &(tap, start) in inputs {
+                let input = &plane[start + c..][..CHANNEL_BLOCK];
+                let tap = &taps[tap * channels + c..][..CHANNEL_BLOCK];
+                for ((s, &v), &t) in block.iter_mut().zip(input).zip(tap) {
                     *s += t * v.to_f32();
                 }
             }
+            for (o, &s) in out[c..][..CHANNEL_BLOCK].iter_mut().zip(&block) {
+                *o = T::from_f32(s);
+            }
         }
-        let out = &mut out_row[x * channels..(x + 1) * channels];
-        for (o, &s) in out.iter_mut().zip(sums.iter()) {
+        if blocked == channels {
+            continue;
+        }
+        let sums = &mut sums[blocked..];
+        let rest = blocked..channels;
+        for ((s, &v), &bv) in sums
+            .iter_mut()
+            .zip(&plane[centre..][rest.clone()])
+            .zip(&bias[rest.clone()])
+        {
+            *s = v.to_f32() + bv;
+        }
+        for &(tap, start) in inputs {
+            let input = &plane[start..][rest.clone()];
+            let tap = &taps[tap * channels..][rest.clone()];
+            for ((s, &v), &t) in sums.iter_mut().zip(input).zip(tap) {
+                *s += t * v.to_f32();
+            }
+        }
+        for (o, &s) in out[blocked..].iter_mut().zip(sums.iter()) {
             *o = T::from_f32(s);
         }
     }
@@ -188,6 +231,8 @@ mod tests {
             (5, 6, 1),
             (8, 12, 12),
             (17, 9, 4),
+            (32, 3, 5),
+            (71, 4, 3),
         ] {
             let nchw = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev).unwrap();
@@ -237,6 +282,42 @@ mod tests {
                     .collect()
             };
             assert_eq!(bits(&got), bits(&want), "bf16 {c}x{h}x{w}");
+        }
+    }
+
+    /// Every channel, in a whole block or after the last one, gets the bits of its sum in the documented order:
+    /// input + bias, then each tap inside the map (dy, then dx), multiplied then added.
+    #[test]
+    fn each_channel_is_summed_in_tap_order() {
+        let dev = Device::Cpu;
+        let (c, h, w) = (2 * CHANNEL_BLOCK + 7, 4, 5);
+        let nhwc = Tensor::randn(0f32, 1., (1, h, w, c), &dev).unwrap();
+        let taps = Tensor::randn(0f32, 1., (9, c), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., c, &dev).unwrap();
+        let got: Vec<f32> = depthwise_conv3x3_residual(&nhwc, &taps, &bias)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x: Vec<f32> = nhwc.flatten_all().unwrap().to_vec1().unwrap();
+        let (taps, bias): (Vec<f32>, Vec<f32>) = (
+            taps.flatten_all().unwrap().to_vec1().unwrap(),
+            bias.to_vec1().unwrap(),
+        );
+        let at = |y: usize, x_: usize, ch: usize| x[(y * w + x_) * c + ch];
+        for (i, got) in got.iter().enumerate() {
+            let (y, xx, ch) = (i / (w * c), i / c % w, i % c);
+            let mut sum = at(y, xx, ch) + bias[ch];
+            for dy in 0..3 {
+                for dx in 0..3 {
+                    let (sy, sx) = ((y + dy).wrapping_sub(1), (xx + dx).wrapping_sub(1));
+                    if sy < h && sx < w {
+                        sum += taps[(dy * 3 + dx) * c + ch] * at(sy, sx, ch);
+                    }
+                }
+            }
+            assert_eq!(got.to_bits(), sum.to_bits(), "({y}, {xx}, {ch})");
         }
     }
 }

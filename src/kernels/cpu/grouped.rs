@@ -345,7 +345,9 @@ mod tests {
         for (at, got) in got.iter().enumerate() {
             let (g, i, j) = (at / (d * d), at / d % d, at % d);
             let want = x.chunks(2 * c * OUTER_RUN).fold(0f32, |sum, run| {
-                let products = run.chunks_exact(2 * c).map(|r| r[g * d + i] * r[c + g * d + j]);
+                let products = run
+                    .chunks_exact(2 * c)
+                    .map(|r| r[g * d + i] * r[c + g * d + j]);
                 sum + products.fold(0f32, |acc, p| acc + p)
             });
             assert_eq!(got.to_bits(), want.to_bits(), "outer sums ({g}, {i}, {j})");
@@ -355,7 +357,10 @@ mod tests {
             let (x, w) = (values(rows * groups * d, 2), values(groups * d * e, 3));
             let got = run(&x, &w, (groups, d, e));
             let mut want = vec![0f32; rows * groups * e];
-            for (out, x) in want.chunks_exact_mut(groups * e).zip(x.chunks_exact(groups * d)) {
+            for (out, x) in want
+                .chunks_exact_mut(groups * e)
+                .zip(x.chunks_exact(groups * d))
+            {
                 for g in 0..groups {
                     let w = &w[g * d * e..][..d * e];
                     let x = &x[g * d..][..d];
