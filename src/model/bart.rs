@@ -558,11 +558,11 @@ impl BartDecoder {
         if group == 0 {
             candle_core::bail!("a decoder cache needs at least one row per encoder output");
         }
-        // On the CPU, half-precision attention is computed in f32 (`layers::attention::attention`). The cross-attention
-        // keys/values serve every step, so they are widened once here (exactly: bf16/f16 -> f32 loses nothing)
-        // instead of in every layer at every step.
-        let widen = encoder_states.device().is_cpu()
-            && matches!(encoder_states.dtype(), DType::BF16 | DType::F16);
+        // On the CPU, f16 attention is computed in f32 (`layers::attention::attention`). The cross-attention
+        // keys/values serve every step, so f16 ones are widened once here (exactly: f16 -> f32 loses nothing)
+        // instead of in every layer at every step. bf16 ones stay bf16: the fused kernel reads them as stored
+        // for a step's few queries, with the bits of their widened values, and a step streams half the bytes.
+        let widen = encoder_states.device().is_cpu() && encoder_states.dtype() == DType::F16;
         let cross_kv = self
             .layers
             .iter()

@@ -380,11 +380,31 @@ pub unsafe fn direct_product<T: Element>(
     if contiguous(rhs.row_stride) {
         // Column j of rhs is contiguous: each output is a dot product.
         let cols = std::slice::from_raw_parts(rhs.ptr, span(n, rhs.col_stride, k));
-        dot_products(shape, lhs_rows, cols, rhs.col_stride as usize, out, scale);
+        let stride = rhs.col_stride as usize;
+        dot_products(
+            Direct {
+                shape,
+                lhs: lhs_rows,
+                rhs: cols,
+                stride,
+                scale,
+            },
+            out,
+        );
     } else {
         // Row t of rhs is contiguous: each output row is a sum of rhs rows.
         let rows = std::slice::from_raw_parts(rhs.ptr, span(k, rhs.row_stride, n));
-        row_sums(shape, lhs_rows, rows, rhs.row_stride as usize, out, scale);
+        let stride = rhs.row_stride as usize;
+        row_sums(
+            Direct {
+                shape,
+                lhs: lhs_rows,
+                rhs: rows,
+                stride,
+                scale,
+            },
+            out,
+        );
     }
     true
 }
@@ -399,54 +419,191 @@ struct Shape {
     dst_stride: usize,
 }
 
+/// The operands of a direct product: `lhs`'s rows, rhs's columns ([`dot_products`]) or rows ([`row_sums`])
+/// `stride` values apart in `rhs`, and the scale of the outputs.
+#[derive(Clone, Copy)]
+struct Direct<'a, T> {
+    shape: Shape,
+    lhs: &'a [f32],
+    rhs: &'a [T],
+    stride: usize,
+    scale: f32,
+}
+
+impl<'a, T> Direct<'a, T> {
+    /// Row `i` of lhs (`k` values).
+    fn lhs_row(&self, i: usize) -> &'a [f32] {
+        &self.lhs[i * self.shape.lhs_stride..][..self.shape.k]
+    }
+
+    /// The first `len` values of column (dot products) or row (row sums) `j` of rhs.
+    fn rhs_line(&self, j: usize, len: usize) -> &'a [T] {
+        &self.rhs[j * self.stride..][..len]
+    }
+}
+
+/// `out[i][j] = scale * lhs[i] · col[j]`, column j of rhs at `cols[j * col_stride..][..k]`, each dot product
+/// [`dot`]'s sum. With AVX-512 and `k` a multiple of 16, [`dot_products_avx512`]: the same sums, 16 columns
+/// at a time.
+fn dot_products<T: Element>(direct: Direct<T>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::features::has_avx512() && direct.shape.k.is_multiple_of(16) {
+        // SAFETY: the CPU has AVX-512; the slices hold the shape (`direct_product`'s spans).
+        return unsafe { dot_products_avx512(direct, out) };
+    }
+    dot_products_wide(direct, out)
+}
+
 wide_fn! {
-    /// `out[i][j] = scale * lhs[i] · col[j]`, column j of rhs at `cols[j * col_stride..][..k]`.
-    fn dot_products[T: Element](shape: Shape, lhs: &[f32], cols: &[T], col_stride: usize, out: &mut [f32], scale: f32)
-        = dot_products_portable;
+    /// [`dot_products`] one column at a time.
+    fn dot_products_wide[T: Element](direct: Direct<T>, out: &mut [f32]) = dot_products_portable;
 }
 
 #[inline(always)]
-fn dot_products_portable<T: Element>(
-    s: Shape,
-    lhs: &[f32],
-    cols: &[T],
-    col_stride: usize,
-    out: &mut [f32],
-    scale: f32,
-) {
+fn dot_products_portable<T: Element>(direct: Direct<T>, out: &mut [f32]) {
+    let (s, scale) = (direct.shape, direct.scale);
     for i in 0..s.m {
-        let row = &lhs[i * s.lhs_stride..][..s.k];
+        let row = direct.lhs_row(i);
         for (j, out) in out[i * s.dst_stride..][..s.n].iter_mut().enumerate() {
-            *out = scale * dot(row, &cols[j * col_stride..][..s.k]);
+            *out = scale * dot(row, direct.rhs_line(j, s.k));
         }
     }
 }
 
+/// [`dot_products`] for `k` a multiple of 16, 16 columns at a time: each column's 16 partial sums (one
+/// vector, [`dot`]'s lanes) are summed into one lane of the result by a transpose and 16 vector adds in
+/// [`dot`]'s order, where one column alone adds its lanes one by one in a chain. The columns after the last
+/// whole 16 go to [`dot`].
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; the slices hold the shape: `lhs` `m` rows `lhs_stride` apart, `cols` `n`
+/// columns `col_stride` apart, `out` `m` rows `dst_stride` apart, each of `k` (`n`) values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dot_products_avx512<T: Element>(direct: Direct<T>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (s, scale) = (direct.shape, direct.scale);
+    // Where `dot` starts its sum of the lanes and its remainder's sum (empty here): an empty f32 sum.
+    let empty = _mm512_set1_ps(std::iter::empty::<f32>().sum());
+    let whole = s.n / 16 * 16;
+    for i in 0..s.m {
+        let row = direct.lhs_row(i);
+        let out = &mut out[i * s.dst_stride..][..s.n];
+        for first in (0..whole).step_by(16) {
+            let lanes: [__m512; 16] = std::array::from_fn(|c| {
+                let col = direct.rhs_line(first + c, s.k);
+                let mut acc = _mm512_setzero_ps();
+                for at in (0..s.k).step_by(16) {
+                    let x = _mm512_loadu_ps(row.as_ptr().add(at));
+                    let y = T::load16(col.as_ptr().add(at), u16::MAX);
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
+                }
+                acc
+            });
+            // Lane c of `by_lane[l]` is lane l of column c's sums.
+            let by_lane = transpose16(lanes);
+            let sums = by_lane.iter().fold(empty, |sum, &v| _mm512_add_ps(sum, v));
+            let sums = _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_add_ps(sums, empty));
+            _mm512_storeu_ps(out.as_mut_ptr().add(first), sums);
+        }
+        for (j, out) in out.iter_mut().enumerate().skip(whole) {
+            *out = scale * dot(row, direct.rhs_line(j, s.k));
+        }
+    }
+}
+
+/// The 16 x 16 transpose of `rows`: lane c of row l of the result is lane l of `rows[c]`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, and the caller is compiled with it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved by lanes, then by pairs of lanes, then by 128-bit quarters twice.
+    let pairs: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // Quad `4q + c`, 128-bit block k: lane `4k + c` of rows `4q..4q + 4`.
+    let quads: [__m512; 16] = std::array::from_fn(|i| {
+        let (base, c) = (i / 4 * 4, i % 4);
+        let (a, b) = (
+            _mm512_castps_pd(pairs[base + c / 2]),
+            _mm512_castps_pd(pairs[base + c / 2 + 2]),
+        );
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    let eights: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i / 8 * 8;
+        let (a, b) = (quads[base + i % 4], quads[base + i % 4 + 4]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    std::array::from_fn(|i| {
+        let (a, b) = (eights[i % 8], eights[i % 8 + 8]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    })
+}
+
 wide_fn! {
     /// `out[i] = scale * Σ_t lhs[i][t] * rhs[t]`, row t of rhs at `rows[t * row_stride..][..n]`.
-    fn row_sums[T: Element](shape: Shape, lhs: &[f32], rows: &[T], row_stride: usize, out: &mut [f32], scale: f32)
-        = row_sums_portable;
+    fn row_sums[T: Element](direct: Direct<T>, out: &mut [f32]) = row_sums_portable;
 }
 
 #[inline(always)]
-fn row_sums_portable<T: Element>(
-    s: Shape,
-    lhs: &[f32],
-    rows: &[T],
-    row_stride: usize,
-    out: &mut [f32],
-    scale: f32,
-) {
+fn row_sums_portable<T: Element>(direct: Direct<T>, out: &mut [f32]) {
+    match direct.shape.n {
+        64 => return row_sums_in_registers::<T, 64>(direct, out),
+        32 => return row_sums_in_registers::<T, 32>(direct, out),
+        _ => {}
+    }
+    let (s, scale) = (direct.shape, direct.scale);
     for i in 0..s.m {
         let out = &mut out[i * s.dst_stride..][..s.n];
         out.fill(0.0);
-        for (t, &weight) in lhs[i * s.lhs_stride..][..s.k].iter().enumerate() {
-            for (out, &x) in out.iter_mut().zip(&rows[t * row_stride..][..s.n]) {
+        for (t, &weight) in direct.lhs_row(i).iter().enumerate() {
+            for (out, &x) in out.iter_mut().zip(direct.rhs_line(t, s.n)) {
                 *out += weight * x.to_f32();
             }
         }
         if scale != 1.0 {
             out.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+}
+
+/// [`row_sums_portable`] for `N` (a head dim: 64 in the released models) columns, each output row's sums in
+/// registers over the whole of `k` (in `out` they pass through memory at every row of rhs): the same
+/// operations in the same order.
+#[inline(always)]
+fn row_sums_in_registers<T: Element, const N: usize>(direct: Direct<T>, out: &mut [f32]) {
+    let (s, scale) = (direct.shape, direct.scale);
+    for i in 0..s.m {
+        let mut sums = [0f32; N];
+        for (t, &weight) in direct.lhs_row(i).iter().enumerate() {
+            let row: &[T; N] = direct.rhs_line(t, N).try_into().expect("N values");
+            for (sum, &x) in sums.iter_mut().zip(row) {
+                *sum += weight * x.to_f32();
+            }
+        }
+        for (out, sum) in out[i * s.dst_stride..][..N].iter_mut().zip(sums) {
+            *out = if scale != 1.0 { sum * scale } else { sum };
         }
     }
 }
@@ -475,4 +632,126 @@ wide_fn! {
 #[inline(always)]
 fn add_in_place_portable(row: &mut [f32], mask: &[f32]) {
     row.iter_mut().zip(mask).for_each(|(v, m)| *v += m);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    use crate::kernels::cpu::test_values::spread as values;
+
+    /// `(m, n, k, lhs_stride, col_stride, dst_stride)`: a decode step's 1 to 4 rows against fewer than 16
+    /// columns, whole sixteens and a remainder, head dims that are and are not a multiple of 16.
+    const SHAPES: [(usize, usize, usize, usize, usize, usize); 6] = [
+        (1, 15, 64, 64, 64, 15),
+        (1, 581, 64, 64, 64, 581),
+        (3, 40, 64, 70, 200, 40),
+        (4, 17, 32, 32, 96, 17),
+        (2, 33, 48, 48, 48, 33),
+        (2, 20, 20, 20, 25, 20),
+    ];
+
+    /// The direct products give the bits of the one-column-at-a-time loops, f32 and bf16 columns.
+    #[test]
+    fn direct_products_give_the_bits_of_the_plain_loops() {
+        for (m, n, k, lhs_stride, col_stride, dst_stride) in SHAPES {
+            let lhs = values((m - 1) * lhs_stride + k, 1);
+            let cols32 = values((n - 1) * col_stride + k, 2);
+            let cols16: Vec<bf16> = cols32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let shape = Shape {
+                m,
+                n,
+                k,
+                lhs_stride,
+                dst_stride,
+            };
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let run = |f: &dyn Fn(&mut [f32])| {
+                let mut out = vec![0f32; (m - 1) * dst_stride + n];
+                f(&mut out);
+                bits(&out)
+            };
+            let f32_case = (
+                run(&|out| dot_products(operands(shape, &lhs, &cols32, col_stride), out)),
+                run(&|out| dot_products_portable(operands(shape, &lhs, &cols32, col_stride), out)),
+            );
+            let bf16_case = (
+                run(&|out| dot_products(operands(shape, &lhs, &cols16, col_stride), out)),
+                run(&|out| dot_products_portable(operands(shape, &lhs, &cols16, col_stride), out)),
+            );
+            assert_eq!(f32_case.0, f32_case.1, "dot products f32 {m}x{n}x{k}");
+            assert_eq!(bf16_case.0, bf16_case.1, "dot products bf16 {m}x{n}x{k}");
+
+            // Row sums: `k` rows of `n` values (here the transpose of the shape above).
+            let rows = values((k - 1) * col_stride + n.max(64), 3);
+            let lhs_rows = values((m - 1) * lhs_stride.max(k) + k, 4);
+            for width in [n.min(col_stride), 32, 64] {
+                if width > col_stride {
+                    continue;
+                }
+                let shape = Shape {
+                    m,
+                    n: width,
+                    k,
+                    lhs_stride: lhs_stride.max(k),
+                    dst_stride: width,
+                };
+                let mut want = vec![0f32; m * width];
+                for (i, out) in want.chunks_exact_mut(width).enumerate() {
+                    for t in 0..k {
+                        let weight = lhs_rows[i * shape.lhs_stride + t];
+                        for (o, x) in out.iter_mut().zip(&rows[t * col_stride..][..width]) {
+                            *o += weight * x;
+                        }
+                    }
+                    out.iter_mut().for_each(|v| *v *= 0.3);
+                }
+                let got = run_rows(shape, &lhs_rows, &rows, col_stride, m * width);
+                assert_eq!(bits(&got), bits(&want), "row sums {m}x{width}x{k}");
+            }
+        }
+    }
+
+    /// The operands of a product scaled by 0.3.
+    fn operands<'a, T>(shape: Shape, lhs: &'a [f32], rhs: &'a [T], stride: usize) -> Direct<'a, T> {
+        Direct {
+            shape,
+            lhs,
+            rhs,
+            stride,
+            scale: 0.3,
+        }
+    }
+
+    fn run_rows(shape: Shape, lhs: &[f32], rows: &[f32], stride: usize, len: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; len];
+        row_sums(operands(shape, lhs, rows, stride), &mut out);
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transpose16_moves_each_lane() {
+        use std::arch::x86_64::*;
+        if !crate::kernels::cpu::features::has_avx512() {
+            eprintln!("skipped: no AVX-512 here");
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn check() {
+            let rows: [__m512; 16] = std::array::from_fn(|r| {
+                let values: [f32; 16] = std::array::from_fn(|c| (r * 16 + c) as f32);
+                _mm512_loadu_ps(values.as_ptr())
+            });
+            for (l, row) in transpose16(rows).iter().enumerate() {
+                let mut got = [0f32; 16];
+                _mm512_storeu_ps(got.as_mut_ptr(), *row);
+                let want: [f32; 16] = std::array::from_fn(|c| (c * 16 + l) as f32);
+                assert_eq!(got, want, "row {l}");
+            }
+        }
+        // SAFETY: the CPU has AVX-512 (checked above).
+        unsafe { check() }
+    }
 }

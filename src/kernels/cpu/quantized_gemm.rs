@@ -311,14 +311,7 @@ fn round_even(v: f32) -> f32 {
 }
 
 /// What the kernel reads and writes as activations: f32 or bf16 rows.
-pub trait Activation: Copy + Send + Sync {
-    /// Loads the first lanes of `mask` from `src` as 16 f32 (zeros elsewhere).
-    ///
-    /// # Safety
-    /// As [`Activation::store`], with `src` holding the masked values.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load(src: *const Self, mask: u16) -> std::arch::x86_64::__m512;
-
+pub trait Activation: Element {
     /// Stores `cols` (at most 32) values, the first 16 from `lo` and the rest from `hi`.
     ///
     /// # Safety
@@ -358,12 +351,6 @@ fn lanes(cols: usize) -> u16 {
 impl Activation for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load(src: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, src)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
     unsafe fn store(
         dst: *mut f32,
         lo: std::arch::x86_64::__m512,
@@ -389,14 +376,6 @@ impl Activation for f32 {
 }
 
 impl Activation for bf16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load(src: *const bf16, mask: u16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let halves = _mm256_maskz_loadu_epi16(mask, src.cast());
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn store(
@@ -562,7 +541,7 @@ unsafe fn quantize_row<A: Activation>(row: &[A], q: *mut u8) -> f32 {
     // Pass 1: the largest magnitude, and whether any value is not finite (x * 0 is NaN exactly then).
     let (mut max, mut probe) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     for at in (0..k).step_by(16) {
-        let v = _mm512_abs_ps(A::load(row.as_ptr().add(at), lanes(at)));
+        let v = _mm512_abs_ps(A::load16(row.as_ptr().add(at), lanes(at)));
         max = _mm512_max_ps(max, v);
         probe = _mm512_add_ps(probe, _mm512_mul_ps(v, _mm512_setzero_ps()));
     }
@@ -579,7 +558,7 @@ unsafe fn quantize_row<A: Activation>(row: &[A], q: *mut u8) -> f32 {
         _mm512_set1_epi32(128),
     );
     for at in (0..k).step_by(16) {
-        let v = _mm512_mul_ps(A::load(row.as_ptr().add(at), lanes(at)), inverse);
+        let v = _mm512_mul_ps(A::load16(row.as_ptr().add(at), lanes(at)), inverse);
         let v = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         let v = _mm512_max_epi32(_mm512_min_epi32(v, high), low);
         let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(v, offset));
@@ -715,7 +694,7 @@ const TILE_UNIT_MIN_ROWS: usize = 24;
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold the shapes given.
-pub fn linear<A: Activation + Element>(
+pub fn linear<A: Activation>(
     x: &[A],
     m: usize,
     w: &Packed,
@@ -735,7 +714,7 @@ pub fn linear<A: Activation + Element>(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(unused_variables)
 )]
-fn linear_on<A: Activation + Element>(
+fn linear_on<A: Activation>(
     kernel: Kernel,
     x: &[A],
     m: usize,
@@ -844,7 +823,7 @@ fn linear_on<A: Activation + Element>(
 /// The AVX2 kernel with activations quantized to levels of `L` (u16 for int8's 16-bit products, u8 for int4's
 /// byte products): `run(tile, first row, rows, outputs)` for every register tile of up to `tile_rows` rows.
 #[cfg(target_arch = "x86_64")]
-fn avx2_tiles<L: Level, A: Activation + Element>(
+fn avx2_tiles<L: Level, A: Activation>(
     x: &[A],
     w: &Packed,
     bias: &[f32],
@@ -1565,7 +1544,7 @@ mod tests {
     /// every path of the tiles, with and without GELU, and the activations' edge cases.
     #[test]
     fn kernels_give_the_bits_of_the_arithmetic() {
-        fn same<A: Activation + Element>(
+        fn same<A: Activation>(
             kernel: Kernel,
             x: &[A],
             m: usize,

@@ -28,6 +28,13 @@ pub trait Element: Copy + Default + Send + Sync + 'static {
     fn from_f32(value: f32) -> Self;
     /// The values as f32 without a copy, where they are f32.
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
+
+    /// Loads the first lanes of `mask` from `src` as 16 f32 (zeros elsewhere).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL, and the caller is compiled with them; `src` holds the masked values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(src: *const Self, mask: u16) -> std::arch::x86_64::__m512;
 }
 
 impl Element for f32 {
@@ -42,6 +49,11 @@ impl Element for f32 {
     fn as_f32(values: &[Self]) -> Option<&[f32]> {
         Some(values)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, src)
+    }
 }
 
 impl Element for bf16 {
@@ -55,6 +67,13 @@ impl Element for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const bf16, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let halves = _mm256_maskz_loadu_epi16(mask, src.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
     }
 }
 
