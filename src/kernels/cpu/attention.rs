@@ -377,34 +377,20 @@ pub unsafe fn direct_product<T: Element>(
         lhs_stride: lhs.row_stride as usize,
         dst_stride: dst_row_stride,
     };
+    // rhs's `count` lines (columns or rows) of `len` values, `stride` apart.
+    let operands = |count: usize, stride: isize, len: usize| Direct {
+        shape,
+        lhs: lhs_rows,
+        rhs: std::slice::from_raw_parts(rhs.ptr, span(count, stride, len)),
+        stride: stride as usize,
+        scale,
+    };
     if contiguous(rhs.row_stride) {
         // Column j of rhs is contiguous: each output is a dot product.
-        let cols = std::slice::from_raw_parts(rhs.ptr, span(n, rhs.col_stride, k));
-        let stride = rhs.col_stride as usize;
-        dot_products(
-            Direct {
-                shape,
-                lhs: lhs_rows,
-                rhs: cols,
-                stride,
-                scale,
-            },
-            out,
-        );
+        dot_products(operands(n, rhs.col_stride, k), out);
     } else {
         // Row t of rhs is contiguous: each output row is a sum of rhs rows.
-        let rows = std::slice::from_raw_parts(rhs.ptr, span(k, rhs.row_stride, n));
-        let stride = rhs.row_stride as usize;
-        row_sums(
-            Direct {
-                shape,
-                lhs: lhs_rows,
-                rhs: rows,
-                stride,
-                scale,
-            },
-            out,
-        );
+        row_sums(operands(k, rhs.row_stride, n), out);
     }
     true
 }
